@@ -1,0 +1,40 @@
+"""adamd's client: `Client` for push_grad / pull_params and the rest, and `RemoteAdam`, a drop-in
+torch.optim.Optimizer whose Adam runs on an adamd server."""
+
+from ._client import Client
+from ._exceptions import (
+    Aborted,
+    AdamdError,
+    AlreadyExists,
+    DeadlineExceeded,
+    DuplicatePush,
+    FailedPrecondition,
+    InvalidArgument,
+    NonFiniteGradient,
+    NotFound,
+    StalePush,
+    Unauthenticated,
+    Unavailable,
+)
+from ._remote_adam import RemoteAdam
+from ._types import ModelInfo, PullResult, PushResult
+
+__all__ = [
+    "Aborted",
+    "AdamdError",
+    "AlreadyExists",
+    "Client",
+    "DeadlineExceeded",
+    "DuplicatePush",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "ModelInfo",
+    "NonFiniteGradient",
+    "NotFound",
+    "PullResult",
+    "PushResult",
+    "RemoteAdam",
+    "StalePush",
+    "Unauthenticated",
+    "Unavailable",
+]

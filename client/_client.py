@@ -1,0 +1,435 @@
+"""`Client`: one connection to an adamd server and every call of its API.
+
+Tensors stream as raw chunks (adamd.client._wire); calls that fail transiently (the server is
+restarting, a connection dropped) are retried with backoff, pushes under the same push id so the
+server applies them exactly once. Every failure surfaces as an adamd.client exception.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import torch
+from adamd.v1 import adamd_pb2 as pb
+
+from ._exceptions import AdamdError, InvalidArgument, Unavailable, from_rpc_error
+from ._hyper import options_from_pb, options_to_pb
+from ._types import ModelInfo, PullResult, PushResult
+from ._wire import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_MESSAGE_BYTES,
+    TensorSink,
+    WireError,
+    decode_frame,
+    dtype_from_pb,
+    identity,
+    iter_frames,
+    shape_of,
+    spec_of,
+    to_wire,
+)
+
+T = TypeVar("T")
+_SERVICE = "/adamd.v1.Optimizer/"
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+_MODES = {"sync": pb.SYNC, "async": pb.ASYNC}
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+def _model_info(m: pb.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        name=m.model,
+        version=m.version,
+        mode="async" if m.mode == pb.ASYNC else "sync",
+        world_size=m.world_size,
+        device=m.device,
+        params={s.name: (shape_of(s), dtype_from_pb(s.dtype)) for s in m.params},
+        param_groups=[{**options_from_pb(g.options), "params": list(g.params)} for g in m.groups],
+        max_staleness=m.max_staleness,
+        round_timeout_s=m.round_timeout_s,
+        created=m.created,
+        skipped_steps=m.skipped_steps,
+    )
+
+
+def _group_pb(names: Sequence[str], options: Mapping[str, Any]) -> pb.ParamGroup:
+    return pb.ParamGroup(params=list(names), options=options_to_pb(options))
+
+
+class Client:
+    """A connection to an adamd server.
+
+    >>> with Client("127.0.0.1:50051") as c:
+    ...     c.create_model("m", {"w": torch.zeros(3)}, lr=0.1)
+    ...     c.push_grad("m", {"w": torch.ones(3)})
+    ...     c.pull_params("m")["w"]
+    """
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        token: str | None = None,
+        timeout: float | None = None,
+        retry_timeout: float = 60.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        wire_dtype: torch.dtype | None = None,
+    ):
+        """`timeout`: per-call deadline (None: none). `retry_timeout`: how long transient failures
+        are retried before Unavailable is raised. `wire_dtype` (torch.bfloat16 / torch.float16):
+        send gradients and receive parameters in that dtype, halving the bytes; the server keeps
+        float32 master weights and state."""
+        if chunk_bytes <= 0 or chunk_bytes > MAX_MESSAGE_BYTES - (1 << 20):
+            raise ValueError(f"chunk_bytes must be in 1..{MAX_MESSAGE_BYTES - (1 << 20)}")
+        self.address = address
+        self.timeout = timeout
+        self.retry_timeout = retry_timeout
+        self.chunk_bytes = chunk_bytes
+        self.wire_dtype = wire_dtype
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        ser = lambda m: m.SerializeToString()
+        ch = self._channel
+        self._create = ch.stream_unary(_SERVICE + "CreateModel", identity, pb.ModelInfo.FromString)
+        self._push = ch.stream_unary(_SERVICE + "PushGrad", identity, pb.PushReply.FromString)
+        self._pull = ch.unary_stream(_SERVICE + "PullParams", ser, identity)
+        self._get_state = ch.unary_stream(_SERVICE + "GetState", ser, identity)
+        self._load_state = ch.stream_unary(
+            _SERVICE + "LoadState", identity, pb.ModelInfo.FromString
+        )
+        self._add_group = ch.stream_unary(
+            _SERVICE + "AddParamGroup", identity, pb.ModelInfo.FromString
+        )
+        self._set_hyper = ch.unary_unary(_SERVICE + "SetHyperparams", ser, pb.ModelInfo.FromString)
+        self._describe = ch.unary_unary(_SERVICE + "DescribeModel", ser, pb.ModelInfo.FromString)
+        self._list = ch.unary_unary(_SERVICE + "ListModels", ser, pb.ListModelsReply.FromString)
+        self._delete = ch.unary_unary(_SERVICE + "DeleteModel", ser, pb.DeleteReply.FromString)
+        self._snapshot = ch.unary_unary(_SERVICE + "Snapshot", ser, pb.SnapshotInfo.FromString)
+        self.attach_call = ch.unary_unary(_SERVICE + "Attach", ser, pb.AttachReply.FromString)
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run one call, retrying transient failures with backoff; map errors to ours."""
+        deadline = time.monotonic() + self.retry_timeout
+        delay = 0.05
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as err:
+                code = err.code() if hasattr(err, "code") else None
+                if code in _RETRYABLE and time.monotonic() + delay < deadline:
+                    time.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, 2.0)
+                    continue
+                exc = from_rpc_error(err)
+                if code in _RETRYABLE:
+                    raise Unavailable(f"{self.address}: {exc}") from None
+                raise exc from None
+
+    def _kw(self) -> dict[str, Any]:
+        return {"metadata": self._metadata, "timeout": self.timeout}
+
+    def _upload(
+        self, header: bytes, tensors: Sequence[torch.Tensor]
+    ) -> Callable[[], Iterator[bytes]]:
+        return lambda: iter_frames(header, tensors, self.chunk_bytes)
+
+    # --- models ---------------------------------------------------------------------------------
+
+    def create_model(
+        self,
+        model: str,
+        params: Mapping[str, torch.Tensor],
+        *,
+        param_groups: Sequence[Mapping[str, Any]] | None = None,
+        world_size: int = 1,
+        mode: str = "sync",
+        max_staleness: int = 0,
+        round_timeout_s: float = 0.0,
+        exist_ok: bool = False,
+        **adam_kwargs: Any,
+    ) -> ModelInfo:
+        """Create `model` with these parameters (their values initialize it) and Adam options.
+
+        `param_groups`: list of dicts {"params": [names], **options}; options missing from a group
+        come from `adam_kwargs`, as torch.optim.Adam's defaults do. Without it, one group holds all.
+        With `exist_ok`, an existing model with matching parameters is joined (ModelInfo.created False).
+        """
+        if mode not in _MODES:
+            raise InvalidArgument(f"mode must be 'sync' or 'async', got {mode!r}")
+        names = list(params)
+        groups = param_groups or [{"params": names}]
+        tensors = [to_wire(params[n]) for n in names]
+        cfg = pb.ModelConfig(
+            model=model,
+            params=[spec_of(n, t) for n, t in zip(names, tensors)],
+            groups=[
+                _group_pb(
+                    g["params"], {**adam_kwargs, **{k: v for k, v in g.items() if k != "params"}}
+                )
+                for g in groups
+            ],
+            world_size=world_size,
+            mode=_MODES[mode],
+            max_staleness=max_staleness,
+            round_timeout_s=round_timeout_s,
+            exist_ok=exist_ok,
+        )
+        frames = self._upload(cfg.SerializeToString(), tensors)
+        return _model_info(self.call(lambda: self._create(frames(), **self._kw())))
+
+    def describe(self, model: str) -> ModelInfo:
+        return _model_info(
+            self.call(lambda: self._describe(pb.ModelRef(model=model), **self._kw()))
+        )
+
+    def list_models(self) -> list[ModelInfo]:
+        reply = self.call(lambda: self._list(pb.ListModelsRequest(), **self._kw()))
+        return [_model_info(m) for m in reply.models]
+
+    def delete_model(self, model: str) -> None:
+        self.call(lambda: self._delete(pb.ModelRef(model=model), **self._kw()))
+
+    def snapshot(self, model: str) -> pb.SnapshotInfo:
+        """Write a snapshot of `model` now; returns where and how long it took."""
+        return self.call(lambda: self._snapshot(pb.ModelRef(model=model), **self._kw()))
+
+    def set_hyperparams(self, model: str, group: int = 0, **options: Any) -> ModelInfo:
+        """Change options of one param group (lr, betas, eps, weight_decay, ...)."""
+        return self.set_group_options(model, [(group, options)])
+
+    def set_group_options(
+        self, model: str, updates: Sequence[tuple[int, Mapping[str, Any]]]
+    ) -> ModelInfo:
+        req = pb.SetHyperparamsRequest(
+            model=model,
+            updates=[pb.GroupUpdate(group=i, options=options_to_pb(o)) for i, o in updates],
+        )
+        return _model_info(self.call(lambda: self._set_hyper(req, **self._kw())))
+
+    def add_param_group(
+        self, model: str, params: Mapping[str, torch.Tensor], **options: Any
+    ) -> ModelInfo:
+        """torch's add_param_group: new parameters (values initialize them) in a new group."""
+        names = list(params)
+        tensors = [to_wire(params[n]) for n in names]
+        header = pb.GroupHeader(
+            model=model,
+            group=_group_pb(names, options),
+            params=[spec_of(n, t) for n, t in zip(names, tensors)],
+        )
+        frames = self._upload(header.SerializeToString(), tensors)
+        return _model_info(self.call(lambda: self._add_group(frames(), **self._kw())))
+
+    # --- pushes and pulls -----------------------------------------------------------------------
+
+    def push_grad(
+        self,
+        model: str,
+        grads: Mapping[str, torch.Tensor],
+        *,
+        version: int | None = None,
+        rank: int = 0,
+        push_id: str | None = None,
+        loss: float | None = None,
+        scalars: Mapping[str, float] | None = None,
+        found_inf: bool = False,
+        hyper_updates: Sequence[tuple[int, Mapping[str, Any]]] = (),
+        wire_dtype: torch.dtype | None = None,
+    ) -> PushResult:
+        """Push gradients; returns once the step they feed has been applied (sync: the round).
+
+        `version`: the version the gradients were computed from (sync rounds and async staleness
+        check it). Parameters not in `grads` get no step. A retry (automatic on connection loss)
+        reuses `push_id`, so the server applies the push exactly once.
+        """
+        names = list(grads)
+        wire = wire_dtype or self.wire_dtype
+        tensors = [to_wire(grads[n], wire) for n in names]
+        header = pb.PushHeader(
+            model=model,
+            grads=[spec_of(n, t) for n, t in zip(names, tensors)],
+            rank=rank,
+            push_id=push_id or uuid.uuid4().hex,
+            found_inf=found_inf,
+            scalars=dict(scalars or {}),
+            hyper_updates=[
+                pb.GroupUpdate(group=i, options=options_to_pb(o)) for i, o in hyper_updates
+            ],
+        )
+        if version is not None:
+            header.version = version
+        if loss is not None:
+            header.loss = float(loss)
+        frames = self._upload(header.SerializeToString(), tensors)
+        r = self.call(lambda: self._push(frames(), **self._kw()))
+        return PushResult(r.version, r.applied, r.found_inf, r.contributors, r.duplicate, r.partial)
+
+    def pull_params(
+        self, model: str, names: Sequence[str] | None = None, **kwargs: Any
+    ) -> dict[str, torch.Tensor]:
+        """The model's parameters (all, or `names`) as CPU tensors. See `pull` for the options."""
+        return self.pull(model, names, **kwargs).params
+
+    def pull(
+        self,
+        model: str,
+        names: Sequence[str] | None = None,
+        *,
+        out: Mapping[str, torch.Tensor] | None = None,
+        if_newer_than: int | None = None,
+        wait_for_version: int | None = None,
+        wait_timeout: float = 60.0,
+        wire_dtype: torch.dtype | None = None,
+    ) -> PullResult:
+        """Pull parameters with their version.
+
+        `out`: tensors to write into in place (any device/dtype; contiguous CPU ones are filled
+        straight from the stream). `if_newer_than`: skip the transfer when the server's version is
+        not newer. `wait_for_version`: block until the model reaches it (DeadlineExceeded after
+        `wait_timeout`). The result is always one consistent version.
+        """
+        req = pb.PullRequest(model=model, names=list(names or ()), wait_timeout_s=wait_timeout)
+        if if_newer_than is not None:
+            req.if_newer_than = if_newer_than
+        if wait_for_version is not None:
+            req.wait_for_version = wait_for_version
+        wire = wire_dtype or self.wire_dtype
+        if wire is not None:
+            req.wire_dtype = spec_of("", torch.empty(0, dtype=wire)).dtype
+        for _ in range(8):
+            result = self.call(lambda: self._pull_once(req, out))
+            if result is not None:
+                return result
+        raise AdamdError("parameters kept changing during the pull (async steps); try again")
+
+    def _pull_once(
+        self, req: pb.PullRequest, out: Mapping[str, torch.Tensor] | None
+    ) -> PullResult | None:
+        call = self._pull(req, **self._kw())
+        frames = iter(call)
+        try:
+            first = decode_frame(next(frames))
+            if first.header is None:
+                raise AdamdError("pull reply without a header")
+            header = pb.PullHeader.FromString(bytes(first.header))
+            if header.not_modified:
+                return PullResult(header.version, {}, True)
+            names = [s.name for s in header.tensors]
+            targets, finals = [], {}
+            for s in header.tensors:
+                shape, dtype = shape_of(s), dtype_from_pb(s.dtype)
+                dst = out.get(s.name) if out is not None else None
+                if dst is not None and tuple(dst.shape) != shape:
+                    raise InvalidArgument(
+                        f"out[{s.name!r}] has shape {list(dst.shape)}, server sent {list(shape)}"
+                    )
+                direct = dst is not None and dst.device.type == "cpu" and dst.is_contiguous()
+                if direct:
+                    buf = dst.detach()
+                else:
+                    buf = torch.empty(shape, dtype=dst.dtype if dst is not None else dtype)
+                targets.append(buf)
+                finals[s.name] = (dst, buf, direct)
+            sink = TensorSink(targets, [dtype_from_pb(s.dtype) for s in header.tensors])
+            if first.data.nbytes:
+                sink.write(first.tensor, first.offset, first.data)
+            for raw in frames:
+                f = decode_frame(raw)
+                sink.write(f.tensor, f.offset, f.data)
+            sink.check_complete()
+        except WireError as exc:
+            call.cancel()
+            raise AdamdError(f"malformed pull reply: {exc}") from exc
+        consistent = dict(call.trailing_metadata() or ()).get("adamd-consistent", "1") == "1"
+        if not consistent:
+            return None
+        params = {}
+        with torch.no_grad():
+            for name in names:
+                dst, buf, direct = finals[name]
+                if dst is not None and not direct:
+                    dst.copy_(buf)
+                params[name] = dst if dst is not None else buf
+        return PullResult(header.version, params)
+
+    # --- optimizer state ------------------------------------------------------------------------
+
+    def get_state(self, model: str) -> dict[str, Any]:
+        """The optimizer's state keyed by parameter name:
+        {"state": {name: {"step", "exp_avg", "exp_avg_sq"[, "max_exp_avg_sq"]}},
+         "param_groups": [{**options, "params": [names]}], "version": int}."""
+        return self.call(lambda: self._get_state_once(model))
+
+    def _get_state_once(self, model: str) -> dict[str, Any]:
+        frames = iter(self._get_state(pb.GetStateRequest(model=model), **self._kw()))
+        first = decode_frame(next(frames))
+        header = pb.StateHeader.FromString(bytes(first.header or b""))
+        tensors = [torch.empty(shape_of(s), dtype=dtype_from_pb(s.dtype)) for s in header.tensors]
+        sink = TensorSink(tensors, [t.dtype for t in tensors])
+        if first.data.nbytes:
+            sink.write(first.tensor, first.offset, first.data)
+        for raw in frames:
+            f = decode_frame(raw)
+            sink.write(f.tensor, f.offset, f.data)
+        sink.check_complete()
+        return {
+            "state": {
+                e.param: {k: tensors[i] for k, i in e.tensors.items()} for e in header.states
+            },
+            "param_groups": [
+                {**options_from_pb(g.options), "params": list(g.params)} for g in header.groups
+            ],
+            "version": header.version,
+        }
+
+    def load_state(
+        self,
+        model: str,
+        state: Mapping[str, Mapping[str, torch.Tensor]],
+        param_groups: Sequence[Mapping[str, Any]] | None = None,
+    ) -> ModelInfo:
+        """Load optimizer state keyed by parameter name (the shape get_state returns);
+        `param_groups` (optional) also sets each group's hyperparameters."""
+        tensors: list[torch.Tensor] = []
+        specs, entries = [], []
+        for name, entry in state.items():
+            index = {}
+            for key, value in entry.items():
+                t = to_wire(
+                    value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+                )
+                index[key] = len(tensors)
+                tensors.append(t)
+                specs.append(spec_of(f"{name}/{key}", t))
+            entries.append(pb.ParamState(param=name, tensors=index))
+        groups = [
+            _group_pb(
+                g["params"], {k: v for k, v in g.items() if k not in ("params", "param_names")}
+            )
+            for g in (param_groups or ())
+        ]
+        header = pb.StateHeader(model=model, states=entries, tensors=specs, groups=groups)
+        frames = self._upload(header.SerializeToString(), tensors)
+        return _model_info(self.call(lambda: self._load_state(frames(), **self._kw())))

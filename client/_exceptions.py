@@ -1,0 +1,110 @@
+"""The client's exceptions. Every failure of a call surfaces as one of these, never grpc.RpcError.
+
+    AdamdError
+    ├── InvalidArgument        bad input: shapes, dtypes, names, hyperparameters, a broken stream
+    │   └── NonFiniteGradient  a pushed gradient held inf or nan (the push was rejected whole)
+    ├── NotFound               unknown model or parameter
+    ├── AlreadyExists          a model of that name exists with other parameters
+    ├── FailedPrecondition     the push does not fit the model's state now
+    │   ├── StalePush          the gradient was computed from a version too old to apply
+    │   └── DuplicatePush      this worker already pushed for this round
+    ├── Aborted                a sync round failed
+    ├── Unauthenticated        missing or wrong token
+    ├── DeadlineExceeded       a wait (for a round, a version) ran out of time
+    └── Unavailable            the server cannot be reached (after retries)
+
+The server sends the precise kind in the trailing metadata key `adamd-error`; when it is missing
+(a proxy, another implementation) the gRPC status code picks the class.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class AdamdError(Exception):
+    """Base of every error the adamd client raises."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+
+class InvalidArgument(AdamdError, ValueError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NonFiniteGradient(InvalidArgument):
+    pass
+
+
+class NotFound(AdamdError, KeyError):
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AlreadyExists(AdamdError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(AdamdError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class StalePush(FailedPrecondition):
+    pass
+
+
+class DuplicatePush(FailedPrecondition):
+    pass
+
+
+class Aborted(AdamdError):
+    code = grpc.StatusCode.ABORTED
+
+
+class Unauthenticated(AdamdError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class DeadlineExceeded(AdamdError, TimeoutError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unavailable(AdamdError, ConnectionError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+KINDS: dict[str, type[AdamdError]] = {
+    cls.__name__: cls
+    for cls in (
+        AdamdError,
+        InvalidArgument,
+        NonFiniteGradient,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        StalePush,
+        DuplicatePush,
+        Aborted,
+        Unauthenticated,
+        DeadlineExceeded,
+        Unavailable,
+    )
+}
+_BY_CODE = {cls.code: cls for cls in reversed(KINDS.values())}
+
+
+def from_rpc_error(err: grpc.RpcError) -> AdamdError:
+    """Translate a failed call into the client's exception (the one place this happens)."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    kind = None
+    trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == "adamd-error":
+            kind = value
+    cls = KINDS.get(kind or "") or _BY_CODE.get(code, AdamdError)
+    exc = cls(details or code.name)
+    exc.code = code
+    return exc

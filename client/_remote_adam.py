@@ -1,0 +1,335 @@
+"""`RemoteAdam`: a torch.optim.Optimizer whose Adam runs on an adamd server.
+
+Construct it exactly like torch.optim.Adam, plus where the server is. `step()` pushes the
+non-None gradients, the server steps its real torch.optim.Adam, and the fresh parameters are
+written into the local tensors in place. Edits to `param_groups[i][...]` (what lr schedulers do)
+ride along with the next push. `state_dict()` / `load_state_dict()` speak torch.optim.Adam's
+format, so checkpoints move freely between a local Adam and a remote one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from ._client import Client
+from ._exceptions import NotFound
+from ._hyper import ADAM_DEFAULTS, same_value
+from ._types import ModelInfo, PushResult
+
+_STATE_ORDER = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")
+_SYNCED_KEYS = tuple(k for k in ADAM_DEFAULTS if k not in _IMPLEMENTATION)
+
+
+def _copy_for_probe(params: Any) -> Any:
+    """A copy of the params argument torch.optim.Adam can consume without touching ours."""
+    if isinstance(params, (torch.Tensor, set)):
+        return params  # torch raises the right TypeError
+    out = []
+    for p in params:
+        out.append(dict(p) if isinstance(p, dict) else p)
+    return out
+
+
+def _clone(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple):
+        return tuple(_clone(v) for v in value)
+    return value
+
+
+class RemoteAdam(torch.optim.Optimizer):
+    """torch.optim.Adam, computed on an adamd server.
+
+    Extra keyword arguments: `server` (host:port), `model` (name on the server), `world_size`
+    (workers per sync step; default: $WORLD_SIZE or 1), `rank` (default: $RANK or 0), `mode`
+    ("sync" or "async"), `token`, `client` (an existing Client), `wire_dtype` (torch.bfloat16 /
+    torch.float16 to halve the bytes on the wire), `max_staleness` and `round_timeout_s` (used
+    when this worker creates the model).
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        server: str = "127.0.0.1:50051",
+        model: str = "default",
+        world_size: int | None = None,
+        rank: int | None = None,
+        mode: str = "sync",
+        token: str | None = None,
+        client: Client | None = None,
+        wire_dtype: torch.dtype | None = None,
+        max_staleness: int = 0,
+        round_timeout_s: float = 0.0,
+    ):
+        if not isinstance(params, (torch.Tensor, set)):
+            params = list(params)
+        options = dict(  # torch.optim.Adam's order, so param_groups print and pack alike
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )
+        # torch's own checks, with torch's own messages (ValueError, TypeError, RuntimeError).
+        torch.optim.Adam(_copy_for_probe(params), **options)
+        if differentiable:
+            raise ValueError(
+                "differentiable=True is not supported by RemoteAdam: no autograd graph crosses the wire"
+            )
+        self.model = model
+        self.world_size = int(
+            world_size if world_size is not None else os.environ.get("WORLD_SIZE", 1)
+        )
+        self.rank = int(rank if rank is not None else os.environ.get("RANK", 0))
+        self.mode = mode
+        self.version = 0
+        self.last_result: PushResult | None = None
+        self._ready = False
+        self._names: dict[int, str] = {}
+        self._synced: list[dict[str, Any]] = []
+        self._pending_loss: float | None = None
+        super().__init__(params, options)
+        self._client = client or Client(server, token=token, wire_dtype=wire_dtype)
+        self._owns_client = client is None
+        local = self._named_params()
+        try:
+            info = self._client.describe(model)
+        except NotFound:
+            info = self._client.create_model(
+                model,
+                local,
+                param_groups=[self._group_for_server(g) for g in self.param_groups],
+                world_size=self.world_size,
+                mode=mode,
+                max_staleness=max_staleness,
+                round_timeout_s=round_timeout_s,
+                exist_ok=True,
+            )
+        if not info.created:
+            self._join(info, local)
+        else:
+            self.version = info.version
+        self._synced = [self._options_of(g) for g in self.param_groups]
+        self._ready = True
+
+    # --- naming and groups ----------------------------------------------------------------------
+
+    def _name_of(self, p: torch.Tensor) -> str:
+        return self._names[id(p)]
+
+    def _named_params(self) -> dict[str, torch.Tensor]:
+        return {self._names[id(p)]: p for g in self.param_groups for p in g["params"]}
+
+    @staticmethod
+    def _options_of(group: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: _clone(group[k]) for k in _SYNCED_KEYS}
+
+    def _group_for_server(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        opts = {k: group[k] for k in ADAM_DEFAULTS}
+        return {**opts, "params": [self._name_of(p) for p in group["params"]]}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's add_param_group; after construction the new group is created on the server too
+        (the local values initialize it, unless the server has it already)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        names = group.get("param_names")
+        start = len(self._names)
+        for i, p in enumerate(group["params"]):
+            self._names[id(p)] = str(names[i]) if names is not None else str(start + i)
+        if not self._ready:
+            return
+        new = {self._name_of(p): p for p in group["params"]}
+        try:
+            info = self._client.describe(self.model)
+            if all(n in info.params for n in new):
+                self._pull_into(new)
+            else:
+                opts = {k: group[k] for k in ADAM_DEFAULTS}
+                self._client.add_param_group(self.model, new, **opts)
+        except Exception:
+            self.param_groups.pop()
+            for p in group["params"]:
+                self._names.pop(id(p), None)
+            raise
+        self._synced.append(self._options_of(group))
+
+    def _join(self, info: ModelInfo, local: dict[str, torch.Tensor]) -> None:
+        """The model exists: the server's parameters and hyperparameters win."""
+        for name, p in local.items():
+            have = info.params.get(name)
+            if have is None or tuple(p.shape) != have[0]:
+                raise ValueError(
+                    f"model {self.model!r} on the server has {name!r} as {have}, here it is"
+                    f" {tuple(p.shape)}: not the same model"
+                )
+        for group, remote in zip(self.param_groups, info.param_groups):
+            for key in _SYNCED_KEYS:
+                value = remote.get(key)
+                if value is None:
+                    continue
+                if isinstance(group[key], torch.Tensor) and isinstance(value, torch.Tensor):
+                    group[key].fill_(value.item())
+                elif not same_value(group[key], value):
+                    group[key] = value
+        self._pull_into(local)
+
+    def _pull_into(self, params: Mapping[str, torch.Tensor]) -> None:
+        result = self._client.pull(self.model, list(params), out=params)
+        self.version = result.version
+
+    # --- stepping -------------------------------------------------------------------------------
+
+    def report_loss(self, loss: float | torch.Tensor) -> None:
+        """Attach a loss to the next push, for the server's charts (step(closure) does it too)."""
+        self._pending_loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+
+    def _updates(self) -> list[tuple[int, dict[str, Any]]]:
+        out = []
+        for i, (group, synced) in enumerate(zip(self.param_groups, self._synced)):
+            changed = {k: group[k] for k in _SYNCED_KEYS if not same_value(group[k], synced[k])}
+            if changed:
+                out.append((i, changed))
+        return out
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if loss is not None and self._pending_loss is None:
+            self._pending_loss = (
+                float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+            )
+        grads: dict[str, torch.Tensor] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise RuntimeError(
+                            "Adam does not support sparse gradients, please consider SparseAdam instead"
+                        )
+                    grads[self._name_of(p)] = p.grad
+        found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler.step
+        grad_scale = getattr(self, "grad_scale", None)
+        skipped = found_inf is not None and bool(found_inf.item())
+        if skipped:
+            grads = {}
+        elif grad_scale is not None:
+            inv = grad_scale.double().reciprocal().float()
+            grads = {n: g.float() * inv.to(g.device) for n, g in grads.items()}
+        updates = self._updates()
+        result = self._client.push_grad(
+            self.model,
+            grads,
+            version=self.version,
+            rank=self.rank,
+            loss=self._pending_loss,
+            found_inf=skipped,
+            hyper_updates=updates,
+        )
+        self._pending_loss = None
+        for i, changed in updates:
+            self._synced[i].update({k: _clone(v) for k, v in changed.items()})
+        self.last_result = result
+        self._pull_into(self._named_params())
+        return loss
+
+    # GradScaler hands us grad_scale / found_inf instead of skipping the step itself, so a
+    # skipped step still reaches the server (a sync round must hear from every worker).
+    _step_supports_amp_scaling = True
+
+    # --- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim.Adam's state_dict: per-index state from the server, local param_groups."""
+        remote = self._client.get_state(self.model)
+        index: dict[str, int] = {}
+        param_groups = []
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            ids = []
+            for p in group["params"]:
+                index.setdefault(self._name_of(p), len(index))
+                ids.append(index[self._name_of(p)])
+            packed["params"] = ids
+            param_groups.append(packed)
+        local = self._named_params()
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for name in sorted(remote["state"], key=lambda n: index.get(n, 1 << 60)):
+            if name not in index:
+                continue
+            entry = remote["state"][name]
+            device = local[name].device
+            state[index[name]] = {
+                k: (entry[k] if k == "step" and device.type == "cpu" else entry[k].to(device))
+                for k in _STATE_ORDER
+                if k in entry
+            }
+        return {"state": state, "param_groups": param_groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict saved by torch.optim.Adam (or RemoteAdam) into the server."""
+        groups = self.param_groups
+        saved = state_dict["param_groups"]
+        if len(groups) != len(saved):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved)):
+            raise ValueError(
+                "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+            )
+        id_to_name = {}
+        for g, s in zip(groups, saved):
+            for p, i in zip(g["params"], s["params"]):
+                id_to_name[i] = self._name_of(p)
+        state = {}
+        for i, entry in state_dict["state"].items():
+            if i not in id_to_name:
+                raise ValueError(f"state for parameter index {i}, which no param group holds")
+            state[id_to_name[i]] = {
+                k: v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                for k, v in entry.items()
+            }
+        server_groups = []
+        for g, s in zip(groups, saved):
+            opts = {k: s[k] for k in _SYNCED_KEYS if k in s}
+            server_groups.append({**opts, "params": [self._name_of(p) for p in g["params"]]})
+        self._client.load_state(self.model, state, server_groups)
+        for g, s in zip(groups, saved):
+            for k, v in s.items():
+                if k not in ("params", "param_names"):
+                    g[k] = v
+        self._synced = [self._options_of(g) for g in groups]
+
+    def close(self) -> None:
+        if self._owns_client:
+            self._client.close()
+
+    @property
+    def client(self) -> Client:
+        return self._client

@@ -1,0 +1,272 @@
+"""Tensor framing for adamd's streaming RPCs: raw chunks in, raw chunks out, no extra copies.
+
+Every tensor-carrying RPC streams frame messages whose fields 1-4 are (header, tensor, offset,
+data) (see protos/adamd/v1/adamd.proto). This module encodes and decodes those frames by hand so a
+multi-MiB `data` chunk is copied once on the way out (tensor memory -> the message bytes) and once
+on the way in (message bytes -> a preallocated tensor), never through protobuf objects. The
+encoding is ordinary protobuf wire format: the generated classes parse it, and the tests check
+that they do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from adamd.v1 import adamd_pb2 as pb
+
+DEFAULT_CHUNK_BYTES = 4 << 20
+# Largest message either side accepts: a chunk plus its header, with room for big headers.
+MAX_MESSAGE_BYTES = 64 << 20
+
+_TORCH_TO_PB = {
+    torch.float32: pb.FLOAT32,
+    torch.float16: pb.FLOAT16,
+    torch.bfloat16: pb.BFLOAT16,
+    torch.float64: pb.FLOAT64,
+}
+_PB_TO_TORCH = {v: k for k, v in _TORCH_TO_PB.items()}
+_NP_OF = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+
+
+class WireError(ValueError):
+    """A frame or chunk that does not fit what the stream declared."""
+
+
+def dtype_to_pb(dtype: torch.dtype) -> int:
+    try:
+        return _TORCH_TO_PB[dtype]
+    except KeyError:
+        raise WireError(
+            f"dtype {dtype} cannot travel: adamd carries float32, float16, bfloat16 and float64"
+        ) from None
+
+
+def dtype_from_pb(code: int) -> torch.dtype:
+    try:
+        return _PB_TO_TORCH[code]
+    except KeyError:
+        raise WireError(f"unknown or unspecified dtype code {code}") from None
+
+
+def spec_of(name: str, t: torch.Tensor, wire_dtype: torch.dtype | None = None) -> pb.TensorSpec:
+    return pb.TensorSpec(name=name, dtype=dtype_to_pb(wire_dtype or t.dtype), shape=list(t.shape))
+
+
+def shape_of(spec: pb.TensorSpec) -> tuple[int, ...]:
+    return tuple(int(d) for d in spec.shape)
+
+
+def numel_of(spec: pb.TensorSpec) -> int:
+    n = 1
+    for d in spec.shape:
+        if d < 0:
+            raise WireError(f"tensor {spec.name!r} has a negative dimension {list(spec.shape)}")
+        n *= int(d)
+    return n
+
+
+def byte_view(t: torch.Tensor) -> np.ndarray:
+    """The bytes of a contiguous CPU tensor as a uint8 array sharing its memory."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise WireError("byte_view needs a contiguous CPU tensor")
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+# --- protobuf wire primitives -------------------------------------------------------------------
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise WireError("truncated frame")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise WireError("malformed varint in frame")
+
+
+def encode_frame(
+    header: bytes | None, tensor: int = 0, offset: int = 0, data: object = b""
+) -> bytes:
+    """One frame message: optional serialized header, then one chunk of tensor bytes."""
+    parts: list[object] = []
+    if header is not None:
+        parts += [b"\x0a", _varint(len(header)), header]
+    if tensor:
+        parts += [b"\x10", _varint(tensor)]
+    if offset:
+        parts += [b"\x18", _varint(offset)]
+    n = memoryview(data).nbytes  # type: ignore[arg-type]
+    if n:
+        parts += [b"\x22", _varint(n), data]
+    return b"".join(parts)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Frame:
+    header: memoryview | None  # serialized header message, when this frame has one
+    tensor: int
+    offset: int
+    data: memoryview
+
+
+def decode_frame(raw: bytes) -> Frame:
+    """Split a frame without copying its data chunk (a view into `raw`)."""
+    buf = memoryview(raw)
+    pos, end = 0, len(buf)
+    header = None
+    tensor = offset = 0
+    data = buf[0:0]
+    while pos < end:
+        key, pos = _read_varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(buf, pos)
+            if field == 2:
+                tensor = value
+            elif field == 3:
+                offset = value
+        elif wire == 2:
+            n, pos = _read_varint(buf, pos)
+            if pos + n > end:
+                raise WireError("truncated frame")
+            if field == 1:
+                header = buf[pos : pos + n]
+            elif field == 4:
+                data = buf[pos : pos + n]
+            pos += n
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:
+            raise WireError(f"unsupported wire type {wire} in frame")
+    return Frame(header, tensor, offset, data)
+
+
+def identity(b: bytes) -> bytes:
+    return b
+
+
+# --- sending ------------------------------------------------------------------------------------
+
+
+def iter_frames(
+    header: bytes,
+    tensors: Sequence[torch.Tensor],
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Iterator[bytes]:
+    """The header frame, then every tensor cut into chunks. Tensors must be contiguous CPU tensors."""
+    first = True
+    for index, t in enumerate(tensors):
+        raw = byte_view(t)
+        for start in range(0, raw.nbytes, chunk_bytes):
+            yield encode_frame(
+                header if first else None, index, start, raw[start : start + chunk_bytes]
+            )
+            first = False
+    if first:
+        yield encode_frame(header)
+
+
+def to_wire(t: torch.Tensor, wire_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A contiguous CPU tensor ready for byte_view, converted to the wire dtype if one is asked."""
+    t = t.detach()
+    if wire_dtype is not None and wire_dtype != t.dtype:
+        t = t.to(device="cpu", dtype=wire_dtype)
+    elif t.device.type != "cpu":
+        t = t.to("cpu")
+    return t.contiguous()
+
+
+# --- receiving ----------------------------------------------------------------------------------
+
+
+class TensorSink:
+    """Writes a stream's chunks into preallocated tensors, in order, and says when all arrived.
+
+    `targets[i]` receives the bytes of the stream's tensor i, which were sent as `wire_dtypes[i]`
+    (a different float dtype is converted on the way in). Chunks of one tensor must arrive in
+    order, without gaps or overlaps; anything else is a WireError and leaves the stream unusable.
+    """
+
+    def __init__(self, targets: Sequence[torch.Tensor], wire_dtypes: Sequence[torch.dtype]):
+        self.targets = list(targets)
+        self.wire_dtypes = list(wire_dtypes)
+        self._wire_nbytes = [t.numel() * w.itemsize for t, w in zip(self.targets, self.wire_dtypes)]
+        self._received = [0] * len(self.targets)
+        self._views: list[np.ndarray | None] = [None] * len(self.targets)
+
+    def write(self, index: int, offset: int, data: memoryview) -> None:
+        if not 0 <= index < len(self.targets):
+            raise WireError(
+                f"chunk names tensor {index}, but the stream declared {len(self.targets)}"
+            )
+        if offset != self._received[index]:
+            raise WireError(
+                f"chunk of tensor {index} at byte {offset}, expected byte {self._received[index]}"
+                " (chunks missing, repeated or out of order)"
+            )
+        n = data.nbytes
+        end = offset + n
+        if end > self._wire_nbytes[index]:
+            raise WireError(
+                f"tensor {index} gets more bytes ({end}) than its shape holds ({self._wire_nbytes[index]})"
+            )
+        wire = self.wire_dtypes[index]
+        if n % wire.itemsize:
+            raise WireError(f"chunk of tensor {index} is not a whole number of {wire} elements")
+        target = self.targets[index]
+        if wire == target.dtype:
+            view = self._views[index]
+            if view is None:
+                view = self._views[index] = byte_view(target)
+            view[offset:end] = np.frombuffer(data, dtype=np.uint8)
+        else:
+            self._convert_into(target, wire, offset // wire.itemsize, data)
+        self._received[index] = end
+
+    @staticmethod
+    def _convert_into(
+        target: torch.Tensor, wire: torch.dtype, start: int, data: memoryview
+    ) -> None:
+        flat = target.reshape(-1)
+        if wire == torch.bfloat16:
+            # bfloat16 is the top half of a float32: widen the bits, then cast if needed.
+            bits = np.frombuffer(data, dtype=np.uint16).astype(np.uint32) << 16
+            values = torch.from_numpy(bits.view(np.float32))
+        else:
+            values = torch.from_numpy(np.frombuffer(data, dtype=_NP_OF[wire]).copy())
+        flat[start : start + values.numel()].copy_(values)
+
+    def missing(self) -> list[int]:
+        return [i for i, n in enumerate(self._wire_nbytes) if self._received[i] != n]
+
+    def check_complete(self) -> None:
+        missing = self.missing()
+        if missing:
+            got = sum(self._received)
+            want = sum(self._wire_nbytes)
+            raise WireError(
+                f"stream ended early: {got} of {want} bytes; tensors {missing} incomplete"
+            )

@@ -1,0 +1,58 @@
+"""The daemon's configuration: read once at start (flags over ADAMD_* env over defaults), then frozen."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # address both servers bind
+    grpc_port: int = 50051  # 0 picks a free port
+    http_port: int = 8080  # 0 picks a free port; -1 disables the HTTP side
+    data_dir: Path = Path("./adamd-data")  # snapshots live here
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    token: str | None = None  # when set, every call but health must carry it
+    grpc_workers: int = 64  # handler threads: sync rounds park one per waiting worker
+    round_timeout_s: float = 60.0  # default for sync rounds whose worker went missing
+    max_staleness: int = 16  # default async staleness bound (versions)
+    snapshot_every_steps: int = 0  # 0: off
+    snapshot_every_s: float = 0.0  # 0: off
+    snapshot_keep: int = 3  # snapshots kept per model
+    durable: bool = False  # acknowledge a push only once its step is on disk
+    stats_every: int = 1  # compute parameter statistics every N steps (0: only on request)
+    shm: bool = True  # offer the same-host shared-memory fast path
+
+    @classmethod
+    def load(
+        cls, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None
+    ) -> ServerConfig:
+        """Defaults, then ADAMD_<FIELD> environment variables, then explicit (non-None) overrides."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"ADAMD_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _parse(f.type, raw)
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                values[key] = value
+        if "data_dir" in values:
+            values["data_dir"] = Path(values["data_dir"])
+        return cls(**values)
+
+
+def _parse(annotation: Any, raw: str) -> Any:
+    text = str(annotation)
+    if text.startswith("bool"):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if text.startswith("int"):
+        return int(raw)
+    if text.startswith("float"):
+        return float(raw)
+    if text.startswith("Path"):
+        return Path(raw)
+    return raw

@@ -1,0 +1,86 @@
+"""Conversions between wire messages (adamd.v1) and the server core's plain Python values."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from adamd.client._hyper import options_from_pb, options_to_pb
+from adamd.client._wire import WireError, dtype_from_pb, dtype_to_pb, shape_of
+from adamd.v1 import adamd_pb2 as pb
+
+from .errors import InvalidArgument
+from .model import ASYNC, SYNC, HostedModel
+from .registry import ModelSpec
+
+MODE_TO_PB = {SYNC: pb.SYNC, ASYNC: pb.ASYNC}
+
+
+def specs_from_pb(specs: Sequence[pb.TensorSpec]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    out = []
+    for s in specs:
+        try:
+            dtype = dtype_from_pb(s.dtype)
+        except WireError as exc:
+            raise InvalidArgument(f"tensor {s.name!r}: {exc}") from exc
+        if any(d < 0 for d in s.shape):
+            raise InvalidArgument(f"tensor {s.name!r} has a negative dimension {list(s.shape)}")
+        out.append((s.name, shape_of(s), dtype))
+    return out
+
+
+def group_from_pb(g: pb.ParamGroup) -> dict[str, Any]:
+    try:
+        return {**options_from_pb(g.options), "params": list(g.params)}
+    except (ValueError, TypeError, WireError) as exc:
+        raise InvalidArgument(f"bad param group options: {exc}") from exc
+
+
+def group_to_pb(names: Sequence[str], options: Mapping[str, Any]) -> pb.ParamGroup:
+    return pb.ParamGroup(params=list(names), options=options_to_pb(options))
+
+
+def updates_from_pb(updates: Sequence[pb.GroupUpdate]) -> list[tuple[int, dict[str, Any]]]:
+    try:
+        return [(u.group, options_from_pb(u.options)) for u in updates]
+    except (ValueError, TypeError, WireError) as exc:
+        raise InvalidArgument(f"bad hyperparameter update: {exc}") from exc
+
+
+def model_spec_from_pb(cfg: pb.ModelConfig) -> ModelSpec:
+    params = specs_from_pb(cfg.params)
+    groups = [group_from_pb(g) for g in cfg.groups] or [{"params": [n for n, _, _ in params]}]
+    world_size = cfg.world_size or 1
+    mode = ASYNC if cfg.mode == pb.ASYNC else SYNC
+    return ModelSpec(
+        name=cfg.model,
+        params=params,
+        groups=groups,
+        world_size=world_size,
+        mode=mode,
+        max_staleness=cfg.max_staleness,
+        round_timeout_s=cfg.round_timeout_s,
+        exist_ok=cfg.exist_ok,
+    )
+
+
+def model_info(model: HostedModel, created: bool = False) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        model=model.name,
+        version=model.version,
+        mode=MODE_TO_PB[model.mode],
+        world_size=model.world_size,
+        device=str(model.device),
+        params=[
+            pb.TensorSpec(name=n, dtype=dtype_to_pb(p.dtype), shape=list(p.shape))
+            for n, p in model.params.items()
+        ],
+        groups=[
+            group_to_pb(names, opts) for names, opts in zip(model.group_names(), model.requested)
+        ],
+        max_staleness=model.max_staleness,
+        round_timeout_s=model.round_timeout_s,
+        created=created,
+        skipped_steps=model.skipped_steps,
+    )

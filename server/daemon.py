@@ -1,0 +1,125 @@
+"""The daemon: one process holding the model registry, serving gRPC and HTTP over it.
+
+`Daemon(config).start()` binds both servers (port 0 picks free ones), `stop()` drains them. The
+HTTP side runs uvicorn in a thread over a socket bound here, so both addresses are known as soon as
+start() returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+from grpc_health.v1 import health_pb2
+
+from .config import ServerConfig
+from .grpc_server import create_grpc_server
+from .grpc_service import SERVICE, OptimizerService, RpcHooks
+from .registry import ModelRegistry, resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+class Daemon:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.registry = ModelRegistry(
+            self.device, max_staleness=config.max_staleness, round_timeout_s=config.round_timeout_s
+        )
+        self.hooks = RpcHooks()
+        self.service = OptimizerService(self.registry, token=config.token, hooks=self.hooks)
+        self.started_at = time.time()
+        self.grpc_ready = False
+        self.extensions: list[Any] = []  # things with start()/stop() wired in by the HTTP side etc.
+        self._grpc, self.grpc_port, self._health = create_grpc_server(
+            self.service, f"{config.host}:{config.grpc_port}", workers=config.grpc_workers
+        )
+        self._http_server: Any = None
+        self._http_thread: threading.Thread | None = None
+        self.http_port: int | None = None
+        self._stopped = threading.Event()
+        self._stop_requested = threading.Event()
+
+    @property
+    def grpc_address(self) -> str:
+        host = self.config.host
+        return f"[{host}]:{self.grpc_port}" if ":" in host else f"{host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str | None:
+        if self.http_port is None:
+            return None
+        host = self.config.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        return f"http://{host}:{self.http_port}"
+
+    def start(self) -> Daemon:
+        for ext in self.extensions:
+            ext.start()
+        self._grpc.start()
+        self.grpc_ready = True
+        self._health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        if self.config.http_port >= 0:
+            self._start_http()
+        logger.info(
+            "adamd serving gRPC on %s and HTTP on %s (device %s)",
+            self.grpc_address,
+            self.http_url or "(off)",
+            self.device,
+        )
+        return self
+
+    def _start_http(self) -> None:
+        import uvicorn
+
+        from .http_app import create_app
+
+        family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.config.host, self.config.http_port))
+        sock.listen(128)
+        self.http_port = sock.getsockname()[1]
+        app = create_app(self)
+        server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        )
+        self._http_server = server
+        self._http_thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="adamd-http", daemon=True
+        )
+        self._http_thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not self._http_thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.01)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting work, let in-flight calls finish (up to `grace`), stop extensions."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._health.enter_graceful_shutdown()
+        self.grpc_ready = False
+        self._grpc.stop(grace).wait()
+        if self._http_server is not None:
+            self._http_server.should_exit = True
+            if self._http_thread is not None:
+                self._http_thread.join(timeout=grace + 5)
+        for ext in reversed(self.extensions):
+            ext.stop()
+        logger.info("adamd stopped")
+
+    def request_stop(self) -> None:
+        """Safe from a signal handler: wakes wait_for_stop_request()."""
+        self._stop_requested.set()
+
+    def wait_for_stop_request(self) -> None:
+        while not self._stop_requested.wait(0.5):
+            pass

@@ -1,0 +1,225 @@
+"""`adamd demo`: an embedded server plus worker processes training a small model through RemoteAdam.
+
+Each worker fits the same two-layer network to its own shard of a synthetic regression task (a
+fixed random "teacher" network plus noise). Sync mode averages the workers' gradients into one
+Adam step per round; async mode steps on every push. Progress shows the mean loss per step; the
+command exits 0 only if the loss fell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import queue
+import socket
+import time
+from typing import Any
+
+DIM_IN, HIDDEN = 32, 128
+
+
+def _model() -> Any:
+    import torch
+
+    return torch.nn.Sequential(
+        torch.nn.Linear(DIM_IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 1)
+    )
+
+
+def _teacher_data(rank: int, n: int) -> tuple[Any, Any]:
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    w1, w2 = torch.randn(DIM_IN, 16, generator=g), torch.randn(16, 1, generator=g)
+    g.manual_seed(rank + 1)
+    x = torch.randn(n, DIM_IN, generator=g)
+    y = torch.tanh(x @ w1) @ w2 + 0.05 * torch.randn(n, 1, generator=g)
+    return x, y
+
+
+def run_worker(
+    address: str,
+    model_name: str,
+    rank: int,
+    world_size: int,
+    mode: str,
+    steps: int,
+    lr: float,
+    batch: int,
+    out: Any,
+) -> None:
+    """One training process: local forward/backward, Adam on the server."""
+    import torch
+    from adamd.client import RemoteAdam
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)  # every worker starts from the same init; the server's copy wins anyway
+    net = _model()
+    opt = RemoteAdam(
+        net.parameters(),
+        lr=lr,
+        server=address,
+        model=model_name,
+        world_size=world_size,
+        rank=rank,
+        mode=mode,
+    )
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.1)
+    x, y = _teacher_data(rank, 4096)
+    g = torch.Generator().manual_seed(100 + rank)
+    try:
+        for step in range(steps):
+            idx = torch.randint(0, x.shape[0], (batch,), generator=g)
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(net(x[idx]), y[idx])
+            loss.backward()
+            opt.report_loss(loss)
+            opt.step()
+            sched.step()
+            out.put((rank, step, float(loss), opt.version))
+    finally:
+        opt.close()
+        out.put((rank, -1, 0.0, opt.version))
+
+
+def _free_port(preferred: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import logging
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .cli import config_from_args
+    from .daemon import Daemon
+
+    console = Console(stderr=True)
+    logging.getLogger("adamd").setLevel(logging.WARNING)
+    logging.getLogger("adamd.server").setLevel(logging.WARNING)
+    http_port = args.http_port if args.http_port is not None else _free_port(8080)
+    config = config_from_args(
+        args,
+        grpc_port=args.grpc_port or 0,
+        http_port=http_port,
+        round_timeout_s=args.round_timeout_s or 30.0,
+    )
+    daemon = Daemon(config).start()
+    console.print(
+        f"[bold]adamd demo[/]: server on {daemon.grpc_address}, device {daemon.device}; "
+        f"{args.workers} worker(s), {args.mode} mode, {args.steps} steps"
+    )
+    if daemon.http_url:
+        console.print(f"dashboard: {daemon.http_url}/   metrics: {daemon.http_url}/metrics")
+    ctx = mp.get_context("spawn")
+    results: Any = ctx.Queue()
+    model_name = f"demo-{args.mode}-{args.workers}w"
+    procs = [
+        ctx.Process(
+            target=run_worker,
+            args=(
+                daemon.grpc_address,
+                model_name,
+                r,
+                args.workers,
+                args.mode,
+                args.steps,
+                args.lr,
+                args.batch,
+                results,
+            ),
+            daemon=True,
+        )
+        for r in range(args.workers)
+    ]
+    for p in procs:
+        p.start()
+    losses: dict[int, list[float]] = {}
+    done = 0
+    first = last = None
+    try:
+        with Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("v{task.fields[version]}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task("training", total=args.steps, loss="-", version=0)
+            while done < args.workers:
+                try:
+                    _rank, step, loss, version = results.get(timeout=1.0)
+                except queue.Empty:
+                    if not any(p.is_alive() for p in procs):
+                        break
+                    continue
+                if step < 0:
+                    done += 1
+                    continue
+                losses.setdefault(step, []).append(loss)
+                if len(losses[step]) == args.workers or args.mode == "async":
+                    mean = sum(losses[step]) / len(losses[step])
+                    first = mean if first is None else first
+                    last = mean
+                    progress.update(
+                        task,
+                        completed=max(progress.tasks[0].completed, step + 1),
+                        loss=f"{mean:.4f}",
+                        version=version,
+                    )
+        for p in procs:
+            p.join(timeout=30)
+        failed = [p.exitcode for p in procs if p.exitcode != 0]
+        if args.linger and daemon.http_url:
+            console.print(
+                f"training done; the server stays up {args.linger:.0f}s for the dashboard"
+            )
+            time.sleep(args.linger)
+    finally:
+        daemon.stop()
+    if failed or first is None or last is None:
+        console.print(f"[red]demo failed[/]: worker exit codes {[p.exitcode for p in procs]}")
+        return 1
+    fell = last < first * 0.5
+    verdict = "[green]loss fell[/]" if fell else "[red]loss did not fall[/]"
+    console.print(
+        f"loss {first:.4f} -> {last:.4f}: {verdict} (final version {daemon.registry.get(model_name).version})"
+    )
+    return 0 if fell else 1
+
+
+def register(sub: Any) -> None:
+    from .cli import add_server_arguments
+
+    p = sub.add_parser(
+        "demo",
+        help="train a small model with N local workers through an embedded server",
+        description="Start an embedded adamd server and N worker processes that train a small model "
+        "through RemoteAdam, showing the loss. Exits 0 only if the loss fell.",
+    )
+    add_server_arguments(p)
+    p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument(
+        "--mode",
+        choices=["sync", "async"],
+        default="sync",
+        help="parameter-server mode (default sync)",
+    )
+    p.add_argument("--steps", type=int, default=200, help="training steps per worker (default 200)")
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default 3e-3)")
+    p.add_argument("--batch", type=int, default=64, help="batch size per worker (default 64)")
+    p.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        help="keep the server up this many seconds after training (to look at the dashboard)",
+    )
+    p.set_defaults(func=_demo)

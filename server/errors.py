@@ -1,0 +1,79 @@
+"""The server's exceptions, and the one table mapping them to gRPC status codes and HTTP statuses.
+
+    ServerError
+    ├── InvalidArgument        (INVALID_ARGUMENT, 400)
+    │   └── NonFiniteGradient  (INVALID_ARGUMENT, 400)
+    ├── NotFound               (NOT_FOUND, 404)
+    ├── AlreadyExists          (ALREADY_EXISTS, 409)
+    ├── FailedPrecondition     (FAILED_PRECONDITION, 409)
+    │   ├── StalePush
+    │   └── DuplicatePush
+    ├── Aborted                (ABORTED, 409)
+    ├── Unauthenticated        (UNAUTHENTICATED, 401)
+    └── DeadlineExceeded       (DEADLINE_EXCEEDED, 504)
+
+Each class's name is the `adamd-error` kind sent to clients, which map it back to the client
+exception of the same name (adamd.client exceptions); a test keeps the two trees in step.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServerError(Exception):
+    """Base of every error the server reports to a caller. Raising one changes no state."""
+
+    code = grpc.StatusCode.INTERNAL
+    http_status = 500
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__ if type(self) is not ServerError else "AdamdError"
+
+
+class InvalidArgument(ServerError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    http_status = 400
+
+
+class NonFiniteGradient(InvalidArgument):
+    pass
+
+
+class NotFound(ServerError):
+    code = grpc.StatusCode.NOT_FOUND
+    http_status = 404
+
+
+class AlreadyExists(ServerError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    http_status = 409
+
+
+class FailedPrecondition(ServerError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    http_status = 409
+
+
+class StalePush(FailedPrecondition):
+    pass
+
+
+class DuplicatePush(FailedPrecondition):
+    pass
+
+
+class Aborted(ServerError):
+    code = grpc.StatusCode.ABORTED
+    http_status = 409
+
+
+class Unauthenticated(ServerError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    http_status = 401
+
+
+class DeadlineExceeded(ServerError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 504

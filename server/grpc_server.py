@@ -1,0 +1,44 @@
+"""Building the gRPC server (separate from running it, so tests bind port 0)."""
+
+from __future__ import annotations
+
+from concurrent import futures
+
+import grpc
+from adamd.client._wire import MAX_MESSAGE_BYTES
+from adamd.v1 import adamd_pb2 as pb
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .grpc_service import SERVICE, OptimizerService
+
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+
+
+def create_grpc_server(
+    service: OptimizerService, address: str, workers: int = 64
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A started-not-yet server with the optimizer, health and reflection services. Returns (server, port, health)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adamd-grpc"),
+        options=SERVER_OPTIONS,
+        maximum_concurrent_rpcs=None,
+    )
+    server.add_generic_rpc_handlers((service.handler(),))
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (
+        pb.DESCRIPTOR.services_by_name["Optimizer"].full_name,
+        health.SERVICE_NAME,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind gRPC to {address}")
+    health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+    return server, port, health_servicer

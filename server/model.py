@@ -1,0 +1,587 @@
+"""A hosted model: named parameters, a real torch.optim.Adam over them, and its push semantics.
+
+No networking here. Adapters call `begin_push` with a push's header, write its chunks into the
+returned ticket's sink, then call `finish_push`, which validates the whole gradient before
+anything changes, then (sync) joins the current round or (async) steps at once. A push that fails
+anywhere leaves parameters and optimizer state bitwise unchanged.
+
+Versions: a model starts at version 0 and gains 1 per applied step. Sync mode gathers one push per
+rank for the current version, sums them in rank order (so the result does not depend on arrival
+order), divides by the number of contributors and steps once. Async mode steps on every push whose
+gradient is at most `max_staleness` versions old and rejects older ones (StalePush). A push id
+seen before is never applied twice: its first result is returned again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from adamd.client._wire import TensorSink, WireError
+
+from . import options as adam_options
+from .errors import DuplicatePush, InvalidArgument, NonFiniteGradient, StalePush
+from .staging import GradSet, StagingPool
+
+logger = logging.getLogger(__name__)
+
+SYNC, ASYNC = "sync", "async"
+_RESULTS_KEPT = 16384  # push ids remembered for exactly-once
+
+
+@dataclass(frozen=True)
+class PushMeta:
+    rank: int = 0
+    version: int | None = None  # the version the gradient was computed from
+    push_id: str = ""
+    found_inf: bool = False
+    loss: float | None = None
+    scalars: Mapping[str, float] = field(default_factory=dict)
+    hyper_updates: Sequence[tuple[int, Mapping[str, Any]]] = ()
+
+
+@dataclass(frozen=True)
+class PushResult:
+    version: int
+    applied: bool
+    found_inf: bool = False
+    contributors: int = 1
+    duplicate: bool = False
+    partial: bool = False
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What observers (history, metrics, snapshots) learn after each round or async push."""
+
+    model: str
+    version: int
+    applied: bool
+    wall_time: float
+    step_seconds: float
+    contributors: int
+    partial: bool
+    ranks: tuple[int, ...]
+    losses: tuple[float, ...]
+    scalars: Mapping[str, float]
+    grads: Mapping[
+        str, torch.Tensor
+    ]  # the averaged gradients the step used (valid only during the callback)
+
+
+@dataclass
+class PushTicket:
+    """A push between its header and its last chunk."""
+
+    meta: PushMeta
+    names: list[str]
+    sink: TensorSink | None
+    grads: GradSet | None
+    cached: PushResult | None = None  # a push id already applied
+    wait_for_inflight: bool = False  # the same push id is in a round now
+
+
+@dataclass
+class _Round:
+    version: int
+    started: float
+    entries: dict[int, PushTicket] = field(default_factory=dict)
+    result: PushResult | None = None
+
+
+class HostedModel:
+    def __init__(
+        self,
+        name: str,
+        params: Mapping[str, torch.Tensor],
+        groups: Sequence[Mapping[str, Any]],
+        *,
+        device: torch.device,
+        world_size: int = 1,
+        mode: str = SYNC,
+        max_staleness: int = 16,
+        round_timeout_s: float = 60.0,
+    ):
+        if world_size < 1:
+            raise InvalidArgument(f"world_size must be at least 1, got {world_size}")
+        if mode not in (SYNC, ASYNC):
+            raise InvalidArgument(f"mode must be 'sync' or 'async', got {mode!r}")
+        self.name = name
+        self.device = device
+        self.world_size = world_size
+        self.mode = mode
+        self.max_staleness = max_staleness
+        self.round_timeout_s = round_timeout_s
+        self.params: dict[str, torch.Tensor] = dict(params)
+        self.requested: list[dict[str, Any]] = []  # options as clients asked, per group
+        self.optimizer = torch.optim.Adam([torch.zeros(1, device=device)])  # replaced below
+        self.optimizer.param_groups.clear()
+        for group in groups:
+            self._append_group(group)
+        self.version = 0
+        self.skipped_steps = 0
+        self.created_at = time.time()
+        self.last_step_at: float | None = None
+        self.observers: list[Callable[[StepRecord], None]] = []
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._seq = 0  # odd while parameters are being written (readers retry)
+        self._round: _Round | None = None
+        self._results: OrderedDict[str, PushResult] = OrderedDict()
+        self._inflight: set[str] = set()
+        self._pool = StagingPool(self.params, pin=device.type == "cuda")
+        self._device_grads: dict[str, torch.Tensor] = {}
+        self.last_heard: dict[int, tuple[float, int]] = {}  # rank -> (time, version pushed from)
+
+    # --- param groups and hyperparameters ------------------------------------------------------
+
+    def _append_group(self, group: Mapping[str, Any]) -> None:
+        names = list(group["params"])
+        opts = {k: v for k, v in group.items() if k != "params"}
+        adam_options.validate(opts, self.device)
+        taken = {n for g in self.optimizer.param_groups for n in g["param_names"]}
+        for n in names:
+            if n not in self.params:
+                raise InvalidArgument(f"param group names unknown parameter {n!r}")
+            if n in taken:
+                raise InvalidArgument(f"parameter {n!r} appears in more than one param group")
+        if len(set(names)) != len(names):
+            raise InvalidArgument("a param group lists the same parameter twice")
+        eff = adam_options.effective(opts, self.device)
+        try:
+            self.optimizer.add_param_group(
+                {"params": [self.params[n] for n in names], "param_names": names, **eff}
+            )
+        except (ValueError, RuntimeError, TypeError) as exc:
+            raise InvalidArgument(str(exc)) from exc
+        self.requested.append({**adam_options.ADAM_DEFAULTS, **opts})
+
+    def group_names(self) -> list[list[str]]:
+        return [list(g["param_names"]) for g in self.optimizer.param_groups]
+
+    def add_param_group(
+        self, new_params: Mapping[str, torch.Tensor], group: Mapping[str, Any]
+    ) -> None:
+        with self._lock:
+            clash = [n for n in new_params if n in self.params]
+            if clash:
+                raise InvalidArgument(f"parameters {clash} exist already")
+            self.params.update(new_params)
+            try:
+                self._append_group(group)
+            except Exception:
+                for n in new_params:
+                    del self.params[n]
+                raise
+
+    def check_updates(self, updates: Sequence[tuple[int, Mapping[str, Any]]]) -> None:
+        for index, opts in updates:
+            if not 0 <= index < len(self.optimizer.param_groups):
+                raise InvalidArgument(
+                    f"param group {index} does not exist (model has {len(self.optimizer.param_groups)})"
+                )
+            merged = {**self.requested[index], **opts}
+            adam_options.validate(merged, self.device)
+            for key in opts:
+                if key in adam_options.IMPLEMENTATION_KEYS and not _same(
+                    opts[key], self.requested[index][key]
+                ):
+                    raise InvalidArgument(f"{key} cannot change after creation")
+
+    def _apply_updates(self, updates: Sequence[tuple[int, Mapping[str, Any]]]) -> None:
+        for index, opts in updates:
+            group = self.optimizer.param_groups[index]
+            for key, value in opts.items():
+                self.requested[index][key] = value
+                current = group.get(key)
+                if isinstance(current, torch.Tensor) and isinstance(value, torch.Tensor):
+                    current.fill_(value.item())  # in place: a captured graph keeps reading it
+                elif (
+                    key == "betas"
+                    and isinstance(current, tuple)
+                    and any(isinstance(b, torch.Tensor) for b in current)
+                ):
+                    for cur, new in zip(current, value):
+                        if isinstance(cur, torch.Tensor):
+                            cur.fill_(float(new))
+                else:
+                    group[key] = value
+
+    def set_hyperparams(self, updates: Sequence[tuple[int, Mapping[str, Any]]]) -> None:
+        with self._lock:
+            self.check_updates(updates)
+            self._apply_updates(updates)
+
+    # --- pushes --------------------------------------------------------------------------------
+
+    def begin_push(
+        self, meta: PushMeta, specs: Sequence[tuple[str, tuple[int, ...], torch.dtype]]
+    ) -> PushTicket:
+        """Check a push's header and hand out buffers for its chunks. Changes nothing visible."""
+        if self.mode == SYNC and not 0 <= meta.rank < self.world_size:
+            raise InvalidArgument(
+                f"rank {meta.rank} outside 0..{self.world_size - 1} for world_size {self.world_size}"
+            )
+        names = []
+        for name, shape, dtype in specs:
+            p = self.params.get(name)
+            if p is None:
+                raise InvalidArgument(f"model {self.name!r} has no parameter {name!r}")
+            if tuple(p.shape) != tuple(shape):
+                raise InvalidArgument(
+                    f"gradient {name!r} has shape {list(shape)}, parameter has {list(p.shape)}"
+                )
+            if not dtype.is_floating_point:
+                raise InvalidArgument(f"gradient {name!r} has dtype {dtype}, need a float dtype")
+            names.append(name)
+        if len(set(names)) != len(names):
+            raise InvalidArgument("a push names the same parameter twice")
+        self.check_updates(meta.hyper_updates)
+        with self._lock:
+            if meta.push_id and meta.push_id in self._results:
+                return PushTicket(meta, names, None, None, cached=self._results[meta.push_id])
+            if meta.push_id and meta.push_id in self._inflight:
+                return PushTicket(meta, names, None, None, wait_for_inflight=True)
+            if meta.push_id:
+                self._inflight.add(meta.push_id)
+        grads = self._pool.acquire()
+        sink = TensorSink(grads.take(names), [d for _, _, d in specs])
+        return PushTicket(meta, names, sink, grads)
+
+    def abort_push(self, ticket: PushTicket) -> None:
+        """The push's stream failed: forget it (a retry with the same id may come)."""
+        with self._lock:
+            if ticket.grads is not None:
+                self._inflight.discard(ticket.meta.push_id)
+                self._pool.release(ticket.grads)
+                ticket.grads = None
+
+    def finish_push(self, ticket: PushTicket) -> PushResult:
+        if ticket.cached is not None:
+            return _as_duplicate(ticket.cached)
+        if ticket.wait_for_inflight:
+            return self._wait_for_result(ticket.meta.push_id)
+        assert ticket.sink is not None and ticket.grads is not None
+        try:
+            ticket.sink.check_complete()
+        except WireError as exc:
+            self.abort_push(ticket)
+            raise InvalidArgument(str(exc)) from exc
+        if not ticket.meta.found_inf:
+            for name, buf in zip(ticket.names, ticket.sink.targets):
+                if not all_finite(buf):
+                    self.abort_push(ticket)
+                    raise NonFiniteGradient(
+                        f"gradient {name!r} holds inf or nan; the push was rejected and nothing changed"
+                        " (AMP: unscale first, or send found_inf so the step is skipped)"
+                    )
+        try:
+            if self.mode == ASYNC:
+                return self._push_async(ticket)
+            return self._push_sync(ticket)
+        except Exception:
+            self.abort_push(ticket)
+            raise
+
+    def _push_async(self, ticket: PushTicket) -> PushResult:
+        meta = ticket.meta
+        with self._lock:
+            if meta.version is not None and self.version - meta.version > self.max_staleness:
+                raise StalePush(
+                    f"gradient computed from version {meta.version}, model is at {self.version}:"
+                    f" more than max_staleness={self.max_staleness} versions old; pull and recompute"
+                )
+            rnd = _Round(self.version, time.monotonic(), {meta.rank: ticket})
+            self._complete(rnd, partial=False)
+            assert rnd.result is not None
+            return rnd.result
+
+    def _push_sync(self, ticket: PushTicket) -> PushResult:
+        meta = ticket.meta
+        with self._cond:
+            if meta.version is not None and meta.version != self.version:
+                raise StalePush(
+                    f"sync push computed from version {meta.version}, but the round is for version"
+                    f" {self.version}; pull the current parameters and recompute"
+                )
+            rnd = self._round
+            if rnd is None:
+                rnd = self._round = _Round(self.version, time.monotonic())
+            if meta.rank in rnd.entries:
+                raise DuplicatePush(f"rank {meta.rank} already pushed for version {rnd.version}")
+            rnd.entries[meta.rank] = ticket
+            if len(rnd.entries) == self.world_size:
+                self._complete(rnd, partial=False)
+            deadline = rnd.started + self.round_timeout_s
+            while rnd.result is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    logger.warning(
+                        "model %s: round for version %d timed out after %.1fs with ranks %s of %d; stepping without the rest",
+                        self.name,
+                        rnd.version,
+                        self.round_timeout_s,
+                        sorted(rnd.entries),
+                        self.world_size,
+                    )
+                    self._complete(rnd, partial=True)
+                    break
+                self._cond.wait(remaining)
+            assert rnd.result is not None
+            return rnd.result
+
+    def _complete(self, rnd: _Round, partial: bool) -> None:
+        """Average the round's gradients in rank order, step once, release everyone. Lock held."""
+        ranks = tuple(sorted(rnd.entries))
+        tickets = [rnd.entries[r] for r in ranks]
+        found_inf = any(t.meta.found_inf for t in tickets)
+        t0 = time.perf_counter()
+        summed: dict[str, torch.Tensor] = {}
+        if not found_inf:
+            counts: dict[str, int] = {}
+            for t in tickets:
+                assert t.sink is not None
+                for name, buf in zip(t.names, t.sink.targets):
+                    if name in summed:
+                        summed[name].add_(buf)
+                        counts[name] += 1
+                    else:
+                        summed[name] = buf
+                        counts[name] = 1
+            for name, n in counts.items():
+                if n > 1:
+                    summed[name].div_(n)
+        for t in tickets:
+            self._apply_updates(t.meta.hyper_updates)
+        if found_inf:
+            self.skipped_steps += 1
+        else:
+            self._step(summed)
+        step_seconds = time.perf_counter() - t0
+        result = PushResult(
+            version=self.version,
+            applied=not found_inf,
+            found_inf=found_inf,
+            contributors=len(tickets),
+            partial=partial,
+        )
+        record = StepRecord(
+            model=self.name,
+            version=self.version,
+            applied=not found_inf,
+            wall_time=time.time(),
+            step_seconds=step_seconds,
+            contributors=len(tickets),
+            partial=partial,
+            ranks=ranks,
+            losses=tuple(t.meta.loss for t in tickets if t.meta.loss is not None),
+            scalars={k: v for t in tickets for k, v in t.meta.scalars.items()},
+            grads=summed,
+        )
+        for t in tickets:
+            self.last_heard[t.meta.rank] = (
+                record.wall_time,
+                t.meta.version if t.meta.version is not None else rnd.version,
+            )
+            if t.meta.push_id:
+                self._inflight.discard(t.meta.push_id)
+                self._results[t.meta.push_id] = result
+        while len(self._results) > _RESULTS_KEPT:
+            self._results.popitem(last=False)
+        self._notify(record)
+        for t in tickets:
+            if t.grads is not None:
+                self._pool.release(t.grads)
+                t.grads = None
+        rnd.result = result
+        if self._round is rnd:
+            self._round = None
+        self._cond.notify_all()
+
+    def _step(self, grads: Mapping[str, torch.Tensor]) -> None:
+        """One torch.optim.Adam step with these gradients (params not named get no step)."""
+        on_device = self._to_device(grads)
+        self._seq += 1
+        try:
+            for name, p in self.params.items():
+                p.grad = on_device.get(name)
+            self.optimizer.step()
+        finally:
+            for p in self.params.values():
+                p.grad = None
+            self._seq += 1
+        self.version += 1
+        self.last_step_at = time.time()
+
+    def _to_device(self, grads: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        if self.device.type == "cpu":
+            return grads
+        out = {}
+        for name, g in grads.items():
+            dev = self._device_grads.get(name)
+            if dev is None:
+                dev = self._device_grads[name] = torch.empty_like(self.params[name])
+            dev.copy_(g, non_blocking=True)
+            out[name] = dev
+        return out
+
+    def _notify(self, record: StepRecord) -> None:
+        for observer in list(self.observers):
+            try:
+                observer(record)
+            except Exception:
+                logger.exception("observer of model %s failed", self.name)
+
+    def _wait_for_result(self, push_id: str, timeout: float | None = None) -> PushResult:
+        deadline = time.monotonic() + (
+            timeout if timeout is not None else self.round_timeout_s * 2 + 5
+        )
+        with self._cond:
+            while push_id not in self._results:
+                remaining = deadline - time.monotonic()
+                if push_id not in self._inflight or remaining <= 0:
+                    raise StalePush(f"push {push_id} did not complete; push again with a new id")
+                self._cond.wait(remaining)
+            return _as_duplicate(self._results[push_id])
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    def read_begin(self) -> tuple[int, int]:
+        """(seq, version) before reading parameters without the lock; waits out a step in progress."""
+        with self._lock:
+            return self._seq, self.version
+
+    def read_consistent(self, seq: int) -> bool:
+        """True when no step ran since read_begin returned `seq`."""
+        return self._seq == seq
+
+    def wait_for_version(self, version: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.version < version:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
+    def state_by_name(self) -> tuple[dict[str, dict[str, torch.Tensor]], list[dict[str, Any]], int]:
+        """Optimizer state keyed by parameter name, requested group options, version. Copies."""
+        with self._lock:
+            sd = self.optimizer.state_dict()
+            order = [n for g in self.optimizer.param_groups for n in g["param_names"]]
+            state = {
+                order[i]: {
+                    k: (v.detach().clone() if isinstance(v, torch.Tensor) else torch.tensor(v))
+                    for k, v in s.items()
+                }
+                for i, s in sd["state"].items()
+            }
+            groups = [
+                {**opts, "params": names} for opts, names in zip(self.requested, self.group_names())
+            ]
+            return state, [dict(g) for g in groups], self.version
+
+    def load_state(
+        self,
+        state: Mapping[str, Mapping[str, torch.Tensor]],
+        groups: Sequence[Mapping[str, Any]] | None,
+    ) -> None:
+        """torch's load_state_dict, keyed by name; hyperparameters from `groups`, implementation kept."""
+        with self._lock:
+            names = self.group_names()
+            if groups is not None and len(groups) != len(names):
+                raise InvalidArgument(
+                    f"state has {len(groups)} param groups, model has {len(names)}"
+                )
+            for name, entry in state.items():
+                p = self.params.get(name)
+                if p is None:
+                    raise InvalidArgument(f"state names unknown parameter {name!r}")
+                for key, t in entry.items():
+                    if key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") and tuple(
+                        t.shape
+                    ) != tuple(p.shape):
+                        raise InvalidArgument(
+                            f"state {key} of {name!r} has shape {list(t.shape)}, parameter has {list(p.shape)}"
+                        )
+                    if key == "step" and t.numel() != 1:
+                        raise InvalidArgument(f"state step of {name!r} must hold one number")
+                    if key not in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                        raise InvalidArgument(f"unknown state key {key!r} for {name!r}")
+            updates = []
+            if groups is not None:
+                for i, (g, g_names) in enumerate(zip(groups, names)):
+                    if list(g.get("params", g_names)) != g_names:
+                        raise InvalidArgument(
+                            f"param group {i} lists {list(g['params'])}, model has {g_names}"
+                        )
+                    opts = {
+                        k: v
+                        for k, v in g.items()
+                        if k not in ("params", "param_names")
+                        and k not in adam_options.IMPLEMENTATION_KEYS
+                    }
+                    updates.append((i, opts))
+                self.check_updates(updates)
+            order = [n for g in names for n in g]
+            sd = {
+                "state": {order.index(n): dict(s) for n, s in state.items()},
+                "param_groups": [
+                    {
+                        **{k: v for k, v in g.items() if k != "params"},
+                        "params": [order.index(n) for n in g["param_names"]],
+                    }
+                    for g in self.optimizer.param_groups
+                ],
+            }
+            self._seq += 1
+            try:
+                self.optimizer.load_state_dict(sd)
+            finally:
+                self._seq += 1
+            self._apply_updates(updates)
+
+    def memory_bytes(self) -> dict[str, int]:
+        def size(ts: Any) -> int:
+            return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
+
+        with self._lock:
+            state = sum(size(s.values()) for s in self.optimizer.state.values())
+            return {
+                "params": size(self.params.values()),
+                "optimizer_state": state,
+                "staging": self._pool.nbytes + size(self._device_grads.values()),
+            }
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when every element is finite. A finite sum proves it (inf and nan propagate through
+    addition) at the cost of one read; only a non-finite sum, which may be an overflow of large
+    finite values, pays for the exact check."""
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def _as_duplicate(result: PushResult) -> PushResult:
+    return PushResult(
+        version=result.version,
+        applied=result.applied,
+        found_inf=result.found_inf,
+        contributors=result.contributors,
+        duplicate=True,
+        partial=result.partial,
+    )
+
+
+def _same(a: Any, b: Any) -> bool:
+    from adamd.client._hyper import same_value
+
+    return same_value(a, b)

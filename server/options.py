@@ -1,0 +1,50 @@
+"""Adam options on the server: torch's validation, and which implementation actually runs.
+
+The server holds a real torch.optim.Adam; these helpers decide its options. A client that leaves
+both `foreach` and `fused` unset gets fused Adam (several times faster on CPU, and on CUDA also
+capturable so the step can be graph-captured); a client that names an implementation gets it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from adamd.client._hyper import ADAM_DEFAULTS
+
+from .errors import InvalidArgument
+
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
+def validate(options: Mapping[str, Any], device: torch.device) -> None:
+    """Raise InvalidArgument with torch's own message where torch.optim.Adam would refuse them."""
+    unknown = set(options) - set(ADAM_DEFAULTS)
+    if unknown:
+        raise InvalidArgument(
+            f"unknown Adam options {sorted(unknown)}; Adam takes {sorted(ADAM_DEFAULTS)}"
+        )
+    if options.get("differentiable"):
+        raise InvalidArgument(
+            "differentiable=True is not supported by adamd: no autograd graph crosses the wire"
+        )
+    if options.get("capturable") and device.type == "cpu":
+        raise InvalidArgument(
+            "capturable=True needs params on a CUDA (or other graph-capturable) device; this server runs on CPU"
+        )
+    probe = torch.zeros(1, device=device)
+    try:
+        torch.optim.Adam([probe], **options)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise InvalidArgument(str(exc)) from exc
+
+
+def effective(options: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """The options the server's Adam runs with: the client's, with the implementation picked."""
+    out = {**ADAM_DEFAULTS, **options}
+    if out.get("foreach") is None and out.get("fused") is None and not out.get("differentiable"):
+        out["fused"] = True
+        if device.type == "cuda":
+            out["capturable"] = True
+    return out

@@ -1,0 +1,191 @@
+"""The registry of hosted models: create (in two phases, so initial values stream straight into
+place), look up, list and delete. Placement (CPU or CUDA) is decided here once for the daemon."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from adamd.client._wire import TensorSink, WireError
+
+from .errors import AlreadyExists, InvalidArgument, NotFound
+from .model import ASYNC, SYNC, HostedModel
+
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {spec!r} asked for, but CUDA is not available")
+    return device
+
+
+def check_model_name(name: str) -> None:
+    if not name or len(name) > 128 or not set(name) <= _NAME_CHARS or name.startswith("."):
+        raise InvalidArgument(
+            f"model name {name!r} must be 1-128 characters of letters, digits, '.', '_' or '-'"
+        )
+
+
+@dataclass
+class ModelSpec:
+    """What a client asks for when creating a model (initial values arrive separately)."""
+
+    name: str
+    params: Sequence[tuple[str, tuple[int, ...], torch.dtype]]
+    groups: Sequence[Mapping[str, Any]]  # options plus "params": [names]
+    world_size: int = 1
+    mode: str = SYNC
+    max_staleness: int = 0  # 0: the daemon's default
+    round_timeout_s: float = 0.0  # 0: the daemon's default
+    exist_ok: bool = False
+    wire_dtypes: Sequence[torch.dtype] = field(default_factory=list)
+
+
+@dataclass
+class PendingModel:
+    spec: ModelSpec
+    tensors: dict[str, torch.Tensor]
+    sink: TensorSink
+    existing: HostedModel | None = None  # exist_ok and already there: the upload is ignored
+
+
+class ModelRegistry:
+    def __init__(
+        self, device: torch.device, *, max_staleness: int = 16, round_timeout_s: float = 60.0
+    ):
+        self.device = device
+        self.default_max_staleness = max_staleness
+        self.default_round_timeout_s = round_timeout_s
+        self._models: dict[str, HostedModel] = {}
+        self._lock = threading.Lock()
+        self.on_create: list[Any] = []  # callbacks(model) after a model is added
+        self.on_delete: list[Any] = []  # callbacks(name) after a model is removed
+
+    def get(self, name: str) -> HostedModel:
+        model = self._models.get(name)
+        if model is None:
+            raise NotFound(f"no model named {name!r}")
+        return model
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def models(self) -> list[HostedModel]:
+        return [self._models[n] for n in self.names()]
+
+    def begin_create(self, spec: ModelSpec) -> PendingModel:
+        """Validate a create request and allocate its parameters. Nothing is registered yet."""
+        check_model_name(spec.name)
+        if not spec.params:
+            raise InvalidArgument("a model needs at least one parameter")
+        names = [n for n, _, _ in spec.params]
+        if len(set(names)) != len(names):
+            raise InvalidArgument("parameter names must be unique")
+        for n, shape, dtype in spec.params:
+            if not n:
+                raise InvalidArgument("parameter names must not be empty")
+            if not dtype.is_floating_point:
+                raise InvalidArgument(
+                    f"parameter {n!r} has dtype {dtype}; Adam needs floating point"
+                )
+            if any(d < 0 for d in shape):
+                raise InvalidArgument(f"parameter {n!r} has a negative dimension {list(shape)}")
+        if spec.mode not in (SYNC, ASYNC):
+            raise InvalidArgument(f"mode must be 'sync' or 'async', got {spec.mode!r}")
+        if spec.world_size < 1:
+            raise InvalidArgument(f"world_size must be at least 1, got {spec.world_size}")
+        existing = self._models.get(spec.name)
+        if existing is not None:
+            self._check_same(existing, spec)
+            if not spec.exist_ok:
+                raise AlreadyExists(
+                    f"model {spec.name!r} exists already (pass exist_ok to join it)"
+                )
+            return PendingModel(spec, {}, TensorSink([], []), existing=existing)
+        # Validate groups and options before allocating anything large.
+        probe = HostedModel(
+            spec.name,
+            {n: torch.zeros(0, device=self.device) for n, _, _ in spec.params},
+            spec.groups,
+            device=self.device,
+            world_size=spec.world_size,
+            mode=spec.mode,
+        )
+        del probe
+        # Values land in host memory first (pinned on CUDA) and move to the device at commit.
+        pin = self.device.type == "cuda"
+        tensors = {
+            n: torch.empty(shape, dtype=dtype, pin_memory=pin) for n, shape, dtype in spec.params
+        }
+        wire = list(spec.wire_dtypes) or [d for _, _, d in spec.params]
+        return PendingModel(spec, tensors, TensorSink(list(tensors.values()), wire))
+
+    def commit(self, pending: PendingModel) -> tuple[HostedModel, bool]:
+        """Register a fully received model. Returns (model, created)."""
+        if pending.existing is not None:
+            return pending.existing, False
+        try:
+            pending.sink.check_complete()
+        except WireError as exc:
+            raise InvalidArgument(str(exc)) from exc
+        spec = pending.spec
+        params = {
+            n: t.to(self.device) if self.device.type != "cpu" else t
+            for n, t in pending.tensors.items()
+        }
+        model = HostedModel(
+            spec.name,
+            params,
+            spec.groups,
+            device=self.device,
+            world_size=spec.world_size,
+            mode=spec.mode,
+            max_staleness=spec.max_staleness or self.default_max_staleness,
+            round_timeout_s=spec.round_timeout_s or self.default_round_timeout_s,
+        )
+        with self._lock:
+            existing = self._models.get(spec.name)
+            if existing is not None:  # another client created it meanwhile
+                self._check_same(existing, spec)
+                if not spec.exist_ok:
+                    raise AlreadyExists(f"model {spec.name!r} exists already")
+                return existing, False
+            self._models[spec.name] = model
+        for cb in list(self.on_create):
+            cb(model)
+        return model, True
+
+    def add(self, model: HostedModel) -> None:
+        """Register a model built elsewhere (a restored snapshot)."""
+        with self._lock:
+            if model.name in self._models:
+                raise AlreadyExists(f"model {model.name!r} exists already")
+            self._models[model.name] = model
+        for cb in list(self.on_create):
+            cb(model)
+
+    def delete(self, name: str) -> None:
+        with self._lock:
+            if self._models.pop(name, None) is None:
+                raise NotFound(f"no model named {name!r}")
+        for cb in list(self.on_delete):
+            cb(name)
+
+    @staticmethod
+    def _check_same(existing: HostedModel, spec: ModelSpec) -> None:
+        """A client joining an existing model must agree on every parameter it names."""
+        for n, shape, dtype in spec.params:
+            p = existing.params.get(n)
+            if p is None or tuple(p.shape) != tuple(shape) or p.dtype != dtype:
+                have = None if p is None else (list(p.shape), str(p.dtype))
+                raise AlreadyExists(
+                    f"model {spec.name!r} exists with other parameters: {n!r} is {have} there,"
+                    f" {[list(shape), str(dtype)]} here; delete it or use another name"
+                )

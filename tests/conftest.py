@@ -1,0 +1,68 @@
+"""Shared fixtures: a real daemon (gRPC + HTTP) on loopback port 0, clients, unique model names."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from adamd.client import Client
+from adamd.server import Daemon, ServerConfig
+
+
+@contextlib.contextmanager
+def running_daemon(**overrides: Any) -> Iterator[Daemon]:
+    """A daemon on free loopback ports with a fresh data dir, stopped on exit."""
+    with tempfile.TemporaryDirectory(prefix="adamd-test-") as tmp:
+        settings: dict[str, Any] = {
+            "grpc_port": 0,
+            "http_port": 0,
+            "data_dir": Path(tmp),
+            "device": "cpu",
+        }
+        settings.update(overrides)
+        daemon = Daemon(ServerConfig(**settings)).start()
+        try:
+            yield daemon
+        finally:
+            daemon.stop(grace=1.0)
+
+
+@pytest.fixture(scope="session")
+def daemon() -> Iterator[Daemon]:
+    with running_daemon() as d:
+        yield d
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> Iterator[Client]:
+    with Client(daemon.grpc_address) as c:
+        yield c
+
+
+@pytest.fixture
+def model_name(request: pytest.FixtureRequest) -> str:
+    """A model name unique to the test (the session daemon is shared)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)[:100]
+
+
+def snapshot(model: Any) -> dict[str, torch.Tensor]:
+    """Every parameter and optimizer-state tensor of a hosted model, cloned, for bitwise comparison."""
+    out = {f"param/{n}": p.detach().clone() for n, p in model.params.items()}
+    for p, state in model.optimizer.state.items():
+        name = next(n for n, q in model.params.items() if q is p)
+        for k, v in state.items():
+            out[f"state/{name}/{k}"] = v.detach().clone()
+    out["version"] = torch.tensor(model.version)
+    return out
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
