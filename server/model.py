@@ -14,11 +14,12 @@ seen before is never applied twice: its first result is returned again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -451,6 +452,24 @@ class HostedModel:
             return _as_duplicate(self._results[push_id])
 
     # --- reads ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the model still: no step, state load or hyperparameter edit runs meanwhile."""
+        with self._lock:
+            yield
+
+    def restore(self, version: int, skipped_steps: int, push_results: Mapping[str, PushResult]) -> None:
+        """Set counters after a snapshot was loaded (parameters and state loaded separately)."""
+        with self._lock:
+            self.version = version
+            self.skipped_steps = skipped_steps
+            self._results.update(push_results)
+
+    def recent_push_results(self) -> dict[str, PushResult]:
+        """Push ids already applied and their results (kept in snapshots for exactly-once)."""
+        with self._lock:
+            return dict(self._results)
 
     def read_begin(self) -> tuple[int, int]:
         """(seq, version) before reading parameters without the lock; waits out a step in progress."""
