@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 import torch
+
 from adamd.v1 import adamd_pb2 as pb
 
 from ._exceptions import AdamdError, InvalidArgument, Unavailable, from_rpc_error

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+
 from adamd.v1 import adamd_pb2 as pb
 
 from ._wire import dtype_from_pb, dtype_to_pb

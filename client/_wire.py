@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from adamd.v1 import adamd_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 4 << 20

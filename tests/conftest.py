@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import tempfile
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from adamd.client import Client
 from adamd.server import Daemon, ServerConfig
 
@@ -48,7 +50,10 @@ def client(daemon: Daemon) -> Iterator[Client]:
 @pytest.fixture
 def model_name(request: pytest.FixtureRequest) -> str:
     """A model name unique to the test (the session daemon is shared)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)[:100]
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)
+    if len(name) > 100:
+        name = name[:80] + "-" + hashlib.sha1(name.encode()).hexdigest()[:12]
+    return name
 
 
 def snapshot(model: Any) -> dict[str, torch.Tensor]:
