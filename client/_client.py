@@ -179,6 +179,8 @@ class Client:
         """
         if mode not in _MODES:
             raise InvalidArgument(f"mode must be 'sync' or 'async', got {mode!r}")
+        if world_size < 1:
+            raise InvalidArgument(f"world_size must be at least 1, got {world_size}")
         names = list(params)
         groups = param_groups or [{"params": names}]
         tensors = [to_wire(params[n]) for n in names]

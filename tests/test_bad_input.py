@@ -1,0 +1,370 @@
+"""Bad input gets the right status and a client exception, and changes nothing.
+
+Each test takes a bitwise snapshot of the model's parameters and optimizer state, sends a bad
+request (through the client, or as raw frames on a bare gRPC channel where the client would
+refuse to build them), checks the error, and checks the snapshot again.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from adamd.client import (
+    AlreadyExists,
+    Client,
+    DuplicatePush,
+    InvalidArgument,
+    NonFiniteGradient,
+    NotFound,
+    RemoteAdam,
+    Unauthenticated,
+)
+from adamd.client._exceptions import from_rpc_error
+from adamd.client._wire import encode_frame, identity
+from adamd.v1 import adamd_pb2 as pb
+
+from .conftest import assert_bitwise_equal, running_daemon, snapshot
+
+SHAPES = {"w": (4, 3), "b": (3,)}
+
+
+@pytest.fixture
+def trained(daemon: Any, client: Client, model_name: str) -> Any:
+    """A model that has taken two steps (so optimizer state exists), and its hosted object."""
+    torch.manual_seed(0)
+    client.create_model(model_name, {n: torch.randn(s) for n, s in SHAPES.items()}, lr=0.01)
+    for _ in range(2):
+        client.push_grad(model_name, {n: torch.randn(s) for n, s in SHAPES.items()})
+    return daemon.registry.get(model_name)
+
+
+def good_grads() -> dict[str, torch.Tensor]:
+    return {n: torch.randn(s) for n, s in SHAPES.items()}
+
+
+def raw_push(daemon: Any, frames: list[bytes]) -> pb.PushReply:
+    """Send hand-made frames to PushGrad, translating failures as the client does."""
+    with grpc.insecure_channel(daemon.grpc_address) as ch:
+        call = ch.stream_unary("/adamd.v1.Optimizer/PushGrad", identity, pb.PushReply.FromString)
+        try:
+            return call(iter(frames), timeout=10)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+
+def header(model: str, grads: dict[str, tuple[tuple[int, ...], int]], **kw: Any) -> bytes:
+    specs = [pb.TensorSpec(name=n, shape=list(s), dtype=d) for n, (s, d) in grads.items()]
+    return pb.PushHeader(model=model, grads=specs, **kw).SerializeToString()
+
+
+def f32(*shape: int) -> bytes:
+    return torch.randn(shape).numpy().tobytes()
+
+
+def expect_unchanged(
+    model: Any, fn: Any, error: type[Exception], match: str | None = None
+) -> Exception:
+    before = snapshot(model)
+    with pytest.raises(error, match=match) as info:
+        fn()
+    assert_bitwise_equal(before, snapshot(model))
+    return info.value
+
+
+# --- through the client ------------------------------------------------------------------------
+
+
+def test_unknown_model(client: Client) -> None:
+    for call in (
+        lambda: client.push_grad("no-such-model", good_grads()),
+        lambda: client.pull_params("no-such-model"),
+        lambda: client.describe("no-such-model"),
+        lambda: client.delete_model("no-such-model"),
+        lambda: client.get_state("no-such-model"),
+        lambda: client.set_hyperparams("no-such-model", lr=0.1),
+    ):
+        with pytest.raises(NotFound) as info:
+            call()
+        assert info.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_unknown_parameter(client: Client, trained: Any) -> None:
+    grads = {**good_grads(), "nope": torch.zeros(2)}
+    err = expect_unchanged(
+        trained,
+        lambda: client.push_grad(trained.name, grads),
+        InvalidArgument,
+        "no parameter 'nope'",
+    )
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    expect_unchanged(trained, lambda: client.pull_params(trained.name, ["nope"]), InvalidArgument)
+
+
+def test_shape_mismatch(client: Client, trained: Any) -> None:
+    grads = {"w": torch.randn(3, 4), "b": torch.randn(3)}
+    expect_unchanged(
+        trained, lambda: client.push_grad(trained.name, grads), InvalidArgument, "shape"
+    )
+
+
+def test_non_float_dtype_refused(daemon: Any, trained: Any) -> None:
+    frames = [encode_frame(header(trained.name, {"b": ((3,), 0)}), 0, 0, b"\0" * 12)]
+    expect_unchanged(trained, lambda: raw_push(daemon, frames), InvalidArgument, "dtype")
+
+
+def test_non_finite_gradient_rejected_whole(client: Client, trained: Any) -> None:
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        grads = good_grads()
+        grads["w"][1, 2] = bad
+        expect_unchanged(
+            trained, lambda grads=grads: client.push_grad(trained.name, grads), NonFiniteGradient
+        )
+    # large but finite values are fine (the fast check must not mistake an overflowing sum for inf)
+    huge = {"w": torch.full((4, 3), 3e38), "b": torch.zeros(3)}
+    assert client.push_grad(trained.name, huge).applied
+
+
+def test_recreating_with_other_shapes(client: Client, trained: Any) -> None:
+    expect_unchanged(
+        trained,
+        lambda: client.create_model(trained.name, {"w": torch.zeros(5, 5)}, exist_ok=True),
+        AlreadyExists,
+    )
+    expect_unchanged(
+        trained,
+        lambda: client.create_model(trained.name, {n: torch.zeros(s) for n, s in SHAPES.items()}),
+        AlreadyExists,
+    )
+    info = client.create_model(
+        trained.name, {n: torch.zeros(s) for n, s in SHAPES.items()}, exist_ok=True
+    )
+    assert not info.created and info.version == trained.version
+
+
+def test_invalid_hyperparameters(client: Client, trained: Any, model_name: str) -> None:
+    expect_unchanged(
+        trained,
+        lambda: client.set_hyperparams(trained.name, lr=-1.0),
+        InvalidArgument,
+        "Invalid learning rate",
+    )
+    expect_unchanged(
+        trained,
+        lambda: client.set_hyperparams(trained.name, betas=(0.9, 1.5)),
+        InvalidArgument,
+        "beta",
+    )
+    expect_unchanged(
+        trained,
+        lambda: client.set_hyperparams(trained.name, group=3, lr=0.1),
+        InvalidArgument,
+        "group 3",
+    )
+    expect_unchanged(
+        trained,
+        lambda: client.set_hyperparams(trained.name, fused=False),
+        InvalidArgument,
+        "cannot change",
+    )
+    expect_unchanged(
+        trained,
+        lambda: client.set_hyperparams(trained.name, momentum=0.9),
+        InvalidArgument,
+        "unknown Adam options",
+    )
+    with pytest.raises(InvalidArgument, match="Invalid epsilon"):
+        client.create_model(model_name + "-new", {"w": torch.zeros(2)}, eps=-1.0)
+    with pytest.raises(InvalidArgument, match="differentiable"):
+        client.create_model(model_name + "-new", {"w": torch.zeros(2)}, differentiable=True)
+    with pytest.raises(InvalidArgument, match="capturable"):
+        client.create_model(model_name + "-new", {"w": torch.zeros(2)}, capturable=True)
+    with pytest.raises(NotFound):
+        client.describe(model_name + "-new")
+
+
+def test_bad_create_requests(client: Client, model_name: str) -> None:
+    with pytest.raises(InvalidArgument, match="model name"):
+        client.create_model("bad/name", {"w": torch.zeros(2)})
+    with pytest.raises(InvalidArgument, match="at least one parameter"):
+        client.create_model(model_name, {})
+    with pytest.raises(InvalidArgument, match="unknown parameter"):
+        client.create_model(
+            model_name, {"w": torch.zeros(2)}, param_groups=[{"params": ["w", "v"]}]
+        )
+    with pytest.raises(InvalidArgument, match="more than one param group"):
+        client.create_model(
+            model_name, {"w": torch.zeros(2)}, param_groups=[{"params": ["w"]}, {"params": ["w"]}]
+        )
+    with pytest.raises(InvalidArgument, match="world_size"):
+        client.create_model(model_name, {"w": torch.zeros(2)}, world_size=0)
+    with pytest.raises(NotFound):
+        client.describe(model_name)
+
+
+def test_rank_outside_world(client: Client, trained: Any) -> None:
+    expect_unchanged(
+        trained,
+        lambda: client.push_grad(trained.name, good_grads(), rank=1),
+        InvalidArgument,
+        "rank 1",
+    )
+
+
+def test_duplicate_rank_in_a_round(daemon: Any, client: Client, model_name: str) -> None:
+    client.create_model(model_name, {"w": torch.zeros(3)}, world_size=2, round_timeout_s=30)
+    model = daemon.registry.get(model_name)
+    done = threading.Event()
+    results: list[Any] = []
+
+    def rank0() -> None:
+        results.append(client.push_grad(model_name, {"w": torch.ones(3)}, rank=0, version=0))
+        done.set()
+
+    t = threading.Thread(target=rank0)
+    t.start()
+    while model._round is None:  # rank 0 is parked in the round
+        threading.Event().wait(0.01)
+    expect_unchanged(
+        model,
+        lambda: client.push_grad(model_name, {"w": torch.ones(3)}, rank=0, version=0),
+        DuplicatePush,
+    )
+    client.push_grad(model_name, {"w": torch.ones(3)}, rank=1, version=0)
+    t.join(10)
+    assert done.is_set() and results[0].contributors == 2 and model.version == 1
+
+
+def test_bad_state_load(client: Client, trained: Any) -> None:
+    state = client.get_state(trained.name)
+    state["state"]["w"]["exp_avg"] = torch.zeros(2, 2)
+    expect_unchanged(
+        trained, lambda: client.load_state(trained.name, state["state"]), InvalidArgument, "shape"
+    )
+    state = client.get_state(trained.name)
+    state["state"]["ghost"] = state["state"].pop("w")
+    expect_unchanged(
+        trained,
+        lambda: client.load_state(trained.name, state["state"]),
+        InvalidArgument,
+        "unknown parameter",
+    )
+
+
+def test_bad_add_param_group(client: Client, trained: Any) -> None:
+    expect_unchanged(
+        trained,
+        lambda: client.add_param_group(trained.name, {"w": torch.zeros(4, 3)}),
+        InvalidArgument,
+        "exist",
+    )
+    expect_unchanged(
+        trained,
+        lambda: client.add_param_group(trained.name, {"v": torch.zeros(2)}, lr=-1.0),
+        InvalidArgument,
+    )
+    assert "v" not in trained.params
+
+
+def test_remote_adam_shape_clash_with_existing_model(daemon: Any, trained: Any) -> None:
+    p = torch.nn.Parameter(torch.zeros(7))
+    expect_unchanged(
+        trained,
+        lambda: RemoteAdam([p], server=daemon.grpc_address, model=trained.name),
+        ValueError,
+        "not the same model",
+    )
+
+
+# --- raw frames: what a broken or hostile client can send -------------------------------------
+
+
+def test_empty_stream_and_missing_header(daemon: Any, trained: Any) -> None:
+    expect_unchanged(trained, lambda: raw_push(daemon, []), InvalidArgument, "empty stream")
+    expect_unchanged(
+        trained,
+        lambda: raw_push(daemon, [encode_frame(None, 0, 0, f32(3))]),
+        InvalidArgument,
+        "header",
+    )
+    expect_unchanged(trained, lambda: raw_push(daemon, [b"\xff\xff\xff"]), InvalidArgument)
+
+
+def test_missing_chunks(daemon: Any, trained: Any) -> None:
+    h = header(trained.name, {"w": ((4, 3), pb.FLOAT32), "b": ((3,), pb.FLOAT32)})
+    only_w = [encode_frame(h, 0, 0, f32(4, 3))]
+    expect_unchanged(trained, lambda: raw_push(daemon, only_w), InvalidArgument, "ended early")
+    half_w = [encode_frame(h, 0, 0, f32(6))]
+    expect_unchanged(trained, lambda: raw_push(daemon, half_w), InvalidArgument, "ended early")
+
+
+def test_extra_repeated_and_misplaced_chunks(daemon: Any, trained: Any) -> None:
+    h = header(trained.name, {"b": ((3,), pb.FLOAT32)})
+    cases = {
+        "more bytes": [encode_frame(h, 0, 0, f32(4))],
+        "expected byte": [
+            encode_frame(h, 0, 0, f32(2)),
+            encode_frame(None, 0, 0, f32(1)),
+        ],  # repeated offset
+        "declared 1": [
+            encode_frame(h, 0, 0, f32(3)),
+            encode_frame(None, 1, 0, f32(1)),
+        ],  # unknown tensor
+        "whole number": [encode_frame(h, 0, 0, b"\0" * 5)],
+        "only the first": [encode_frame(h, 0, 0, f32(1)), encode_frame(h, 0, 4, f32(2))],
+    }
+    for match, frames in cases.items():
+        expect_unchanged(
+            trained, lambda frames=frames: raw_push(daemon, frames), InvalidArgument, match
+        )
+
+
+def test_stream_cut_off_midway(daemon: Any, trained: Any) -> None:
+    """A push whose connection dies half-way through changes nothing, and the next push works."""
+    h = header(trained.name, {"w": ((4, 3), pb.FLOAT32), "b": ((3,), pb.FLOAT32)}, push_id="cut-1")
+    sent_half = threading.Event()
+    hold = threading.Event()
+
+    def frames() -> Iterator[bytes]:
+        yield encode_frame(h, 0, 0, f32(4, 3))
+        sent_half.set()
+        hold.wait(10)  # never sends "b"
+
+    before = snapshot(trained)
+    with grpc.insecure_channel(daemon.grpc_address) as ch:
+        call = ch.stream_unary("/adamd.v1.Optimizer/PushGrad", identity, pb.PushReply.FromString)
+        future = call.future(frames())
+        assert sent_half.wait(10)
+        threading.Event().wait(0.2)
+        future.cancel()
+        hold.set()
+        with pytest.raises(grpc.FutureCancelledError):
+            future.result()
+    threading.Event().wait(0.3)  # the server notices the cancellation
+    assert_bitwise_equal(before, snapshot(trained))
+    # the same push id may now be sent again in full, and applies once
+    whole = [encode_frame(h, 0, 0, f32(4, 3)), encode_frame(None, 1, 0, f32(3))]
+    assert raw_push(daemon, whole).version == trained.version == 3
+
+
+def test_token_required_except_health(model_name: str) -> None:
+    with running_daemon(token="s3cret", http_port=-1) as d:
+        for c in (Client(d.grpc_address), Client(d.grpc_address, token="wrong")):
+            with c, pytest.raises(Unauthenticated) as info:
+                c.create_model(model_name, {"w": torch.zeros(2)})
+            assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert d.registry.names() == []
+        with grpc.insecure_channel(d.grpc_address) as ch:
+            reply = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service="adamd.v1.Optimizer")
+            )
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with Client(d.grpc_address, token="s3cret") as c:
+            c.create_model(model_name, {"w": torch.zeros(2)})
+            assert c.push_grad(model_name, {"w": torch.ones(2)}).version == 1
