@@ -1,0 +1,108 @@
+"""`adamd serve` as a user runs it: a real process, its log line, /healthz, tokens, clean stops."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from adamd.client import Client, Unauthenticated
+
+ADAMD = [sys.executable, "-m", "adamd.server.cli"]
+READY = re.compile(r"serving gRPC on (\S+) and HTTP on (\S+)")
+
+
+@contextmanager
+def serve(*args: str, tmp: Path) -> Iterator[tuple[subprocess.Popen[str], str, str, list[str]]]:
+    proc = subprocess.Popen(
+        [
+            *ADAMD,
+            "serve",
+            "--grpc-port",
+            "0",
+            "--http-port",
+            "0",
+            "--data-dir",
+            str(tmp / "data"),
+            *args,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines: list[str] = []
+    assert proc.stderr is not None
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = READY.search(line)
+            if m:
+                yield proc, m.group(1), m.group(2), lines
+                break
+        else:
+            pytest.fail("adamd serve did not log its addresses:\n" + "".join(lines))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def stop(proc: subprocess.Popen[str], sig: int, lines: list[str]) -> int:
+    proc.send_signal(sig)
+    assert proc.stderr is not None
+    _, rest = proc.communicate(timeout=30)
+    lines.append(rest)
+    return proc.returncode
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_logs_addresses_answers_health_and_stops_cleanly(tmp_path: Path, sig: int) -> None:
+    with serve(tmp=tmp_path) as (proc, grpc_address, http_url, lines):
+        assert httpx.get(f"{http_url}/healthz").status_code == 200
+        with Client(grpc_address) as c:
+            c.create_model("m", {"w": torch.zeros(3)})
+            assert c.push_grad("m", {"w": torch.ones(3)}).version == 1
+        assert stop(proc, sig, lines) == 0
+    assert "adamd stopped" in "".join(lines)
+
+
+def test_token_file(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("abc123\n")
+    with serve("--token-file", str(token), tmp=tmp_path) as (proc, grpc_address, http_url, lines):
+        with Client(grpc_address) as c, pytest.raises(Unauthenticated):
+            c.list_models()
+        with Client(grpc_address, token="abc123") as c:
+            assert c.list_models() == []
+        assert httpx.get(f"{http_url}/healthz").status_code == 200
+        assert stop(proc, signal.SIGTERM, lines) == 0
+
+
+def test_non_loopback_without_token_warns_loudly(tmp_path: Path) -> None:
+    with serve("--host", "0.0.0.0", tmp=tmp_path) as (proc, _grpc, _http, lines):
+        assert stop(proc, signal.SIGTERM, lines) == 0
+    assert "without a token" in "".join(lines)
+
+
+def test_help_documents_the_contract() -> None:
+    out = subprocess.run(
+        [*ADAMD, "serve", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in ("--host", "--grpc-port", "--http-port", "--data-dir", "--device", "--token-file"):
+        assert flag in out
+    top = subprocess.run([*ADAMD, "--help"], capture_output=True, text=True, check=True).stdout
+    assert "serve" in top and "demo" in top
