@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+
 from adamd.client._hyper import options_from_pb, options_to_pb
 from adamd.client._wire import WireError, dtype_from_pb, dtype_to_pb, shape_of
 from adamd.v1 import adamd_pb2 as pb

@@ -50,6 +50,7 @@ def run_worker(
 ) -> None:
     """One training process: local forward/backward, Adam on the server."""
     import torch
+
     from adamd.client import RemoteAdam
 
     torch.set_num_threads(1)

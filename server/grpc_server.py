@@ -5,10 +5,11 @@ from __future__ import annotations
 from concurrent import futures
 
 import grpc
-from adamd.client._wire import MAX_MESSAGE_BYTES
-from adamd.v1 import adamd_pb2 as pb
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from adamd.client._wire import MAX_MESSAGE_BYTES
+from adamd.v1 import adamd_pb2 as pb
 
 from .grpc_service import SERVICE, OptimizerService
 

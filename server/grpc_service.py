@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import torch
+
 from adamd.client._wire import (
     DEFAULT_CHUNK_BYTES,
     TensorSink,

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from adamd.client._wire import TensorSink, WireError
 
 from . import options as adam_options

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+
 from adamd.client._hyper import ADAM_DEFAULTS
 
 from .errors import InvalidArgument

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from adamd.client._wire import TensorSink, WireError
 
 from .errors import AlreadyExists, InvalidArgument, NotFound
