@@ -1,0 +1,63 @@
+"""Smoke test of the benchmark harness (bench/): its measurements run on a tiny model and the
+report it writes carries numbers. The timings themselves are not checked (the machine is noisy)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import adamd_runs, raw_grpc, report
+from bench.common import FP32, best_of, parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
+N = 100_000
+
+
+def test_parse_size() -> None:
+    assert parse_size("100k") == 100_000
+    assert parse_size("25M") == 25_000_000
+    assert parse_size("1e6") == 1_000_000
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+def test_measurements_and_report(tmp_path: Path) -> None:
+    size = report.SizeResult(N)
+    with raw_grpc.raw_server() as c:
+        size.raw_push = best_of(lambda: c.push(FP32 * N), 1)
+        size.raw_pull = best_of(lambda: c.pull(FP32 * N), 1)
+    size.adamd = adamd_runs.measure_over_service(N, 1)
+    size.step = adamd_runs.measure_server_step(N, 1)
+    assert size.adamd.errors == []
+    assert size.adamd.push_full and size.adamd.push_transport and size.adamd.pull
+    assert "default" in size.adamd.remote_adam
+    assert size.adamd.server_peak and size.adamd.server_peak >= (size.adamd.server_idle_rss or 0)
+    assert size.step.server_step > 0 and size.step.local_fused > 0
+
+    text = report.render(report.RunResult([size], reps=1, command="test"))
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text(text)
+    ratio_rows = [line for line in text.splitlines() if line.startswith("| 100k |")]
+    assert len(ratio_rows) == 2  # one in the ratio table, one in the figures table
+    assert re.search(r"\| 100k \| \d+\.\d\dx \|", text)
+    assert "## Targets" in text and "## Machine and versions" in text
+
+
+@pytest.mark.slow
+def test_cli_quick(tmp_path: Path) -> None:
+    out = tmp_path / "B.md"
+    subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--sizes", "100k", "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        timeout=240,
+        capture_output=True,
+    )
+    text = out.read_text()
+    assert re.search(r"\| 100k \| \d+\.\d\dx \|", text)
+    assert "| 2 |" in text  # sync scaling with 2 workers ran
+    assert "## Errors during the run" not in text
