@@ -1,0 +1,153 @@
+"""`adamd snapshot save|list|export|import`: snapshots from the command line.
+
+    save MODEL          ask a running server to write a snapshot now (gRPC)
+    list [MODEL]        the snapshots in a data dir, newest last (--verify checks checksums)
+    export MODEL OUT    newest valid snapshot in a data dir -> a plain PyTorch checkpoint
+    import FILE MODEL   a PyTorch checkpoint -> a new model on a running server (then snapshotted)
+
+save and import talk to the server through the public Client; list and export only read files, so
+they work on a stopped server's data dir (and on a copy of it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import snapshot_format as fmt
+from . import snapshot_interop as interop
+from .config import ServerConfig
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "snapshot",
+        help="save, list, export and import model snapshots",
+        description="Snapshots of hosted models: save on a running server, list and export from a"
+        " data dir, import a PyTorch checkpoint as a new model.",
+    )
+    sub = p.add_subparsers(dest="snapshot_command", required=True, metavar="ACTION")
+
+    def server_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--server", default="127.0.0.1:50051", help="gRPC address of the server")
+        q.add_argument("--token-file", type=Path, help="file holding the server's token")
+
+    def data_dir_arg(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--data-dir", type=Path, help="the server's data dir (default ./adamd-data)")
+
+    save = sub.add_parser("save", help="write a snapshot of MODEL on a running server now")
+    save.add_argument("model")
+    server_args(save)
+    save.set_defaults(func=_save)
+
+    ls = sub.add_parser("list", help="list snapshots in a data dir")
+    ls.add_argument("model", nargs="?", help="only this model")
+    data_dir_arg(ls)
+    ls.add_argument("--verify", action="store_true", help="check every snapshot's checksums")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+    ls.set_defaults(func=_list)
+
+    ex = sub.add_parser("export", help="export a snapshot to a PyTorch checkpoint (.pt)")
+    ex.add_argument("model")
+    ex.add_argument("out", type=Path, help="file to write: {'model': ..., 'optimizer': ...}")
+    data_dir_arg(ex)
+    ex.add_argument("--seq", type=int, help="this snapshot number instead of the newest valid")
+    ex.set_defaults(func=_export)
+
+    im = sub.add_parser("import", help="create MODEL on a running server from a checkpoint")
+    im.add_argument("file", type=Path, help="torch.save'd {'model': ..., 'optimizer': ...}")
+    im.add_argument("model")
+    server_args(im)
+    im.add_argument("--world-size", type=int, default=1)
+    im.add_argument("--mode", choices=["sync", "async"], default="sync")
+    im.set_defaults(func=_import)
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    return ServerConfig.load({"data_dir": args.data_dir}).data_dir
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from adamd.client import Client
+
+    token = args.token_file.read_text().strip() if args.token_file else None
+    return Client(args.server, token=token, retry_timeout=10.0)
+
+
+def _save(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        info = c.snapshot(args.model)
+    print(
+        f"{info.model} version {info.version}: {info.path} ({info.bytes} bytes, {info.seconds:.3f}s)"
+    )
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    dirs = [data_dir / args.model] if args.model else fmt.model_dirs(data_dir)
+    bad = 0
+    for d in dirs:
+        for f in fmt.list_snapshots(d):
+            status = ""
+            if args.verify:
+                try:
+                    fmt.load(f)
+                    status = "ok"
+                except fmt.CorruptSnapshot as exc:
+                    status, bad = f"CORRUPT: {exc}", bad + 1
+            if args.json:
+                row = {"model": f.model, "seq": f.seq, "version": f.version, "bytes": f.nbytes}
+                print(json.dumps({**row, "path": str(f.manifest), "status": status}))
+            else:
+                print(
+                    f"{f.model}\tseq {f.seq}\tversion {f.version}\t{f.nbytes} B\t{f.manifest}\t{status}"
+                )
+    return 1 if bad else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    model_dir = _data_dir(args) / args.model
+    loaded = None
+    if args.seq is not None:
+        match = [f for f in fmt.list_snapshots(model_dir) if f.seq == args.seq]
+        if not match:
+            print(f"no snapshot {args.seq} of {args.model} in {model_dir}", file=sys.stderr)
+            return 1
+        loaded = fmt.load(match[0])
+    else:
+        for outcome in fmt.newest_valid(model_dir):
+            if isinstance(outcome, fmt.CorruptSnapshot):
+                print(f"skipping invalid snapshot: {outcome}", file=sys.stderr)
+            else:
+                loaded = outcome
+        if loaded is None:
+            print(f"no valid snapshot of {args.model} in {model_dir}", file=sys.stderr)
+            return 1
+    interop.save_checkpoint(interop.to_torch_checkpoint(loaded), args.out)
+    print(f"{args.model} version {loaded.manifest['version']} -> {args.out}")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    params, groups, state, dropped = interop.from_torch_checkpoint(
+        interop.load_checkpoint(args.file)
+    )
+    if dropped:
+        print(f"ignoring param-group keys that are not Adam options: {dropped}", file=sys.stderr)
+    with _client(args) as c:
+        c.create_model(
+            args.model, params, param_groups=groups, world_size=args.world_size, mode=args.mode
+        )
+        if state:
+            c.load_state(args.model, state, groups)
+        # On disk before we say it worked: the import survives a crash right after.
+        info = c.snapshot(args.model)
+    print(f"imported {args.file} as {args.model} ({len(params)} parameters), snapshot {info.path}")
+    return 0
