@@ -19,6 +19,7 @@ from .config import ServerConfig
 from .grpc_server import create_grpc_server
 from .grpc_service import SERVICE, OptimizerService, RpcHooks
 from .registry import ModelRegistry, resolve_device
+from .snapshots import SnapshotManager
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,12 @@ class Daemon:
         self.started_at = time.time()
         self.grpc_ready = False
         self.extensions: list[Any] = []  # things with start()/stop() wired in by the HTTP side etc.
+        # Snapshots: restore at start, periodic/on-demand/durable writes, final ones at stop.
+        self.snapshots = SnapshotManager(config, self.registry)
+        self.extensions.append(self.snapshots)
+        self.hooks.snapshot = self.snapshots.snapshot
+        if config.durable:
+            self.hooks.after_push = self.snapshots.after_push
         self._grpc, self.grpc_port, self._health = create_grpc_server(
             self.service, f"{config.host}:{config.grpc_port}", workers=config.grpc_workers
         )
