@@ -23,7 +23,7 @@ from rich.markdown import Markdown
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import adamd_runs, peer_rpc, raw_grpc, report, sync_scaling
-from .common import FP32, adamd_server, best_of, free_port, parse_size, size_label
+from .common import FP32, adamd_server, best_of, free_port, parse_size, reps_for, size_label
 from .report import RunResult, SizeResult
 
 FULL_SIZES = "1M,10M,25M,100M"
@@ -69,7 +69,7 @@ def _attempt(errors: list[str], what: str, fn: Callable[[], T]) -> T | None:
 
 
 def _raw(r: SizeResult, reps: int) -> None:
-    nbytes = FP32 * r.n
+    nbytes, reps = FP32 * r.n, reps_for(r.n, reps)
     with raw_grpc.raw_server() as c:
         r.raw_push = best_of(lambda: c.push(nbytes), reps)
         r.raw_pull = best_of(lambda: c.pull(nbytes), reps)

@@ -31,7 +31,14 @@ import torch
 
 from adamd.client import Client, RemoteAdam
 
-from .common import ADAM_BYTES_PER_PARAM, FP32, adamd_server, best_of, make_tensors
+from .common import (
+    ADAM_BYTES_PER_PARAM,
+    FP32,
+    adamd_server,
+    best_of,
+    make_tensors,
+    reps_for,
+)
 
 
 @dataclass
@@ -39,12 +46,16 @@ class AdamdFigures:
     """Best-of-N seconds per operation for one model size (None: not measured)."""
 
     n: int
-    push_full: float | None = None
-    push_transport: float | None = None
-    pull: float | None = None
+    push_full: float | None = None  # over gRPC (transport="grpc" where the Client has it)
+    push_transport: float | None = None  # over gRPC, found_inf=True: streamed, not stepped
+    pull: float | None = None  # over gRPC
+    push_default: float | None = None  # Client's default transport (same-host path), full push
+    pull_default: float | None = None  # Client's default transport, pull(out=)
     remote_adam: dict[str, float] = field(default_factory=dict)  # variant -> seconds
     server_idle_rss: int | None = None  # bytes, before the model exists
     server_peak: int | None = None  # bytes, VmHWM after everything for this size
+    server_shm: int | None = None  # bytes in the server's /dev/shm files at that point
+    leftover_shm_files: int = 0  # files the server left in /dev/shm after it exited
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -71,6 +82,13 @@ def remote_adam_variants() -> dict[str, dict[str, Any]]:
     return variants
 
 
+def client_transports() -> dict[str, dict[str, Any]]:
+    """Client kwargs for the gRPC path and, if the Client has a transport switch, its default."""
+    if "transport" in inspect.signature(Client).parameters:
+        return {"grpc": {"transport": "grpc"}, "default": {}}
+    return {"grpc": {}}
+
+
 def _guard(fig: AdamdFigures, what: str, fn: Callable[[], float]) -> float | None:
     """Run one measurement; a failure is recorded, not fatal (the API is moving under us)."""
     try:
@@ -85,6 +103,7 @@ def measure_over_service(
 ) -> AdamdFigures:
     """Push, pull, RemoteAdam and server memory for one size against a fresh `adamd serve`."""
     fig = AdamdFigures(n)
+    reps = reps_for(n, reps)
     name = "bench"
     params = make_tensors(n, seed=1)
     grads = make_tensors(n, seed=2)
@@ -92,23 +111,9 @@ def measure_over_service(
         g.mul_(1e-3)
     with adamd_server() as server:
         fig.server_idle_rss = server.rss_bytes()
-        with Client(server.address) as client:
-            tick("adamd create_model")
-            client.create_model(name, params, lr=1e-3)
-            tick("adamd push_grad")
-            fig.push_full = _guard(
-                fig, "push", lambda: best_of(lambda: client.push_grad(name, grads), reps)
-            )
-            fig.push_transport = _guard(
-                fig,
-                "push(found_inf)",
-                lambda: best_of(lambda: client.push_grad(name, grads, found_inf=True), reps),
-            )
-            tick("adamd pull_params(out=)")
-            out = {k: torch.empty_like(v) for k, v in params.items()}
-            fig.pull = _guard(
-                fig, "pull", lambda: best_of(lambda: client.pull(name, out=out), reps)
-            )
+        for transport, kwargs in client_transports().items():
+            with Client(server.address, **kwargs) as client:
+                _push_pull(fig, client, transport, name, params, grads, reps, tick)
         for label, kwargs in remote_adam_variants().items():
             tick(f"RemoteAdam.step() {label}")
             t = _guard(
@@ -119,7 +124,42 @@ def measure_over_service(
             if t is not None:
                 fig.remote_adam[label] = t
         fig.server_peak = server.peak_bytes()
+        fig.server_shm = server.shm_bytes()
+    fig.leftover_shm_files = server.leftover_shm
     return fig
+
+
+def _push_pull(
+    fig: AdamdFigures,
+    client: Client,
+    transport: str,
+    name: str,
+    params: dict[str, torch.Tensor],
+    grads: dict[str, torch.Tensor],
+    reps: int,
+    tick: Callable[[str], None],
+) -> None:
+    if transport == "grpc":
+        tick("adamd create_model")
+        client.create_model(name, params, lr=1e-3)
+    tick(f"adamd push_grad ({transport})")
+    push = _guard(
+        fig, f"push {transport}", lambda: best_of(lambda: client.push_grad(name, grads), reps)
+    )
+    tick(f"adamd pull_params(out=) ({transport})")
+    out = {k: torch.empty_like(v) for k, v in params.items()}
+    pull = _guard(
+        fig, f"pull {transport}", lambda: best_of(lambda: client.pull(name, out=out), reps)
+    )
+    if transport == "grpc":
+        fig.push_full, fig.pull = push, pull
+        fig.push_transport = _guard(
+            fig,
+            "push(found_inf) grpc",
+            lambda: best_of(lambda: client.push_grad(name, grads, found_inf=True), reps),
+        )
+    else:
+        fig.push_default, fig.pull_default = push, pull
 
 
 def _time_remote_adam(

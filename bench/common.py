@@ -70,6 +70,11 @@ def best_of(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
     return best
 
 
+def reps_for(n: int, reps: int) -> int:
+    """More repetitions for small models: their timings are short and the noise relatively large."""
+    return min(30, max(reps, round(reps * 10_000_000 / max(n, 1))))
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -96,6 +101,7 @@ class ServerProcess:
     proc: subprocess.Popen[bytes]
     address: str
     log: Path
+    leftover_shm: int = 0  # files the server left in /dev/shm after it exited (then removed)
 
     @property
     def pid(self) -> int:
@@ -106,6 +112,20 @@ class ServerProcess:
 
     def peak_bytes(self) -> int:
         return proc_status_kib(self.pid, "VmHWM") * 1024
+
+    def shm_files(self) -> list[Path]:
+        """Files this server holds under /dev/shm (the same-host fast path names them adamd-PID-*)."""
+        return sorted(Path("/dev/shm").glob(f"adamd-{self.pid}-*"))
+
+    def shm_bytes(self) -> int:
+        """Memory held by those files (allocated blocks, not their nominal size)."""
+        total = 0
+        for f in self.shm_files():
+            try:
+                total += f.stat().st_blocks * 512
+            except FileNotFoundError:
+                pass
+        return total
 
 
 @contextlib.contextmanager
@@ -147,6 +167,12 @@ def adamd_server(extra_args: tuple[str, ...] = ()) -> Iterator[ServerProcess]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            # Our server is gone: whatever it left in /dev/shm is garbage holding RAM. Count it
+            # (a finding for the report) and remove it, so later measurements are not starved.
+            leftovers = server.shm_files()
+            server.leftover_shm = len(leftovers)
+            for f in leftovers:
+                f.unlink(missing_ok=True)
 
 
 def python_subprocess_env() -> dict[str, str]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .common import N_TENSORS, best_of, python_subprocess_env, shapes_for
+from .common import N_TENSORS, best_of, python_subprocess_env, reps_for, shapes_for
 
 
 class _PS:
@@ -66,7 +66,7 @@ def _run(rank: int, port: int, reps: int, sizes: list[int]) -> None:
         for n in sizes:
             rpc.rpc_sync("ps", _setup, args=(n,))
             grads = [torch.randn(s) for s in shapes_for(n)]
-            t = best_of(partial(rpc.rpc_sync, "ps", _push_pull, args=(grads,)), reps)
+            t = best_of(partial(rpc.rpc_sync, "ps", _push_pull, args=(grads,)), reps_for(n, reps))
             rpc.rpc_sync("ps", _teardown)
             print(json.dumps({"n": n, "tensors": N_TENSORS, "seconds": t}), flush=True)
     rpc.shutdown()

@@ -190,11 +190,13 @@ def figures_table(result: RunResult) -> list[str]:
         "adamd push full ms (GB/s)",
         "raw gRPC pull ms (GB/s)",
         "adamd pull(out=) ms (GB/s)",
+        "adamd push, default transport ms (GB/s)",
+        "adamd pull(out=), default transport ms (GB/s)",
         "server step ms",
         "local fused step ms",
         *[f"RemoteAdam.step() {v} ms" for v in variants],
         "torch RPC PS ms",
-        "server peak MiB (idle MiB)",
+        "server peak MiB (idle MiB; /dev/shm MiB)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in result.sizes:
@@ -206,12 +208,15 @@ def figures_table(result: RunResult) -> list[str]:
             f"{_ms(a.push_full)} ({_gb(n, a.push_full)})",
             f"{_ms(r.raw_pull)} ({_gb(n, r.raw_pull)})",
             f"{_ms(a.pull)} ({_gb(n, a.pull)})",
+            f"{_ms(a.push_default)} ({_gb(n, a.push_default)})",
+            f"{_ms(a.pull_default)} ({_gb(n, a.pull_default)})",
             _ms(s.server_step if s else None),
             _ms(s.local_fused if s else None),
             *[_ms(a.remote_adam.get(v)) for v in variants],
             _ms(r.peer),
             (
-                f"{a.server_peak / 2**20:.0f} ({a.server_idle_rss / 2**20:.0f})"
+                f"{a.server_peak / 2**20:.0f} ({a.server_idle_rss / 2**20:.0f};"
+                f" {(a.server_shm or 0) / 2**20:.0f})"
                 if a.server_peak and a.server_idle_rss
                 else "—"
             ),
@@ -273,7 +278,8 @@ def render(result: RunResult) -> str:
         "# adamd benchmarks",
         "",
         f"Measured by `{result.command}` on {now} ({result.wall_s:.0f} s). Every figure is the best"
-        f" (minimum) of {result.reps} timed repetitions after a warm-up, all contenders in the same run:"
+        f" (minimum) of {result.reps} timed repetitions after a warm-up (more, up to 30, for models under"
+        " 10M params, whose timings are short), all contenders in the same run:"
         " this machine is shared and noisy, so compare ratios within this file, not absolutes across runs.",
         "",
         "## Machine and versions",
@@ -299,7 +305,7 @@ def render(result: RunResult) -> str:
         "## Sync scaling",
         "",
         f"{size_label(result.scaling_n)}-param model, mode sync, world_size W, W worker processes"
-        " each pushing every round as its own rank (push only; the round completes when all W"
+        " each pushing every round as its own rank over gRPC (push only; the round completes when all W"
         " gradients are in, averaged and stepped). Client processes and the server share the"
         f" machine's {mach['cores']} cores.",
         "",
@@ -315,7 +321,10 @@ def render(result: RunResult) -> str:
         " its own process: every gradient byte is streamed into the server's buffers, then the"
         " step is skipped (GradScaler contract). **push (full)** is a normal push: streaming, the"
         " inf/nan check and the Adam step; it is what a worker waits for.",
-        "- **adamd pull(out=)**: `Client.pull(model, out=preallocated)`.",
+        "- **adamd pull(out=)**: `Client.pull(model, out=preallocated)`. Push and pull use"
+        ' `Client(transport="grpc")` where the Client has that switch, so they are compared with'
+        " the gRPC ceiling; the **default transport** columns repeat push (full) and pull with"
+        " the Client's default (the same-host shared-memory path when it engages).",
         "- **server step**: the server's own `torch.optim.Adam` (`HostedModel.optimizer.step()`, with"
         " `.grad` set) in an in-process Daemon, interleaved rep by rep with a local"
         " `torch.optim.Adam(fused=True)` over tensors of the same shapes. Ratio: local time /"
@@ -328,12 +337,20 @@ def render(result: RunResult) -> str:
         f"- **memory**: the server process's VmHWM after every operation of one size (fresh server"
         f" per size) minus its VmRSS before the model was created (interpreter, torch, grpc),"
         f" divided by {ADAM_BYTES_PER_PARAM} B/param (params + exp_avg + exp_avg_sq + one"
-        " gradient buffer).",
+        " gradient buffer). VmHWM counts /dev/shm pages only where the server has them mapped"
+        " and touched; the MiB the server's /dev/shm files hold at that point are listed beside it.",
     ]
     errors = list(result.errors)
     for r in result.sizes:
         if r.adamd:
             errors += [f"{size_label(r.n)} {e}" for e in r.adamd.errors]
+    leftovers = [
+        f"{size_label(r.n)}: the server left {r.adamd.leftover_shm_files} file(s) in /dev/shm"
+        " after SIGTERM (removed by the harness)"
+        for r in result.sizes
+        if r.adamd and r.adamd.leftover_shm_files
+    ]
+    errors += leftovers
     if errors:
         md += ["", "## Errors during the run", "", *[f"- {e}" for e in errors]]
     return "\n".join(md) + "\n"

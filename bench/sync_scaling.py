@@ -1,7 +1,8 @@
 """Sync-mode scaling: W worker processes push to one model created with world_size=W, mode="sync".
 
 Each worker is its own process (`python -m bench.sync_scaling ...`, the entry point below) with a Client
-pushing as rank r. In sync mode a push returns once every rank's gradient for the version has
+pushing as rank r over gRPC (`transport="grpc"` where the Client has it: the scaling of
+the network path is the question). In sync mode a push returns once every rank's gradient for the version has
 arrived, been averaged and stepped, so the workers move in lock step; a round's time is the
 interval between consecutive push completions on rank 0. We report the best round (best-of-N, as
 elsewhere) and the mean over the timed rounds, and the aggregate gradient bytes ingested per
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 from adamd.client import Client
 
+from .adamd_runs import client_transports
 from .common import FP32, make_tensors, python_subprocess_env
 
 
@@ -39,7 +41,7 @@ def _worker(address: str, model: str, rank: int, n: int, rounds: int) -> None:
     grads = make_tensors(n, seed=10 + rank)
     for g in grads.values():
         g.mul_(1e-3)
-    with Client(address) as c:
+    with Client(address, **client_transports()["grpc"]) as c:
         version = c.describe(model).version
         version = c.push_grad(model, grads, version=version, rank=rank).version  # warm-up round
         ends = [time.perf_counter()]
@@ -50,7 +52,7 @@ def _worker(address: str, model: str, rank: int, n: int, rounds: int) -> None:
     print(json.dumps({"rank": rank, "best": min(gaps), "mean": sum(gaps) / len(gaps)}), flush=True)
 
 
-def measure(address: str, workers: int, n: int, rounds: int, timeout: float = 300) -> ScalingRow:
+def measure(address: str, workers: int, n: int, rounds: int, timeout: float = 180) -> ScalingRow:
     """Create a sync model for `workers` ranks, run them as processes, collect rank 0's rounds."""
     model = f"scale-{workers}"
     with Client(address) as c:
