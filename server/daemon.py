@@ -18,8 +18,10 @@ from grpc_health.v1 import health_pb2
 from .config import ServerConfig
 from .grpc_server import create_grpc_server
 from .grpc_service import SERVICE, OptimizerService, RpcHooks
+from .metrics import Metrics
 from .registry import ModelRegistry, resolve_device
 from .snapshots import SnapshotManager
+from .stats import StatsBook
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,10 @@ class Daemon:
         )
         self.hooks = RpcHooks()
         self.service = OptimizerService(self.registry, token=config.token, hooks=self.hooks)
+        # Inspection: step history/norms and Prometheus metrics, fed by step observers and RPC hooks.
+        self.stats = StatsBook(self.registry, every=config.stats_every)
+        self.metrics = Metrics(self.registry, self.stats)
+        self.hooks.on_call = self.metrics.on_call
         self.started_at = time.time()
         self.grpc_ready = False
         self.extensions: list[Any] = []  # things with start()/stop() wired in by the HTTP side etc.

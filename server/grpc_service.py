@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -94,6 +95,13 @@ def _receive(sink: TensorSink | None, first: Any, rest: Iterator[bytes]) -> int:
     return nbytes
 
 
+def _counted(frames: Iterator[bytes], sizes: list[int]) -> Iterator[bytes]:
+    """The request stream, adding each raw frame's length to sizes[0] (for metrics)."""
+    for raw in frames:
+        sizes[0] += len(raw)
+        yield raw
+
+
 class OptimizerService:
     def __init__(
         self,
@@ -161,30 +169,56 @@ class OptimizerService:
         )
 
     def _wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        method = fn.__name__.title().replace("_", "")  # push_grad -> PushGrad
+
         @functools.wraps(fn)
         def call(request: Any, context: grpc.ServicerContext) -> Any:
+            t0, outcome, sizes = time.perf_counter(), "OK", [0, 0]  # bytes in, out
+            if self.hooks.on_call is not None and not hasattr(request, "ByteSize"):
+                request = _counted(request, sizes)  # a stream of raw frames
             try:
                 self._check_token(context)
-                return fn(request, context)
+                reply = fn(request, context)
+                if self.hooks.on_call is not None:
+                    sizes[0] += request.ByteSize() if hasattr(request, "ByteSize") else 0
+                    sizes[1] = reply.ByteSize()
+                return reply
             except ServerError as exc:
+                outcome = exc.kind
                 self._abort(context, exc)
             except Exception as exc:
+                outcome = "internal"
                 logger.exception("%s failed", fn.__name__)
                 self._abort(context, ServerError(f"internal error: {type(exc).__name__}: {exc}"))
+            finally:
+                if self.hooks.on_call is not None:
+                    self.hooks.on_call(method, outcome, time.perf_counter() - t0, *sizes)
 
         return call
 
     def _wrap_stream(self, fn: Callable[..., Iterator[bytes]]) -> Callable[..., Iterator[bytes]]:
+        method = fn.__name__.title().replace("_", "")
+
         @functools.wraps(fn)
         def call(request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
+            t0, outcome, sent = time.perf_counter(), "OK", 0
             try:
                 self._check_token(context)
-                yield from fn(request, context)
+                for frame in fn(request, context):
+                    sent += len(frame)
+                    yield frame
             except ServerError as exc:
+                outcome = exc.kind
                 self._abort(context, exc)
             except Exception as exc:
+                outcome = "internal"
                 logger.exception("%s failed", fn.__name__)
                 self._abort(context, ServerError(f"internal error: {type(exc).__name__}: {exc}"))
+            finally:
+                if self.hooks.on_call is not None:
+                    self.hooks.on_call(
+                        method, outcome, time.perf_counter() - t0, request.ByteSize(), sent
+                    )
 
         return call
 

@@ -1,0 +1,329 @@
+"""Training statistics per hosted model: a bounded step history and per-parameter norms.
+
+`StatsBook` follows the registry: every model gets a `ModelStats` whose observer runs after each
+step, under the model lock, on the step path. So the observer does as little as it can:
+
+* every step: a few Python scalars (lr per group, loss, step time, workers, their lag) appended to
+  a bounded deque;
+* every `stats_every` steps: the gradient norm and the update norm, each one batched
+  `torch._foreach_norm` over all tensors (on the tensors' own device, one kernel group per dtype),
+  kept as tensors and turned into Python floats only when someone reads them, so on CUDA the step
+  path never waits for the device.
+
+The update norm needs the parameters from before the step; the observer of the step *before* a
+stats step copies them into a buffer it keeps (one extra parameter-sized copy per model while
+`stats_every` > 0). Norms of parameters and Adam state for `/params` are computed on request on the
+reader's thread, outside the model lock, and retried if a step ran meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .model import HostedModel, StepRecord
+from .registry import ModelRegistry
+
+logger = logging.getLogger(__name__)
+
+HISTORY_LEN = 4096  # steps kept per model (a few hundred KiB)
+_RATE_WINDOW_S = 30.0  # step rate is averaged over this much recent history
+
+
+def _float(v: Any) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, torch.Tensor):
+        v = v.detach().reshape(-1)[0].item()
+    f = float(v)
+    return f if math.isfinite(f) else None
+
+
+def _norms(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> torch.Tensor:
+    """Per-tensor norms as one float32 vector on the tensors' device: one batched kernel per
+    device/dtype instead of a Python loop. Empty input gives an empty vector."""
+    if not tensors:
+        return torch.zeros(0)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    if len(by_device) == 1:
+        return torch.stack(torch._foreach_norm(list(tensors), ord, dtype=torch.float32))
+    out = torch.zeros(len(tensors))
+    for idx in by_device.values():
+        part = torch._foreach_norm([tensors[i] for i in idx], ord, dtype=torch.float32)
+        out[idx] = torch.stack(part).cpu()
+    return out
+
+
+@dataclass
+class StepEntry:
+    """One step (or skipped step) as the history keeps it."""
+
+    version: int
+    time: float  # unix seconds when the step finished
+    applied: bool  # False: skipped (found_inf)
+    step_seconds: float
+    contributors: int
+    ranks: tuple[int, ...]
+    partial: bool  # a sync round that timed out without every worker
+    lr: tuple[float | None, ...]  # per param group
+    loss: float | None  # mean of the losses the contributing workers reported
+    scalars: dict[str, float]
+    lag: dict[int, int]  # rank -> versions applied since the one its last gradient came from
+    norms: torch.Tensor | None = None  # [grad norm, update norm] until first read (device)
+    grad_norm: float | None = None
+    update_norm: float | None = None
+
+    def resolve(self) -> None:
+        if self.norms is not None:
+            g, u = self.norms.tolist()  # the only device sync, on the reader's thread
+            self.grad_norm, self.update_norm = _finite(g), _finite(u)
+            self.norms = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "time": self.time,
+            "applied": self.applied,
+            "step_ms": self.step_seconds * 1e3,
+            "workers": self.contributors,
+            "ranks": list(self.ranks),
+            "partial": self.partial,
+            "lr": list(self.lr),
+            "loss": self.loss,
+            "scalars": self.scalars,
+            "lag": {str(r): v for r, v in self.lag.items()},
+            "grad_norm": self.grad_norm,
+            "update_norm": self.update_norm,
+        }
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+@dataclass
+class _Last:
+    """Per-parameter norms from the latest stats step (device tensors until read)."""
+
+    version: int = -1
+    names: list[str] = field(default_factory=list)
+    grad: torch.Tensor | None = None
+    update_names: list[str] = field(default_factory=list)
+    update: torch.Tensor | None = None
+
+
+class ModelStats:
+    """History and last statistics of one model; `observe` is its step observer."""
+
+    def __init__(self, model: HostedModel, every: int, history_len: int = HISTORY_LEN):
+        self.model = model
+        self.every = every
+        self.history: deque[StepEntry] = deque(maxlen=history_len)
+        self.last = _Last()
+        self._lock = threading.Lock()  # history and `last` between observer and readers
+        self._prev: dict[str, torch.Tensor] = {}  # parameters before the coming stats step
+        self._prev_version = -1
+
+    @property
+    def buffer_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._prev.values())
+
+    def observe(self, record: StepRecord) -> None:
+        """Step observer (model lock held). Cheap scalars always, norms every `every` steps."""
+        model = self.model
+        lag = {r: max(0, record.version - pv - 1) for r, (_, pv) in model.last_heard.items()}
+        entry = StepEntry(
+            version=record.version,
+            time=record.wall_time,
+            applied=record.applied,
+            step_seconds=record.step_seconds,
+            contributors=record.contributors,
+            ranks=record.ranks,
+            partial=record.partial,
+            lr=tuple(_float(g.get("lr")) for g in model.requested),
+            loss=sum(record.losses) / len(record.losses) if record.losses else None,
+            scalars=dict(record.scalars),
+            lag=lag,
+        )
+        last = None
+        if record.applied and self.every > 0 and record.version % self.every == 0:
+            entry.norms, last = self._norms_of_step(record)
+        if record.applied and self.every > 0 and (record.version + 1) % self.every == 0:
+            self._keep_params(record.version)
+        with self._lock:
+            self.history.append(entry)
+            if last is not None:
+                self.last = last
+
+    def _norms_of_step(self, record: StepRecord) -> tuple[torch.Tensor, _Last]:
+        names = list(record.grads)
+        grad = _norms([record.grads[n] for n in names])
+        total_grad = torch.linalg.vector_norm(grad) if grad.numel() else torch.zeros(())
+        last = _Last(record.version, names, grad)
+        total_update = torch.full((), math.nan, device=grad.device)
+        if self._prev_version == record.version - 1 and self._prev:
+            # prev <- prev - new = minus the update; its norms are the update norms.
+            upd_names = [n for n in self._prev if n in self.model.params]
+            prev = [self._prev[n] for n in upd_names]
+            torch._foreach_sub_(prev, [self.model.params[n] for n in upd_names])
+            update = _norms(prev)
+            last.update_names, last.update = upd_names, update
+            total_update = torch.linalg.vector_norm(update).to(grad.device)
+        self._prev_version = -1  # the buffer now holds differences
+        return torch.stack([total_grad.to(grad.device), total_update]), last
+
+    def _keep_params(self, version: int) -> None:
+        params = self.model.params
+        for n, p in params.items():
+            buf = self._prev.get(n)
+            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
+                self._prev[n] = torch.empty_like(p)
+        for n in [n for n in self._prev if n not in params]:
+            del self._prev[n]
+        names = list(params)
+        torch._foreach_copy_([self._prev[n] for n in names], [params[n] for n in names])
+        self._prev_version = version
+
+    # --- reads (any thread) --------------------------------------------------------------------
+
+    def entries(self, since: int | None = None, limit: int | None = None) -> list[StepEntry]:
+        with self._lock:
+            items = list(self.history)
+            if since is not None:
+                items = [e for e in items if e.version > since]
+            if limit is not None:
+                items = items[-limit:] if limit > 0 else []
+            for e in items:
+                e.resolve()
+        return items
+
+    def step_rate(self) -> float:
+        """Applied steps per second over the recent history (0 when idle or unknown)."""
+        with self._lock:
+            recent = [e for e in self.history if e.applied]
+        if len(recent) < 2:
+            return 0.0
+        end = recent[-1].time
+        window = [e for e in recent if e.time >= end - _RATE_WINDOW_S]
+        if len(window) < 2 or window[-1].time <= window[0].time:
+            return 0.0
+        return (len(window) - 1) / (window[-1].time - window[0].time)
+
+    def last_loss(self) -> float | None:
+        with self._lock:
+            for e in reversed(self.history):
+                if e.loss is not None:
+                    return e.loss
+        return None
+
+    def param_stats(self, attempts: int = 3) -> tuple[int, list[dict[str, Any]]]:
+        """Per-parameter statistics of the current state: (version, rows).
+
+        The norms run without the model lock so a reader never stalls training; if a step ran
+        meanwhile the numbers may mix two versions, so we retry, and hold the lock on the last try.
+        """
+        for attempt in range(attempts):
+            if attempt == attempts - 1:
+                with self.model.locked():
+                    return self._param_stats_once(check=False)
+            result = self._param_stats_once(check=True)
+            if result is not None:
+                return result
+        raise AssertionError("unreachable")
+
+    def _param_stats_once(self, check: bool) -> Any:
+        model = self.model
+        with model.locked():  # refs only: state is created lazily by the first step
+            seq, version = model.read_begin()
+            names = list(model.params)
+            params = [model.params[n] for n in names]
+            group_of = {n: i for i, g in enumerate(model.group_names()) for n in g}
+            states = [dict(model.optimizer.state.get(p, {})) for p in params]
+        with self._lock:
+            last = self.last
+        has = [i for i, s in enumerate(states) if "exp_avg" in s]
+        rows_t = [_norms(params).float().cpu()]
+        if has:
+            avg = _norms([states[i]["exp_avg"] for i in has])
+            sq_sum = _norms([states[i]["exp_avg_sq"] for i in has], ord=1)  # >= 0: L1 is the sum
+            steps = torch.stack(
+                [states[i]["step"].detach().to(avg.device, torch.float32) for i in has]
+            )
+            rows_t.append(torch.stack([avg, sq_sum, steps]).cpu())
+        if check and not model.read_consistent(seq):
+            return None
+        norm = rows_t[0].tolist()
+        extra = rows_t[1].tolist() if has else [[], [], []]
+        per = {i: (extra[0][k], extra[1][k], extra[2][k]) for k, i in enumerate(has)}
+        grad = dict(zip(last.names, last.grad.tolist())) if last.grad is not None else {}
+        update = (
+            dict(zip(last.update_names, last.update.tolist())) if last.update is not None else {}
+        )
+        rows = []
+        for i, (n, p) in enumerate(zip(names, params)):
+            avg_n, sq_sum, step = per.get(i, (None, None, None))
+            upd = update.get(n)
+            rows.append(
+                {
+                    "name": n,
+                    "group": group_of.get(n),
+                    "shape": list(p.shape),
+                    "numel": p.numel(),
+                    "dtype": str(p.dtype).removeprefix("torch."),
+                    "device": str(p.device),
+                    "step": int(step) if step is not None else 0,
+                    "norm": norm[i],
+                    "grad_norm": grad.get(n),
+                    "exp_avg_norm": avg_n,
+                    "exp_avg_sq_mean": sq_sum / p.numel()
+                    if sq_sum is not None and p.numel()
+                    else None,
+                    "update_norm": upd,
+                    "update_to_weight": upd / norm[i] if upd is not None and norm[i] > 0 else None,
+                    "stats_version": last.version if n in grad else None,
+                }
+            )
+        return version, rows
+
+
+class StatsBook:
+    """A ModelStats per model in the registry, kept in step with creates and deletes."""
+
+    def __init__(self, registry: ModelRegistry, every: int):
+        self.every = every
+        self._stats: dict[str, ModelStats] = {}
+        self._lock = threading.Lock()
+        registry.on_create.append(self._on_create)
+        registry.on_delete.append(self._on_delete)
+        for model in registry.models():
+            self._on_create(model)
+
+    def _on_create(self, model: HostedModel) -> None:
+        self.get(model)
+
+    def _on_delete(self, name: str) -> None:
+        with self._lock:
+            stats = self._stats.pop(name, None)
+        if stats is not None:
+            with stats.model.locked():  # a push still in flight may be stepping it
+                stats.model.observers.remove(stats.observe)
+                stats._prev.clear()  # free the parameter-sized buffer now
+
+    def get(self, model: HostedModel) -> ModelStats:
+        with self._lock:
+            stats = self._stats.get(model.name)
+            if stats is None or stats.model is not model:
+                # First sight of this model: from on_create, or a read that raced it.
+                stats = self._stats[model.name] = ModelStats(model, self.every)
+                with model.locked():
+                    model.observers.append(stats.observe)
+        return stats

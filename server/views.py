@@ -1,0 +1,142 @@
+"""JSON views of the daemon's core for the HTTP side and `adamd inspect`: plain dicts of Python
+numbers and strings (tensors and tuples turned into floats and lists), read under the model lock
+so one answer never mixes two versions."""
+
+from __future__ import annotations
+
+import math
+import time
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .model import HostedModel
+from .stats import ModelStats
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+
+def adamd_version() -> str:
+    try:
+        return metadata.version("adamd")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def jsonable(v: Any) -> Any:
+    """A hyperparameter as JSON: tensor -> float, tuple -> list, non-finite -> None."""
+    if isinstance(v, torch.Tensor):
+        v = v.detach().reshape(-1)[0].item() if v.numel() else None
+    if isinstance(v, (tuple, list)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
+def implementation(group: dict[str, Any]) -> str:
+    if group.get("fused"):
+        return "fused"
+    if group.get("foreach"):
+        return "foreach"
+    return "for-loop"
+
+
+def server_info(daemon: Daemon) -> dict[str, Any]:
+    return {
+        "version": adamd_version(),
+        "device": str(daemon.device),
+        "grpc_address": daemon.grpc_address,
+        "uptime_s": time.time() - daemon.started_at,
+        "stats_every": daemon.config.stats_every,
+        "token_required_for_operations": daemon.config.token is not None,
+        "torch": torch.__version__,
+    }
+
+
+def model_summary(model: HostedModel, stats: ModelStats, detail: bool = False) -> dict[str, Any]:
+    """What /v1/models lists per model; `detail` adds param groups and workers."""
+    memory = model.memory_bytes()
+    memory["stats"] = stats.buffer_bytes
+    memory["total"] = sum(memory.values())
+    now = time.time()
+    with model.locked():
+        version = model.version
+        params = dict(model.params)
+        out: dict[str, Any] = {
+            "name": model.name,
+            "mode": model.mode,
+            "world_size": model.world_size,
+            "version": version,
+            "step": version,
+            "skipped_steps": model.skipped_steps,
+            "device": str(model.device),
+            "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params.values()}),
+            "num_params": len(params),
+            "num_elements": sum(p.numel() for p in params.values()),
+            "memory": memory,
+            "created_at": model.created_at,
+            "last_step_at": model.last_step_at,
+            "step_rate": stats.step_rate(),
+            "last_loss": stats.last_loss(),
+            "lr": [jsonable(g.get("lr")) for g in model.requested],
+            "workers_heard": len(model.last_heard),
+        }
+        if detail:
+            out["max_staleness"] = model.max_staleness
+            out["round_timeout_s"] = model.round_timeout_s
+            out["param_groups"] = [
+                {
+                    "index": i,
+                    "params": list(group["param_names"]),
+                    "hyperparameters": {k: jsonable(v) for k, v in requested.items()},
+                    "implementation": implementation(group),
+                }
+                for i, (group, requested) in enumerate(
+                    zip(model.optimizer.param_groups, model.requested)
+                )
+            ]
+            out["workers"] = [
+                {
+                    "rank": rank,
+                    "last_push_age_s": max(0.0, now - heard),
+                    "pushed_from_version": pushed_from,
+                    "lag": max(0, version - pushed_from - 1),
+                }
+                for rank, (heard, pushed_from) in sorted(model.last_heard.items())
+            ]
+    return out
+
+
+def _cpu(v: Any) -> Any:
+    # A real copy: the next step writes these tensors in place once we let go of the lock.
+    if isinstance(v, torch.Tensor):
+        return v.detach().to("cpu", copy=True)
+    if isinstance(v, tuple):
+        return tuple(_cpu(x) for x in v)
+    if isinstance(v, list):
+        return [_cpu(x) for x in v]
+    return v
+
+
+def snapshot_payload(model: HostedModel) -> dict[str, Any]:
+    """Params and torch.optim.Adam's state_dict, copied to the CPU under the model lock; only
+    tensors, dicts, lists, tuples and plain values, so torch.load(weights_only=True) reads it."""
+    with model.locked():
+        sd = model.optimizer.state_dict()
+        return {
+            "format": "adamd-http-snapshot/1",
+            "model": model.name,
+            "version": model.version,
+            "mode": model.mode,
+            "world_size": model.world_size,
+            "params": {n: _cpu(p) for n, p in model.params.items()},
+            "optimizer": {
+                "state": {i: {k: _cpu(v) for k, v in s.items()} for i, s in sd["state"].items()},
+                "param_groups": [{k: _cpu(v) for k, v in g.items()} for g in sd["param_groups"]],
+            },
+        }
