@@ -1,0 +1,251 @@
+"""Crash recovery against a real `adamd serve` process: kill -9 at random moments during training,
+restart, and check what survived; graceful SIGTERM writes a final snapshot.
+
+The trainer pushes deterministic gradients (gradient k depends only on k), so the final parameters
+of a run that applied every step exactly once, in order, equal a local fused torch.optim.Adam run
+bitwise, however many times the server died in between.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from adamd.client import Client
+from adamd.client._exceptions import (
+    DeadlineExceeded,
+    StalePush,
+    Unavailable,
+)
+from adamd.server import snapshot_format as fmt
+
+ADAMD = str(Path(sys.executable).with_name("adamd"))
+SHAPES = {"w": (64, 32), "b": (32,)}
+LR = 0.01
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _grads(k: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(k)
+    return {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
+
+
+def _init() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(12345)
+    return {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
+
+
+def _reference(steps: int) -> dict[str, torch.Tensor]:
+    params = {n: t.clone() for n, t in _init().items()}
+    opt = torch.optim.Adam(list(params.values()), lr=LR, fused=True)
+    for k in range(steps):
+        for n, p in params.items():
+            p.grad = _grads(k)[n]
+        opt.step()
+    return params
+
+
+class Server:
+    """`adamd serve` as a child process on a fixed port, restartable over one data dir."""
+
+    def __init__(self, data_dir: Path, *flags: str):
+        self.data_dir = data_dir
+        self.port = _free_port()
+        self.flags = flags
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.logs: list[Path] = []
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = self.data_dir.parent / f"server-{len(self.logs)}.log"
+        self.logs.append(log)
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [
+                    *(ADAMD, "serve", "--grpc-port", str(self.port), "--http-port", "-1"),
+                    *("--data-dir", str(self.data_dir), "--device", "cpu", *self.flags),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=60)
+
+    def restored_version(self, index: int = -1) -> int | None:
+        """The version the index-th start restored (from its log), None if it restored nothing."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = self.logs[index].read_text()
+            m = re.search(r"model m: restored version (\d+)", text)
+            if m:
+                return int(m[1])
+            if "adamd serving gRPC" in text:
+                return None
+            time.sleep(0.02)
+        raise AssertionError(f"server did not start: {self.logs[index].read_text()}")
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[type[Server]]:
+    made: list[Server] = []
+
+    class Tracked(Server):
+        def __init__(self, *flags: str):
+            super().__init__(tmp_path / "data", *flags)
+            made.append(self)
+
+    yield Tracked
+    for s in made:
+        if s.proc is not None and s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()
+
+
+def _crash_run(server: Server, rounds: int, steps_between: int, durable: bool) -> None:
+    """Train while a killer thread kill -9s the server after a random number of acknowledged steps
+    (plus a random sub-step delay, so kills land inside pushes and snapshot writes) and restarts
+    it. Checks every restart came back from a valid snapshot and, in durable mode, with every
+    acknowledged step; at the end, the run equals the uninterrupted reference bitwise."""
+    total = rounds * steps_between + 5
+    acked = 0  # highest version a push reply reported
+    progress = threading.Condition()
+    done = threading.Event()
+    failures: list[str] = []
+    rng = random.Random(os.getpid())
+
+    def killer() -> None:
+        for r in range(rounds):
+            target = acked + rng.randint(1, steps_between)
+            with progress:
+                while acked < target and not done.is_set():
+                    progress.wait(0.1)
+            if done.is_set():
+                failures.append(f"training finished before round {r}")
+                return
+            time.sleep(rng.uniform(0, 0.004))
+            with progress:
+                at_kill = acked
+            server.kill()
+            server.start()
+            restored = server.restored_version()
+            if restored is None:
+                failures.append(f"round {r}: restart restored nothing")
+            elif durable and restored < at_kill:
+                failures.append(
+                    f"round {r}: acknowledged version {at_kill} lost, came back at {restored}"
+                )
+
+    server.start()
+    assert server.restored_version() is None  # waits until it serves
+    # A fresh channel connects as soon as the server is back; a long-lived one backs off for
+    # seconds after repeated refusals, so on Unavailable we reconnect instead of waiting.
+    c = Client(server.address, retry_timeout=1.0, timeout=30)
+    with Client(server.address, retry_timeout=30) as setup:  # waits out the first start
+        setup.create_model("m", _init(), lr=LR)
+    c.snapshot("m")  # the model itself survives the first crash in either mode
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        k = 0
+        while k < total:
+            try:
+                if durable:
+                    # Push ids alone keep this exactly-once: a push applied and persisted
+                    # before the crash, whose reply was lost, is answered from the snapshot.
+                    r = c.push_grad("m", _grads(k), push_id=f"step-{k}")
+                else:
+                    # Periodic mode may lose the last steps: pushing from a version makes the
+                    # server refuse a gradient for a state it no longer has, and we redo them.
+                    r = c.push_grad("m", _grads(k), version=k, push_id=f"step-{k}")
+            except StalePush:
+                k = c.describe("m").version
+                continue
+            except (Unavailable, DeadlineExceeded):
+                c.close()
+                c = Client(server.address, retry_timeout=1.0, timeout=30)
+                continue
+            assert r.version == k + 1, (r, k)
+            k = r.version
+            with progress:
+                acked = max(acked, k)
+                progress.notify_all()
+    finally:
+        done.set()
+        thread.join()
+    assert not failures, failures
+    final = c.pull_params("m")
+    c.close()
+    ref = _reference(total)
+    for n in SHAPES:
+        assert torch.equal(final[n], ref[n]), n
+    assert len(server.logs) == rounds + 1
+
+
+def test_kill9_durable_loses_no_acknowledged_step(server_factory: type[Server]) -> None:
+    _crash_run(server_factory("--durable"), rounds=10, steps_between=6, durable=True)
+
+
+def test_kill9_periodic_resumes_from_a_valid_snapshot(server_factory: type[Server]) -> None:
+    _crash_run(
+        server_factory("--snapshot-every-steps", "3"), rounds=2, steps_between=8, durable=False
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("durable", [True, False])
+def test_kill9_many_rounds(server_factory: type[Server], durable: bool) -> None:
+    flags = (
+        ("--durable",) if durable else ("--snapshot-every-steps", "2", "--snapshot-every-s", "0.1")
+    )
+    _crash_run(server_factory(*flags), rounds=40, steps_between=10, durable=durable)
+
+
+def test_sigterm_writes_final_snapshot_and_restart_resumes(server_factory: type[Server]) -> None:
+    server = server_factory()  # no periodic snapshots: only the final one can hold these steps
+    server.start()
+    assert server.restored_version() is None  # waits until it serves
+    with Client(server.address, retry_timeout=60) as c:
+        c.create_model("m", _init(), lr=LR)
+        for k in range(7):
+            c.push_grad("m", _grads(k), push_id=f"step-{k}")
+        before = c.pull_params("m")
+    assert server.kill(signal.SIGTERM) == 0
+    assert fmt.list_snapshots(server.data_dir / "m")[-1].version == 7
+    server.start()
+    assert server.restored_version() == 7
+    with Client(server.address, retry_timeout=60) as c:
+        assert c.describe("m").version == 7
+        after = c.pull_params("m")
+        for n in SHAPES:
+            assert torch.equal(before[n], after[n])
+        assert c.push_grad("m", _grads(6), push_id="step-6").duplicate
+        for k in range(7, 10):
+            c.push_grad("m", _grads(k), push_id=f"step-{k}")
+        final = c.pull_params("m")
+    ref = _reference(10)
+    for n in SHAPES:
+        assert torch.equal(final[n], ref[n]), n
+    assert server.kill(signal.SIGINT) == 0
