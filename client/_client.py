@@ -18,8 +18,15 @@ import torch
 
 from adamd.v1 import adamd_pb2 as pb
 
-from ._exceptions import AdamdError, InvalidArgument, Unavailable, from_rpc_error
+from ._exceptions import (
+    AdamdError,
+    FailedPrecondition,
+    InvalidArgument,
+    Unavailable,
+    from_rpc_error,
+)
 from ._hyper import options_from_pb, options_to_pb
+from ._shm import SameHostSession, boot_id
 from ._types import ModelInfo, PullResult, PushResult
 from ._wire import (
     DEFAULT_CHUNK_BYTES,
@@ -86,11 +93,17 @@ class Client:
         retry_timeout: float = 60.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         wire_dtype: torch.dtype | None = None,
+        transport: str = "auto",
     ):
         """`timeout`: per-call deadline (None: none). `retry_timeout`: how long transient failures
         are retried before Unavailable is raised. `wire_dtype` (torch.bfloat16 / torch.float16):
         send gradients and receive parameters in that dtype, halving the bytes; the server keeps
-        float32 master weights and state."""
+        float32 master weights and state. `transport`: "auto" moves tensors through shared memory
+        when the server is on this host (and accepts), else gRPC streams; "grpc" always streams."""
+        if transport not in ("auto", "grpc"):
+            raise ValueError(f"transport must be 'auto' or 'grpc', got {transport!r}")
+        self.transport = transport
+        self._sessions: dict[str, SameHostSession | None] = {}
         if chunk_bytes <= 0 or chunk_bytes > MAX_MESSAGE_BYTES - (1 << 20):
             raise ValueError(f"chunk_bytes must be in 1..{MAX_MESSAGE_BYTES - (1 << 20)}")
         self.address = address
@@ -117,11 +130,14 @@ class Client:
         self._list = ch.unary_unary(_SERVICE + "ListModels", ser, pb.ListModelsReply.FromString)
         self._delete = ch.unary_unary(_SERVICE + "DeleteModel", ser, pb.DeleteReply.FromString)
         self._snapshot = ch.unary_unary(_SERVICE + "Snapshot", ser, pb.SnapshotInfo.FromString)
-        self.attach_call = ch.unary_unary(_SERVICE + "Attach", ser, pb.AttachReply.FromString)
+        self._attach = ch.unary_unary(_SERVICE + "Attach", ser, pb.AttachReply.FromString)
+        self._detach = ch.unary_unary(_SERVICE + "Detach", ser, pb.DetachReply.FromString)
 
     # --- plumbing -------------------------------------------------------------------------------
 
     def close(self) -> None:
+        for model in list(self._sessions):
+            self._drop_session(model)
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -147,6 +163,42 @@ class Client:
                 if code in _RETRYABLE:
                     raise Unavailable(f"{self.address}: {exc}") from None
                 raise exc from None
+
+    # --- same-host sessions ---------------------------------------------------------------------
+
+    def _session(self, model: str) -> SameHostSession | None:
+        """This model's shared-memory session, attached on first use; None means gRPC."""
+        if self.transport != "auto":
+            return None
+        if model not in self._sessions:
+            session = None
+            try:
+                reply = self._attach(pb.AttachRequest(model=model, host_id=boot_id()), **self._kw())
+                if reply.accepted:
+                    session = SameHostSession(model, reply)
+            except (grpc.RpcError, OSError, ValueError, RuntimeError):
+                session = None
+            self._sessions[model] = session
+        session = self._sessions[model]
+        if session is not None and not session.valid():
+            self._drop_session(model)
+            return self._session(model)
+        return session
+
+    def _drop_session(self, model: str, *, reattach: bool = True) -> None:
+        """Forget the model's session; without `reattach`, this client streams from now on."""
+        session = self._sessions.pop(model, None)
+        if not reattach:
+            self._sessions[model] = None
+        if session is not None:
+            try:
+                self._detach(
+                    pb.DetachRequest(model=model, session=session.id),
+                    timeout=5,
+                    metadata=self._metadata,
+                )
+            except grpc.RpcError:
+                pass
 
     def _kw(self) -> dict[str, Any]:
         return {"metadata": self._metadata, "timeout": self.timeout}
@@ -243,7 +295,9 @@ class Client:
             params=[spec_of(n, t) for n, t in zip(names, tensors)],
         )
         frames = self._upload(header.SerializeToString(), tensors)
-        return _model_info(self.call(lambda: self._add_group(frames(), **self._kw())))
+        info = _model_info(self.call(lambda: self._add_group(frames(), **self._kw())))
+        self._drop_session(model)  # the shared layout changed: attach again on next use
+        return info
 
     # --- pushes and pulls -----------------------------------------------------------------------
 
@@ -269,11 +323,19 @@ class Client:
         """
         names = list(grads)
         wire = wire_dtype or self.wire_dtype
-        tensors = [to_wire(grads[n], wire) for n in names]
+        session = self._session(model) if wire is None else None
+        if session is not None and session.fits(grads):
+            specs = session.write_grads(grads)
+            tensors: list[torch.Tensor] = []
+        else:
+            session = None
+            tensors = [to_wire(grads[n], wire) for n in names]
+            specs = [spec_of(n, t) for n, t in zip(names, tensors)]
         header = pb.PushHeader(
             model=model,
-            grads=[spec_of(n, t) for n, t in zip(names, tensors)],
+            grads=specs,
             rank=rank,
+            session=session.id if session else "",
             push_id=push_id or uuid.uuid4().hex,
             found_inf=found_inf,
             scalars=dict(scalars or {}),
@@ -286,7 +348,25 @@ class Client:
         if loss is not None:
             header.loss = float(loss)
         frames = self._upload(header.SerializeToString(), tensors)
-        r = self.call(lambda: self._push(frames(), **self._kw()))
+        try:
+            r = self.call(lambda: self._push(frames(), **self._kw()))
+        except FailedPrecondition:
+            if session is None:
+                raise
+            # the session went stale (the model changed shape or was re-created): stream instead
+            self._drop_session(model, reattach=False)
+            return self.push_grad(
+                model,
+                grads,
+                version=version,
+                rank=rank,
+                push_id=header.push_id,
+                loss=loss,
+                scalars=scalars,
+                found_inf=found_inf,
+                hyper_updates=hyper_updates,
+                wire_dtype=wire_dtype,
+            )
         return PushResult(r.version, r.applied, r.found_inf, r.contributors, r.duplicate, r.partial)
 
     def pull_params(
@@ -319,6 +399,11 @@ class Client:
         if wait_for_version is not None:
             req.wait_for_version = wait_for_version
         wire = wire_dtype or self.wire_dtype
+        session = self._session(model) if wire is None and wait_for_version is None else None
+        if session is not None:
+            shared = self._pull_shared(session, names, out, if_newer_than)
+            if shared is not None:
+                return shared
         if wire is not None:
             req.wire_dtype = spec_of("", torch.empty(0, dtype=wire)).dtype
         for _ in range(8):
@@ -326,6 +411,32 @@ class Client:
             if result is not None:
                 return result
         raise AdamdError("parameters kept changing during the pull (async steps); try again")
+
+    def _pull_shared(
+        self,
+        session: SameHostSession,
+        names: Sequence[str] | None,
+        out: Mapping[str, torch.Tensor] | None,
+        if_newer_than: int | None,
+    ) -> PullResult | None:
+        """A pull served from shared memory, or None where the gRPC path must answer."""
+        wanted = list(names or session.param_views)
+        if any(n not in session.param_views for n in wanted):
+            return None  # let the server name what is missing
+        if out is not None and any(
+            n in out and tuple(out[n].shape) != tuple(session.param_views[n].shape) for n in wanted
+        ):
+            return None
+        if if_newer_than is not None and session.version() <= if_newer_than:
+            return PullResult(session.version(), {}, True)
+        try:
+            version, params = session.read_params(wanted, out)
+        except TimeoutError:
+            return None
+        if not session.valid():  # retired while we read: the server's copy moved
+            self._drop_session(session.model)
+            return None
+        return PullResult(version, params)
 
     def _pull_once(
         self, req: pb.PullRequest, out: Mapping[str, torch.Tensor] | None
@@ -349,7 +460,7 @@ class Client:
                         f"out[{s.name!r}] has shape {list(dst.shape)}, server sent {list(shape)}"
                     )
                 direct = dst is not None and dst.device.type == "cpu" and dst.is_contiguous()
-                if direct:
+                if dst is not None and direct:
                     buf = dst.detach()
                 else:
                     buf = torch.empty(shape, dtype=dst.dtype if dst is not None else dtype)

@@ -49,8 +49,9 @@ class RemoteAdam(torch.optim.Optimizer):
     Extra keyword arguments: `server` (host:port), `model` (name on the server), `world_size`
     (workers per sync step; default: $WORLD_SIZE or 1), `rank` (default: $RANK or 0), `mode`
     ("sync" or "async"), `token`, `client` (an existing Client), `wire_dtype` (torch.bfloat16 /
-    torch.float16 to halve the bytes on the wire), `max_staleness` and `round_timeout_s` (used
-    when this worker creates the model).
+    torch.float16 to halve the bytes on the wire), `transport` ("auto": shared memory when the
+    server is on this host, else gRPC; "grpc": always gRPC), `max_staleness` and
+    `round_timeout_s` (used when this worker creates the model).
     """
 
     def __init__(
@@ -76,23 +77,26 @@ class RemoteAdam(torch.optim.Optimizer):
         token: str | None = None,
         client: Client | None = None,
         wire_dtype: torch.dtype | None = None,
+        transport: str = "auto",
         max_staleness: int = 0,
         round_timeout_s: float = 0.0,
     ):
         if not isinstance(params, (torch.Tensor, set)):
             params = list(params)
-        options = dict(  # torch.optim.Adam's order, so param_groups print and pack alike
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-            foreach=foreach,
-            capturable=capturable,
-            differentiable=differentiable,
-            fused=fused,
-            decoupled_weight_decay=decoupled_weight_decay,
+        options: dict[str, Any] = (
+            dict(  # torch.optim.Adam's order, so param_groups print and pack alike
+                lr=lr,
+                betas=betas,
+                eps=eps,
+                weight_decay=weight_decay,
+                amsgrad=amsgrad,
+                maximize=maximize,
+                foreach=foreach,
+                capturable=capturable,
+                differentiable=differentiable,
+                fused=fused,
+                decoupled_weight_decay=decoupled_weight_decay,
+            )
         )
         # torch's own checks, with torch's own messages (ValueError, TypeError, RuntimeError).
         torch.optim.Adam(_copy_for_probe(params), **options)
@@ -113,7 +117,9 @@ class RemoteAdam(torch.optim.Optimizer):
         self._synced: list[dict[str, Any]] = []
         self._pending_loss: float | None = None
         super().__init__(params, options)
-        self._client = client or Client(server, token=token, wire_dtype=wire_dtype)
+        self._client = client or Client(
+            server, token=token, wire_dtype=wire_dtype, transport=transport
+        )
         self._owns_client = client is None
         local = self._named_params()
         try:

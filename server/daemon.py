@@ -20,6 +20,7 @@ from .grpc_server import create_grpc_server
 from .grpc_service import SERVICE, OptimizerService, RpcHooks
 from .metrics import Metrics
 from .registry import ModelRegistry, resolve_device
+from .same_host import SameHost
 from .snapshots import SnapshotManager
 from .stats import StatsBook
 
@@ -42,6 +43,13 @@ class Daemon:
         self.started_at = time.time()
         self.grpc_ready = False
         self.extensions: list[Any] = []  # things with start()/stop() wired in by the HTTP side etc.
+        # Same-host fast path: shared-memory parameters and per-session gradient files.
+        if config.shm:
+            self.same_host = SameHost(self.registry)
+            self.extensions.append(self.same_host)
+            self.hooks.attach = self.same_host.attach
+            self.hooks.detach = self.same_host.detach
+            self.hooks.session_grads = self.same_host.grads
         # Snapshots: restore at start, periodic/on-demand/durable writes, final ones at stop.
         self.snapshots = SnapshotManager(config, self.registry)
         self.extensions.append(self.snapshots)

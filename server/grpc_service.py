@@ -55,6 +55,9 @@ class RpcHooks:
         )
         self.snapshot: Callable[[str], pb.SnapshotInfo] | None = None
         self.attach: Callable[[pb.AttachRequest], pb.AttachReply] | None = None
+        self.detach: Callable[[pb.DetachRequest], pb.DetachReply] | None = None
+        # same-host pushes: (model, session, names) -> the session's gradient tensors
+        self.session_grads: Callable[[Any, str, list[str]], list[torch.Tensor]] | None = None
         self.after_push: Callable[[str, Any], None] | None = (
             None  # model, PushResult (durable mode waits here)
         )
@@ -165,6 +168,7 @@ class OptimizerService:
                 "DeleteModel": unary(self.delete_model, pb.ModelRef),
                 "Snapshot": unary(self.snapshot, pb.ModelRef),
                 "Attach": unary(self.attach, pb.AttachRequest),
+                "Detach": unary(self.detach, pb.DetachRequest),
             },
         )
 
@@ -285,10 +289,6 @@ class OptimizerService:
     ) -> pb.PushReply:
         header, first, rest = _first(request_iterator, pb.PushHeader)
         model = self.registry.get(header.model)
-        if header.session:
-            raise FailedPrecondition(
-                "same-host sessions are not available on this server; push over the stream"
-            )
         meta = PushMeta(
             rank=header.rank,
             version=header.version if header.HasField("version") else None,
@@ -298,7 +298,16 @@ class OptimizerService:
             scalars=dict(header.scalars),
             hyper_updates=convert.updates_from_pb(header.hyper_updates),
         )
-        ticket = model.begin_push(meta, convert.specs_from_pb(header.grads))
+        buffers = None
+        if header.session:
+            session_grads = self.hooks.session_grads
+            if session_grads is None:
+                raise FailedPrecondition(
+                    "same-host sessions are off on this server; push over the stream"
+                )
+            session = header.session
+            buffers = lambda names: session_grads(model, session, names)
+        ticket = model.begin_push(meta, convert.specs_from_pb(header.grads), buffers)
         try:
             _receive(ticket.sink, first, rest)
         except BaseException:
@@ -415,3 +424,8 @@ class OptimizerService:
                 accepted=False, reason="the same-host fast path is off on this server"
             )
         return self.hooks.attach(request)
+
+    def detach(self, request: pb.DetachRequest, context: grpc.ServicerContext) -> pb.DetachReply:
+        if self.hooks.detach is None:
+            return pb.DetachReply()
+        return self.hooks.detach(request)

@@ -83,8 +83,9 @@ class PushTicket:
 
     meta: PushMeta
     names: list[str]
-    sink: TensorSink | None
-    grads: GradSet | None
+    sink: TensorSink | None  # where streamed chunks go (None: buffers were filled another way)
+    grads: GradSet | None  # pooled buffers to give back (None: the caller owns `buffers`)
+    buffers: list[torch.Tensor] = field(default_factory=list)  # the gradients, in `names` order
     cached: PushResult | None = None  # a push id already applied
     wait_for_inflight: bool = False  # the same push id is in a round now
 
@@ -134,6 +135,9 @@ class HostedModel:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._seq = 0  # odd while parameters are being written (readers retry)
+        self.write_listeners: list[
+            Callable[[int, int], None]
+        ] = []  # (seq, version) on every change
         self._round: _Round | None = None
         self._results: OrderedDict[str, PushResult] = OrderedDict()
         self._inflight: set[str] = set()
@@ -223,9 +227,15 @@ class HostedModel:
     # --- pushes --------------------------------------------------------------------------------
 
     def begin_push(
-        self, meta: PushMeta, specs: Sequence[tuple[str, tuple[int, ...], torch.dtype]]
+        self,
+        meta: PushMeta,
+        specs: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+        buffers: Callable[[list[str]], list[torch.Tensor]] | None = None,
     ) -> PushTicket:
-        """Check a push's header and hand out buffers for its chunks. Changes nothing visible."""
+        """Check a push's header and hand out buffers for its chunks. Changes nothing visible.
+
+        `buffers`, when given, supplies gradients already in place (the same-host path) instead
+        of pooled buffers to stream into."""
         if self.mode == SYNC and not 0 <= meta.rank < self.world_size:
             raise InvalidArgument(
                 f"rank {meta.rank} outside 0..{self.world_size - 1} for world_size {self.world_size}"
@@ -252,15 +262,25 @@ class HostedModel:
                 return PushTicket(meta, names, None, None, wait_for_inflight=True)
             if meta.push_id:
                 self._inflight.add(meta.push_id)
+        if buffers is not None:
+            try:
+                given = buffers(names)
+            except Exception:
+                self.abort_push(PushTicket(meta, names, None, None))
+                raise
+            return PushTicket(meta, names, None, None, given)
         grads = self._pool.acquire()
-        sink = TensorSink(grads.take(names), [d for _, _, d in specs])
-        return PushTicket(meta, names, sink, grads)
+        targets = grads.take(names)
+        return PushTicket(
+            meta, names, TensorSink(targets, [d for _, _, d in specs]), grads, targets
+        )
 
     def abort_push(self, ticket: PushTicket) -> None:
         """The push's stream failed: forget it (a retry with the same id may come)."""
         with self._lock:
-            if ticket.grads is not None:
+            if ticket.cached is None and not ticket.wait_for_inflight:
                 self._inflight.discard(ticket.meta.push_id)
+            if ticket.grads is not None:
                 self._pool.release(ticket.grads)
                 ticket.grads = None
 
@@ -269,14 +289,14 @@ class HostedModel:
             return _as_duplicate(ticket.cached)
         if ticket.wait_for_inflight:
             return self._wait_for_result(ticket.meta.push_id)
-        assert ticket.sink is not None and ticket.grads is not None
         try:
-            ticket.sink.check_complete()
+            if ticket.sink is not None:
+                ticket.sink.check_complete()
         except WireError as exc:
             self.abort_push(ticket)
             raise InvalidArgument(str(exc)) from exc
         if not ticket.meta.found_inf:
-            for name, buf in zip(ticket.names, ticket.sink.targets):
+            for name, buf in zip(ticket.names, ticket.buffers):
                 if not all_finite(buf):
                     self.abort_push(ticket)
                     raise NonFiniteGradient(
@@ -348,8 +368,7 @@ class HostedModel:
         if not found_inf:
             counts: dict[str, int] = {}
             for t in tickets:
-                assert t.sink is not None
-                for name, buf in zip(t.names, t.sink.targets):
+                for name, buf in zip(t.names, t.buffers):
                     if name in summed:
                         summed[name].add_(buf)
                         counts[name] += 1
@@ -409,17 +428,31 @@ class HostedModel:
     def _step(self, grads: Mapping[str, torch.Tensor]) -> None:
         """One torch.optim.Adam step with these gradients (params not named get no step)."""
         on_device = self._to_device(grads)
-        self._seq += 1
+        self._begin_write()
         try:
             for name, p in self.params.items():
                 p.grad = on_device.get(name)
             self.optimizer.step()
+            self.version += 1
         finally:
             for p in self.params.values():
                 p.grad = None
-            self._seq += 1
-        self.version += 1
+            self._end_write()
         self.last_step_at = time.time()
+
+    @property
+    def write_seq(self) -> int:
+        return self._seq
+
+    def _begin_write(self) -> None:
+        self._seq += 1
+        for listener in self.write_listeners:
+            listener(self._seq, self.version)
+
+    def _end_write(self) -> None:
+        self._seq += 1
+        for listener in self.write_listeners:
+            listener(self._seq, self.version)
 
     def _to_device(self, grads: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         if self.device.type == "cpu":
@@ -460,12 +493,16 @@ class HostedModel:
         with self._lock:
             yield
 
-    def restore(self, version: int, skipped_steps: int, push_results: Mapping[str, PushResult]) -> None:
+    def restore(
+        self, version: int, skipped_steps: int, push_results: Mapping[str, PushResult]
+    ) -> None:
         """Set counters after a snapshot was loaded (parameters and state loaded separately)."""
         with self._lock:
+            self._begin_write()
             self.version = version
             self.skipped_steps = skipped_steps
             self._results.update(push_results)
+            self._end_write()
 
     def recent_push_results(self) -> dict[str, PushResult]:
         """Push ids already applied and their results (kept in snapshots for exactly-once)."""
@@ -561,11 +598,11 @@ class HostedModel:
                     for g in self.optimizer.param_groups
                 ],
             }
-            self._seq += 1
+            self._begin_write()
             try:
                 self.optimizer.load_state_dict(sd)
             finally:
-                self._seq += 1
+                self._end_write()
             self._apply_updates(updates)
 
     def memory_bytes(self) -> dict[str, int]:

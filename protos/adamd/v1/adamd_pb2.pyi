@@ -380,19 +380,35 @@ class AttachRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., host_id: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class AttachReply(_message.Message):
-    __slots__ = ("accepted", "session", "shm_name", "tensors", "offsets", "nbytes", "reason")
+    __slots__ = ("accepted", "session", "params_path", "tensors", "offsets", "nbytes", "reason", "grads_path", "nonce")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
-    SHM_NAME_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_PATH_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    GRADS_PATH_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     session: str
-    shm_name: str
+    params_path: str
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     offsets: _containers.RepeatedScalarFieldContainer[int]
     nbytes: int
     reason: str
-    def __init__(self, accepted: bool = ..., session: _Optional[str] = ..., shm_name: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., offsets: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    grads_path: str
+    nonce: bytes
+    def __init__(self, accepted: bool = ..., session: _Optional[str] = ..., params_path: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., offsets: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., reason: _Optional[str] = ..., grads_path: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+
+class DetachRequest(_message.Message):
+    __slots__ = ("model", "session")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    session: str
+    def __init__(self, model: _Optional[str] = ..., session: _Optional[str] = ...) -> None: ...
+
+class DetachReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -94,6 +94,11 @@ class OptimizerStub(object):
                 request_serializer=adamd_dot_v1_dot_adamd__pb2.AttachRequest.SerializeToString,
                 response_deserializer=adamd_dot_v1_dot_adamd__pb2.AttachReply.FromString,
                 _registered_method=True)
+        self.Detach = channel.unary_unary(
+                '/adamd.v1.Optimizer/Detach',
+                request_serializer=adamd_dot_v1_dot_adamd__pb2.DetachRequest.SerializeToString,
+                response_deserializer=adamd_dot_v1_dot_adamd__pb2.DetachReply.FromString,
+                _registered_method=True)
 
 
 class OptimizerServicer(object):
@@ -174,7 +179,14 @@ class OptimizerServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def Attach(self, request, context):
-        """Same-host fast path: map a shared-memory buffer for gradients and parameters.
+        """Same-host fast path: map shared-memory files for gradients and parameters.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detach(self, request, context):
+        """End a same-host session (its gradient file is removed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -242,6 +254,11 @@ def add_OptimizerServicer_to_server(servicer, server):
                     servicer.Attach,
                     request_deserializer=adamd_dot_v1_dot_adamd__pb2.AttachRequest.FromString,
                     response_serializer=adamd_dot_v1_dot_adamd__pb2.AttachReply.SerializeToString,
+            ),
+            'Detach': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detach,
+                    request_deserializer=adamd_dot_v1_dot_adamd__pb2.DetachRequest.FromString,
+                    response_serializer=adamd_dot_v1_dot_adamd__pb2.DetachReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -568,6 +585,33 @@ class Optimizer(object):
             '/adamd.v1.Optimizer/Attach',
             adamd_dot_v1_dot_adamd__pb2.AttachRequest.SerializeToString,
             adamd_dot_v1_dot_adamd__pb2.AttachReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adamd.v1.Optimizer/Detach',
+            adamd_dot_v1_dot_adamd__pb2.DetachRequest.SerializeToString,
+            adamd_dot_v1_dot_adamd__pb2.DetachReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,193 @@
+"""The server side of the same-host fast path (see adamd.client._shm for the protocol).
+
+Attaching a CPU model moves its parameters into a file under /dev/shm (the optimizer keeps the
+same tensor objects, only their storage moves), keeps the file's seqlock header in step with the
+model, and gives each session a gradient file of the same layout. A push naming a session reads
+its gradients straight from that file; a pull is a copy the client does itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from adamd.client._shm import _NONCE, _SEQ, _VERSION, HEADER_BYTES, MAGIC, SharedFile, boot_id
+from adamd.client._wire import dtype_to_pb
+from adamd.v1 import adamd_pb2 as pb
+
+from .errors import FailedPrecondition, InvalidArgument
+from .model import HostedModel
+from .registry import ModelRegistry
+
+logger = logging.getLogger(__name__)
+
+ALIGN = 64
+MAX_SESSIONS_PER_MODEL = 256
+
+
+def _layout(model: HostedModel) -> tuple[list[str], list[int], int]:
+    names, offsets, at = [], [], HEADER_BYTES
+    for name, p in model.params.items():
+        names.append(name)
+        offsets.append(at)
+        at += -(-p.numel() * p.element_size() // ALIGN) * ALIGN
+    return names, offsets, max(at, HEADER_BYTES)
+
+
+@dataclass
+class _Shared:
+    model: HostedModel
+    file: SharedFile
+    nonce: bytes
+    names: list[str]
+    offsets: list[int]
+    listener: Callable[[int, int], None]
+    sessions: dict[str, SharedFile] = field(default_factory=dict)
+    grad_views: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+class SameHost:
+    def __init__(self, registry: ModelRegistry, root: str = "/dev/shm"):
+        self.registry = registry
+        self.root = root if os.path.isdir(root) else None
+        self.host = boot_id()
+        self._shared: dict[str, _Shared] = {}
+        self._lock = threading.Lock()
+        registry.on_delete.append(self.drop)
+
+    def attach(self, req: pb.AttachRequest) -> pb.AttachReply:
+        model = self.registry.get(req.model)
+        if self.root is None or not self.host:
+            return pb.AttachReply(accepted=False, reason="no /dev/shm on the server")
+        if req.host_id != self.host:
+            return pb.AttachReply(accepted=False, reason="client and server are on different hosts")
+        if model.device.type != "cpu":
+            return pb.AttachReply(accepted=False, reason=f"parameters live on {model.device}")
+        with self._lock:
+            shared = self._shared.get(model.name)
+            if shared is None or shared.model is not model or shared.names != list(model.params):
+                if shared is not None:
+                    self._retire(shared)
+                shared = self._shared[model.name] = self._share(model)
+            if len(shared.sessions) >= MAX_SESSIONS_PER_MODEL:
+                return pb.AttachReply(
+                    accepted=False, reason="too many same-host sessions on this model"
+                )
+            session = secrets.token_hex(8)
+            grads = SharedFile(self._path(model.name, session), shared.file.nbytes, create=True)
+            shared.sessions[session] = grads
+            shared.grad_views[session] = {
+                n: grads.view(o, model.params[n].shape, model.params[n].dtype)
+                for n, o in zip(shared.names, shared.offsets)
+            }
+        return pb.AttachReply(
+            accepted=True,
+            session=session,
+            params_path=shared.file.path,
+            grads_path=grads.path,
+            nbytes=shared.file.nbytes,
+            offsets=shared.offsets,
+            nonce=shared.nonce,
+            tensors=[
+                pb.TensorSpec(
+                    name=n,
+                    dtype=dtype_to_pb(model.params[n].dtype),
+                    shape=list(model.params[n].shape),
+                )
+                for n in shared.names
+            ],
+        )
+
+    def grads(self, model: HostedModel, session: str, names: list[str]) -> list[torch.Tensor]:
+        """The session's gradient views for a push (FailedPrecondition: attach again)."""
+        shared = self._shared.get(model.name)
+        views = (
+            shared.grad_views.get(session) if shared is not None and shared.model is model else None
+        )
+        if views is None or shared is None or shared.names != list(model.params):
+            raise FailedPrecondition(
+                f"same-host session {session!r} is not current for model {model.name!r}; attach again"
+            )
+        missing = [n for n in names if n not in views]
+        if missing:
+            raise InvalidArgument(f"model {model.name!r} has no parameters {missing}")
+        return [views[n] for n in names]
+
+    def detach(self, req: pb.DetachRequest) -> pb.DetachReply:
+        with self._lock:
+            shared = self._shared.get(req.model)
+            if shared is not None and req.session in shared.sessions:
+                shared.grad_views.pop(req.session, None)
+                _unlink(shared.sessions.pop(req.session).path)
+        return pb.DetachReply()
+
+    def drop(self, name: str) -> None:
+        with self._lock:
+            shared = self._shared.pop(name, None)
+            if shared is not None:
+                self._retire(shared)
+
+    def stop(self) -> None:
+        with self._lock:
+            for shared in self._shared.values():
+                self._retire(shared)
+            self._shared.clear()
+
+    def start(self) -> None:
+        pass
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _path(self, model: str, what: str) -> str:
+        return os.path.join(self.root or "", f"adamd-{os.getpid()}-{model}-{what}")
+
+    def _share(self, model: HostedModel) -> _Shared:
+        names, offsets, nbytes = _layout(model)
+        nonce = secrets.token_bytes(16)
+        file = SharedFile(
+            self._path(model.name, "params-" + secrets.token_hex(4)), nbytes, create=True
+        )
+        with model.locked():
+            for name, offset in zip(names, offsets):
+                p = model.params[name]
+                view = file.view(offset, p.shape, p.dtype)
+                view.copy_(p)
+                p.data = view  # same tensor object (the optimizer's state stays keyed to it), new storage
+            file.write_u64(_SEQ, model.write_seq)
+            file.write_u64(_VERSION, model.version)
+            file.map[_NONCE : _NONCE + len(nonce)] = nonce
+            file.map[: len(MAGIC)] = MAGIC
+
+            def mirror(seq: int, version: int, file: SharedFile = file) -> None:
+                file.write_u64(_VERSION, version)
+                file.write_u64(_SEQ, seq)
+
+            model.write_listeners.append(mirror)
+        logger.info(
+            "model %s: parameters shared with same-host clients (%d bytes)", model.name, nbytes
+        )
+        return _Shared(model, file, nonce, names, offsets, mirror)
+
+    def _retire(self, shared: _Shared) -> None:
+        """Readers see the magic vanish and go back to gRPC; the files are unlinked."""
+        shared.file.map[: len(MAGIC)] = b"\0" * len(MAGIC)
+        if shared.listener in shared.model.write_listeners:
+            shared.model.write_listeners.remove(shared.listener)
+        _unlink(shared.file.path)
+        for grads in shared.sessions.values():
+            _unlink(grads.path)
+        shared.sessions.clear()
+        shared.grad_views.clear()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
