@@ -1,0 +1,162 @@
+"""Training-worker processes for the parameter-server tests, and the helpers that launch them.
+
+Each worker is a real process (`python -m tests.workers ROLE ...`) started the way torchrun starts
+one: `RANK` and `WORLD_SIZE` in its environment, and RemoteAdam given neither. A worker sets
+deterministic per-rank gradients (`rank_grads`), so the test process can recompute every step with
+a local torch.optim.Adam. When it is done it writes what it saw (final parameters, every push
+reply) to a file with torch.save and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES: dict[str, tuple[int, ...]] = {"w": (48, 32), "b": (32,), "v": (1000,)}
+LR = 0.01
+
+
+def initial_params() -> dict[str, torch.Tensor]:
+    """The values every worker starts from (whichever creates the model, they agree)."""
+    g = torch.Generator().manual_seed(7)
+    return {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
+
+
+def rank_grads(rank: int, step: int) -> dict[str, torch.Tensor]:
+    """The gradient rank `rank` pushes at step `step`: seeded, so the test can recompute it."""
+    g = torch.Generator().manual_seed(1_000 * step + rank + 1)
+    return {n: torch.randn(s, generator=g) * (rank + 1) for n, s in SHAPES.items()}
+
+
+def mean_grads(ranks: Sequence[int], step: int) -> dict[str, torch.Tensor]:
+    """What a sync round must step with: the ranks' gradients summed in rank order, then / count."""
+    ranks = sorted(ranks)
+    total = rank_grads(ranks[0], step)
+    for r in ranks[1:]:
+        for n, g in rank_grads(r, step).items():
+            total[n].add_(g)
+    return {n: t.div_(len(ranks)) if len(ranks) > 1 else t for n, t in total.items()}
+
+
+def reference(rounds: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+    """A local fused torch.optim.Adam (what the server runs on CPU) fed the mean of `rounds[i]`'s
+    gradients at step i."""
+    params = {n: t.clone().requires_grad_(True) for n, t in initial_params().items()}
+    opt = torch.optim.Adam(params.values(), lr=LR, fused=True)
+    for step, ranks in enumerate(rounds):
+        grads = mean_grads(ranks, step)
+        for n, p in params.items():
+            p.grad = grads[n]
+        opt.step()
+    return {n: p.detach() for n, p in params.items()}
+
+
+# --- the worker side ---------------------------------------------------------------------------
+
+
+def _train(args: argparse.Namespace) -> None:
+    from adamd.client import RemoteAdam
+
+    torch.set_num_threads(1)
+    params = [(n, torch.nn.Parameter(t)) for n, t in initial_params().items()]
+    opt = RemoteAdam(
+        params,
+        lr=LR,
+        server=args.address,
+        model=args.model,
+        mode=args.mode,
+        round_timeout_s=args.round_timeout,
+    )  # rank and world_size come from $RANK / $WORLD_SIZE, as under torchrun
+    results = []
+    try:
+        for step in range(args.steps):
+            if step == args.stop_after:
+                Path(args.out + ".stopped").touch()  # the test SIGKILLs us now
+                time.sleep(600)
+            grads = rank_grads(opt.rank, step)
+            for n, p in params:
+                p.grad = grads[n]
+            opt.step()
+            assert opt.last_result is not None
+            results.append(dataclasses.asdict(opt.last_result))
+        out = {
+            "rank": opt.rank,
+            "world_size": opt.world_size,
+            "version": opt.version,
+            "params": {n: p.detach().clone() for n, p in params},
+            "results": results,
+        }
+    finally:
+        opt.close()
+    torch.save(out, args.out)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m tests.workers")
+    p.add_argument("address")
+    p.add_argument("model")
+    p.add_argument("out", help="where to torch.save the worker's results")
+    p.add_argument("--mode", choices=["sync", "async"], default="sync")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--round-timeout", type=float, default=0.0)
+    p.add_argument(
+        "--stop-after", type=int, default=-1, help="park before this step (to be killed)"
+    )
+    _train(p.parse_args(argv))
+
+
+# --- the test side -----------------------------------------------------------------------------
+
+
+def launch(
+    rank: int, world_size: int, address: str, model: str, out: Path, *extra: str
+) -> subprocess.Popen[bytes]:
+    """Start one worker as torchrun would: RANK / WORLD_SIZE in its environment."""
+    env = {
+        **os.environ,
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [sys.executable, "-m", "tests.workers", address, model, str(out), *extra]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+
+def finish(procs: Mapping[int, subprocess.Popen[bytes]], timeout: float) -> None:
+    """Wait for the workers; fail with their output if one failed or overran."""
+    deadline = time.monotonic() + timeout
+    failures = []
+    for rank, proc in procs.items():
+        try:
+            output, _ = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+            failures.append(f"rank {rank} did not finish in {timeout}s:\n{output.decode()}")
+            continue
+        if proc.returncode != 0:
+            failures.append(f"rank {rank} exited {proc.returncode}:\n{output.decode()}")
+    if failures:
+        raise AssertionError("\n".join(failures))
+
+
+def load(out: Path) -> dict[str, Any]:
+    result: dict[str, Any] = torch.load(out, weights_only=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
