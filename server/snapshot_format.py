@@ -261,7 +261,7 @@ def remove_temp_files(model_dir: Path) -> None:
 
 def list_snapshots(model_dir: Path) -> list[SnapshotFile]:
     """Snapshots whose manifest file exists, oldest first (not verified: see load)."""
-    out = []
+    out: list[SnapshotFile] = []
     if not model_dir.is_dir():
         return out
     for p in model_dir.iterdir():

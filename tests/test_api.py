@@ -43,7 +43,7 @@ def test_every_server_error_has_a_client_twin_with_the_same_status() -> None:
         ):
             kind = cls("x").kind
             twin = client_errors.KINDS[kind]
-            assert twin.code == cls.code, kind
+            assert twin.code == cls.code, kind  # type: ignore[attr-defined]
 
 
 def test_unknown_kind_falls_back_to_status_code() -> None:

@@ -103,7 +103,7 @@ def test_unknown_parameter(client: Client, trained: Any) -> None:
         InvalidArgument,
         "no parameter 'nope'",
     )
-    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert isinstance(err, InvalidArgument) and err.code == grpc.StatusCode.INVALID_ARGUMENT
     expect_unchanged(trained, lambda: client.pull_params(trained.name, ["nope"]), InvalidArgument)
 
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -109,7 +109,7 @@ class Server:
 
 
 @pytest.fixture
-def server_factory(tmp_path: Path) -> Iterator[type[Server]]:
+def server_factory(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     made: list[Server] = []
 
     class Tracked(Server):
@@ -204,11 +204,13 @@ def _crash_run(server: Server, rounds: int, steps_between: int, durable: bool) -
     assert len(server.logs) == rounds + 1
 
 
-def test_kill9_durable_loses_no_acknowledged_step(server_factory: type[Server]) -> None:
+def test_kill9_durable_loses_no_acknowledged_step(server_factory: Callable[..., Server]) -> None:
     _crash_run(server_factory("--durable"), rounds=10, steps_between=6, durable=True)
 
 
-def test_kill9_periodic_resumes_from_a_valid_snapshot(server_factory: type[Server]) -> None:
+def test_kill9_periodic_resumes_from_a_valid_snapshot(
+    server_factory: Callable[..., Server],
+) -> None:
     _crash_run(
         server_factory("--snapshot-every-steps", "3"), rounds=2, steps_between=8, durable=False
     )
@@ -216,14 +218,16 @@ def test_kill9_periodic_resumes_from_a_valid_snapshot(server_factory: type[Serve
 
 @pytest.mark.slow
 @pytest.mark.parametrize("durable", [True, False])
-def test_kill9_many_rounds(server_factory: type[Server], durable: bool) -> None:
+def test_kill9_many_rounds(server_factory: Callable[..., Server], durable: bool) -> None:
     flags = (
         ("--durable",) if durable else ("--snapshot-every-steps", "2", "--snapshot-every-s", "0.1")
     )
     _crash_run(server_factory(*flags), rounds=40, steps_between=10, durable=durable)
 
 
-def test_sigterm_writes_final_snapshot_and_restart_resumes(server_factory: type[Server]) -> None:
+def test_sigterm_writes_final_snapshot_and_restart_resumes(
+    server_factory: Callable[..., Server],
+) -> None:
     server = server_factory()  # no periodic snapshots: only the final one can hold these steps
     server.start()
     assert server.restored_version() is None  # waits until it serves
