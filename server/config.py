@@ -23,7 +23,7 @@ class ServerConfig:
     snapshot_every_s: float = 0.0  # 0: off
     snapshot_keep: int = 3  # snapshots kept per model
     durable: bool = False  # acknowledge a push only once its step is on disk
-    stats_every: int = 1  # compute parameter statistics every N steps (0: only on request)
+    stats_every: int = 0  # step statistics every N steps; 0: auto (at most 2% of the time); <0: off
     shm: bool = True  # offer the same-host shared-memory fast path
 
     @classmethod

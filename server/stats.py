@@ -5,15 +5,17 @@ step, under the model lock, on the step path. So the observer does as little as 
 
 * every step: a few Python scalars (lr per group, loss, step time, workers, their lag) appended to
   a bounded deque;
-* every `stats_every` steps: the gradient norm and the update norm, each one batched
-  `torch._foreach_norm` over all tensors (on the tensors' own device, one kernel group per dtype),
-  kept as tensors and turned into Python floats only when someone reads them, so on CUDA the step
-  path never waits for the device.
+* on a stats step: the gradient norm (one batched `torch._foreach_norm` over the averaged
+  gradients) and the update norm, recomputed from the Adam state the step just wrote
+  (lr / (1 - beta1^t) * exp_avg / (sqrt(exp_avg_sq / (1 - beta2^t)) + eps), plus the decoupled
+  weight decay term), one tensor at a time, so no copy of the parameters is ever kept. Results stay
+  tensors (on the tensors' device) until someone reads them, so on CUDA the step path never waits.
 
-The update norm needs the parameters from before the step; the observer of the step *before* a
-stats step copies them into a buffer it keeps (one extra parameter-sized copy per model while
-`stats_every` > 0). Norms of parameters and Adam state for `/params` are computed on request on the
-reader's thread, outside the model lock, and retried if a step ran meanwhile.
+Which steps are stats steps: with `stats_every` N > 0, every Nth; with 0 (the default, "auto"), a
+step whenever the statistics so far cost at most `BUDGET` (2%) of the wall-clock time since the
+previous stats step, so a small model gets them every step and a 25M-parameter one every few
+steps; with N < 0, never (norms of parameters and Adam state for `/params` are still computed on
+request, on the reader's thread, outside the model lock, and retried if a step ran meanwhile).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,6 +37,7 @@ from .registry import ModelRegistry
 logger = logging.getLogger(__name__)
 
 HISTORY_LEN = 4096  # steps kept per model (a few hundred KiB)
+BUDGET = 0.02  # auto mode: share of wall-clock time the step-path statistics may take
 _RATE_WINDOW_S = 30.0  # step rate is averaged over this much recent history
 
 
@@ -106,6 +110,10 @@ class StepEntry:
         }
 
 
+def _num(v: Any) -> float:
+    return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
+
+
 def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
@@ -130,12 +138,15 @@ class ModelStats:
         self.history: deque[StepEntry] = deque(maxlen=history_len)
         self.last = _Last()
         self._lock = threading.Lock()  # history and `last` between observer and readers
-        self._prev: dict[str, torch.Tensor] = {}  # parameters before the coming stats step
-        self._prev_version = -1
+        self._last_cost = 0.0  # seconds the latest stats step spent on norms
+        self._last_at = 0.0  # perf_counter when it ran
 
-    @property
-    def buffer_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._prev.values())
+    def _due(self, version: int) -> bool:
+        if self.every > 0:
+            return version % self.every == 0
+        if self.every < 0:
+            return False
+        return self._last_cost <= BUDGET * (time.perf_counter() - self._last_at)
 
     def observe(self, record: StepRecord) -> None:
         """Step observer (model lock held). Cheap scalars always, norms every `every` steps."""
@@ -155,10 +166,11 @@ class ModelStats:
             lag=lag,
         )
         last = None
-        if record.applied and self.every > 0 and record.version % self.every == 0:
+        if record.applied and self._due(record.version):
+            t0 = time.perf_counter()
             entry.norms, last = self._norms_of_step(record)
-        if record.applied and self.every > 0 and (record.version + 1) % self.every == 0:
-            self._keep_params(record.version)
+            self._last_at = time.perf_counter()
+            self._last_cost = self._last_at - t0
         with self._lock:
             self.history.append(entry)
             if last is not None:
@@ -169,29 +181,34 @@ class ModelStats:
         grad = _norms([record.grads[n] for n in names])
         total_grad = torch.linalg.vector_norm(grad) if grad.numel() else torch.zeros(())
         last = _Last(record.version, names, grad)
-        total_update = torch.full((), math.nan, device=grad.device)
-        if self._prev_version == record.version - 1 and self._prev:
-            # prev <- prev - new = minus the update; its norms are the update norms.
-            upd_names = [n for n in self._prev if n in self.model.params]
-            prev = [self._prev[n] for n in upd_names]
-            torch._foreach_sub_(prev, [self.model.params[n] for n in upd_names])
-            update = _norms(prev)
-            last.update_names, last.update = upd_names, update
-            total_update = torch.linalg.vector_norm(update).to(grad.device)
-        self._prev_version = -1  # the buffer now holds differences
-        return torch.stack([total_grad.to(grad.device), total_update]), last
+        upd_names, upd = self._update_norms(names)
+        last.update_names, last.update = upd_names, upd
+        total_update = torch.linalg.vector_norm(upd) if upd.numel() else torch.zeros(())
+        return torch.stack([total_grad.to(grad.device), total_update.to(grad.device)]), last
 
-    def _keep_params(self, version: int) -> None:
-        params = self.model.params
-        for n, p in params.items():
-            buf = self._prev.get(n)
-            if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
-                self._prev[n] = torch.empty_like(p)
-        for n in [n for n in self._prev if n not in params]:
-            del self._prev[n]
-        names = list(params)
-        torch._foreach_copy_([self._prev[n] for n in names], [params[n] for n in names])
-        self._prev_version = version
+    def _update_norms(self, names: list[str]) -> tuple[list[str], torch.Tensor]:
+        """Norms of what the step just subtracted from each stepped parameter, from its Adam state."""
+        model = self.model
+        group_of = {p: g for g in model.optimizer.param_groups for p in g["params"]}
+        done, norms = [], []
+        for n in names:
+            p = model.params.get(n)
+            state = model.optimizer.state.get(p) if p is not None else None
+            if p is None or not state or "exp_avg" not in state:
+                continue
+            g = group_of[p]
+            lr, (beta1, beta2) = _num(g["lr"]), (_num(b) for b in g["betas"])
+            eps, wd, t = _num(g["eps"]), _num(g["weight_decay"]), _num(state["step"])
+            v = state["max_exp_avg_sq"] if g["amsgrad"] else state["exp_avg_sq"]
+            denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
+            update = torch.div(state["exp_avg"], denom, out=denom).mul_(lr / (1 - beta1**t))
+            if wd and g.get("decoupled_weight_decay"):
+                # p_new = p_old * (1 - lr wd) - update, so p_old - p_new = lr wd p_old + update
+                p_old = (p.detach() + update).div_(1 - lr * wd)
+                update.add_(p_old, alpha=lr * wd)
+            norms.append(torch.linalg.vector_norm(update, dtype=torch.float32))
+            done.append(n)
+        return done, torch.stack(norms) if norms else torch.zeros(0)
 
     # --- reads (any thread) --------------------------------------------------------------------
 
@@ -316,7 +333,6 @@ class StatsBook:
         if stats is not None:
             with stats.model.locked():  # a push still in flight may be stepping it
                 stats.model.observers.remove(stats.observe)
-                stats._prev.clear()  # free the parameter-sized buffer now
 
     def get(self, model: HostedModel) -> ModelStats:
         with self._lock:

@@ -61,7 +61,6 @@ def server_info(daemon: Daemon) -> dict[str, Any]:
 def model_summary(model: HostedModel, stats: ModelStats, detail: bool = False) -> dict[str, Any]:
     """What /v1/models lists per model; `detail` adds param groups and workers."""
     memory = model.memory_bytes()
-    memory["stats"] = stats.buffer_bytes
     memory["total"] = sum(memory.values())
     now = time.time()
     with model.locked():

@@ -56,6 +56,13 @@ def total_norm(ts: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.fixture(scope="module")
+def daemon() -> Iterator[Daemon]:
+    """Statistics on every step, so each history entry can be checked against what was pushed."""
+    with running_daemon(stats_every=1) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
 def trained(daemon: Daemon) -> Trained:
     return Trained(daemon, "http-trained")
 
@@ -123,11 +130,8 @@ def test_history_per_step(http: httpx.Client, trained: Trained) -> None:
         assert e["scalars"] == {"acc": pytest.approx(i / 10)}
         assert e["step_ms"] > 0
         assert close(e["grad_norm"], total_norm(trained.grads[i]))
-        if i == 0:
-            assert e["update_norm"] is None  # no copy of the parameters before the first step
-        else:
-            upd = {n: trained.params[i + 1][n] - trained.params[i][n] for n in SHAPES}
-            assert close(e["update_norm"], total_norm(upd), rel=1e-4)
+        upd = {n: trained.params[i + 1][n] - trained.params[i][n] for n in SHAPES}
+        assert close(e["update_norm"], total_norm(upd), rel=1e-4)
     tail = http.get(f"/v1/models/{trained.name}/history", params={"since": 4}).json()["steps"]
     assert [e["version"] for e in tail] == [5, 6]
     last = http.get(f"/v1/models/{trained.name}/history", params={"limit": 1}).json()["steps"]
@@ -145,6 +149,22 @@ def test_stats_every_n_steps() -> None:
         upd = {n: t.params[6][n] - t.params[5][n] for n in SHAPES}
         assert close(steps[5]["update_norm"], total_norm(upd), rel=1e-4)
         assert all(e["loss"] is not None for e in steps)  # cheap fields every step
+
+
+def test_auto_stats_stay_within_their_time_budget() -> None:
+    """The default: a step gets norms when the statistics so far cost at most 2% of the time."""
+    with running_daemon() as d:
+        assert d.config.stats_every == 0
+        t = Trained(d, "auto", steps=1)
+        stats = d.stats.get(t.model)
+        stats._last_cost = 1e6  # as if the last norms had taken forever: the budget is spent
+        with Client(d.grpc_address) as c:
+            for _ in range(3):
+                c.push_grad("auto", {n: torch.ones(s) for n, s in SHAPES.items()})
+        assert d.http_url is not None
+        steps = httpx.get(f"{d.http_url}/v1/models/auto/history").json()["steps"]
+        assert steps[0]["grad_norm"] is not None  # the first step always fits the budget
+        assert all(e["grad_norm"] is None and e["update_norm"] is None for e in steps[1:])
 
 
 def test_snapshot_download_loads_with_weights_only(http: httpx.Client, trained: Trained) -> None:
