@@ -20,8 +20,8 @@ from adamd.v1 import adamd_pb2 as pb
 
 from ._exceptions import (
     AdamdError,
-    FailedPrecondition,
     InvalidArgument,
+    SessionExpired,
     Unavailable,
     from_rpc_error,
 )
@@ -324,8 +324,14 @@ class Client:
         names = list(grads)
         wire = wire_dtype or self.wire_dtype
         session = self._session(model) if wire is None else None
-        if session is not None and session.fits(grads):
-            specs = session.write_grads(grads)
+        # The session's gradient file holds one push at a time (a sync round reads it until the
+        # round completes): a concurrent push from another thread streams instead.
+        if session is not None and session.fits(grads) and session.busy.acquire(blocking=False):
+            try:
+                specs = session.write_grads(grads)
+            except BaseException:
+                session.busy.release()
+                raise
             tensors: list[torch.Tensor] = []
         else:
             session = None
@@ -350,9 +356,11 @@ class Client:
         frames = self._upload(header.SerializeToString(), tensors)
         try:
             r = self.call(lambda: self._push(frames(), **self._kw()))
-        except FailedPrecondition:
+        except SessionExpired:
             if session is None:
                 raise
+            session.busy.release()
+            session = None
             # the session went stale (the model changed shape or was re-created): stream instead
             self._drop_session(model, reattach=False)
             return self.push_grad(
@@ -367,6 +375,9 @@ class Client:
                 hyper_updates=hyper_updates,
                 wire_dtype=wire_dtype,
             )
+        finally:
+            if session is not None:
+                session.busy.release()
         return PushResult(r.version, r.applied, r.found_inf, r.contributors, r.duplicate, r.partial)
 
     def pull_params(

@@ -7,7 +7,8 @@
     ├── AlreadyExists          a model of that name exists with other parameters
     ├── FailedPrecondition     the push does not fit the model's state now
     │   ├── StalePush          the gradient was computed from a version too old to apply
-    │   └── DuplicatePush      this worker already pushed for this round
+    │   ├── DuplicatePush      this worker already pushed for this round
+    │   └── SessionExpired     a same-host session is no longer current (the Client re-streams)
     ├── Aborted                a sync round failed
     ├── Unauthenticated        missing or wrong token
     ├── DeadlineExceeded       a wait (for a round, a version) ran out of time
@@ -59,6 +60,10 @@ class DuplicatePush(FailedPrecondition):
     pass
 
 
+class SessionExpired(FailedPrecondition):
+    pass
+
+
 class Aborted(AdamdError):
     code = grpc.StatusCode.ABORTED
 
@@ -86,6 +91,7 @@ KINDS: dict[str, type[AdamdError]] = {
         FailedPrecondition,
         StalePush,
         DuplicatePush,
+        SessionExpired,
         Aborted,
         Unauthenticated,
         DeadlineExceeded,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import threading
 import time
 from collections.abc import Mapping, Sequence
 
@@ -81,6 +82,7 @@ class SameHostSession:
     def __init__(self, model: str, reply: pb.AttachReply):
         self.model = model
         self.id = reply.session
+        self.busy = threading.Lock()  # held while a push's gradients sit in the gradient file
         self.nonce = bytes(reply.nonce)
         self.params = SharedFile(reply.params_path, reply.nbytes, create=False)
         self.grads = SharedFile(reply.grads_path, reply.nbytes, create=False)

@@ -7,7 +7,8 @@
     ├── AlreadyExists          (ALREADY_EXISTS, 409)
     ├── FailedPrecondition     (FAILED_PRECONDITION, 409)
     │   ├── StalePush
-    │   └── DuplicatePush
+    │   ├── DuplicatePush
+    │   └── SessionExpired     (a same-host session to attach again; clients handle it)
     ├── Aborted                (ABORTED, 409)
     ├── Unauthenticated        (UNAUTHENTICATED, 401)
     └── DeadlineExceeded       (DEADLINE_EXCEEDED, 504)
@@ -61,6 +62,10 @@ class StalePush(FailedPrecondition):
 
 
 class DuplicatePush(FailedPrecondition):
+    pass
+
+
+class SessionExpired(FailedPrecondition):
     pass
 
 

@@ -36,6 +36,7 @@ from .errors import (
     FailedPrecondition,
     InvalidArgument,
     ServerError,
+    SessionExpired,
     Unauthenticated,
 )
 from .model import PushMeta
@@ -302,7 +303,7 @@ class OptimizerService:
         if header.session:
             session_grads = self.hooks.session_grads
             if session_grads is None:
-                raise FailedPrecondition(
+                raise SessionExpired(
                     "same-host sessions are off on this server; push over the stream"
                 )
             session = header.session

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 import threading
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from adamd.client._shm import _NONCE, _SEQ, _VERSION, HEADER_BYTES, MAGIC, Share
 from adamd.client._wire import dtype_to_pb
 from adamd.v1 import adamd_pb2 as pb
 
-from .errors import FailedPrecondition, InvalidArgument
+from .errors import InvalidArgument, SessionExpired
 from .model import HostedModel
 from .registry import ModelRegistry
 
@@ -105,13 +106,13 @@ class SameHost:
         )
 
     def grads(self, model: HostedModel, session: str, names: list[str]) -> list[torch.Tensor]:
-        """The session's gradient views for a push (FailedPrecondition: attach again)."""
+        """The session's gradient views for a push (SessionExpired: attach again)."""
         shared = self._shared.get(model.name)
         views = (
             shared.grad_views.get(session) if shared is not None and shared.model is model else None
         )
         if views is None or shared is None or shared.names != list(model.params):
-            raise FailedPrecondition(
+            raise SessionExpired(
                 f"same-host session {session!r} is not current for model {model.name!r}; attach again"
             )
         missing = [n for n in names if n not in views]
@@ -127,6 +128,20 @@ class SameHost:
                 _unlink(shared.sessions.pop(req.session).path)
         return pb.DetachReply()
 
+    def session_count(self, model: str) -> int:
+        """Same-host sessions attached to `model` now."""
+        shared = self._shared.get(model)
+        return len(shared.sessions) if shared is not None else 0
+
+    def files(self) -> list[str]:
+        """Paths of every shared-memory file this server holds now."""
+        with self._lock:
+            return [
+                path
+                for shared in self._shared.values()
+                for path in (shared.file.path, *(g.path for g in shared.sessions.values()))
+            ]
+
     def drop(self, name: str) -> None:
         with self._lock:
             shared = self._shared.pop(name, None)
@@ -140,7 +155,28 @@ class SameHost:
             self._shared.clear()
 
     def start(self) -> None:
-        pass
+        self.remove_orphans()
+
+    def remove_orphans(self) -> list[str]:
+        """Unlink files that servers killed without a chance to clean up (kill -9, OOM) left in
+        /dev/shm, where they would hold memory until reboot. Ours carry the server's pid."""
+        if self.root is None:
+            return []
+        removed = []
+        for entry in os.scandir(self.root):
+            m = _FILE.match(entry.name)
+            if m is None or _alive(int(m[1])):
+                continue
+            try:
+                if entry.stat().st_uid != os.getuid():
+                    continue
+                os.unlink(entry.path)
+                removed.append(entry.name)
+            except OSError:
+                continue
+        if removed:
+            logger.info("removed %d shared-memory files left by dead servers", len(removed))
+        return removed
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -184,6 +220,19 @@ class SameHost:
             _unlink(grads.path)
         shared.sessions.clear()
         shared.grad_views.clear()
+
+
+_FILE = re.compile(r"adamd-(\d+)-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _unlink(path: str) -> None:

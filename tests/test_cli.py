@@ -59,6 +59,7 @@ def serve(*args: str, tmp: Path) -> Iterator[tuple[subprocess.Popen[str], str, s
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
+        proc.stderr.close()
 
 
 def stop(proc: subprocess.Popen[str], sig: int, lines: list[str]) -> int:
