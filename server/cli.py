@@ -56,6 +56,19 @@ def add_server_arguments(p: argparse.ArgumentParser, *, http_default: int | None
         type=int,
         help="gRPC handler threads (default 64; a sync round parks one per waiting worker)",
     )
+    p.add_argument(
+        "--stats-every",
+        type=int,
+        help="step statistics (gradient/update norms) every N steps (default 0: auto, at most 2%%"
+        " of the time; -1: off)",
+    )
+    p.add_argument(
+        "--no-shm",
+        dest="shm",
+        action="store_false",
+        default=None,
+        help="do not offer same-host clients the shared-memory fast path (they stream over gRPC)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -75,6 +88,8 @@ def config_from_args(args: argparse.Namespace, **extra: Any) -> ServerConfig:
             "snapshot_every_s",
             "snapshot_keep",
             "durable",
+            "stats_every",
+            "shm",
         )
     }
     token_file = getattr(args, "token_file", None)
@@ -132,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--snapshot-every-s",
         type=float,
-        help="write a snapshot every T seconds per model (default 0: off)",
+        help="write a snapshot every T seconds per model that changed (default 60; 0: off)",
     )
     serve.add_argument("--snapshot-keep", type=int, help="snapshots kept per model (default 3)")
     serve.add_argument(

@@ -20,7 +20,7 @@ class ServerConfig:
     round_timeout_s: float = 60.0  # default for sync rounds whose worker went missing
     max_staleness: int = 16  # default async staleness bound (versions)
     snapshot_every_steps: int = 0  # 0: off
-    snapshot_every_s: float = 0.0  # 0: off
+    snapshot_every_s: float = 60.0  # 0: off (the default bounds what a crash loses: RPO)
     snapshot_keep: int = 3  # snapshots kept per model
     durable: bool = False  # acknowledge a push only once its step is on disk
     stats_every: int = 0  # step statistics every N steps; 0: auto (at most 2% of the time); <0: off

@@ -107,3 +107,19 @@ def test_help_documents_the_contract() -> None:
         assert flag in out
     top = subprocess.run([*ADAMD, "--help"], capture_output=True, text=True, check=True).stdout
     assert "serve" in top and "demo" in top
+
+
+def test_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from adamd.server.cli import build_parser, config_from_args
+
+    for key in [k for k in os.environ if k.startswith("ADAMD_")]:
+        monkeypatch.delenv(key)
+    parser = build_parser()
+    defaults = config_from_args(parser.parse_args(["serve"]))
+    assert (defaults.shm, defaults.stats_every, defaults.snapshot_every_s) == (True, 0, 60.0)
+    args = ["serve", "--no-shm", "--stats-every", "5", "--snapshot-every-s", "0", "--durable"]
+    config = config_from_args(parser.parse_args(args))
+    assert (config.shm, config.stats_every, config.snapshot_every_s) == (False, 5, 0.0)
+    assert config.durable
+    monkeypatch.setenv("ADAMD_STATS_EVERY", "7")
+    assert config_from_args(parser.parse_args(["serve"])).stats_every == 7
