@@ -77,7 +77,7 @@ def run_worker(
             opt.report_loss(loss)
             opt.step()
             sched.step()
-            out.put((rank, step, float(loss), opt.version))
+            out.put((rank, step, float(loss.detach()), opt.version))
     finally:
         opt.close()
         out.put((rank, -1, 0.0, opt.version))
@@ -112,6 +112,11 @@ def _demo(args: argparse.Namespace) -> int:
         round_timeout_s=args.round_timeout_s or 30.0,
     )
     daemon = Daemon(config).start()
+    model_name = f"demo-{args.mode}-{args.workers}w"
+    if model_name in daemon.registry.names():
+        # restored from an earlier demo's final snapshot in the data dir: train from scratch, or
+        # the loss starts low and the run "fails" to make it fall
+        daemon.registry.delete(model_name)
     console.print(
         f"[bold]adamd demo[/]: server on {daemon.grpc_address}, device {daemon.device}; "
         f"{args.workers} worker(s), {args.mode} mode, {args.steps} steps"
@@ -120,7 +125,6 @@ def _demo(args: argparse.Namespace) -> int:
         console.print(f"dashboard: {daemon.http_url}/   metrics: {daemon.http_url}/metrics")
     ctx = mp.get_context("spawn")
     results: Any = ctx.Queue()
-    model_name = f"demo-{args.mode}-{args.workers}w"
     procs = [
         ctx.Process(
             target=run_worker,
@@ -144,6 +148,9 @@ def _demo(args: argparse.Namespace) -> int:
     losses: dict[int, list[float]] = {}
     done = 0
     first = last = None
+    # Without an interactive terminal (a pipe, a CI log, TERM=dumb) rich draws the bar only once,
+    # at the end: print plain progress lines as well, about ten per run.
+    plain, every, shown = not console.is_interactive, max(1, args.steps // 10), 0
     try:
         with Progress(
             TextColumn("[progress.description]{task.description}"),
@@ -176,6 +183,11 @@ def _demo(args: argparse.Namespace) -> int:
                         loss=f"{mean:.4f}",
                         version=version,
                     )
+                    if plain and step + 1 >= shown + every:
+                        shown = step + 1
+                        progress.console.print(
+                            f"step {shown}/{args.steps}  loss {mean:.4f}  v{version}"
+                        )
         for p in procs:
             p.join(timeout=30)
         failed = [p.exitcode for p in procs if p.exitcode != 0]
