@@ -53,6 +53,7 @@ class AdamdFigures:
     pull_default: float | None = None  # Client's default transport, pull(out=)
     remote_adam: dict[str, float] = field(default_factory=dict)  # variant -> seconds
     server_idle_rss: int | None = None  # bytes, before the model exists
+    server_peak_grpc: int | None = None  # bytes, VmHWM after create + gRPC pushes and pulls
     server_peak: int | None = None  # bytes, VmHWM after everything for this size
     server_shm: int | None = None  # bytes in the server's /dev/shm files at that point
     leftover_shm_files: int = 0  # files the server left in /dev/shm after it exited
@@ -64,9 +65,11 @@ class AdamdFigures:
 
     @property
     def memory_ratio(self) -> float | None:
-        if self.server_peak is None or self.server_idle_rss is None:
+        """Peak over 16 B/param while gradients stream over gRPC (the same-host path adds a
+        session's gradient file per attached client instead; see server_peak)."""
+        if self.server_peak_grpc is None or self.server_idle_rss is None:
             return None
-        return (self.server_peak - self.server_idle_rss) / self.model_bytes
+        return (self.server_peak_grpc - self.server_idle_rss) / self.model_bytes
 
 
 def remote_adam_variants() -> dict[str, dict[str, Any]]:
@@ -114,6 +117,8 @@ def measure_over_service(
         for transport, kwargs in client_transports().items():
             with Client(server.address, **kwargs) as client:
                 _push_pull(fig, client, transport, name, params, grads, reps, tick)
+            if transport == "grpc":
+                fig.server_peak_grpc = server.peak_bytes()
         for label, kwargs in remote_adam_variants().items():
             tick(f"RemoteAdam.step() {label}")
             t = _guard(

@@ -196,7 +196,7 @@ def figures_table(result: RunResult) -> list[str]:
         "local fused step ms",
         *[f"RemoteAdam.step() {v} ms" for v in variants],
         "torch RPC PS ms",
-        "server peak MiB (idle MiB; /dev/shm MiB)",
+        "server peak MiB after gRPC / after all (idle MiB; /dev/shm MiB)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in result.sizes:
@@ -215,8 +215,8 @@ def figures_table(result: RunResult) -> list[str]:
             *[_ms(a.remote_adam.get(v)) for v in variants],
             _ms(r.peer),
             (
-                f"{a.server_peak / 2**20:.0f} ({a.server_idle_rss / 2**20:.0f};"
-                f" {(a.server_shm or 0) / 2**20:.0f})"
+                f"{(a.server_peak_grpc or 0) / 2**20:.0f} / {a.server_peak / 2**20:.0f}"
+                f" ({a.server_idle_rss / 2**20:.0f}; {(a.server_shm or 0) / 2**20:.0f})"
                 if a.server_peak and a.server_idle_rss
                 else "—"
             ),
@@ -334,11 +334,14 @@ def render(result: RunResult) -> str:
         "- **torch RPC PS**: `bench/peer_rpc.py`, two processes, `torch.distributed.rpc` with"
         " TensorPipe (defaults, 4 worker threads): one `rpc_sync` sends the gradients, the server"
         " sets `.grad`, runs fused Adam and returns the parameters.",
-        f"- **memory**: the server process's VmHWM after every operation of one size (fresh server"
-        f" per size) minus its VmRSS before the model was created (interpreter, torch, grpc),"
-        f" divided by {ADAM_BYTES_PER_PARAM} B/param (params + exp_avg + exp_avg_sq + one"
-        " gradient buffer). VmHWM counts /dev/shm pages only where the server has them mapped"
-        " and touched; the MiB the server's /dev/shm files hold at that point are listed beside it.",
+        f"- **memory**: the server process's VmHWM (fresh server per size) minus its VmRSS before"
+        f" the model was created (interpreter, torch, grpc), divided by {ADAM_BYTES_PER_PARAM}"
+        " B/param (params + exp_avg + exp_avg_sq + one gradient buffer). The ratio is taken after"
+        " create_model and the gRPC pushes and pulls (gradients stream into one preallocated"
+        " buffer set); the table also gives the peak after every operation, by which time"
+        " same-host clients have each attached a session with its own gradient file. VmHWM counts"
+        " /dev/shm pages only where the server has them mapped and touched; the MiB the server's"
+        " /dev/shm files hold at the end are listed beside it.",
     ]
     errors = list(result.errors)
     for r in result.sizes:
