@@ -104,8 +104,9 @@ class Client:
             raise ValueError(f"transport must be 'auto' or 'grpc', got {transport!r}")
         self.transport = transport
         self._sessions: dict[str, SameHostSession | None] = {}
-        if chunk_bytes <= 0 or chunk_bytes > MAX_MESSAGE_BYTES - (1 << 20):
-            raise ValueError(f"chunk_bytes must be in 1..{MAX_MESSAGE_BYTES - (1 << 20)}")
+        if chunk_bytes < 8 or chunk_bytes > MAX_MESSAGE_BYTES - (1 << 20):
+            raise ValueError(f"chunk_bytes must be in 8..{MAX_MESSAGE_BYTES - (1 << 20)}")
+        chunk_bytes -= chunk_bytes % 8  # whole elements of every dtype in every chunk
         self.address = address
         self.timeout = timeout
         self.retry_timeout = retry_timeout

@@ -141,3 +141,14 @@ def test_100m_element_tensor_is_chunked_both_ways(model_name: str) -> None:
         expected_first = hosted.params["w"][:4].clone()
         assert torch.equal(out[:4], expected_first)
         assert float(c.get_state(model_name)["state"]["w"]["step"]) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_any_chunk_size_carries_whole_elements(daemon: Any, model_name: str, dtype: Any) -> None:
+    params = {"w": torch.randn(1000, dtype=dtype), "b": torch.randn(3, dtype=dtype)}
+    with Client(daemon.grpc_address, chunk_bytes=1002, transport="grpc") as c:
+        c.create_model(model_name, params, lr=0.1)
+        got = c.pull_params(model_name)
+    assert all(torch.equal(got[n], params[n]) for n in params)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        Client(daemon.grpc_address, chunk_bytes=4)
