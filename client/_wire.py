@@ -10,7 +10,7 @@ that they do.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -209,11 +209,19 @@ class TensorSink:
     `targets[i]` receives the bytes of the stream's tensor i, which were sent as `wire_dtypes[i]`
     (a different float dtype is converted on the way in). Chunks of one tensor must arrive in
     order, without gaps or overlaps; anything else is a WireError and leaves the stream unusable.
+    `on_complete(i)`, when given, is called once target i holds all its bytes (the server starts
+    that gradient's host-to-device copy there); never for a tensor with no bytes.
     """
 
-    def __init__(self, targets: Sequence[torch.Tensor], wire_dtypes: Sequence[torch.dtype]):
+    def __init__(
+        self,
+        targets: Sequence[torch.Tensor],
+        wire_dtypes: Sequence[torch.dtype],
+        on_complete: Callable[[int], None] | None = None,
+    ):
         self.targets = list(targets)
         self.wire_dtypes = list(wire_dtypes)
+        self.on_complete = on_complete
         self._wire_nbytes = [t.numel() * w.itemsize for t, w in zip(self.targets, self.wire_dtypes)]
         self._received = [0] * len(self.targets)
         self._views: list[np.ndarray | None] = [None] * len(self.targets)
@@ -246,6 +254,8 @@ class TensorSink:
         else:
             self._convert_into(target, wire, offset // wire.itemsize, data)
         self._received[index] = end
+        if n and end == self._wire_nbytes[index] and self.on_complete is not None:
+            self.on_complete(index)
 
     @staticmethod
     def _convert_into(

@@ -28,6 +28,7 @@ import torch
 from adamd.client._wire import TensorSink, WireError
 
 from . import options as adam_options
+from .cuda_step import GraphedStep
 from .errors import DuplicatePush, InvalidArgument, NonFiniteGradient, StalePush
 from .staging import GradSet, StagingPool
 
@@ -141,8 +142,12 @@ class HostedModel:
         self._round: _Round | None = None
         self._results: OrderedDict[str, PushResult] = OrderedDict()
         self._inflight: set[str] = set()
-        self._pool = StagingPool(self.params, pin=device.type == "cuda")
-        self._device_grads: dict[str, torch.Tensor] = {}
+        # On CUDA: static device gradients, early uploads, graph-captured steps (cuda_step.py).
+        self.graphed = (
+            GraphedStep(self.optimizer, self.params, device) if device.type == "cuda" else None
+        )
+        self._pool = self.graphed.staging if self.graphed else StagingPool(self.params, pin=False)
+        self._device_grads: dict[str, torch.Tensor] = self.graphed.grads if self.graphed else {}
         self.last_heard: dict[int, tuple[float, int]] = {}  # rank -> (time, version pushed from)
 
     # --- param groups and hyperparameters ------------------------------------------------------
@@ -185,6 +190,8 @@ class HostedModel:
                 for n in new_params:
                     del self.params[n]
                 raise
+            if self.graphed is not None:
+                self.graphed.invalidate()
 
     def check_updates(self, updates: Sequence[tuple[int, Mapping[str, Any]]]) -> None:
         for index, opts in updates:
@@ -208,6 +215,13 @@ class HostedModel:
                 current = group.get(key)
                 if isinstance(current, torch.Tensor) and isinstance(value, torch.Tensor):
                     current.fill_(value.item())  # in place: a captured graph keeps reading it
+                elif (
+                    isinstance(current, torch.Tensor)
+                    and current.device.type != "cpu"
+                    and isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                ):
+                    current.fill_(float(value))  # the device lr options.effective made, likewise
                 elif (
                     key == "betas"
                     and isinstance(current, tuple)
@@ -271,8 +285,12 @@ class HostedModel:
             return PushTicket(meta, names, None, None, given)
         grads = self._pool.acquire()
         targets = grads.take(names)
+        early = None
+        if self.graphed is not None:  # copy each gradient to the device as soon as it is complete
+            sole = self.mode == ASYNC or self.world_size == 1
+            early = self.graphed.prefetch(grads, names, targets, sole=sole)
         return PushTicket(
-            meta, names, TensorSink(targets, [d for _, _, d in specs]), grads, targets
+            meta, names, TensorSink(targets, [d for _, _, d in specs], early), grads, targets
         )
 
     def abort_push(self, ticket: PushTicket) -> None:
@@ -432,7 +450,10 @@ class HostedModel:
         try:
             for name, p in self.params.items():
                 p.grad = on_device.get(name)
-            self.optimizer.step()
+            if self.graphed is not None:
+                self.graphed.run(frozenset(on_device))  # eager, or a captured graph's replay
+            else:
+                self.optimizer.step()
             self.version += 1
         finally:
             for p in self.params.values():
@@ -457,6 +478,8 @@ class HostedModel:
     def _to_device(self, grads: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         if self.device.type == "cpu":
             return grads
+        if self.graphed is not None:
+            return self.graphed.upload(grads)
         out = {}
         for name, g in grads.items():
             dev = self._device_grads.get(name)
@@ -602,6 +625,8 @@ class HostedModel:
             try:
                 self.optimizer.load_state_dict(sd)
             finally:
+                if self.graphed is not None:  # new state tensors: captured addresses are stale
+                    self.graphed.invalidate()
                 self._end_write()
             self._apply_updates(updates)
 

@@ -2,7 +2,8 @@
 
 The server holds a real torch.optim.Adam; these helpers decide its options. A client that leaves
 both `foreach` and `fused` unset gets fused Adam (several times faster on CPU, and on CUDA also
-capturable so the step can be graph-captured); a client that names an implementation gets it.
+capturable, with lr a device tensor, so the step can be graph-captured: see cuda_step.py); a
+client that names an implementation gets it.
 """
 
 from __future__ import annotations
@@ -48,4 +49,9 @@ def effective(options: Mapping[str, Any], device: torch.device) -> dict[str, Any
         out["fused"] = True
         if device.type == "cuda":
             out["capturable"] = True
+            # lr as a float32 tensor on the device, which the fused kernel reads when it runs: an
+            # lr schedule then fills it in place and a captured step keeps its graph (a float lr
+            # is baked into the graph). Like a local Adam given such a Tensor lr, this computes
+            # with lr rounded to float32. (betas stay floats: _fused_adam_ takes them only so.)
+            out["lr"] = torch.tensor(float(out["lr"]), dtype=torch.float32, device=device)
     return out
