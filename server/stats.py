@@ -37,6 +37,7 @@ from .registry import ModelRegistry
 logger = logging.getLogger(__name__)
 
 HISTORY_LEN = 4096  # steps kept per model (a few hundred KiB)
+_SLICE = 1 << 18  # elements per slice of the update-norm computation (1 MiB of fp32)
 BUDGET = 0.02  # auto mode: share of wall-clock time the step-path statistics may take
 _RATE_WINDOW_S = 30.0  # step rate is averaged over this much recent history
 
@@ -138,6 +139,7 @@ class ModelStats:
         self.history: deque[StepEntry] = deque(maxlen=history_len)
         self.last = _Last()
         self._lock = threading.Lock()  # history and `last` between observer and readers
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # for update norms
         self._last_cost = 0.0  # seconds the latest stats step spent on norms
         self._last_at = 0.0  # perf_counter when it ran
 
@@ -187,7 +189,10 @@ class ModelStats:
         return torch.stack([total_grad.to(grad.device), total_update.to(grad.device)]), last
 
     def _update_norms(self, names: list[str]) -> tuple[list[str], torch.Tensor]:
-        """Norms of what the step just subtracted from each stepped parameter, from its Adam state."""
+        """Norms of what the step just subtracted from each stepped parameter, from its Adam state:
+        lr / (1 - beta1^t) * exp_avg / (sqrt(exp_avg_sq) / sqrt(1 - beta2^t) + eps), plus
+        lr * wd * p_old with decoupled weight decay. Computed in slices through two small scratch
+        buffers, so it allocates nothing parameter-sized and stays in cache."""
         model = self.model
         group_of = {p: g for g in model.optimizer.param_groups for p in g["params"]}
         done, norms = [], []
@@ -199,16 +204,35 @@ class ModelStats:
             g = group_of[p]
             lr, (beta1, beta2) = _num(g["lr"]), (_num(b) for b in g["betas"])
             eps, wd, t = _num(g["eps"]), _num(g["weight_decay"]), _num(state["step"])
-            v = state["max_exp_avg_sq"] if g["amsgrad"] else state["exp_avg_sq"]
-            denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-            update = torch.div(state["exp_avg"], denom, out=denom).mul_(lr / (1 - beta1**t))
-            if wd and g.get("decoupled_weight_decay"):
-                # p_new = p_old * (1 - lr wd) - update, so p_old - p_new = lr wd p_old + update
-                p_old = (p.detach() + update).div_(1 - lr * wd)
-                update.add_(p_old, alpha=lr * wd)
-            norms.append(torch.linalg.vector_norm(update, dtype=torch.float32))
+            decoupled = bool(wd and g.get("decoupled_weight_decay"))
+            m = state["exp_avg"].detach().reshape(-1)
+            v = (state["max_exp_avg_sq"] if g["amsgrad"] else state["exp_avg_sq"]).reshape(-1)
+            new = p.detach().reshape(-1)
+            step_size, bc2_sqrt = lr / (1 - beta1**t), math.sqrt(1 - beta2**t)
+            scratch = self._scratch_for(m)
+            total = torch.zeros((), dtype=torch.float32, device=m.device)
+            for start in range(0, m.numel(), _SLICE):
+                end = min(start + _SLICE, m.numel())
+                u = scratch[0][: end - start]
+                torch.sqrt(v[start:end], out=u).div_(bc2_sqrt).add_(eps)
+                torch.div(m[start:end], u, out=u).mul_(step_size)
+                if decoupled:  # p_new = p_old (1 - lr wd) - u  =>  p_old - p_new = lr wd p_old + u
+                    old = scratch[1][: end - start]
+                    torch.add(new[start:end], u, out=old).div_(1 - lr * wd)
+                    u.add_(old, alpha=lr * wd)
+                total += torch.dot(u, u) if u.dtype == torch.float32 else u.float().square().sum()
+            norms.append(total.sqrt())
             done.append(n)
         return done, torch.stack(norms) if norms else torch.zeros(0)
+
+    def _scratch_for(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self._scratch
+        if s is None or s[0].device != like.device or s[0].dtype != like.dtype:
+            s = self._scratch = (
+                torch.empty(_SLICE, dtype=like.dtype, device=like.device),
+                torch.empty(_SLICE, dtype=like.dtype, device=like.device),
+            )
+        return s
 
     # --- reads (any thread) --------------------------------------------------------------------
 
