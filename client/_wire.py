@@ -262,8 +262,14 @@ class TensorSink:
         target: torch.Tensor, wire: torch.dtype, start: int, data: memoryview
     ) -> None:
         flat = target.reshape(-1)
+        if wire == torch.bfloat16 and target.dtype == torch.float32:
+            # bfloat16 is the top half of a float32: widen the bits in place, no temporaries.
+            src = np.frombuffer(data, dtype=np.uint16)
+            bits = flat[start : start + src.size].numpy().view(np.uint32)
+            np.copyto(bits, src)
+            bits <<= 16
+            return
         if wire == torch.bfloat16:
-            # bfloat16 is the top half of a float32: widen the bits, then cast if needed.
             bits = np.frombuffer(data, dtype=np.uint16).astype(np.uint32) << 16
             values = torch.from_numpy(bits.view(np.float32))
         else:
