@@ -267,7 +267,7 @@ class TensorSink:
             src = np.frombuffer(data, dtype=np.uint16)
             bits = flat[start : start + src.size].numpy().view(np.uint32)
             np.copyto(bits, src)
-            bits <<= 16
+            np.left_shift(bits, 16, out=bits)
             return
         if wire == torch.bfloat16:
             bits = np.frombuffer(data, dtype=np.uint16).astype(np.uint32) << 16
