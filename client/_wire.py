@@ -265,9 +265,9 @@ class TensorSink:
         if wire == torch.bfloat16 and target.dtype == torch.float32:
             # bfloat16 is the top half of a float32: widen the bits in place, no temporaries.
             src = np.frombuffer(data, dtype=np.uint16)
-            bits = flat[start : start + src.size].numpy().view(np.uint32)
-            np.copyto(bits, src)
-            np.left_shift(bits, 16, out=bits)
+            dst = flat[start : start + src.size].numpy().view(np.uint32)
+            np.copyto(dst, src)
+            np.left_shift(dst, 16, out=dst)
             return
         if wire == torch.bfloat16:
             bits = np.frombuffer(data, dtype=np.uint16).astype(np.uint32) << 16
