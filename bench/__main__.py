@@ -116,8 +116,13 @@ def run(args: argparse.Namespace, progress: Progress) -> RunResult:
     if not args.no_peer:
         tick("torch.distributed.rpc parameter server (all sizes)")
         peer = _attempt(errors, "torch RPC PS", partial(peer_rpc.measure, free_port(), reps, sizes))
+        tick("torch.distributed.rpc parameter server, TCP only (all sizes)")
+        tcp = _attempt(
+            errors, "torch RPC PS tcp", partial(peer_rpc.measure, free_port(), reps, sizes, True)
+        )
         for r in result.sizes:
             r.peer = (peer or {}).get(r.n)
+            r.peer_tcp = (tcp or {}).get(r.n)
         progress.advance(task)
     if not args.no_scaling:
         with adamd_server() as server:

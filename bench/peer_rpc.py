@@ -54,11 +54,15 @@ def _push_pull(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     return _ps.push_pull(grads)
 
 
-def _run(rank: int, port: int, reps: int, sizes: list[int]) -> None:
+def _run(rank: int, port: int, reps: int, tcp: bool, sizes: list[int]) -> None:
     import torch.distributed.rpc as rpc
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     opts = rpc.TensorPipeRpcBackendOptions(num_worker_threads=4)
+    if tcp:  # what TensorPipe does across hosts: TCP transport, no shared-memory shortcuts
+        opts = rpc.TensorPipeRpcBackendOptions(
+            num_worker_threads=4, _transports=["uv"], _channels=["basic"]
+        )
     if rank == 0:
         rpc.init_rpc("ps", rank=0, world_size=2, rpc_backend_options=opts)
     else:
@@ -72,10 +76,22 @@ def _run(rank: int, port: int, reps: int, sizes: list[int]) -> None:
     rpc.shutdown()
 
 
-def measure(port: int, reps: int, sizes: list[int], timeout: float = 900) -> dict[int, float]:
-    """Run the peer in subprocesses; {n_params: best seconds per push+step+pull}."""
+def measure(
+    port: int, reps: int, sizes: list[int], tcp: bool = False, timeout: float = 900
+) -> dict[int, float]:
+    """Run the peer in subprocesses; {n_params: best seconds per push+step+pull}. `tcp`: only
+    TensorPipe's TCP transport and basic channel (as between hosts); else its defaults, which on
+    one host move tensors through shared memory."""
     out = subprocess.run(
-        [sys.executable, "-m", "bench.peer_rpc", str(port), str(reps), *map(str, sizes)],
+        [
+            sys.executable,
+            "-m",
+            "bench.peer_rpc",
+            str(port),
+            str(reps),
+            str(int(tcp)),
+            *map(str, sizes),
+        ],
         env=python_subprocess_env(),
         capture_output=True,
         text=True,
@@ -94,5 +110,5 @@ def measure(port: int, reps: int, sizes: list[int], timeout: float = 900) -> dic
 if __name__ == "__main__":
     import torch.multiprocessing as mp
 
-    _port, _reps, *_sizes = (int(a) for a in sys.argv[1:])
-    mp.spawn(_run, args=(_port, _reps, list(_sizes)), nprocs=2)
+    _port, _reps, _tcp, *_sizes = (int(a) for a in sys.argv[1:])
+    mp.spawn(_run, args=(_port, _reps, bool(_tcp), list(_sizes)), nprocs=2)
