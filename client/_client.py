@@ -26,7 +26,7 @@ from ._exceptions import (
     from_rpc_error,
 )
 from ._hyper import options_from_pb, options_to_pb
-from ._shm import SameHostSession, boot_id
+from ._shm import SameHostSession, host_id
 from ._types import ModelInfo, PullResult, PushResult
 from ._wire import (
     DEFAULT_CHUNK_BYTES,
@@ -174,11 +174,15 @@ class Client:
         if model not in self._sessions:
             session = None
             try:
-                reply = self._attach(pb.AttachRequest(model=model, host_id=boot_id()), **self._kw())
-                if reply.accepted:
+                reply = self._attach(pb.AttachRequest(model=model, host_id=host_id()), **self._kw())
+            except grpc.RpcError:
+                reply = pb.AttachReply(accepted=False)
+            if reply.accepted:
+                try:
                     session = SameHostSession(model, reply)
-            except (grpc.RpcError, OSError, ValueError, RuntimeError):
-                session = None
+                except (OSError, ValueError, RuntimeError):
+                    # Accepted but unusable (the files are not visible here): give them back.
+                    self._detach_quietly(model, reply.session)
             self._sessions[model] = session
         session = self._sessions[model]
         if session is not None and not session.valid():
@@ -192,14 +196,15 @@ class Client:
         if not reattach:
             self._sessions[model] = None
         if session is not None:
-            try:
-                self._detach(
-                    pb.DetachRequest(model=model, session=session.id),
-                    timeout=5,
-                    metadata=self._metadata,
-                )
-            except grpc.RpcError:
-                pass
+            self._detach_quietly(model, session.id)
+
+    def _detach_quietly(self, model: str, session: str) -> None:
+        try:
+            self._detach(
+                pb.DetachRequest(model=model, session=session), timeout=5, metadata=self._metadata
+            )
+        except grpc.RpcError:
+            pass
 
     def _kw(self) -> dict[str, Any]:
         return {"metadata": self._metadata, "timeout": self.timeout}

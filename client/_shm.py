@@ -28,11 +28,14 @@ MAGIC = b"ADAMDSHM"
 _SEQ, _VERSION, _NONCE = 8, 16, 24
 
 
-def boot_id() -> str:
-    """This host's boot id: equal for every process on the host, different across hosts."""
+def host_id(root: str = "/dev/shm") -> str:
+    """Who shares `root` with us: the kernel's boot id (different across hosts) and the device of
+    the shared-memory mount (different across containers on one host, each with its own /dev/shm).
+    Empty when either is missing."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
+            boot = f.read().strip()
+        return f"{boot}:{os.stat(root).st_dev}" if boot else ""
     except OSError:
         return ""
 
@@ -45,7 +48,13 @@ class SharedFile:
         fd = os.open(path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, nbytes)
+                try:
+                    # Reserve the pages now: a tmpfs that fills up later (Docker's /dev/shm is
+                    # 64 MiB) would kill whoever writes with SIGBUS instead of raising here.
+                    os.posix_fallocate(fd, 0, nbytes)
+                except OSError:
+                    os.unlink(path)
+                    raise
             elif os.fstat(fd).st_size < nbytes:
                 raise OSError(f"{path} is smaller than announced")
             self.map = mmap.mmap(fd, nbytes)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adamd.client._shm import _NONCE, _SEQ, _VERSION, HEADER_BYTES, MAGIC, SharedFile, boot_id
+from adamd.client._shm import _NONCE, _SEQ, _VERSION, HEADER_BYTES, MAGIC, SharedFile, host_id
 from adamd.client._wire import dtype_to_pb
 from adamd.v1 import adamd_pb2 as pb
 
@@ -57,7 +57,7 @@ class SameHost:
     def __init__(self, registry: ModelRegistry, root: str = "/dev/shm"):
         self.registry = registry
         self.root = root if os.path.isdir(root) else None
-        self.host = boot_id()
+        self.host = host_id(root) if self.root else ""
         self._shared: dict[str, _Shared] = {}
         self._lock = threading.Lock()
         registry.on_delete.append(self.drop)
@@ -75,13 +75,20 @@ class SameHost:
             if shared is None or shared.model is not model or shared.names != list(model.params):
                 if shared is not None:
                     self._retire(shared)
-                shared = self._shared[model.name] = self._share(model)
+                    del self._shared[model.name]
+                try:
+                    shared = self._shared[model.name] = self._share(model)
+                except OSError as e:
+                    return pb.AttachReply(accepted=False, reason=f"no room in {self.root}: {e}")
             if len(shared.sessions) >= MAX_SESSIONS_PER_MODEL:
                 return pb.AttachReply(
                     accepted=False, reason="too many same-host sessions on this model"
                 )
             session = secrets.token_hex(8)
-            grads = SharedFile(self._path(model.name, session), shared.file.nbytes, create=True)
+            try:
+                grads = SharedFile(self._path(model.name, session), shared.file.nbytes, create=True)
+            except OSError as e:
+                return pb.AttachReply(accepted=False, reason=f"no room in {self.root}: {e}")
             shared.sessions[session] = grads
             shared.grad_views[session] = {
                 n: grads.view(o, model.params[n].shape, model.params[n].dtype)

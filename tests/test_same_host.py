@@ -8,14 +8,20 @@ a pull see a step half-written, and never leave files behind in /dev/shm.
 from __future__ import annotations
 
 import signal
+import subprocess
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import torch
 
 from adamd.client import Client, RemoteAdam
+from adamd.client._shm import host_id
 from adamd.server import Daemon
+from adamd.server.same_host import SameHost
+from adamd.v1 import adamd_pb2 as pb
 
 from . import workers
 from .conftest import assert_bitwise_equal, running_daemon
@@ -45,9 +51,9 @@ def test_default_transport_uses_shared_memory_and_equals_grpc_bitwise(
     assert_bitwise_equal(via_shm, via_grpc)
     assert_bitwise_equal(via_shm, workers.reference([[0]] * 6))
     a, b = daemon.registry.get(shm_name), daemon.registry.get(grpc_name)
-    for pa, pb in zip(a.params.values(), b.params.values()):
-        for key, value in a.optimizer.state[pa].items():
-            assert torch.equal(value, b.optimizer.state[pb][key]), key
+    for p_a, p_b in zip(a.params.values(), b.params.values()):
+        for key, value in a.optimizer.state[p_a].items():
+            assert torch.equal(value, b.optimizer.state[p_b][key]), key
     assert daemon.same_host.session_count(shm_name) == 0  # close() detached
 
 
@@ -168,3 +174,54 @@ def test_files_of_a_killed_server_are_removed_by_the_next(tmp_path: Path, model_
     with running_daemon() as d:
         assert d.same_host.remove_orphans() == []  # start() already did it
     assert not any(f.exists() for f in left)
+
+
+def _attach(same_host: SameHost, name: str, host: str) -> pb.AttachReply:
+    try:
+        return same_host.attach(pb.AttachRequest(model=name, host_id=host))
+    finally:
+        same_host.stop()
+
+
+def test_a_server_with_another_shm_mount_counts_as_another_host(
+    daemon: Daemon, tmp_path: Path, model_name: str
+) -> None:
+    """Containers on one node share the boot id but not /dev/shm: they must not attach."""
+    with Client(daemon.grpc_address, transport="grpc") as c:
+        c.create_model(model_name, workers.initial_params(), lr=workers.LR)
+    other = SameHost(daemon.registry, root=str(tmp_path))
+    reply = _attach(other, model_name, host_id())
+    assert not reply.accepted and "different hosts" in reply.reason
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs, as a container's small /dev/shm (needs root and mount rights)."""
+    mount = tmp_path / "shm"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_shm_mount_declines_the_session_instead_of_crashing(
+    daemon: Daemon, small_tmpfs: Path, model_name: str
+) -> None:
+    """Writing into pages a full tmpfs cannot back is SIGBUS; the files are reserved up front."""
+    big = {"w": torch.randn(1024, 1024)}  # 4 MiB of parameters, 1 MiB of room
+    with Client(daemon.grpc_address, transport="grpc") as c:
+        c.create_model(model_name, big, lr=workers.LR)
+        small = SameHost(daemon.registry, root=str(small_tmpfs))
+        reply = _attach(small, model_name, host_id(str(small_tmpfs)))
+        assert not reply.accepted and "no room" in reply.reason
+        assert list(small_tmpfs.iterdir()) == []
+        assert torch.equal(c.pull_params(model_name)["w"], big["w"])
+        c.push_grad(model_name, {"w": torch.ones(1024, 1024)}, version=0)  # and it still trains
+        assert not torch.equal(c.pull_params(model_name)["w"], big["w"])
