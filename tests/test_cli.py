@@ -52,9 +52,8 @@ def serve(*args: str, tmp: Path) -> Iterator[tuple[subprocess.Popen[str], str, s
             m = READY.search(line)
             if m:
                 yield proc, m.group(1), m.group(2), lines
-                break
-        else:
-            pytest.fail("adamd serve did not log its addresses:\n" + "".join(lines))
+                return
+        pytest.fail("adamd serve did not log its addresses:\n" + "".join(lines))
     finally:
         if proc.poll() is None:
             proc.kill()

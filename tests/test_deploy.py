@@ -1,0 +1,125 @@
+"""deploy/: the image's entrypoint and the Kubernetes manifests run a real server as written.
+
+No Docker engine or cluster runs here, so the StatefulSet's own command line is started as a process
+(ports, paths and the bind address swapped for local ones) and probed the way the kubelet would.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from adamd.client import Client, Unauthenticated
+from adamd.server.cli import build_parser
+from adamd.server.config import ServerConfig
+
+from .test_cli import serve
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+BASE = DEPLOY / "k8s" / "base"
+
+
+def _documents() -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path in sorted(BASE.glob("*.yaml")):
+        if path.name != "kustomization.yaml":
+            docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def _one(kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in _documents() if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(found) == 1, f"{kind} {name}: {len(found)} found"
+    return found[0]
+
+
+def _container() -> dict[str, Any]:
+    container: dict[str, Any] = _one("StatefulSet")["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+def _flags(args: list[str]) -> dict[str, str]:
+    return dict(a.partition("=")[::2] for a in args)
+
+
+def test_the_manifest_command_line_serves_answers_its_probes_and_requires_its_token(
+    tmp_path: Path,
+) -> None:
+    c = _container()
+    assert c["command"] == ["adamd", "serve"]
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")  # as `kubectl create secret --from-file` stores a file
+    local = {
+        "--host": "127.0.0.1",
+        "--grpc-port": "0",
+        "--http-port": "0",
+        "--data-dir": str(tmp_path / "data"),
+        "--token-file": str(token),
+    }
+    args = [f"{k}={local.get(k, v)}" if v else k for k, v in _flags(c["args"]).items()]
+    with serve(*args, tmp=tmp_path) as (_, grpc_address, http_url, _):
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            path = c[probe]["httpGet"]["path"]
+            deadline = time.monotonic() + 30
+            while httpx.get(http_url + path, timeout=5).status_code != 200:
+                assert time.monotonic() < deadline, f"{probe} {path} never answered 200"
+                time.sleep(0.2)
+        with Client(grpc_address) as anonymous, pytest.raises(Unauthenticated):
+            anonymous.list_models()
+        with Client(grpc_address, token="s3cret") as worker:
+            assert worker.list_models() == []
+
+
+def test_ports_volumes_and_services_agree_with_the_command_line() -> None:
+    c = _container()
+    flags = _flags(c["args"])
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"grpc": int(flags["--grpc-port"]), "http": int(flags["--http-port"])}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["port"] in ports
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert flags["--data-dir"] == mounts["data"]
+    assert Path(flags["--token-file"]).parent == Path(mounts["token"])
+    spec = _one("StatefulSet")["spec"]
+    assert [t["metadata"]["name"] for t in spec["volumeClaimTemplates"]] == ["data"]
+    for service in ("adamd", "adamd-headless"):
+        svc = _one("Service", service)["spec"]
+        assert svc["selector"] == spec["selector"]["matchLabels"]
+        assert {p["targetPort"] for p in svc["ports"]} <= ports.keys()
+    assert spec["serviceName"] == "adamd-headless"
+
+
+def test_the_image_entrypoint_and_exposed_ports_match_the_cli() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    (entry,) = re.findall(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.M)
+    command = json.loads(entry)
+    assert command[:2] == ["adamd", "serve"]
+    build_parser().parse_args(command[1:])  # every flag exists (argparse exits otherwise)
+    (exposed,) = re.findall(r"^EXPOSE (.*)$", dockerfile, re.M)
+    defaults = ServerConfig()
+    assert sorted(map(int, exposed.split())) == sorted([defaults.grpc_port, defaults.http_port])
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+@pytest.mark.parametrize("variant", ["base", "gpu"])
+def test_kustomize_builds(variant: str) -> None:
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(DEPLOY / "k8s" / variant)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert built.returncode == 0, built.stderr
+    kinds = sorted(d["kind"] for d in yaml.safe_load_all(built.stdout) if d)
+    assert kinds == ["Service", "Service", "StatefulSet"]
+    if variant == "gpu":
+        assert "--device=cuda" in built.stdout and "nvidia.com/gpu: 1" in built.stdout
