@@ -27,6 +27,16 @@ def _ident(b: bytes) -> bytes:
     return b
 
 
+def _handler(sink: Any, source: Any) -> grpc.GenericRpcHandler:
+    return grpc.method_handlers_generic_handler(
+        "b.B",
+        {
+            "Sink": grpc.stream_unary_rpc_method_handler(sink, _ident, _ident),
+            "Source": grpc.unary_stream_rpc_method_handler(source, _ident, _ident),
+        },
+    )
+
+
 def _threads_server(port_q: Any, total: int) -> None:
     buf = bytearray(total)
 
@@ -43,17 +53,7 @@ def _threads_server(port_q: Any, total: int) -> None:
             yield bytes(view[start : start + CHUNK])
 
     server = grpc.server(futures.ThreadPoolExecutor(16), options=OPTIONS)
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "b.B",
-                {
-                    "Sink": grpc.stream_unary_rpc_method_handler(sink, _ident, _ident),
-                    "Source": grpc.unary_stream_rpc_method_handler(source, _ident, _ident),
-                },
-            ),
-        )
-    )
+    server.add_generic_rpc_handlers((_handler(sink, source),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     port_q.put(port)
@@ -77,17 +77,7 @@ def _aio_server(port_q: Any, total: int) -> None:
 
     async def main() -> None:
         server = grpc.aio.server(options=OPTIONS)
-        server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    "b.B",
-                    {
-                        "Sink": grpc.stream_unary_rpc_method_handler(sink, _ident, _ident),
-                        "Source": grpc.unary_stream_rpc_method_handler(source, _ident, _ident),
-                    },
-                ),
-            )
-        )
+        server.add_generic_rpc_handlers((_handler(sink, source),))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         port_q.put(port)
