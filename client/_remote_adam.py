@@ -9,6 +9,7 @@ format, so checkpoints move freely between a local Adam and a remote one.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,6 +34,10 @@ def _copy_for_probe(params: Any) -> Any:
     for p in params:
         out.append(dict(p) if isinstance(p, dict) else p)
     return out
+
+
+def _as_list(params: Any) -> Any:
+    return params if isinstance(params, (torch.Tensor, set)) else list(params)
 
 
 def _clone(value: Any) -> Any:
@@ -82,7 +87,14 @@ class RemoteAdam(torch.optim.Optimizer):
         round_timeout_s: float = 0.0,
     ):
         if not isinstance(params, (torch.Tensor, set)):
-            params = list(params)
+            # Lists all the way down: a group's params may be a generator, which the probe below
+            # would use up (torch takes those).
+            params = [
+                {**p, "params": _as_list(p["params"])}
+                if isinstance(p, dict) and "params" in p
+                else p
+                for p in params
+            ]
         options: dict[str, Any] = (
             dict(  # torch.optim.Adam's order, so param_groups print and pack alike
                 lr=lr,
@@ -165,14 +177,27 @@ class RemoteAdam(torch.optim.Optimizer):
         group = self.param_groups[-1]
         names = group.get("param_names")
         start = len(self._names)
+        taken = set(self._names.values())
         for i, p in enumerate(group["params"]):
-            self._names[id(p)] = str(names[i]) if names is not None else str(start + i)
+            name = str(names[i]) if names is not None else str(start + i)
+            if name in taken:  # two modules' named_parameters() both have "weight": torch takes it
+                name = next(f"{name}.{k}" for k in itertools.count(1) if f"{name}.{k}" not in taken)
+            taken.add(name)
+            self._names[id(p)] = name
         if not self._ready:
             return
         new = {self._name_of(p): p for p in group["params"]}
         try:
             info = self._client.describe(self.model)
-            if all(n in info.params for n in new):
+            index = len(self.param_groups) - 1
+            if any(n in info.params for n in new):
+                # Rejoining: the server has this group already (another worker added it first).
+                there = info.param_groups[index]["params"] if index < len(info.param_groups) else []
+                if there != list(new):
+                    raise ValueError(
+                        f"model {self.model!r} on the server has param group {index} as {there},"
+                        f" here it is {list(new)}: not the same model"
+                    )
                 self._pull_into(new)
             else:
                 opts = {k: group[k] for k in ADAM_DEFAULTS}
@@ -193,6 +218,13 @@ class RemoteAdam(torch.optim.Optimizer):
                     f"model {self.model!r} on the server has {name!r} as {have}, here it is"
                     f" {tuple(p.shape)}: not the same model"
                 )
+        here = [[self._name_of(p) for p in g["params"]] for g in self.param_groups]
+        there = [g["params"] for g in info.param_groups]
+        if here != there[: len(here)]:  # fewer groups is fine: add_param_group rejoins later ones
+            raise ValueError(
+                f"model {self.model!r} on the server has param groups {there}, here they are"
+                f" {here}: not the same model"
+            )
         for group, remote in zip(self.param_groups, info.param_groups):
             for key in _SYNCED_KEYS:
                 value = remote.get(key)

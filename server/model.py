@@ -29,7 +29,7 @@ from adamd.client._wire import TensorSink, WireError
 
 from . import options as adam_options
 from .cuda_step import GraphedStep
-from .errors import DuplicatePush, InvalidArgument, NonFiniteGradient, StalePush
+from .errors import DuplicatePush, InvalidArgument, NonFiniteGradient, ServerError, StalePush
 from .staging import GradSet, StagingPool
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ class _Round:
     started: float
     entries: dict[int, PushTicket] = field(default_factory=dict)
     result: PushResult | None = None
+    error: BaseException | None = None  # the step failed: every push of the round gets an error
 
 
 class HostedModel:
@@ -206,32 +207,42 @@ class HostedModel:
                     opts[key], self.requested[index][key]
                 ):
                     raise InvalidArgument(f"{key} cannot change after creation")
+            if merged.get("amsgrad") and not self.requested[index].get("amsgrad"):
+                group = self.optimizer.param_groups[index]
+                if any(
+                    self.optimizer.state.get(p) and "max_exp_avg_sq" not in self.optimizer.state[p]
+                    for p in group["params"]
+                ):
+                    raise InvalidArgument(
+                        f"amsgrad cannot be turned on in param group {index} after it has stepped"
+                        " (torch.optim.Adam fails its next step the same way: no max_exp_avg_sq)"
+                    )
 
-    def _apply_updates(self, updates: Sequence[tuple[int, Mapping[str, Any]]]) -> None:
+    def _apply_updates(
+        self, updates: Sequence[tuple[int, Mapping[str, Any]]]
+    ) -> Callable[[], None]:
+        """Apply checked hyperparameter updates; returns what puts the old values back."""
+        old = [
+            (
+                index,
+                {k: self.requested[index][k] for k in opts},
+                {k: _value_copy(self.optimizer.param_groups[index].get(k)) for k in opts},
+            )
+            for index, opts in updates
+        ]
         for index, opts in updates:
             group = self.optimizer.param_groups[index]
             for key, value in opts.items():
                 self.requested[index][key] = value
-                current = group.get(key)
-                if isinstance(current, torch.Tensor) and isinstance(value, torch.Tensor):
-                    current.fill_(value.item())  # in place: a captured graph keeps reading it
-                elif (
-                    isinstance(current, torch.Tensor)
-                    and current.device.type != "cpu"
-                    and isinstance(value, (int, float))
-                    and not isinstance(value, bool)
-                ):
-                    current.fill_(float(value))  # the device lr options.effective made, likewise
-                elif (
-                    key == "betas"
-                    and isinstance(current, tuple)
-                    and any(isinstance(b, torch.Tensor) for b in current)
-                ):
-                    for cur, new in zip(current, value):
-                        if isinstance(cur, torch.Tensor):
-                            cur.fill_(float(new))
-                else:
-                    group[key] = value
+                _set_group_value(group, key, value)
+
+        def undo() -> None:
+            for index, requested, values in reversed(old):
+                self.requested[index].update(requested)
+                for key, value in values.items():
+                    _set_group_value(self.optimizer.param_groups[index], key, value)
+
+        return undo
 
     def set_hyperparams(self, updates: Sequence[tuple[int, Mapping[str, Any]]]) -> None:
         with self._lock:
@@ -339,8 +350,7 @@ class HostedModel:
                 )
             rnd = _Round(self.version, time.monotonic(), {meta.rank: ticket})
             self._complete(rnd, partial=False)
-            assert rnd.result is not None
-            return rnd.result
+            return _outcome(rnd)
 
     def _push_sync(self, ticket: PushTicket) -> PushResult:
         meta = ticket.meta
@@ -359,7 +369,7 @@ class HostedModel:
             if len(rnd.entries) == self.world_size:
                 self._complete(rnd, partial=False)
             deadline = rnd.started + self.round_timeout_s
-            while rnd.result is None:
+            while rnd.result is None and rnd.error is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     logger.warning(
@@ -373,8 +383,7 @@ class HostedModel:
                     self._complete(rnd, partial=True)
                     break
                 self._cond.wait(remaining)
-            assert rnd.result is not None
-            return rnd.result
+            return _outcome(rnd)
 
     def _complete(self, rnd: _Round, partial: bool) -> None:
         """Average the round's gradients in rank order, step once, release everyone. Lock held."""
@@ -396,12 +405,22 @@ class HostedModel:
             for name, n in counts.items():
                 if n > 1:
                     summed[name].div_(n)
-        for t in tickets:
-            self._apply_updates(t.meta.hyper_updates)
+        undo = []
+        try:
+            for t in tickets:
+                undo.append(self._apply_updates(t.meta.hyper_updates))
+            if not found_inf:
+                self._step(summed)
+        except Exception as exc:
+            # Not expected (inputs are checked first), but never leave the round open: that would
+            # answer every later push with DuplicatePush. The pushes fail and may be retried.
+            logger.exception("model %s: step for version %d failed", self.name, rnd.version)
+            for u in reversed(undo):
+                u()
+            self._end_round(rnd, tickets, error=exc)
+            return
         if found_inf:
             self.skipped_steps += 1
-        else:
-            self._step(summed)
         step_seconds = time.perf_counter() - t0
         result = PushResult(
             version=self.version,
@@ -434,11 +453,24 @@ class HostedModel:
         while len(self._results) > _RESULTS_KEPT:
             self._results.popitem(last=False)
         self._notify(record)
+        self._end_round(rnd, tickets, result=result)
+
+    def _end_round(
+        self,
+        rnd: _Round,
+        tickets: Sequence[PushTicket],
+        *,
+        result: PushResult | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """Release the round's buffers and its waiters with `result` or `error`. Lock held."""
         for t in tickets:
             if t.grads is not None:
                 self._pool.release(t.grads)
                 t.grads = None
-        rnd.result = result
+            if error is not None and t.meta.push_id:
+                self._inflight.discard(t.meta.push_id)
+        rnd.result, rnd.error = result, error
         if self._round is rnd:
             self._round = None
         self._cond.notify_all()
@@ -595,6 +627,10 @@ class HostedModel:
                         raise InvalidArgument(f"state step of {name!r} must hold one number")
                     if key not in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                         raise InvalidArgument(f"unknown state key {key!r} for {name!r}")
+                    if key != "step" and not t.dtype.is_floating_point:
+                        raise InvalidArgument(
+                            f"state {key} of {name!r} has dtype {t.dtype}, need a float dtype"
+                        )
             updates = []
             if groups is not None:
                 for i, (g, g_names) in enumerate(zip(groups, names)):
@@ -610,6 +646,21 @@ class HostedModel:
                     }
                     updates.append((i, opts))
                 self.check_updates(updates)
+            amsgrad = [
+                dict(updates).get(i, {}).get("amsgrad", r["amsgrad"])
+                for i, r in enumerate(self.requested)
+            ]
+            for i, g_names in enumerate(names):
+                needed = {"step", "exp_avg", "exp_avg_sq"} | (
+                    {"max_exp_avg_sq"} if amsgrad[i] else set()
+                )
+                for name in g_names:
+                    lacking = needed - set(state.get(name, needed))
+                    if lacking:
+                        raise InvalidArgument(
+                            f"state of {name!r} lacks {sorted(lacking)} (param group {i} needs"
+                            f" {sorted(needed)}; a parameter that never stepped has no state at all)"
+                        )
             order = [n for g in names for n in g]
             sd = {
                 "state": {order.index(n): dict(s) for n, s in state.items()},
@@ -643,6 +694,16 @@ class HostedModel:
             }
 
 
+def _outcome(rnd: _Round) -> PushResult:
+    if rnd.error is not None:
+        raise ServerError(
+            f"the step for version {rnd.version} failed ({type(rnd.error).__name__}: {rnd.error});"
+            " nothing was applied and the push may be sent again"
+        )
+    assert rnd.result is not None
+    return rnd.result
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """True when every element is finite. A finite sum proves it (inf and nan propagate through
     addition) at the cost of one read; only a non-finite sum, which may be an overflow of large
@@ -667,3 +728,36 @@ def _same(a: Any, b: Any) -> bool:
     from adamd.client._hyper import same_value
 
     return same_value(a, b)
+
+
+def _set_group_value(group: dict[str, Any], key: str, value: Any) -> None:
+    """group[key] = value, but tensors the step reads (maybe in a captured graph) filled in place."""
+    current = group.get(key)
+    if isinstance(current, torch.Tensor) and isinstance(value, torch.Tensor):
+        current.fill_(value.item())  # in place: a captured graph keeps reading it
+    elif (
+        isinstance(current, torch.Tensor)
+        and current.device.type != "cpu"
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+    ):
+        current.fill_(float(value))  # the device lr options.effective made, likewise
+    elif (
+        key == "betas"
+        and isinstance(current, tuple)
+        and any(isinstance(b, torch.Tensor) for b in current)
+    ):
+        for cur, new in zip(current, value):
+            if isinstance(cur, torch.Tensor):
+                cur.fill_(float(new))
+    else:
+        group[key] = value
+
+
+def _value_copy(value: Any) -> Any:
+    """A copy of a group value that later in-place fills leave alone."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple):
+        return tuple(_value_copy(v) for v in value)
+    return value

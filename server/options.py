@@ -40,6 +40,10 @@ def validate(options: Mapping[str, Any], device: torch.device) -> None:
         torch.optim.Adam([probe], **options)
     except (ValueError, RuntimeError, TypeError) as exc:
         raise InvalidArgument(str(exc)) from exc
+    # torch checks betas[0] and betas[1] only, and a longer tuple fails at the first step.
+    betas = options.get("betas", ADAM_DEFAULTS["betas"])
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise InvalidArgument(f"betas must be a pair (beta1, beta2), got {betas!r}")
 
 
 def effective(options: Mapping[str, Any], device: torch.device) -> dict[str, Any]:

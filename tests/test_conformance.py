@@ -371,6 +371,73 @@ def test_state_dict_structure_matches_torch(daemon: Any, model_name: str) -> Non
     assert remote.state_dict()["param_groups"] == rs["param_groups"], "state_dict is deterministic"
 
 
+def test_group_params_as_generators_and_names_repeated_across_groups(
+    daemon: Any, model_name: str
+) -> None:
+    """torch takes a group's params as a generator, and named_parameters() of two submodules that
+    both have a "weight"; so must RemoteAdam (the server gets unique names)."""
+    remote_net, local_net = twins()
+
+    def groups(net: Net) -> list[dict[str, Any]]:
+        return [
+            {"params": net.l1.named_parameters(), "lr": 0.02},
+            {"params": net.l2.named_parameters()},
+            {"params": iter([("t", net.t)]), "weight_decay": 0.1},
+        ]
+
+    remote = RemoteAdam(
+        groups(remote_net), lr=0.005, fused=True, server=daemon.grpc_address, model=model_name
+    )
+    local = torch.optim.Adam(groups(local_net), lr=0.005, fused=True)
+    train(remote_net, remote)
+    train(local_net, local)
+    assert_same(remote_net, remote, local_net, local, exact=True)
+    assert [g["param_names"] for g in remote.state_dict()["param_groups"]] == [
+        ["weight", "bias"],
+        ["weight", "bias"],
+        ["t"],
+    ]
+    assert list(daemon.registry.get(model_name).params) == [
+        "weight",
+        "bias",
+        "weight.1",
+        "bias.1",
+        "t",
+    ]
+
+
+def test_add_param_group_with_names_already_in_use(daemon: Any, model_name: str) -> None:
+    remote_net, local_net = twins()
+    remote = RemoteAdam(
+        remote_net.l2.named_parameters(), fused=True, server=daemon.grpc_address, model=model_name
+    )
+    local = torch.optim.Adam(local_net.l2.named_parameters(), fused=True)
+    l1_before = [p.detach().clone() for p in remote_net.l1.parameters()]
+
+    def unfreeze_at_4(i: int, net: Net, opt: torch.optim.Optimizer) -> None:
+        if i == 4:
+            opt.add_param_group({"params": list(net.l1.named_parameters()), "lr": 0.003})
+            if opt is remote:  # joining kept l1's own values (nothing pulled over them)
+                assert all(torch.equal(a, b) for a, b in zip(net.l1.parameters(), l1_before))
+
+    train(remote_net, remote, before_step=unfreeze_at_4)
+    train(local_net, local, before_step=unfreeze_at_4)
+    assert_same(remote_net, remote, local_net, local, exact=True)
+
+
+def test_joining_with_other_param_groups_is_refused(daemon: Any, model_name: str) -> None:
+    first_net, _ = twins()
+    RemoteAdam(_groups(first_net), server=daemon.grpc_address, model=model_name)
+    late_net, _ = twins()
+    one_group = [*late_net.l1.parameters(), *late_net.l2.parameters(), late_net.t]
+    with pytest.raises(ValueError, match="param groups"):  # the same tensors, other groups
+        RemoteAdam(one_group, server=daemon.grpc_address, model=model_name)
+    # Fewer groups is a worker that adds the rest later, as the first one did.
+    late = RemoteAdam(list(late_net.l1.parameters()), server=daemon.grpc_address, model=model_name)
+    late.add_param_group({"params": [*late_net.l2.parameters(), late_net.t]})
+    assert len(late.param_groups) == 2
+
+
 def test_existing_model_server_params_win(daemon: Any, model_name: str) -> None:
     first_net, _ = twins(seed=0)
     first = RemoteAdam(
