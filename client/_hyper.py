@@ -14,7 +14,7 @@ import torch
 
 from adamd.v1 import adamd_pb2 as pb
 
-from ._wire import dtype_from_pb, dtype_to_pb
+from ._wire import WireError, dtype_from_pb, dtype_to_pb
 
 # torch.optim.Adam's defaults, in its order: the keys every param group carries.
 ADAM_DEFAULTS: dict[str, Any] = dict(torch.optim.Adam([torch.zeros(1)]).defaults)
@@ -42,7 +42,7 @@ def value_to_pb(value: Any) -> pb.HyperValue:
         return pb.HyperValue(list=pb.HyperList(items=[value_to_pb(v) for v in value]))
     if isinstance(value, (int, float)):
         return pb.HyperValue(number=float(value))
-    raise TypeError(f"hyperparameter value of type {type(value).__name__} cannot travel")
+    raise WireError(f"hyperparameter value of type {type(value).__name__} cannot travel")
 
 
 def value_from_pb(hv: pb.HyperValue) -> Any:

@@ -109,8 +109,13 @@ class SameHostSession:
         return self.params.valid(self.nonce)
 
     def fits(self, tensors: Mapping[str, torch.Tensor]) -> bool:
+        """Whether these gradients can go through the files (else they stream, and the server
+        judges them: a copy into the float views would turn an int or complex tensor into floats)."""
         views = self.grad_views
-        return all(n in views and views[n].shape == t.shape for n, t in tensors.items())
+        return all(
+            n in views and views[n].shape == t.shape and t.is_floating_point()
+            for n, t in tensors.items()
+        )
 
     def write_grads(self, grads: Mapping[str, torch.Tensor]) -> list[pb.TensorSpec]:
         with torch.no_grad():

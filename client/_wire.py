@@ -18,6 +18,8 @@ import torch
 
 from adamd.v1 import adamd_pb2 as pb
 
+from ._exceptions import InvalidArgument
+
 DEFAULT_CHUNK_BYTES = 4 << 20
 # Largest message either side accepts: a chunk plus its header, with room for big headers.
 MAX_MESSAGE_BYTES = 64 << 20
@@ -32,8 +34,8 @@ _PB_TO_TORCH = {v: k for k, v in _TORCH_TO_PB.items()}
 _NP_OF = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 
 
-class WireError(ValueError):
-    """A frame or chunk that does not fit what the stream declared."""
+class WireError(InvalidArgument):
+    """A tensor that cannot travel, or a frame or chunk that does not fit what the stream declared."""
 
 
 def dtype_to_pb(dtype: torch.dtype) -> int:

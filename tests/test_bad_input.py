@@ -17,6 +17,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from adamd.client import (
+    AdamdError,
     AlreadyExists,
     Client,
     DuplicatePush,
@@ -119,6 +120,17 @@ def test_non_float_dtype_refused(daemon: Any, trained: Any) -> None:
     expect_unchanged(trained, lambda: raw_push(daemon, frames), InvalidArgument, "dtype")
 
 
+@pytest.mark.parametrize("transport", ["auto", "grpc"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_non_float_gradients_through_the_client(
+    daemon: Any, trained: Any, transport: str, dtype: torch.dtype
+) -> None:
+    """Refused whichever way they would travel (a copy into shared memory would make them floats)."""
+    with Client(daemon.grpc_address, transport=transport) as c:
+        grads = {**good_grads(), "b": torch.ones(3, dtype=dtype)}
+        expect_unchanged(trained, lambda: c.push_grad(trained.name, grads), InvalidArgument)
+
+
 def test_non_finite_gradient_rejected_whole(client: Client, trained: Any) -> None:
     for bad in (float("inf"), float("-inf"), float("nan")):
         grads = good_grads()
@@ -179,6 +191,22 @@ def test_invalid_hyperparameters(client: Client, trained: Any, model_name: str) 
         InvalidArgument,
         "unknown Adam options",
     )
+    expect_unchanged(  # torch checks betas[0] and betas[1] only, then fails at the next step
+        trained,
+        lambda: client.set_hyperparams(trained.name, betas=(0.9, 0.99, 0.9)),
+        InvalidArgument,
+        "pair",
+    )
+    expect_unchanged(
+        trained,
+        lambda: client.set_hyperparams(trained.name, amsgrad=True),
+        InvalidArgument,
+        "amsgrad cannot be turned on",
+    )
+    expect_unchanged(  # rejected by the client before anything is sent
+        trained, lambda: client.set_hyperparams(trained.name, lr="0.1"), InvalidArgument
+    )
+    assert client.push_grad(trained.name, good_grads()).applied  # and it still trains
     with pytest.raises(InvalidArgument, match="Invalid epsilon"):
         client.create_model(model_name + "-new", {"w": torch.zeros(2)}, eps=-1.0)
     with pytest.raises(InvalidArgument, match="differentiable"):
@@ -187,6 +215,52 @@ def test_invalid_hyperparameters(client: Client, trained: Any, model_name: str) 
         client.create_model(model_name + "-new", {"w": torch.zeros(2)}, capturable=True)
     with pytest.raises(NotFound):
         client.describe(model_name + "-new")
+
+
+def test_a_step_that_raises_fails_its_round_and_the_model_trains_on(
+    daemon: Any, client: Client, model_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inputs are checked before any step, but should torch's step raise all the same, the round
+    must end: each of its pushes gets an error, the hyperparameters they carried are put back, and
+    the same pushes succeed once stepping works (an open round would answer DuplicatePush forever)."""
+    client.create_model(model_name, {"w": torch.zeros(4)}, world_size=2, lr=0.01)
+    model = daemon.registry.get(model_name)
+    before = snapshot(model)
+
+    def broken_step(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("injected step failure")
+
+    def push_both() -> list[Any]:
+        results: list[Any] = [None, None]
+
+        def push(rank: int) -> None:
+            try:
+                results[rank] = client.push_grad(
+                    model_name,
+                    {"w": torch.full((4,), rank + 1.0)},
+                    version=0,
+                    rank=rank,
+                    hyper_updates=[(0, {"lr": 0.5})] if rank == 0 else (),
+                )
+            except AdamdError as exc:
+                results[rank] = exc
+
+        threads = [threading.Thread(target=push, args=(r,)) for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        return results
+
+    monkeypatch.setattr(model.optimizer, "step", broken_step)
+    for result in push_both():
+        assert isinstance(result, AdamdError) and "injected step failure" in str(result)
+    assert_bitwise_equal(before, snapshot(model))
+    assert model.optimizer.param_groups[0]["lr"] == 0.01 and model.requested[0]["lr"] == 0.01
+    monkeypatch.undo()
+    results = push_both()
+    assert all(r.applied and r.contributors == 2 and r.version == 1 for r in results), results
+    assert model.optimizer.param_groups[0]["lr"] == 0.5
 
 
 def test_bad_create_requests(client: Client, model_name: str) -> None:
@@ -246,6 +320,20 @@ def test_bad_state_load(client: Client, trained: Any) -> None:
     state["state"]["w"]["exp_avg"] = torch.zeros(2, 2)
     expect_unchanged(
         trained, lambda: client.load_state(trained.name, state["state"]), InvalidArgument, "shape"
+    )
+    for lacking in ("step", "exp_avg", "exp_avg_sq"):
+        state = client.get_state(trained.name)
+        del state["state"]["w"][lacking]
+        expect_unchanged(
+            trained,
+            lambda state=state: client.load_state(trained.name, state["state"]),
+            InvalidArgument,
+            f"lacks \\['{lacking}'\\]",
+        )
+    state = client.get_state(trained.name)
+    state["state"]["b"]["exp_avg"] = state["state"]["b"]["exp_avg"].long()
+    expect_unchanged(
+        trained, lambda: client.load_state(trained.name, state["state"]), InvalidArgument, "dtype"
     )
     state = client.get_state(trained.name)
     state["state"]["ghost"] = state["state"].pop("w")
