@@ -56,6 +56,7 @@ class Daemon:
         self.hooks.snapshot = self.snapshots.snapshot
         if config.durable:
             self.hooks.after_push = self.snapshots.after_push
+            self.hooks.after_edit = self.snapshots.after_edit
         self._grpc, self.grpc_port, self._health = create_grpc_server(
             self.service, f"{config.host}:{config.grpc_port}", workers=config.grpc_workers
         )

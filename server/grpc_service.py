@@ -39,7 +39,7 @@ from .errors import (
     SessionExpired,
     Unauthenticated,
 )
-from .model import PushMeta
+from .model import HostedModel, PushMeta
 from .registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ class RpcHooks:
         self.after_push: Callable[[str, Any], None] | None = (
             None  # model, PushResult (durable mode waits here)
         )
+        # model; after a hyperparameter, param-group or state edit (durable mode waits here)
+        self.after_edit: Callable[[str], None] | None = None
 
 
 def _first(request_iterator: Iterator[bytes], header_cls: Any) -> tuple[Any, Any, Iterator[bytes]]:
@@ -256,7 +258,12 @@ class OptimizerService:
     ) -> pb.ModelInfo:
         model = self.registry.get(request.model)
         model.set_hyperparams(convert.updates_from_pb(request.updates))
+        self._edited(model)
         return convert.model_info(model)
+
+    def _edited(self, model: HostedModel) -> None:
+        if self.hooks.after_edit is not None:
+            self.hooks.after_edit(model.name)
 
     def add_param_group(
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
@@ -281,6 +288,7 @@ class OptimizerService:
             raise InvalidArgument(str(exc)) from exc
         on_device = {n: t.to(model.device) for n, t in tensors.items()}
         model.add_param_group(on_device, group)
+        self._edited(model)
         return convert.model_info(model)
 
     # --- pushes and pulls -----------------------------------------------------------------------
@@ -408,6 +416,7 @@ class OptimizerService:
             state[entry.param] = {k: tensors[i] for k, i in entry.tensors.items()}
         groups = [convert.group_from_pb(g) for g in header.groups] or None
         model.load_state(state, groups)
+        self._edited(model)
         return convert.model_info(model)
 
     # --- durability and same-host fast path -----------------------------------------------------

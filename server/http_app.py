@@ -154,7 +154,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     @app.get(
         "/v1/models/{model}/snapshot",
         tags=["inspect"],
-        summary="Download params and optimizer state (torch.load(..., weights_only=True))",
+        summary="Download params and optimizer state as `adamd snapshot export` writes them",
         response_class=Response,
         responses={200: {"content": {"application/octet-stream": {}}}},
     )
@@ -163,7 +163,7 @@ def create_app(daemon: Daemon) -> FastAPI:
         payload = views.snapshot_payload(m)
         buf = io.BytesIO()
         torch.save(payload, buf)
-        filename = f"{m.name}-v{payload['version']}.pt"
+        filename = f"{m.name}-v{payload['adamd']['version']}.pt"
         return Response(
             buf.getvalue(),
             media_type="application/octet-stream",
@@ -186,6 +186,8 @@ def create_app(daemon: Daemon) -> FastAPI:
         if "betas" in updates:
             updates["betas"] = tuple(updates["betas"])
         m.set_hyperparams([(group, updates)])
+        if daemon.hooks.after_edit is not None:  # durable mode: on disk before the reply
+            daemon.hooks.after_edit(m.name)
         logger.info("HTTP: model %s group %d set %s", m.name, group, updates)
         return views.model_summary(m, stats.get(m), detail=True)
 

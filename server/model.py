@@ -134,6 +134,9 @@ class HostedModel:
         self.created_at = time.time()
         self.last_step_at: float | None = None
         self.observers: list[Callable[[StepRecord], None]] = []
+        # Called under the lock after an edit that is not a step (hyperparameters, a new param
+        # group, loaded state): snapshots count these as changes too.
+        self.edit_listeners: list[Callable[[], None]] = []
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._seq = 0  # odd while parameters are being written (readers retry)
@@ -193,6 +196,11 @@ class HostedModel:
                 raise
             if self.graphed is not None:
                 self.graphed.invalidate()
+            self._edited()
+
+    def _edited(self) -> None:
+        for listener in list(self.edit_listeners):
+            listener()
 
     def check_updates(self, updates: Sequence[tuple[int, Mapping[str, Any]]]) -> None:
         for index, opts in updates:
@@ -248,6 +256,7 @@ class HostedModel:
         with self._lock:
             self.check_updates(updates)
             self._apply_updates(updates)
+            self._edited()
 
     # --- pushes --------------------------------------------------------------------------------
 
@@ -680,6 +689,7 @@ class HostedModel:
                     self.graphed.invalidate()
                 self._end_write()
             self._apply_updates(updates)
+            self._edited()
 
     def memory_bytes(self) -> dict[str, int]:
         def size(ts: Any) -> int:

@@ -11,10 +11,10 @@ for that long only), then writes and fsyncs without the lock. One write serves e
 before it started, so concurrent durable pushes coalesce into one write instead of queueing one
 each.
 
-Durable mode counts "changes" (steps applied or skipped, seen by an observer under the model lock).
-A push is acknowledged once a snapshot whose capture saw at least the changes present when the push
-returned is on disk; that snapshot holds the push's id, so a retry after a crash is answered from
-it instead of being applied again.
+Durable mode counts "changes" (steps applied or skipped, and edits: hyperparameters, param groups,
+loaded state; seen by listeners under the model lock). A push or an edit is acknowledged once a
+snapshot whose capture saw at least the changes present when it returned is on disk; that snapshot
+holds the push's id, so a retry after a crash is answered from it instead of being applied again.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class ModelSnapshots:
         self.dir = model_dir
         self.keep = config.snapshot_keep
         self.every_steps = config.snapshot_every_steps
-        self.changes = 0  # steps seen (written under the model lock by the observer)
+        self.changes = 0  # steps and edits seen (counted under the model lock)
         self.persisted_changes = -1  # changes covered by the newest snapshot on disk (-1: none)
         self.last_write = time.monotonic()
         self.last_file: fmt.SnapshotFile | None = None
@@ -76,6 +76,7 @@ class ModelSnapshots:
         )
         self._thread.start()
         model.observers.append(self._observe)
+        model.edit_listeners.append(self._edited)
 
     # --- triggers ------------------------------------------------------------------------------
 
@@ -88,6 +89,9 @@ class ModelSnapshots:
             # version; the writer thread then only writes.
             with contextlib.suppress(NotDurable):
                 self.request(fmt.capture(self.model, self.changes))
+
+    def _edited(self) -> None:
+        self.changes += 1  # model lock held; the periodic and final snapshots will see it
 
     @property
     def dirty(self) -> bool:
@@ -185,6 +189,8 @@ class ModelSnapshots:
         self._thread.join()
         with contextlib.suppress(ValueError):
             self.model.observers.remove(self._observe)
+        with contextlib.suppress(ValueError):
+            self.model.edit_listeners.remove(self._edited)
 
 
 class SnapshotManager:
@@ -317,6 +323,10 @@ class SnapshotManager:
 
     def after_push(self, name: str, result: Any) -> None:
         """Durable mode: hold the push's reply until its step is on disk."""
+        self.after_edit(name)
+
+    def after_edit(self, name: str) -> None:
+        """Durable mode: hold the reply to an edit (or push) until it is on disk."""
         with self._lock:
             tracker = self._models.get(name)
         if tracker is not None:

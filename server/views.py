@@ -123,19 +123,26 @@ def _cpu(v: Any) -> Any:
 
 
 def snapshot_payload(model: HostedModel) -> dict[str, Any]:
-    """Params and torch.optim.Adam's state_dict, copied to the CPU under the model lock; only
-    tensors, dicts, lists, tuples and plain values, so torch.load(weights_only=True) reads it."""
+    """The layout `adamd snapshot export` writes and `import` reads: {"model": params by name,
+    "optimizer": torch.optim.Adam's state_dict with param_names}, plus "adamd" (where it came
+    from). Copied to the CPU under the model lock; only tensors, dicts, lists, tuples and plain
+    values, so torch.load(weights_only=True) reads it."""
     with model.locked():
         sd = model.optimizer.state_dict()
+        groups = [
+            {**{k: _cpu(v) for k, v in g.items()}, "param_names": names}
+            for g, names in zip(sd["param_groups"], model.group_names())
+        ]
         return {
-            "format": "adamd-http-snapshot/1",
-            "model": model.name,
-            "version": model.version,
-            "mode": model.mode,
-            "world_size": model.world_size,
-            "params": {n: _cpu(p) for n, p in model.params.items()},
+            "model": {n: _cpu(p) for n, p in model.params.items()},
             "optimizer": {
                 "state": {i: {k: _cpu(v) for k, v in s.items()} for i, s in sd["state"].items()},
-                "param_groups": [{k: _cpu(v) for k, v in g.items()} for g in sd["param_groups"]],
+                "param_groups": groups,
+            },
+            "adamd": {
+                "model": model.name,
+                "version": model.version,
+                "mode": model.mode,
+                "world_size": model.world_size,
             },
         }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,7 +17,7 @@ from adamd.client import Client
 from adamd.server import Daemon
 from adamd.server.cli import main as cli_main
 
-from .conftest import running_daemon
+from .conftest import assert_bitwise_equal, running_daemon, snapshot
 
 SHAPES = {"w1": (16, 8), "b1": (16,), "w2": (4, 16)}
 STEPS = 6
@@ -167,16 +168,29 @@ def test_auto_stats_stay_within_their_time_budget() -> None:
         assert all(e["grad_norm"] is None and e["update_norm"] is None for e in steps[1:])
 
 
-def test_snapshot_download_loads_with_weights_only(http: httpx.Client, trained: Trained) -> None:
+def test_snapshot_download_loads_with_weights_only(
+    http: httpx.Client, trained: Trained, daemon: Daemon, tmp_path: Path
+) -> None:
     r = http.get(f"/v1/models/{trained.name}/snapshot")
     assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
     snap = torch.load(io.BytesIO(r.content), weights_only=True)
     model = trained.model
-    assert snap["version"] == STEPS and snap["model"] == trained.name
+    assert snap["adamd"]["version"] == STEPS and snap["adamd"]["model"] == trained.name
     for name, p in model.params.items():
-        assert torch.equal(snap["params"][name], p)
+        assert torch.equal(snap["model"][name], p)
+    # It is what `adamd snapshot export` writes, so `import` takes it: a copy of the model.
+    downloaded = tmp_path / "downloaded.pt"
+    downloaded.write_bytes(r.content)
+    copy = trained.name + "-copy"
+    assert (
+        cli_main(["snapshot", "import", str(downloaded), copy, "--server", daemon.grpc_address])
+        == 0
+    )
+    original, imported = snapshot(model), snapshot(daemon.registry.get(copy))
+    del original["version"], imported["version"]  # an import starts a new model at version 0
+    assert_bitwise_equal(original, imported)
     # The optimizer part is torch.optim.Adam's state_dict: a local Adam loads it and matches.
-    local = [snap["params"][n].clone() for n in SHAPES]
+    local = [snap["model"][n].clone() for n in SHAPES]
     opt = torch.optim.Adam(local, lr=1.0)
     opt.load_state_dict(snap["optimizer"])
     assert opt.param_groups[0]["lr"] == 0.01

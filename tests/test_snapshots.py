@@ -169,6 +169,44 @@ def test_durable_push_is_on_disk_when_acknowledged(tmp_path: Path) -> None:
             assert f"d-{k}" in fmt.push_results(loaded.manifest)
 
 
+def _edit(c: Client) -> None:
+    """Changes that are not steps: a hyperparameter, a new param group, loaded state."""
+    c.set_hyperparams("m", group=1, lr=0.777)
+    c.add_param_group("m", {"extra": torch.ones(3)}, lr=0.5)
+    state = c.get_state("m")["state"]
+    state["w"]["exp_avg"] = torch.full(SHAPES["w"], 42.0)
+    c.load_state("m", state)
+
+
+def _check_edited(loaded: fmt.Loaded) -> None:
+    assert loaded.manifest["groups"][1]["options"]["lr"] == 0.777
+    assert loaded.manifest["groups"][2]["params"] == ["extra"]
+    assert torch.equal(loaded.tensors["param/extra"], torch.ones(3))
+    assert torch.equal(loaded.tensors["state/w/exp_avg"], torch.full(SHAPES["w"], 42.0))
+
+
+def test_edits_are_durable_and_in_the_final_snapshot(tmp_path: Path) -> None:
+    """Edits change what a restart must restore as much as steps do."""
+    durable_dir, graceful_dir = tmp_path / "durable", tmp_path / "graceful"
+    with (
+        running_daemon(data_dir=durable_dir, http_port=-1, durable=True) as d,
+        Client(d.grpc_address) as c,
+    ):
+        _create(c)
+        _push(c, range(2))
+        _edit(c)  # each call returned only once on disk
+        _check_edited(fmt.load(_newest(durable_dir)))
+    with (
+        running_daemon(data_dir=graceful_dir, http_port=-1, snapshot_every_s=0) as d,
+        Client(d.grpc_address) as c,
+    ):
+        _create(c)
+        _push(c, range(2))
+        c.snapshot("m")
+        _edit(c)  # no step after the edits: only they make the model dirty
+    _check_edited(fmt.load(_newest(graceful_dir)))
+
+
 def test_delete_removes_snapshots(tmp_path: Path) -> None:
     with running_daemon(data_dir=tmp_path, http_port=-1) as d, Client(d.grpc_address) as c:
         _create(c)
