@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import ServerConfig
+from .config import ConfigError, ServerConfig
+from .errors import StartupError
 
 logger = logging.getLogger("adamd")
 
@@ -94,9 +95,12 @@ def config_from_args(args: argparse.Namespace, **extra: Any) -> ServerConfig:
     }
     token_file = getattr(args, "token_file", None)
     if token_file is not None:
-        token = Path(token_file).read_text().strip()
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read token file {token_file}: {exc.strerror}") from None
         if not token:
-            raise SystemExit(f"adamd: token file {token_file} is empty")
+            raise ConfigError(f"token file {token_file} is empty")
         overrides["token"] = token
     overrides.update(extra)
     return ServerConfig.load(overrides)
@@ -178,7 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (StartupError, ConfigError) as exc:
+        print(f"adamd: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

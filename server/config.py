@@ -1,4 +1,7 @@
-"""The daemon's configuration: read once at start (flags over ADAMD_* env over defaults), then frozen."""
+"""The daemon's configuration: read once at start (flags over ADAMD_* env over defaults), then frozen.
+
+Values out of range raise ConfigError (a ValueError) naming the field, so `adamd serve` can say
+what is wrong in one line instead of failing somewhere later."""
 
 from __future__ import annotations
 
@@ -36,13 +39,37 @@ class ServerConfig:
         for f in fields(cls):
             raw = env.get(f"ADAMD_{f.name.upper()}")
             if raw is not None:
-                values[f.name] = _parse(f.type, raw)
+                try:
+                    values[f.name] = _parse(f.type, raw)
+                except ValueError:
+                    raise ConfigError(
+                        f"ADAMD_{f.name.upper()}={raw!r} is not a valid {f.type}"
+                    ) from None
         for key, value in (overrides or {}).items():
             if value is not None:
                 values[key] = value
         if "data_dir" in values:
             values["data_dir"] = Path(values["data_dir"])
         return cls(**values)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("grpc_port", 0 <= self.grpc_port <= 65535, "a port, 0-65535"),
+            ("http_port", -1 <= self.http_port <= 65535, "a port, 0-65535, or -1 (off)"),
+            ("grpc_workers", self.grpc_workers >= 1, "at least 1"),
+            ("round_timeout_s", self.round_timeout_s > 0, "positive"),
+            ("max_staleness", self.max_staleness >= 0, "0 or more"),
+            ("snapshot_every_steps", self.snapshot_every_steps >= 0, "0 (off) or more"),
+            ("snapshot_every_s", self.snapshot_every_s >= 0, "0 (off) or more"),
+            ("snapshot_keep", self.snapshot_keep >= 1, "at least 1"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise ConfigError(f"{name} must be {want}, got {getattr(self, name)!r}")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work."""
 
 
 def _parse(annotation: Any, raw: str) -> Any:

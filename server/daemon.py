@@ -16,6 +16,7 @@ from typing import Any
 from grpc_health.v1 import health_pb2
 
 from .config import ServerConfig
+from .errors import StartupError
 from .grpc_server import create_grpc_server
 from .grpc_service import SERVICE, OptimizerService, RpcHooks
 from .metrics import Metrics
@@ -30,7 +31,10 @@ logger = logging.getLogger(__name__)
 class Daemon:
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.device = resolve_device(config.device)
+        try:
+            self.device = resolve_device(config.device)
+        except (ValueError, RuntimeError) as exc:
+            raise StartupError(str(exc)) from None
         self.registry = ModelRegistry(
             self.device, max_staleness=config.max_staleness, round_timeout_s=config.round_timeout_s
         )
@@ -57,9 +61,13 @@ class Daemon:
         if config.durable:
             self.hooks.after_push = self.snapshots.after_push
             self.hooks.after_edit = self.snapshots.after_edit
-        self._grpc, self.grpc_port, self._health = create_grpc_server(
-            self.service, f"{config.host}:{config.grpc_port}", workers=config.grpc_workers
-        )
+        address = f"{config.host}:{config.grpc_port}"
+        try:
+            self._grpc, self.grpc_port, self._health = create_grpc_server(
+                self.service, address, workers=config.grpc_workers
+            )
+        except RuntimeError as exc:
+            raise StartupError(f"cannot serve gRPC on {address}: {exc}") from None
         self._http_server: Any = None
         self._http_thread: threading.Thread | None = None
         self.http_port: int | None = None
@@ -80,14 +88,18 @@ class Daemon:
         return f"http://{host}:{self.http_port}"
 
     def start(self) -> Daemon:
-        for ext in self.extensions:
-            ext.start()
-        self._grpc.start()
-        self.grpc_ready = True
-        self._health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        if self.config.http_port >= 0:
-            self._start_http()
+        try:
+            for ext in self.extensions:
+                ext.start()
+            self._grpc.start()
+            self.grpc_ready = True
+            self._health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+            self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+            if self.config.http_port >= 0:
+                self._start_http()
+        except BaseException:
+            self.stop(grace=0)  # whatever did start
+            raise
         logger.info(
             "adamd serving gRPC on %s and HTTP on %s (device %s)",
             self.grpc_address,
@@ -104,7 +116,13 @@ class Daemon:
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.config.host, self.config.http_port))
+        try:
+            sock.bind((self.config.host, self.config.http_port))
+        except OSError as exc:
+            sock.close()
+            raise StartupError(
+                f"cannot serve HTTP on {self.config.host}:{self.config.http_port}: {exc.strerror}"
+            ) from None
         sock.listen(128)
         self.http_port = sock.getsockname()[1]
         app = create_app(self)

@@ -15,6 +15,8 @@
 
 Each class's name is the `adamd-error` kind sent to clients, which map it back to the client
 exception of the same name (adamd.client exceptions); a test keeps the two trees in step.
+
+StartupError stands apart: no caller sees it; `adamd serve` prints it in one line and exits 2.
 """
 
 from __future__ import annotations
@@ -82,3 +84,7 @@ class Unauthenticated(ServerError):
 class DeadlineExceeded(ServerError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     http_status = 504
+
+
+class StartupError(Exception):
+    """The daemon cannot start: a port taken, a data dir in use, a device that is not there."""

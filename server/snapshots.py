@@ -20,7 +20,9 @@ holds the push's id, so a retry after a crash is answered from it instead of bei
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import shutil
 import threading
 import time
@@ -34,7 +36,7 @@ from adamd.v1 import adamd_pb2 as pb
 
 from . import snapshot_format as fmt
 from .config import ServerConfig
-from .errors import NotFound, ServerError
+from .errors import NotFound, ServerError, StartupError
 from .model import HostedModel, StepRecord
 from .registry import ModelRegistry
 
@@ -207,11 +209,13 @@ class SnapshotManager:
         self._timer: threading.Thread | None = None
         self.restored: dict[str, int] = {}  # model -> version restored at start
         self.corrupt: list[str] = []  # what failed verification at start (also logged)
+        self._dir_lock: Any = None  # the open lock file while this server owns data_dir
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._dir_lock = _lock(self.data_dir)
         self.registry.on_create.append(self._on_create)
         self.registry.on_delete.append(self._on_delete)
         self._restoring = True
@@ -243,6 +247,9 @@ class SnapshotManager:
                 except NotDurable:
                     logger.error("model %s: final snapshot failed", t.model.name)
             t.close()
+        if self._dir_lock is not None:
+            self._dir_lock.close()  # releases the lock
+            self._dir_lock = None
 
     # --- restore --------------------------------------------------------------------------------
 
@@ -331,6 +338,27 @@ class SnapshotManager:
             tracker = self._models.get(name)
         if tracker is not None:
             tracker.make_durable()
+
+
+def _lock(data_dir: Path) -> Any:
+    """Hold data_dir for this process: two servers writing one data dir would prune, delete and
+    overwrite each other's snapshots. The kernel drops the lock when the process dies."""
+    f = open(data_dir / ".adamd.lock", "a+")  # noqa: SIM115 (held open until stop)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise StartupError(
+            f"data dir {data_dir} is in use by another adamd server ({holder});"
+            " give each server its own --data-dir"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def build_model(loaded: fmt.Loaded, registry: ModelRegistry) -> HostedModel:

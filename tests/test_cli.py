@@ -92,6 +92,45 @@ def test_token_file(tmp_path: Path) -> None:
         assert stop(proc, signal.SIGTERM, lines) == 0
 
 
+def _refused(*args: str, env: dict[str, str] | None = None) -> str:
+    """Run `adamd serve` expecting it to refuse to start: exit 2 and one line saying why."""
+    done = subprocess.run(
+        [*ADAMD, "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.stderr.strip().splitlines()[-1]
+
+
+def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> None:
+    data = ["--data-dir", str(tmp_path / "data")]
+    free = ["--grpc-port", "0", "--http-port", "0", *data]
+    assert "grpc_port must be a port" in _refused("--grpc-port", "70000", *data)
+    assert "snapshot_keep must be at least 1" in _refused("--snapshot-keep", "0", *free)
+    assert "round_timeout_s must be positive" in _refused("--round-timeout", "-1", *free)
+    assert "ADAMD_MAX_STALENESS='x'" in _refused(*free, env={"ADAMD_MAX_STALENESS": "x"})
+    missing = str(tmp_path / "no-such-token")
+    assert f"cannot read token file {missing}" in _refused("--token-file", missing, *free)
+    if not torch.cuda.is_available():
+        assert "CUDA is not available" in _refused("--device", "cuda", *free)
+    with serve(tmp=tmp_path) as (proc, grpc_address, http_url, lines):
+        grpc_port, http_port = grpc_address.rsplit(":", 1)[1], http_url.rsplit(":", 1)[1]
+        other = ["--data-dir", str(tmp_path / "other")]
+        line = _refused("--grpc-port", grpc_port, "--http-port", "0", *other)
+        assert f"cannot serve gRPC on 127.0.0.1:{grpc_port}" in line
+        line = _refused("--grpc-port", "0", "--http-port", http_port, *other)
+        assert f"cannot serve HTTP on 127.0.0.1:{http_port}" in line
+        # Two servers on one data dir would delete and overwrite each other's snapshots.
+        line = _refused("--grpc-port", "0", "--http-port", "0", *data)
+        assert "is in use by another adamd server" in line and f"pid {proc.pid}" in line
+        assert stop(proc, signal.SIGTERM, lines) == 0
+    assert not list((tmp_path / "other").glob("*/snap-*"))  # the refused ones wrote nothing
+
+
 def test_non_loopback_without_token_warns_loudly(tmp_path: Path) -> None:
     with serve("--host", "0.0.0.0", tmp=tmp_path) as (proc, _grpc, _http, lines):
         assert stop(proc, signal.SIGTERM, lines) == 0
