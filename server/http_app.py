@@ -57,8 +57,8 @@ def create_app(daemon: Daemon) -> FastAPI:
     app = FastAPI(
         title="adamd",
         description="Optimizer-as-a-service: inspection, metrics, dashboard and operations. "
-        "Read-only routes are open; POST and DELETE need `Authorization: Bearer <token>` when "
-        "the server has a token.",
+        "Statistics are open; the snapshot download, POST and DELETE need "
+        "`Authorization: Bearer <token>` when the server has a token.",
         version=views.adamd_version(),
     )
     registry, stats = daemon.registry, daemon.stats
@@ -155,6 +155,7 @@ def create_app(daemon: Daemon) -> FastAPI:
         "/v1/models/{model}/snapshot",
         tags=["inspect"],
         summary="Download params and optimizer state as `adamd snapshot export` writes them",
+        dependencies=[Depends(require_token)],  # the weights themselves, as a gRPC pull
         response_class=Response,
         responses={200: {"content": {"application/octet-stream": {}}}},
     )

@@ -12,9 +12,11 @@ they work on a stopped server's data dir (and on a copy of it).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,22 @@ def _client(args: argparse.Namespace) -> Any:
     return Client(args.server, token=token, retry_timeout=10.0)
 
 
+def _one_line(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Errors a user can act on (the server's answer, a bad file) as one line and exit code 1."""
+    from adamd.client import AdamdError
+
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except (AdamdError, interop.CheckpointError, OSError) as exc:
+            print(f"adamd snapshot {args.snapshot_command}: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+@_one_line
 def _save(args: argparse.Namespace) -> int:
     with _client(args) as c:
         info = c.snapshot(args.model)
@@ -89,6 +107,7 @@ def _save(args: argparse.Namespace) -> int:
     return 0
 
 
+@_one_line
 def _list(args: argparse.Namespace) -> int:
     data_dir = _data_dir(args)
     dirs = [data_dir / args.model] if args.model else fmt.model_dirs(data_dir)
@@ -112,6 +131,7 @@ def _list(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+@_one_line
 def _export(args: argparse.Namespace) -> int:
     model_dir = _data_dir(args) / args.model
     loaded = None
@@ -135,6 +155,7 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+@_one_line
 def _import(args: argparse.Namespace) -> int:
     params, groups, state, dropped = interop.from_torch_checkpoint(
         interop.load_checkpoint(args.file)
@@ -145,9 +166,13 @@ def _import(args: argparse.Namespace) -> int:
         c.create_model(
             args.model, params, param_groups=groups, world_size=args.world_size, mode=args.mode
         )
-        if state:
-            c.load_state(args.model, state, groups)
-        # On disk before we say it worked: the import survives a crash right after.
-        info = c.snapshot(args.model)
+        try:
+            if state:
+                c.load_state(args.model, state, groups)
+            # On disk before we say it worked: the import survives a crash right after.
+            info = c.snapshot(args.model)
+        except BaseException:
+            c.delete_model(args.model)  # no half-imported model left behind
+            raise
     print(f"imported {args.file} as {args.model} ({len(params)} parameters), snapshot {info.path}")
     return 0

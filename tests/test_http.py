@@ -293,6 +293,7 @@ def test_operations_need_the_token() -> None:
                 ("POST", "/param_groups/0", {"lr": 0.5}),
                 ("POST", "/snapshot", None),
                 ("DELETE", "", None),
+                ("GET", "/snapshot", None),  # the weights and Adam state, as a gRPC pull
             ):
                 r = httpx.request(method, url + path, json=body, headers=headers)
                 assert r.status_code == 401, (method, path, headers)
@@ -302,8 +303,10 @@ def test_operations_need_the_token() -> None:
         assert model.optimizer.param_groups[0]["lr"] == 0.01
         assert not list((d.config.data_dir / "guarded").glob("*.json"))
         assert d.registry.get("guarded") is model
-        # Reads stay open.
+        # Reads of statistics stay open (the dashboard shows them).
         assert httpx.get(url).status_code == 200
+        assert httpx.get(url + "/params").status_code == 200
+        assert httpx.get(url + "/snapshot", headers=good).status_code == 200
         assert httpx.get(f"{d.http_url}/metrics").status_code == 200
         # With the token each operation works.
         r = httpx.post(

@@ -287,6 +287,37 @@ def test_export_import_round_trip_equals_local_adam(tmp_path: Path) -> None:
         assert g_ref == g2
 
 
+def test_snapshot_commands_report_errors_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    net = Net()
+    opt = _adam(net)
+    _local(range(2), net, opt)
+    ckpt = tmp_path / "local.pt"
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, ckpt)
+    broken = tmp_path / "broken.pt"
+    sd = opt.state_dict()
+    del sd["state"][0]["exp_avg"]  # the server refuses incomplete state
+    torch.save({"model": net.state_dict(), "optimizer": sd}, broken)
+    with running_daemon(data_dir=tmp_path / "data", http_port=-1) as d:
+        server = ["--server", d.grpc_address]
+        assert cli_main(["snapshot", "save", "nope", *server]) == 1
+        assert cli_main(["snapshot", "import", str(ckpt), "net", *server]) == 0
+        assert cli_main(["snapshot", "import", str(ckpt), "net", *server]) == 1  # exists
+        assert cli_main(["snapshot", "import", str(broken), "net2", *server]) == 1
+        assert "net2" not in d.registry.names()  # not left half-imported
+        missing = str(tmp_path / "missing.pt")
+        assert cli_main(["snapshot", "import", missing, "net3", *server]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(":")[0] for line in err] == [
+        "adamd snapshot save",
+        "adamd snapshot import",
+        "adamd snapshot import",
+        "adamd snapshot import",
+    ], err
+    assert "nope" in err[0] and "lacks ['exp_avg']" in err[2] and "missing.pt" in err[3]
+
+
 def test_import_refuses_pickled_objects(tmp_path: Path) -> None:
     from adamd.server.snapshot_interop import CheckpointError, load_checkpoint
 
