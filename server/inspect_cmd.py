@@ -170,7 +170,7 @@ def model_tables(m: Any, params: Any, history: Any) -> list[Table]:
 
 def run(args: argparse.Namespace) -> int:
     console = Console(width=args.width)
-    base = args.http
+    base = args.http if "://" in args.http else "http://" + args.http
     try:
         if args.model is None:
             console.print(models_table(fetch(base, "/v1/models")))

@@ -30,7 +30,8 @@ def resolve_device(spec: str) -> torch.device:
 def check_model_name(name: str) -> None:
     if not name or len(name) > 128 or not set(name) <= _NAME_CHARS or name.startswith("."):
         raise InvalidArgument(
-            f"model name {name!r} must be 1-128 characters of letters, digits, '.', '_' or '-'"
+            f"model name {name!r} must be 1-128 characters of letters, digits, '.', '_' or '-',"
+            " not starting with '.'"
         )
 
 

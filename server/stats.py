@@ -12,9 +12,8 @@ step, under the model lock, on the step path. So the observer does as little as 
   tensors (on the tensors' device) until someone reads them, so on CUDA the step path never waits.
 
 Which steps are stats steps: with `stats_every` N > 0, every Nth; with 0 (the default, "auto"), a
-step whenever the statistics so far cost at most `BUDGET` (2%) of the wall-clock time since the
-previous stats step, so a small model gets them every step and a 25M-parameter one every few
-steps; with N < 0, never (norms of parameters and Adam state for `/params` are still computed on
+step whenever the latest statistics cost at most `BUDGET` (2%) of the wall-clock time since they
+ran, so the more often steps come and the larger the model, the more steps go without; with N < 0, never (norms of parameters and Adam state for `/params` are still computed on
 request, on the reader's thread, outside the model lock, and retried if a step ran meanwhile).
 """
 
