@@ -355,3 +355,6 @@ def test_inspect_command(
     assert "exp_avg norm" in out and "recent steps" in out and "fused" in out
     assert cli_main(["inspect", "--http", str(daemon.http_url), "nope"]) == 1
     assert "no model named" in capsys.readouterr().err
+    bare = str(daemon.http_url).removeprefix("http://")  # host:port, as people type it
+    assert cli_main(["inspect", "--http", bare, "--width", "200"]) == 0
+    assert trained.name in capsys.readouterr().out
