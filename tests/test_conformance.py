@@ -254,15 +254,24 @@ def _groups(net: Net) -> list[dict[str, Any]]:
     ]
 
 
-def test_param_groups_apply_per_group(daemon: Any, model_name: str) -> None:
+def train_grouped_twins(
+    groups: Callable[[Net], Any], daemon: Any, model_name: str
+) -> tuple[Net, RemoteAdam]:
+    """RemoteAdam and a local fused Adam over twin nets, param groups from `groups(net)`, trained
+    alike and checked bitwise equal."""
     remote_net, local_net = twins()
     remote = RemoteAdam(
-        _groups(remote_net), lr=0.005, fused=True, server=daemon.grpc_address, model=model_name
+        groups(remote_net), lr=0.005, fused=True, server=daemon.grpc_address, model=model_name
     )
-    local = torch.optim.Adam(_groups(local_net), lr=0.005, fused=True)
+    local = torch.optim.Adam(groups(local_net), lr=0.005, fused=True)
     train(remote_net, remote)
     train(local_net, local)
     assert_same(remote_net, remote, local_net, local, exact=True)
+    return remote_net, remote
+
+
+def test_param_groups_apply_per_group(daemon: Any, model_name: str) -> None:
+    train_grouped_twins(_groups, daemon, model_name)
     groups = daemon.registry.get(model_name).optimizer.param_groups
     assert [g["lr"] for g in groups] == [0.02, 0.005]
 
@@ -376,7 +385,6 @@ def test_group_params_as_generators_and_names_repeated_across_groups(
 ) -> None:
     """torch takes a group's params as a generator, and named_parameters() of two submodules that
     both have a "weight"; so must RemoteAdam (the server gets unique names)."""
-    remote_net, local_net = twins()
 
     def groups(net: Net) -> list[dict[str, Any]]:
         return [
@@ -385,13 +393,7 @@ def test_group_params_as_generators_and_names_repeated_across_groups(
             {"params": iter([("t", net.t)]), "weight_decay": 0.1},
         ]
 
-    remote = RemoteAdam(
-        groups(remote_net), lr=0.005, fused=True, server=daemon.grpc_address, model=model_name
-    )
-    local = torch.optim.Adam(groups(local_net), lr=0.005, fused=True)
-    train(remote_net, remote)
-    train(local_net, local)
-    assert_same(remote_net, remote, local_net, local, exact=True)
+    _, remote = train_grouped_twins(groups, daemon, model_name)
     assert [g["param_names"] for g in remote.state_dict()["param_groups"]] == [
         ["weight", "bias"],
         ["weight", "bias"],

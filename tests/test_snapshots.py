@@ -247,6 +247,16 @@ def _adam(net: Net) -> torch.optim.Adam:
     )
 
 
+def _local_checkpoint(tmp_path: Path, steps: int) -> tuple[Net, Path]:
+    """A net trained `steps` steps locally and its torch checkpoint {"model", "optimizer"}."""
+    net = Net()
+    opt = _adam(net)
+    _local(range(steps), net, opt)
+    ckpt = tmp_path / "local.pt"
+    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, ckpt)
+    return net, ckpt
+
+
 def test_export_import_round_trip_equals_local_adam(tmp_path: Path) -> None:
     """Train locally, continue on the server (import), come back (export), finish locally:
     bitwise equal to training locally all along (both sides run fused Adam on CPU)."""
@@ -254,11 +264,7 @@ def test_export_import_round_trip_equals_local_adam(tmp_path: Path) -> None:
     ref_opt = _adam(ref)
     _local(range(9), ref, ref_opt)
 
-    net = Net()
-    opt = _adam(net)
-    _local(range(3), net, opt)
-    ckpt = tmp_path / "local.pt"
-    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, ckpt)
+    net, ckpt = _local_checkpoint(tmp_path, 3)
     data = tmp_path / "data"
     with running_daemon(data_dir=data, http_port=-1) as d:
         assert cli_main(["snapshot", "import", str(ckpt), "net", "--server", d.grpc_address]) == 0
@@ -290,15 +296,11 @@ def test_export_import_round_trip_equals_local_adam(tmp_path: Path) -> None:
 def test_snapshot_commands_report_errors_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    net = Net()
-    opt = _adam(net)
-    _local(range(2), net, opt)
-    ckpt = tmp_path / "local.pt"
-    torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, ckpt)
+    _, ckpt = _local_checkpoint(tmp_path, 2)
     broken = tmp_path / "broken.pt"
-    sd = opt.state_dict()
-    del sd["state"][0]["exp_avg"]  # the server refuses incomplete state
-    torch.save({"model": net.state_dict(), "optimizer": sd}, broken)
+    saved = torch.load(ckpt, weights_only=True)
+    del saved["optimizer"]["state"][0]["exp_avg"]  # the server refuses incomplete state
+    torch.save(saved, broken)
     with running_daemon(data_dir=tmp_path / "data", http_port=-1) as d:
         server = ["--server", d.grpc_address]
         assert cli_main(["snapshot", "save", "nope", *server]) == 1
