@@ -18,7 +18,12 @@ logger = logging.getLogger("adamd")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def add_server_arguments(p: argparse.ArgumentParser, *, http_default: int | None = None) -> None:
+def add_server_arguments(
+    p: argparse.ArgumentParser,
+    *,
+    http_default: int | None = None,
+    data_dir_default: str = "./adamd-data",
+) -> None:
     """Flags shared by `serve` and `demo` (defaults come from ServerConfig and ADAMD_* env)."""
     p.add_argument("--host", help="address to bind (default 127.0.0.1, env ADAMD_HOST)")
     p.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
@@ -29,7 +34,7 @@ def add_server_arguments(p: argparse.ArgumentParser, *, http_default: int | None
         help="HTTP port for /healthz, /metrics, the API and the dashboard (default 8080; 0 picks a free one; -1 turns HTTP off)",
     )
     p.add_argument(
-        "--data-dir", type=Path, help="where snapshots are written (default ./adamd-data)"
+        "--data-dir", type=Path, help=f"where snapshots are written (default {data_dir_default})"
     )
     p.add_argument(
         "--device",

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import queue
 import socket
+import tempfile
 import time
 from typing import Any
 
@@ -96,21 +98,36 @@ def _demo(args: argparse.Namespace) -> int:
     import logging
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .cli import config_from_args
-    from .daemon import Daemon
 
     console = Console(stderr=True)
     logging.getLogger("adamd").setLevel(logging.WARNING)
     logging.getLogger("adamd.server").setLevel(logging.WARNING)
     http_port = args.http_port if args.http_port is not None else _free_port(8080)
+    scratch = None
+    if args.data_dir is None and "ADAMD_DATA_DIR" not in os.environ:
+        # Not ./adamd-data: a server running there would hold it, and old demos would come back.
+        scratch = tempfile.TemporaryDirectory(prefix="adamd-demo-")
     config = config_from_args(
         args,
         grpc_port=args.grpc_port or 0,
         http_port=http_port,
         round_timeout_s=args.round_timeout_s or 30.0,
+        **({"data_dir": scratch.name} if scratch is not None else {}),
     )
+    try:
+        return _run(args, config, console)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+
+
+def _run(args: argparse.Namespace, config: Any, console: Any) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .daemon import Daemon
+
     daemon = Daemon(config).start()
     model_name = f"demo-{args.mode}-{args.workers}w"
     if model_name in daemon.registry.names():
@@ -220,7 +237,7 @@ def register(sub: Any) -> None:
         description="Start an embedded adamd server and N worker processes that train a small model "
         "through RemoteAdam, showing the loss. Exits 0 only if the loss fell below half its first value.",
     )
-    add_server_arguments(p)
+    add_server_arguments(p, data_dir_default="a temporary directory, removed after the run")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     p.add_argument(
         "--mode",
