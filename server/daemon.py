@@ -59,8 +59,7 @@ class Daemon:
         self.extensions.append(self.snapshots)
         self.hooks.snapshot = self.snapshots.snapshot
         if config.durable:
-            self.hooks.after_push = self.snapshots.after_push
-            self.hooks.after_edit = self.snapshots.after_edit
+            self.hooks.after_change = self.snapshots.make_durable
         address = f"{config.host}:{config.grpc_port}"
         try:
             self._grpc, self.grpc_port, self._health = create_grpc_server(

@@ -39,7 +39,7 @@ from .errors import (
     SessionExpired,
     Unauthenticated,
 )
-from .model import HostedModel, PushMeta
+from .model import PushMeta
 from .registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
@@ -59,11 +59,13 @@ class RpcHooks:
         self.detach: Callable[[pb.DetachRequest], pb.DetachReply] | None = None
         # same-host pushes: (model, session, names) -> the session's gradient tensors
         self.session_grads: Callable[[Any, str, list[str]], list[torch.Tensor]] | None = None
-        self.after_push: Callable[[str, Any], None] | None = (
-            None  # model, PushResult (durable mode waits here)
-        )
-        # model; after a hyperparameter, param-group or state edit (durable mode waits here)
-        self.after_edit: Callable[[str], None] | None = None
+        # model; after a push or an edit (hyperparameters, param group, state) has taken effect,
+        # before the reply (durable mode waits here until it is on disk)
+        self.after_change: Callable[[str], None] | None = None
+
+    def changed(self, model: str) -> None:
+        if self.after_change is not None:
+            self.after_change(model)
 
 
 def _first(request_iterator: Iterator[bytes], header_cls: Any) -> tuple[Any, Any, Iterator[bytes]]:
@@ -258,12 +260,8 @@ class OptimizerService:
     ) -> pb.ModelInfo:
         model = self.registry.get(request.model)
         model.set_hyperparams(convert.updates_from_pb(request.updates))
-        self._edited(model)
+        self.hooks.changed(model.name)
         return convert.model_info(model)
-
-    def _edited(self, model: HostedModel) -> None:
-        if self.hooks.after_edit is not None:
-            self.hooks.after_edit(model.name)
 
     def add_param_group(
         self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
@@ -288,7 +286,7 @@ class OptimizerService:
             raise InvalidArgument(str(exc)) from exc
         on_device = {n: t.to(model.device) for n, t in tensors.items()}
         model.add_param_group(on_device, group)
-        self._edited(model)
+        self.hooks.changed(model.name)
         return convert.model_info(model)
 
     # --- pushes and pulls -----------------------------------------------------------------------
@@ -323,8 +321,7 @@ class OptimizerService:
             model.abort_push(ticket)
             raise
         result = model.finish_push(ticket)
-        if self.hooks.after_push is not None:
-            self.hooks.after_push(model.name, result)
+        self.hooks.changed(model.name)
         return pb.PushReply(
             version=result.version,
             applied=result.applied,
@@ -416,7 +413,7 @@ class OptimizerService:
             state[entry.param] = {k: tensors[i] for k, i in entry.tensors.items()}
         groups = [convert.group_from_pb(g) for g in header.groups] or None
         model.load_state(state, groups)
-        self._edited(model)
+        self.hooks.changed(model.name)
         return convert.model_info(model)
 
     # --- durability and same-host fast path -----------------------------------------------------

@@ -187,8 +187,7 @@ def create_app(daemon: Daemon) -> FastAPI:
         if "betas" in updates:
             updates["betas"] = tuple(updates["betas"])
         m.set_hyperparams([(group, updates)])
-        if daemon.hooks.after_edit is not None:  # durable mode: on disk before the reply
-            daemon.hooks.after_edit(m.name)
+        daemon.hooks.changed(m.name)  # durable mode: on disk before the reply
         logger.info("HTTP: model %s group %d set %s", m.name, group, updates)
         return views.model_summary(m, stats.get(m), detail=True)
 

@@ -328,12 +328,8 @@ class SnapshotManager:
             seconds=file.seconds,
         )
 
-    def after_push(self, name: str, result: Any) -> None:
-        """Durable mode: hold the push's reply until its step is on disk."""
-        self.after_edit(name)
-
-    def after_edit(self, name: str) -> None:
-        """Durable mode: hold the reply to an edit (or push) until it is on disk."""
+    def make_durable(self, name: str) -> None:
+        """Durable mode: hold the reply to a push or an edit until it is on disk."""
         with self._lock:
             tracker = self._models.get(name)
         if tracker is not None:
