@@ -72,20 +72,21 @@ class SameHost:
             return pb.AttachReply(accepted=False, reason=f"parameters live on {model.device}")
         with self._lock:
             shared = self._shared.get(model.name)
-            if shared is None or shared.model is not model or shared.names != list(model.params):
-                if shared is not None:
-                    self._retire(shared)
-                    del self._shared[model.name]
-                try:
+            try:  # both files are reserved in full here (a full tmpfs raises, never SIGBUS later)
+                if (
+                    shared is None
+                    or shared.model is not model
+                    or shared.names != list(model.params)
+                ):
+                    if shared is not None:
+                        self._retire(shared)
+                        del self._shared[model.name]
                     shared = self._shared[model.name] = self._share(model)
-                except OSError as e:
-                    return pb.AttachReply(accepted=False, reason=f"no room in {self.root}: {e}")
-            if len(shared.sessions) >= MAX_SESSIONS_PER_MODEL:
-                return pb.AttachReply(
-                    accepted=False, reason="too many same-host sessions on this model"
-                )
-            session = secrets.token_hex(8)
-            try:
+                if len(shared.sessions) >= MAX_SESSIONS_PER_MODEL:
+                    return pb.AttachReply(
+                        accepted=False, reason="too many same-host sessions on this model"
+                    )
+                session = secrets.token_hex(8)
                 grads = SharedFile(self._path(model.name, session), shared.file.nbytes, create=True)
             except OSError as e:
                 return pb.AttachReply(accepted=False, reason=f"no room in {self.root}: {e}")

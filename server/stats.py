@@ -13,8 +13,9 @@ step, under the model lock, on the step path. So the observer does as little as 
 
 Which steps are stats steps: with `stats_every` N > 0, every Nth; with 0 (the default, "auto"), a
 step whenever the latest statistics cost at most `BUDGET` (2%) of the wall-clock time since they
-ran, so the more often steps come and the larger the model, the more steps go without; with N < 0, never (norms of parameters and Adam state for `/params` are still computed on
-request, on the reader's thread, outside the model lock, and retried if a step ran meanwhile).
+ran, so the more often steps come and the larger the model, the more steps go without; with N < 0,
+never (norms of parameters and Adam state for `/params` are still computed on request, on the
+reader's thread, outside the model lock, and retried if a step ran meanwhile).
 """
 
 from __future__ import annotations
