@@ -24,15 +24,9 @@ def test_two_async_workers_one_step_per_push(
     daemon: Daemon, model_name: str, tmp_path: Path
 ) -> None:
     steps = 8
-    outs = {r: tmp_path / f"rank{r}.pt" for r in range(2)}
-    procs = {
-        r: workers.launch(
-            r, 2, daemon.grpc_address, model_name, outs[r], "--mode", "async", "--steps", str(steps)
-        )
-        for r in range(2)
-    }
-    workers.finish(procs, timeout=120)
-    got = [workers.load(outs[r]) for r in range(2)]
+    got = workers.run_all(
+        2, daemon.grpc_address, model_name, tmp_path, "--mode", "async", "--steps", str(steps)
+    )
     model = daemon.registry.get(model_name)
     assert model.mode == "async"
     replies = [res for g in got for res in g["results"]]

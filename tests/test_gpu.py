@@ -100,6 +100,18 @@ class Reference:
         return out
 
 
+def push_both(
+    c: Client, name: str, ref: Reference, steps: range, names: Any = ALL, model: Any = None
+) -> None:
+    """Each step's gradients to the server and to the reference; with `model`, the two compared
+    bitwise after every step."""
+    for step in steps:
+        c.push_grad(name, grads_at(step, names))
+        ref.step(grads_at(step, names))
+        if model is not None:
+            assert_bitwise_equal(snapshot(model), ref.snapshot())
+
+
 def test_graphed_steps_bitwise_equal_to_eager_fused_capturable_adam_sync_mode(
     gpu_daemon: Daemon, gpu_client: Client, model_name: str
 ) -> None:
@@ -196,18 +208,13 @@ def test_add_param_group_recaptures_and_stays_equal(
     graphed = model.graphed
     assert graphed is not None
     ref = Reference({n: init[n] for n in first})
-    for step in range(6):
-        gpu_client.push_grad(model_name, grads_at(step, first))
-        ref.step(grads_at(step, first))
+    push_both(gpu_client, model_name, ref, range(6), first)
     old = graphed.graph_for(first)
     assert old is not None
     gpu_client.add_param_group(model_name, {"big": init["big"]}, lr=3e-3, weight_decay=0.01)
     ref.add("big", init["big"], lr=3e-3, weight_decay=0.01)
     assert graphed.graph_for(first) is None  # invalidated
-    for step in range(6, 6 + WARMUP_STEPS + 4):
-        gpu_client.push_grad(model_name, grads_at(step))
-        ref.step(grads_at(step))
-        assert_bitwise_equal(snapshot(model), ref.snapshot())
+    push_both(gpu_client, model_name, ref, range(6, 6 + WARMUP_STEPS + 4), model=model)
     new = graphed.graph_for(ALL)
     assert new is not None and new is not old and graphed.captures == 2
     assert isinstance(model.optimizer.param_groups[1]["lr"], torch.Tensor)
@@ -237,10 +244,7 @@ def test_load_state_recaptures_and_stays_equal(
     ref.opt.load_state_dict(ref_saved)
     assert graphed.graph_for(ALL) is None
     assert_bitwise_equal(snapshot(model), ref.snapshot())
-    for step in range(8, 8 + WARMUP_STEPS + 4):
-        gpu_client.push_grad(model_name, grads_at(step))
-        ref.step(grads_at(step))
-        assert_bitwise_equal(snapshot(model), ref.snapshot())
+    push_both(gpu_client, model_name, ref, range(8, 8 + WARMUP_STEPS + 4), model=model)
     new = graphed.graph_for(ALL)
     assert new is not None and new is not old and graphed.captures == 2
 

@@ -34,13 +34,7 @@ def test_three_workers_end_identical_and_equal_local_mean_gradient_adam(
     daemon: Daemon, model_name: str, tmp_path: Path
 ) -> None:
     steps = 5
-    outs = {r: tmp_path / f"rank{r}.pt" for r in range(3)}
-    procs = {
-        r: workers.launch(r, 3, daemon.grpc_address, model_name, outs[r], "--steps", str(steps))
-        for r in range(3)
-    }
-    workers.finish(procs, timeout=120)
-    ranks = [workers.load(outs[r]) for r in range(3)]
+    ranks = workers.run_all(3, daemon.grpc_address, model_name, tmp_path, "--steps", str(steps))
 
     model = daemon.registry.get(model_name)
     # The world size came from $WORLD_SIZE: one step per round, not one per push.

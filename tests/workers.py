@@ -158,5 +158,15 @@ def load(out: Path) -> dict[str, Any]:
     return result
 
 
+def run_all(
+    world_size: int, address: str, model: str, tmp: Path, *extra: str, timeout: float = 120
+) -> list[dict[str, Any]]:
+    """Every rank of a world as its own process, to completion; their results, by rank."""
+    outs = [tmp / f"rank{r}.pt" for r in range(world_size)]
+    procs = {r: launch(r, world_size, address, model, outs[r], *extra) for r in range(world_size)}
+    finish(procs, timeout=timeout)
+    return [load(out) for out in outs]
+
+
 if __name__ == "__main__":
     main()
