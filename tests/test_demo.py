@@ -180,22 +180,26 @@ def test_sync_two_workers_piped_shows_progress_lines_and_the_loss_falls(tmp_path
 def test_async_two_workers_in_a_terminal_shows_the_live_bar_and_the_loss_falls(
     tmp_path: Path,
 ) -> None:
-    rc, text, while_running = run_in_pty(_command(tmp_path, "--workers", "2", "--mode", "async"))
+    # Five times the steps of the other demo runs: 60 async steps can finish between two redraws
+    # of the bar (10 a second) on an idle machine, and this test is about the redraws.
+    steps = 5 * STEPS
+    command = _command(tmp_path, "--workers", "2", "--mode", "async", "--steps", str(steps))
+    rc, text, while_running = run_in_pty(command)
     assert rc == 0, text
     _clean(text)
-    assert "2 worker(s), async mode, 60 steps" in " ".join(text.split()), text
+    assert f"2 worker(s), async mode, {steps} steps" in " ".join(text.split()), text
     first, last, version = _summary(text)
     assert last < first * 0.5, text
-    assert version == 2 * STEPS, text  # async: every push of either worker is a step
+    assert version == 2 * steps, text  # async: every push of either worker is a step
 
     # A terminal gets the live bar, redrawn as training goes (no plain lines): it showed
-    # intermediate counts, never going back, ending at STEPS with the final loss.
+    # intermediate counts, never going back, ending at `steps` with the final loss.
     assert not STEP_LINE.search(text), text
     bars = [(int(s), int(t), float(loss)) for s, t, loss, _ in BAR.findall(text)]
-    assert bars and all(t == STEPS for _, t, _ in bars), text
+    assert bars and all(t == steps for _, t, _ in bars), text
     counts = [s for s, _, _ in bars]
-    assert counts == sorted(counts) and counts[-1] == STEPS, text
-    assert len({c for c in counts if 0 < c < STEPS}) >= 2, text
+    assert counts == sorted(counts) and counts[-1] == steps, text
+    assert len({c for c in counts if 0 < c < steps}) >= 2, text
     assert bars[-1][2] == last, text
     early = [int(s) for s, *_ in BAR.findall(while_running)]
-    assert any(0 < c < STEPS for c in early), "no progress shown while the demo ran:\n" + text
+    assert any(0 < c < steps for c in early), "no progress shown while the demo ran:\n" + text
