@@ -1,6 +1,6 @@
 """`Client`: one connection to an adamd server and every call of its API.
 
-Tensors stream as raw chunks (adamd.client._wire); calls that fail transiently (the server is
+Tensors stream as raw chunks (adamd.protocol.frames); calls that fail transiently (the server is
 restarting, a connection dropped) are retried with backoff, pushes under the same push id so the
 server applies them exactly once. Every failure surfaces as an adamd.client exception.
 """
@@ -16,23 +16,11 @@ from typing import Any, TypeVar
 import grpc
 import torch
 
-from adamd.v1 import adamd_pb2 as pb
-
-from ._exceptions import (
-    AdamdError,
-    InvalidArgument,
-    SessionExpired,
-    Unavailable,
-    from_rpc_error,
-)
-from ._hyper import options_from_pb, options_to_pb
-from ._shm import SameHostSession, host_id
-from ._types import ModelInfo, PullResult, PushResult
-from ._wire import (
+from adamd.protocol import ProtocolError
+from adamd.protocol.frames import (
     DEFAULT_CHUNK_BYTES,
     MAX_MESSAGE_BYTES,
     TensorSink,
-    WireError,
     decode_frame,
     dtype_from_pb,
     identity,
@@ -41,6 +29,20 @@ from ._wire import (
     spec_of,
     to_wire,
 )
+from adamd.protocol.hyper import options_from_pb, options_to_pb
+from adamd.protocol.shared_files import host_id
+from adamd.v1 import adamd_pb2 as pb
+
+from ._exceptions import (
+    AdamdError,
+    InvalidArgument,
+    SessionExpired,
+    Unavailable,
+    from_rpc_error,
+    invalid_input,
+)
+from ._shm import SameHostSession
+from ._types import ModelInfo, PullResult, PushResult
 
 T = TypeVar("T")
 _SERVICE = "/adamd.v1.Optimizer/"
@@ -216,6 +218,7 @@ class Client:
 
     # --- models ---------------------------------------------------------------------------------
 
+    @invalid_input()
     def create_model(
         self,
         model: str,
@@ -276,10 +279,12 @@ class Client:
         """Write a snapshot of `model` now; returns where and how long it took."""
         return self.call(lambda: self._snapshot(pb.ModelRef(model=model), **self._kw()))
 
+    @invalid_input()
     def set_hyperparams(self, model: str, group: int = 0, **options: Any) -> ModelInfo:
         """Change options of one param group (lr, betas, eps, weight_decay, ...)."""
         return self.set_group_options(model, [(group, options)])
 
+    @invalid_input()
     def set_group_options(
         self, model: str, updates: Sequence[tuple[int, Mapping[str, Any]]]
     ) -> ModelInfo:
@@ -289,6 +294,7 @@ class Client:
         )
         return _model_info(self.call(lambda: self._set_hyper(req, **self._kw())))
 
+    @invalid_input()
     def add_param_group(
         self, model: str, params: Mapping[str, torch.Tensor], **options: Any
     ) -> ModelInfo:
@@ -307,6 +313,7 @@ class Client:
 
     # --- pushes and pulls -----------------------------------------------------------------------
 
+    @invalid_input()
     def push_grad(
         self,
         model: str,
@@ -392,6 +399,7 @@ class Client:
         """The model's parameters (all, or `names`) as CPU tensors. See `pull` for the options."""
         return self.pull(model, names, **kwargs).params
 
+    @invalid_input()
     def pull(
         self,
         model: str,
@@ -490,7 +498,7 @@ class Client:
                 f = decode_frame(raw)
                 sink.write(f.tensor, f.offset, f.data)
             sink.check_complete()
-        except WireError as exc:
+        except ProtocolError as exc:
             call.cancel()
             raise AdamdError(f"malformed pull reply: {exc}") from exc
         consistent = dict(call.trailing_metadata() or ()).get("adamd-consistent", "1") == "1"
@@ -535,6 +543,7 @@ class Client:
             "version": header.version,
         }
 
+    @invalid_input()
     def load_state(
         self,
         model: str,

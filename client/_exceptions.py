@@ -20,7 +20,12 @@ The server sends the precise kind in the trailing metadata key `adamd-error`; wh
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import grpc
+
+from adamd.protocol import ProtocolError
 
 
 class AdamdError(Exception):
@@ -114,3 +119,13 @@ def from_rpc_error(err: grpc.RpcError) -> AdamdError:
     exc = cls(details or code.name)
     exc.code = code
     return exc
+
+
+@contextlib.contextmanager
+def invalid_input() -> Iterator[None]:
+    """What the wire protocol refuses to encode (a dtype or value that cannot travel) is the
+    caller's bad input: the client's InvalidArgument, as the server would answer it."""
+    try:
+        yield
+    except ProtocolError as exc:
+        raise InvalidArgument(str(exc)) from exc

@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
+from adamd.protocol.hyper import ADAM_DEFAULTS, IMPLEMENTATION_KEYS, same_value
+
 from ._client import Client
 from ._exceptions import NotFound
-from ._hyper import ADAM_DEFAULTS, same_value
 from ._types import ModelInfo, PushResult
 
 _STATE_ORDER = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-_IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")
-_SYNCED_KEYS = tuple(k for k in ADAM_DEFAULTS if k not in _IMPLEMENTATION)
+_SYNCED_KEYS = tuple(k for k in ADAM_DEFAULTS if k not in IMPLEMENTATION_KEYS)
 
 
 def _copy_for_probe(params: Any) -> Any:

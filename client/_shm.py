@@ -10,79 +10,15 @@ correctness: any failure drops the session and the client goes back to gRPC stre
 
 from __future__ import annotations
 
-import mmap
-import os
-import struct
 import threading
 import time
 from collections.abc import Mapping, Sequence
 
 import torch
 
+from adamd.protocol.frames import dtype_from_pb, shape_of
+from adamd.protocol.shared_files import SEQ, VERSION, SharedFile
 from adamd.v1 import adamd_pb2 as pb
-
-from ._wire import dtype_from_pb, shape_of
-
-HEADER_BYTES = 64
-MAGIC = b"ADAMDSHM"
-_SEQ, _VERSION, _NONCE = 8, 16, 24
-
-
-def host_id(root: str = "/dev/shm") -> str:
-    """Who shares `root` with us: the kernel's boot id (different across hosts) and the device of
-    the shared-memory mount (different across containers on one host, each with its own /dev/shm).
-    Empty when either is missing."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-        return f"{boot}:{os.stat(root).st_dev}" if boot else ""
-    except OSError:
-        return ""
-
-
-class SharedFile:
-    """A file mapped read-write, with tensor views at fixed byte offsets."""
-
-    def __init__(self, path: str, nbytes: int, *, create: bool):
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        fd = os.open(path, flags, 0o600)
-        try:
-            if create:
-                try:
-                    # Reserve the pages now: a tmpfs that fills up later (Docker's /dev/shm is
-                    # 64 MiB) would kill whoever writes with SIGBUS instead of raising here.
-                    os.posix_fallocate(fd, 0, nbytes)
-                except OSError:
-                    os.unlink(path)
-                    raise
-            elif os.fstat(fd).st_size < nbytes:
-                raise OSError(f"{path} is smaller than announced")
-            self.map = mmap.mmap(fd, nbytes)
-        finally:
-            os.close(fd)
-        self.path = path
-        self.nbytes = nbytes
-
-    def view(self, offset: int, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-        count = 1
-        for d in shape:
-            count *= int(d)
-        flat = torch.frombuffer(
-            self.map, dtype=torch.uint8, count=count * dtype.itemsize, offset=offset
-        )
-        return flat.view(dtype).view(tuple(shape))
-
-    def read_u64(self, at: int) -> int:
-        return int(struct.unpack_from("<Q", self.map, at)[0])
-
-    def write_u64(self, at: int, value: int) -> None:
-        struct.pack_into("<Q", self.map, at, value)
-
-    def valid(self, nonce: bytes) -> bool:
-        return (
-            bytes(self.map[: len(MAGIC)]) == MAGIC
-            and bytes(self.map[_NONCE : _NONCE + len(nonce)]) == nonce
-        )
 
 
 class SameHostSession:
@@ -124,7 +60,7 @@ class SameHostSession:
         return [self.specs[n] for n in grads]
 
     def version(self) -> int:
-        return self.params.read_u64(_VERSION)
+        return self.params.read_u64(VERSION)
 
     def read_params(
         self, names: Sequence[str], out: Mapping[str, torch.Tensor] | None, timeout: float = 30.0
@@ -132,9 +68,9 @@ class SameHostSession:
         """Copy parameters out under the seqlock: retried while a step writes them meanwhile."""
         deadline = time.monotonic() + timeout
         while True:
-            seq = self.params.read_u64(_SEQ)
+            seq = self.params.read_u64(SEQ)
             if seq % 2 == 0:
-                version = self.params.read_u64(_VERSION)
+                version = self.params.read_u64(VERSION)
                 result = {}
                 with torch.no_grad():
                     for name in names:
@@ -145,7 +81,7 @@ class SameHostSession:
                         else:
                             dst.copy_(src)
                         result[name] = dst
-                if self.params.read_u64(_SEQ) == seq:
+                if self.params.read_u64(SEQ) == seq:
                     return version, result
             if time.monotonic() > deadline:
                 raise TimeoutError("parameters kept changing while being read")

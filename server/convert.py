@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from adamd.client._hyper import options_from_pb, options_to_pb
-from adamd.client._wire import WireError, dtype_from_pb, dtype_to_pb, shape_of
+from adamd.protocol import ProtocolError
+from adamd.protocol.frames import dtype_from_pb, dtype_to_pb, shape_of
+from adamd.protocol.hyper import options_from_pb, options_to_pb
 from adamd.v1 import adamd_pb2 as pb
 
 from .errors import InvalidArgument
@@ -23,7 +24,7 @@ def specs_from_pb(specs: Sequence[pb.TensorSpec]) -> list[tuple[str, tuple[int, 
     for s in specs:
         try:
             dtype = dtype_from_pb(s.dtype)
-        except WireError as exc:
+        except ProtocolError as exc:
             raise InvalidArgument(f"tensor {s.name!r}: {exc}") from exc
         if any(d < 0 for d in s.shape):
             raise InvalidArgument(f"tensor {s.name!r} has a negative dimension {list(s.shape)}")
@@ -34,7 +35,7 @@ def specs_from_pb(specs: Sequence[pb.TensorSpec]) -> list[tuple[str, tuple[int, 
 def group_from_pb(g: pb.ParamGroup) -> dict[str, Any]:
     try:
         return {**options_from_pb(g.options), "params": list(g.params)}
-    except (ValueError, TypeError, WireError) as exc:
+    except (ValueError, TypeError, ProtocolError) as exc:
         raise InvalidArgument(f"bad param group options: {exc}") from exc
 
 
@@ -45,7 +46,7 @@ def group_to_pb(names: Sequence[str], options: Mapping[str, Any]) -> pb.ParamGro
 def updates_from_pb(updates: Sequence[pb.GroupUpdate]) -> list[tuple[int, dict[str, Any]]]:
     try:
         return [(u.group, options_from_pb(u.options)) for u in updates]
-    except (ValueError, TypeError, WireError) as exc:
+    except (ValueError, TypeError, ProtocolError) as exc:
         raise InvalidArgument(f"bad hyperparameter update: {exc}") from exc
 
 

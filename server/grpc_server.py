@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from adamd.client._wire import MAX_MESSAGE_BYTES
+from adamd.protocol.frames import MAX_MESSAGE_BYTES
 from adamd.v1 import adamd_pb2 as pb
 
 from .grpc_service import SERVICE, OptimizerService

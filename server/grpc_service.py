@@ -1,6 +1,6 @@
 """The gRPC adapter: decodes frames, calls the core, encodes replies. No optimizer logic here.
 
-Tensor-carrying methods take and return raw frame bytes (see adamd.client._wire) so chunks are
+Tensor-carrying methods take and return raw frame bytes (see adamd.protocol.frames) so chunks are
 written straight into preallocated tensors; unary methods use the generated protobuf classes.
 Every ServerError becomes `context.abort(code, message)` with its kind in the trailing metadata.
 """
@@ -17,10 +17,10 @@ from typing import Any
 import grpc
 import torch
 
-from adamd.client._wire import (
+from adamd.protocol import ProtocolError
+from adamd.protocol.frames import (
     DEFAULT_CHUNK_BYTES,
     TensorSink,
-    WireError,
     decode_frame,
     dtype_from_pb,
     identity,
@@ -74,7 +74,7 @@ def _first(request_iterator: Iterator[bytes], header_cls: Any) -> tuple[Any, Any
         frame = decode_frame(next(it))
     except StopIteration:
         raise InvalidArgument("empty stream: the first frame must carry a header") from None
-    except WireError as exc:
+    except ProtocolError as exc:
         raise InvalidArgument(str(exc)) from exc
     if frame.header is None:
         raise InvalidArgument("the first frame of a stream must carry a header")
@@ -94,11 +94,11 @@ def _receive(sink: TensorSink | None, first: Any, rest: Iterator[bytes]) -> int:
         for raw in rest:
             frame = decode_frame(raw)
             if frame.header is not None:
-                raise WireError("only the first frame of a stream may carry a header")
+                raise ProtocolError("only the first frame of a stream may carry a header")
             nbytes += frame.data.nbytes
             if sink is not None:
                 sink.write(frame.tensor, frame.offset, frame.data)
-    except WireError as exc:
+    except ProtocolError as exc:
         raise InvalidArgument(str(exc)) from exc
     return nbytes
 
@@ -192,9 +192,10 @@ class OptimizerService:
                     sizes[0] += request.ByteSize() if hasattr(request, "ByteSize") else 0
                     sizes[1] = reply.ByteSize()
                 return reply
-            except ServerError as exc:
-                outcome = exc.kind
-                self._abort(context, exc)
+            except (ServerError, ProtocolError) as exc:
+                err = exc if isinstance(exc, ServerError) else InvalidArgument(str(exc))
+                outcome = err.kind
+                self._abort(context, err)
             except Exception as exc:
                 outcome = "internal"
                 logger.exception("%s failed", fn.__name__)
@@ -216,9 +217,10 @@ class OptimizerService:
                 for frame in fn(request, context):
                     sent += len(frame)
                     yield frame
-            except ServerError as exc:
-                outcome = exc.kind
-                self._abort(context, exc)
+            except (ServerError, ProtocolError) as exc:
+                err = exc if isinstance(exc, ServerError) else InvalidArgument(str(exc))
+                outcome = err.kind
+                self._abort(context, err)
             except Exception as exc:
                 outcome = "internal"
                 logger.exception("%s failed", fn.__name__)
@@ -282,7 +284,7 @@ class OptimizerService:
         _receive(sink, first, rest)
         try:
             sink.check_complete()
-        except WireError as exc:
+        except ProtocolError as exc:
             raise InvalidArgument(str(exc)) from exc
         on_device = {n: t.to(model.device) for n, t in tensors.items()}
         model.add_param_group(on_device, group)
@@ -404,7 +406,7 @@ class OptimizerService:
         _receive(sink, first, rest)
         try:
             sink.check_complete()
-        except WireError as exc:
+        except ProtocolError as exc:
             raise InvalidArgument(str(exc)) from exc
         state = {}
         for entry in header.states:

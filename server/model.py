@@ -25,7 +25,9 @@ from typing import Any
 
 import torch
 
-from adamd.client._wire import TensorSink, WireError
+from adamd.protocol import ProtocolError
+from adamd.protocol.frames import TensorSink
+from adamd.protocol.hyper import IMPLEMENTATION_KEYS, same_value
 
 from . import options as adam_options
 from .cuda_step import GraphedStep
@@ -211,7 +213,7 @@ class HostedModel:
             merged = {**self.requested[index], **opts}
             adam_options.validate(merged, self.device)
             for key in opts:
-                if key in adam_options.IMPLEMENTATION_KEYS and not _same(
+                if key in IMPLEMENTATION_KEYS and not same_value(
                     opts[key], self.requested[index][key]
                 ):
                     raise InvalidArgument(f"{key} cannot change after creation")
@@ -330,7 +332,7 @@ class HostedModel:
         try:
             if ticket.sink is not None:
                 ticket.sink.check_complete()
-        except WireError as exc:
+        except ProtocolError as exc:
             self.abort_push(ticket)
             raise InvalidArgument(str(exc)) from exc
         if not ticket.meta.found_inf:
@@ -651,7 +653,7 @@ class HostedModel:
                         k: v
                         for k, v in g.items()
                         if k not in ("params", "param_names")
-                        and k not in adam_options.IMPLEMENTATION_KEYS
+                        and k not in IMPLEMENTATION_KEYS
                     }
                     updates.append((i, opts))
                 self.check_updates(updates)
@@ -732,12 +734,6 @@ def _as_duplicate(result: PushResult) -> PushResult:
         duplicate=True,
         partial=result.partial,
     )
-
-
-def _same(a: Any, b: Any) -> bool:
-    from adamd.client._hyper import same_value
-
-    return same_value(a, b)
 
 
 def _set_group_value(group: dict[str, Any], key: str, value: Any) -> None:

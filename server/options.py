@@ -13,11 +13,9 @@ from typing import Any
 
 import torch
 
-from adamd.client._hyper import ADAM_DEFAULTS
+from adamd.protocol.hyper import ADAM_DEFAULTS
 
 from .errors import InvalidArgument
-
-IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
 
 def validate(options: Mapping[str, Any], device: torch.device) -> None:

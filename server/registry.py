@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from adamd.client._wire import TensorSink, WireError
+from adamd.protocol import ProtocolError
+from adamd.protocol.frames import TensorSink
 
 from .errors import AlreadyExists, InvalidArgument, NotFound
 from .model import ASYNC, SYNC, HostedModel
@@ -135,7 +136,7 @@ class ModelRegistry:
             return pending.existing, False
         try:
             pending.sink.check_complete()
-        except WireError as exc:
+        except ProtocolError as exc:
             raise InvalidArgument(str(exc)) from exc
         spec = pending.spec
         params = {

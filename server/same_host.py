@@ -1,4 +1,4 @@
-"""The server side of the same-host fast path (see adamd.client._shm for the protocol).
+"""The server side of the same-host fast path (see adamd.protocol.shared_files for the layout).
 
 Attaching a CPU model moves its parameters into a file under /dev/shm (the optimizer keeps the
 same tensor objects, only their storage moves), keeps the file's seqlock header in step with the
@@ -18,8 +18,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adamd.client._shm import _NONCE, _SEQ, _VERSION, HEADER_BYTES, MAGIC, SharedFile, host_id
-from adamd.client._wire import dtype_to_pb
+from adamd.protocol.frames import dtype_to_pb
+from adamd.protocol.shared_files import (
+    HEADER_BYTES,
+    MAGIC,
+    NONCE,
+    SEQ,
+    VERSION,
+    SharedFile,
+    host_id,
+)
 from adamd.v1 import adamd_pb2 as pb
 
 from .errors import InvalidArgument, SessionExpired
@@ -203,14 +211,14 @@ class SameHost:
                 view = file.view(offset, p.shape, p.dtype)
                 view.copy_(p)
                 p.data = view  # same tensor object (the optimizer's state stays keyed to it), new storage
-            file.write_u64(_SEQ, model.write_seq)
-            file.write_u64(_VERSION, model.version)
-            file.map[_NONCE : _NONCE + len(nonce)] = nonce
+            file.write_u64(SEQ, model.write_seq)
+            file.write_u64(VERSION, model.version)
+            file.map[NONCE : NONCE + len(nonce)] = nonce
             file.map[: len(MAGIC)] = MAGIC
 
             def mirror(seq: int, version: int, file: SharedFile = file) -> None:
-                file.write_u64(_VERSION, version)
-                file.write_u64(_SEQ, seq)
+                file.write_u64(VERSION, version)
+                file.write_u64(SEQ, seq)
 
             model.write_listeners.append(mirror)
         logger.info(

@@ -28,7 +28,7 @@ from adamd.client import (
     Unauthenticated,
 )
 from adamd.client._exceptions import from_rpc_error
-from adamd.client._wire import encode_frame, identity
+from adamd.protocol.frames import encode_frame, identity
 from adamd.v1 import adamd_pb2 as pb
 
 from .conftest import assert_bitwise_equal, running_daemon, snapshot

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from adamd.client._wire import TensorSink, WireError
+from adamd.protocol import ProtocolError
+from adamd.protocol.frames import TensorSink
 from adamd.server.cuda_step import WARMUP_STEPS, Fingerprint, GraphedStep
 
 CPU = torch.device("cpu")
@@ -223,7 +224,7 @@ def test_tensor_sink_reports_each_tensor_once_when_its_last_byte_arrives() -> No
     assert seen == [0]
     sink.write(2, 4, memoryview(c[4:]))
     assert seen == [0, 2] and targets[2].tolist() == [1.5, 2.5, 3.5]
-    with pytest.raises(WireError):  # a write past the end is refused and reports nothing
+    with pytest.raises(ProtocolError):  # a write past the end is refused and reports nothing
         sink.write(0, 24, memoryview(b"\0" * 4))
     sink.write(3, 0, memoryview(b""))
     assert seen == [0, 2] and sink.missing() == [3]

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from adamd.client import Client, RemoteAdam
-from adamd.client._shm import host_id
+from adamd.protocol.shared_files import host_id
 from adamd.server import Daemon
 from adamd.server.same_host import SameHost
 from adamd.v1 import adamd_pb2 as pb

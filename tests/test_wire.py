@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from adamd.client._wire import TensorSink, WireError, decode_frame, encode_frame, iter_frames
+from adamd.protocol import ProtocolError
+from adamd.protocol.frames import TensorSink, decode_frame, encode_frame, iter_frames
 from adamd.v1 import adamd_pb2 as pb
 
 
@@ -72,19 +73,19 @@ def test_sink_refuses_bad_sequences() -> None:
         return TensorSink([torch.empty(4)], [torch.float32])
 
     chunk = memoryview(np.zeros(2, np.float32).tobytes())
-    with pytest.raises(WireError, match="declared 1"):
+    with pytest.raises(ProtocolError, match="declared 1"):
         sink().write(1, 0, chunk)
-    with pytest.raises(WireError, match="expected byte 0"):
+    with pytest.raises(ProtocolError, match="expected byte 0"):
         sink().write(0, 8, chunk)
     s = sink()
     s.write(0, 0, chunk)
-    with pytest.raises(WireError, match="expected byte 8"):
+    with pytest.raises(ProtocolError, match="expected byte 8"):
         s.write(0, 0, chunk)
-    with pytest.raises(WireError, match="more bytes"):
+    with pytest.raises(ProtocolError, match="more bytes"):
         sink().write(0, 0, memoryview(bytes(20)))
-    with pytest.raises(WireError, match="whole number"):
+    with pytest.raises(ProtocolError, match="whole number"):
         sink().write(0, 0, memoryview(bytes(3)))
-    with pytest.raises(WireError, match="ended early"):
+    with pytest.raises(ProtocolError, match="ended early"):
         s.check_complete()
 
 

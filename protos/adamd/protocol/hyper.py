@@ -14,11 +14,14 @@ import torch
 
 from adamd.v1 import adamd_pb2 as pb
 
-from ._wire import WireError, dtype_from_pb, dtype_to_pb
+from .errors import ProtocolError
+from .frames import dtype_from_pb, dtype_to_pb
 
 # torch.optim.Adam's defaults, in its order: the keys every param group carries.
 ADAM_DEFAULTS: dict[str, Any] = dict(torch.optim.Adam([torch.zeros(1)]).defaults)
 GROUP_SKIP_KEYS = ("params", "param_names")
+# Options that choose how torch computes the step, not what it computes: fixed at creation.
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
 
 def value_to_pb(value: Any) -> pb.HyperValue:
@@ -42,7 +45,7 @@ def value_to_pb(value: Any) -> pb.HyperValue:
         return pb.HyperValue(list=pb.HyperList(items=[value_to_pb(v) for v in value]))
     if isinstance(value, (int, float)):
         return pb.HyperValue(number=float(value))
-    raise WireError(f"hyperparameter value of type {type(value).__name__} cannot travel")
+    raise ProtocolError(f"hyperparameter value of type {type(value).__name__} cannot travel")
 
 
 def value_from_pb(hv: pb.HyperValue) -> Any:

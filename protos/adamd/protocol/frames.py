@@ -18,7 +18,7 @@ import torch
 
 from adamd.v1 import adamd_pb2 as pb
 
-from ._exceptions import InvalidArgument
+from .errors import ProtocolError
 
 DEFAULT_CHUNK_BYTES = 4 << 20
 # Largest message either side accepts: a chunk plus its header, with room for big headers.
@@ -34,15 +34,11 @@ _PB_TO_TORCH = {v: k for k, v in _TORCH_TO_PB.items()}
 _NP_OF = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 
 
-class WireError(InvalidArgument):
-    """A tensor that cannot travel, or a frame or chunk that does not fit what the stream declared."""
-
-
 def dtype_to_pb(dtype: torch.dtype) -> int:
     try:
         return _TORCH_TO_PB[dtype]
     except KeyError:
-        raise WireError(
+        raise ProtocolError(
             f"dtype {dtype} cannot travel: adamd carries float32, float16, bfloat16 and float64"
         ) from None
 
@@ -51,7 +47,7 @@ def dtype_from_pb(code: int) -> torch.dtype:
     try:
         return _PB_TO_TORCH[code]
     except KeyError:
-        raise WireError(f"unknown or unspecified dtype code {code}") from None
+        raise ProtocolError(f"unknown or unspecified dtype code {code}") from None
 
 
 def spec_of(name: str, t: torch.Tensor, wire_dtype: torch.dtype | None = None) -> pb.TensorSpec:
@@ -66,7 +62,7 @@ def numel_of(spec: pb.TensorSpec) -> int:
     n = 1
     for d in spec.shape:
         if d < 0:
-            raise WireError(f"tensor {spec.name!r} has a negative dimension {list(spec.shape)}")
+            raise ProtocolError(f"tensor {spec.name!r} has a negative dimension {list(spec.shape)}")
         n *= int(d)
     return n
 
@@ -74,7 +70,7 @@ def numel_of(spec: pb.TensorSpec) -> int:
 def byte_view(t: torch.Tensor) -> np.ndarray:
     """The bytes of a contiguous CPU tensor as a uint8 array sharing its memory."""
     if t.device.type != "cpu" or not t.is_contiguous():
-        raise WireError("byte_view needs a contiguous CPU tensor")
+        raise ProtocolError("byte_view needs a contiguous CPU tensor")
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
@@ -97,7 +93,7 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= len(buf):
-            raise WireError("truncated frame")
+            raise ProtocolError("truncated frame")
         b = buf[pos]
         pos += 1
         result |= (b & 0x7F) << shift
@@ -105,7 +101,7 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
             return result, pos
         shift += 7
         if shift > 63:
-            raise WireError("malformed varint in frame")
+            raise ProtocolError("malformed varint in frame")
 
 
 def encode_frame(
@@ -152,7 +148,7 @@ def decode_frame(raw: bytes) -> Frame:
         elif wire == 2:
             n, pos = _read_varint(buf, pos)
             if pos + n > end:
-                raise WireError("truncated frame")
+                raise ProtocolError("truncated frame")
             if field == 1:
                 header = buf[pos : pos + n]
             elif field == 4:
@@ -163,7 +159,7 @@ def decode_frame(raw: bytes) -> Frame:
         elif wire == 5:
             pos += 4
         else:
-            raise WireError(f"unsupported wire type {wire} in frame")
+            raise ProtocolError(f"unsupported wire type {wire} in frame")
     return Frame(header, tensor, offset, data)
 
 
@@ -210,7 +206,7 @@ class TensorSink:
 
     `targets[i]` receives the bytes of the stream's tensor i, which were sent as `wire_dtypes[i]`
     (a different float dtype is converted on the way in). Chunks of one tensor must arrive in
-    order, without gaps or overlaps; anything else is a WireError and leaves the stream unusable.
+    order, without gaps or overlaps; anything else is a ProtocolError and leaves the stream unusable.
     `on_complete(i)`, when given, is called once target i holds all its bytes (the server starts
     that gradient's host-to-device copy there); never for a tensor with no bytes.
     """
@@ -230,23 +226,23 @@ class TensorSink:
 
     def write(self, index: int, offset: int, data: memoryview) -> None:
         if not 0 <= index < len(self.targets):
-            raise WireError(
+            raise ProtocolError(
                 f"chunk names tensor {index}, but the stream declared {len(self.targets)}"
             )
         if offset != self._received[index]:
-            raise WireError(
+            raise ProtocolError(
                 f"chunk of tensor {index} at byte {offset}, expected byte {self._received[index]}"
                 " (chunks missing, repeated or out of order)"
             )
         n = data.nbytes
         end = offset + n
         if end > self._wire_nbytes[index]:
-            raise WireError(
+            raise ProtocolError(
                 f"tensor {index} gets more bytes ({end}) than its shape holds ({self._wire_nbytes[index]})"
             )
         wire = self.wire_dtypes[index]
         if n % wire.itemsize:
-            raise WireError(f"chunk of tensor {index} is not a whole number of {wire} elements")
+            raise ProtocolError(f"chunk of tensor {index} is not a whole number of {wire} elements")
         target = self.targets[index]
         if wire == target.dtype:
             view = self._views[index]
@@ -286,6 +282,6 @@ class TensorSink:
         if missing:
             got = sum(self._received)
             want = sum(self._wire_nbytes)
-            raise WireError(
+            raise ProtocolError(
                 f"stream ended early: {got} of {want} bytes; tensors {missing} incomplete"
             )

@@ -1,0 +1,14 @@
+"""adamd's wire contract, shared by client and server (neither owns it).
+
+- `frames`: the raw-chunk frame codec of the streaming RPCs and the dtypes that travel.
+- `hyper`: param-group options (lr, betas, ...) to and from the wire, torch.optim.Adam's defaults
+  and which keys choose an implementation rather than the maths.
+- `shared_files`: the byte layout of the same-host shared-memory files.
+- `errors`: `ProtocolError`, the one exception the codecs raise.
+
+The message types themselves are generated from protos/adamd/v1/adamd.proto into `adamd.v1`.
+"""
+
+from .errors import ProtocolError
+
+__all__ = ["ProtocolError"]
