@@ -52,7 +52,7 @@ def step_times(
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model.finish_push(ticket)
+        model.finish_push(ticket).wait()
         if device == "cuda":
             torch.cuda.synchronize()
         if step >= 3:  # warm-up: lazy state, allocator, first stats buffer

@@ -322,7 +322,7 @@ class OptimizerService:
         except BaseException:
             model.abort_push(ticket)
             raise
-        result = model.finish_push(ticket)
+        result = model.finish_push(ticket).wait()
         self.hooks.changed(model.name)
         return pb.PushReply(
             version=result.version,

@@ -20,6 +20,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +33,7 @@ from adamd.protocol.hyper import IMPLEMENTATION_KEYS, same_value
 
 from . import options as adam_options
 from .cuda_step import GraphedStep
-from .errors import DuplicatePush, InvalidArgument, NonFiniteGradient, ServerError, StalePush
+from .errors import Aborted, DuplicatePush, InvalidArgument, NonFiniteGradient, StalePush
 from .staging import GradSet, StagingPool
 
 logger = logging.getLogger(__name__)
@@ -90,7 +92,8 @@ class PushTicket:
     grads: GradSet | None  # pooled buffers to give back (None: the caller owns `buffers`)
     buffers: list[torch.Tensor] = field(default_factory=list)  # the gradients, in `names` order
     cached: PushResult | None = None  # a push id already applied
-    wait_for_inflight: bool = False  # the same push id is in a round now
+    joined: Future[PushResult] | None = None  # the same push id is in a round now: its outcome
+    outcome: Future[PushResult] = field(default_factory=Future)  # this push's, once it is decided
 
 
 @dataclass
@@ -98,8 +101,27 @@ class _Round:
     version: int
     started: float
     entries: dict[int, PushTicket] = field(default_factory=dict)
-    result: PushResult | None = None
-    error: BaseException | None = None  # the step failed: every push of the round gets an error
+
+
+@dataclass(frozen=True)
+class PendingPush:
+    """A push accepted into a round (or already decided): its outcome (a failed step: Aborted),
+    which callers await without holding a thread (asyncio.wrap_future) or block on with
+    `wait()`, and when to give up waiting for missing ranks. Whoever waits calls `expire()` once `deadline` (time.monotonic)
+    has passed; the round then steps with the ranks it has."""
+
+    outcome: Future[PushResult]
+    deadline: float | None = None
+    expire: Callable[[], None] = lambda: None
+
+    def wait(self) -> PushResult:
+        """Block until the outcome is known (for callers that may hold a thread)."""
+        while True:
+            timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+            try:
+                return self.outcome.result(timeout)
+            except FutureTimeout:
+                self.expire()
 
 
 class HostedModel:
@@ -140,14 +162,15 @@ class HostedModel:
         # group, loaded state): snapshots count these as changes too.
         self.edit_listeners: list[Callable[[], None]] = []
         self._lock = threading.RLock()
-        self._cond = threading.Condition(self._lock)
         self._seq = 0  # odd while parameters are being written (readers retry)
         self.write_listeners: list[
             Callable[[int, int], None]
         ] = []  # (seq, version) on every change
         self._round: _Round | None = None
         self._results: OrderedDict[str, PushResult] = OrderedDict()
-        self._inflight: set[str] = set()
+        # push id -> its outcome, while it streams or waits in a round (a retry joins it)
+        self._inflight: dict[str, Future[PushResult]] = {}
+        self._version_waiters: list[tuple[int, Future[None]]] = []
         # On CUDA: static device gradients, early uploads, graph-captured steps (cuda_step.py).
         self.graphed = (
             GraphedStep(self.optimizer, self.params, device) if device.type == "cuda" else None
@@ -295,40 +318,48 @@ class HostedModel:
             if meta.push_id and meta.push_id in self._results:
                 return PushTicket(meta, names, None, None, cached=self._results[meta.push_id])
             if meta.push_id and meta.push_id in self._inflight:
-                return PushTicket(meta, names, None, None, wait_for_inflight=True)
+                return PushTicket(meta, names, None, None, joined=self._joined(meta.push_id))
+            outcome: Future[PushResult] = Future()
             if meta.push_id:
-                self._inflight.add(meta.push_id)
+                self._inflight[meta.push_id] = outcome
         if buffers is not None:
             try:
                 given = buffers(names)
             except Exception:
-                self.abort_push(PushTicket(meta, names, None, None))
+                self.abort_push(PushTicket(meta, names, None, None, outcome=outcome))
                 raise
-            return PushTicket(meta, names, None, None, given)
+            return PushTicket(meta, names, None, None, given, outcome=outcome)
         grads = self._pool.acquire()
         targets = grads.take(names)
         early = None
         if self.graphed is not None:  # copy each gradient to the device as soon as it is complete
             sole = self.mode == ASYNC or self.world_size == 1
             early = self.graphed.prefetch(grads, names, targets, sole=sole)
-        return PushTicket(
-            meta, names, TensorSink(targets, [d for _, _, d in specs], early), grads, targets
-        )
+        sink = TensorSink(targets, [d for _, _, d in specs], early)
+        return PushTicket(meta, names, sink, grads, targets, outcome=outcome)
 
     def abort_push(self, ticket: PushTicket) -> None:
         """The push's stream failed: forget it (a retry with the same id may come)."""
         with self._lock:
-            if ticket.cached is None and not ticket.wait_for_inflight:
-                self._inflight.discard(ticket.meta.push_id)
+            if ticket.cached is None and ticket.joined is None:
+                self._inflight.pop(ticket.meta.push_id, None)
+                _settle(
+                    ticket.outcome,
+                    error=StalePush(
+                        f"push {ticket.meta.push_id} did not complete; push again with a new id"
+                    ),
+                )
             if ticket.grads is not None:
                 self._pool.release(ticket.grads)
                 ticket.grads = None
 
-    def finish_push(self, ticket: PushTicket) -> PushResult:
+    def finish_push(self, ticket: PushTicket) -> PendingPush:
+        """Check the whole gradient, then step (async) or join the round (sync). Never blocks
+        on other workers: the returned PendingPush says when the outcome is known."""
         if ticket.cached is not None:
-            return _as_duplicate(ticket.cached)
-        if ticket.wait_for_inflight:
-            return self._wait_for_result(ticket.meta.push_id)
+            return _decided(_as_duplicate(ticket.cached))
+        if ticket.joined is not None:
+            return PendingPush(ticket.joined)
         try:
             if ticket.sink is not None:
                 ticket.sink.check_complete()
@@ -351,7 +382,7 @@ class HostedModel:
             self.abort_push(ticket)
             raise
 
-    def _push_async(self, ticket: PushTicket) -> PushResult:
+    def _push_async(self, ticket: PushTicket) -> PendingPush:
         meta = ticket.meta
         with self._lock:
             if meta.version is not None and self.version - meta.version > self.max_staleness:
@@ -361,11 +392,11 @@ class HostedModel:
                 )
             rnd = _Round(self.version, time.monotonic(), {meta.rank: ticket})
             self._complete(rnd, partial=False)
-            return _outcome(rnd)
+            return PendingPush(ticket.outcome)
 
-    def _push_sync(self, ticket: PushTicket) -> PushResult:
+    def _push_sync(self, ticket: PushTicket) -> PendingPush:
         meta = ticket.meta
-        with self._cond:
+        with self._lock:
             if meta.version is not None and meta.version != self.version:
                 raise StalePush(
                     f"sync push computed from version {meta.version}, but the round is for version"
@@ -379,22 +410,41 @@ class HostedModel:
             rnd.entries[meta.rank] = ticket
             if len(rnd.entries) == self.world_size:
                 self._complete(rnd, partial=False)
-            deadline = rnd.started + self.round_timeout_s
-            while rnd.result is None and rnd.error is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    logger.warning(
-                        "model %s: round for version %d timed out after %.1fs with ranks %s of %d; stepping without the rest",
-                        self.name,
-                        rnd.version,
-                        self.round_timeout_s,
-                        sorted(rnd.entries),
-                        self.world_size,
-                    )
-                    self._complete(rnd, partial=True)
-                    break
-                self._cond.wait(remaining)
-            return _outcome(rnd)
+            return PendingPush(
+                ticket.outcome, rnd.started + self.round_timeout_s, lambda: self._expire(rnd)
+            )
+
+    def _expire(self, rnd: _Round) -> None:
+        """The round's deadline passed: step with the ranks it has (a no-op once it ended)."""
+        with self._lock:
+            if self._round is not rnd:
+                return
+            if time.monotonic() < rnd.started + self.round_timeout_s:
+                return
+            logger.warning(
+                "model %s: round for version %d timed out after %.1fs with ranks %s of %d;"
+                " stepping without the rest",
+                self.name,
+                rnd.version,
+                self.round_timeout_s,
+                sorted(rnd.entries),
+                self.world_size,
+            )
+            self._complete(rnd, partial=True)
+
+    def _joined(self, push_id: str) -> Future[PushResult]:
+        """The outcome of a push id that is in a round now, answered as a duplicate. Lock held."""
+        joined: Future[PushResult] = Future()
+
+        def relay(done: Future[PushResult]) -> None:
+            exc = done.exception()
+            if exc is not None:
+                joined.set_exception(exc)
+            else:
+                joined.set_result(_as_duplicate(done.result()))
+
+        self._inflight[push_id].add_done_callback(relay)
+        return joined
 
     def _complete(self, rnd: _Round, partial: bool) -> None:
         """Average the round's gradients in rank order, step once, release everyone. Lock held."""
@@ -459,7 +509,6 @@ class HostedModel:
                 t.meta.version if t.meta.version is not None else rnd.version,
             )
             if t.meta.push_id:
-                self._inflight.discard(t.meta.push_id)
                 self._results[t.meta.push_id] = result
         while len(self._results) > _RESULTS_KEPT:
             self._results.popitem(last=False)
@@ -479,12 +528,17 @@ class HostedModel:
             if t.grads is not None:
                 self._pool.release(t.grads)
                 t.grads = None
-            if error is not None and t.meta.push_id:
-                self._inflight.discard(t.meta.push_id)
-        rnd.result, rnd.error = result, error
         if self._round is rnd:
             self._round = None
-        self._cond.notify_all()
+        failed = None
+        if error is not None:
+            failed = Aborted(
+                f"the step for version {rnd.version} failed ({type(error).__name__}: {error});"
+                " nothing was applied and the push may be sent again"
+            )
+        for t in tickets:
+            self._inflight.pop(t.meta.push_id, None)
+            _settle(t.outcome, result, failed)
 
     def _step(self, grads: Mapping[str, torch.Tensor]) -> None:
         """One torch.optim.Adam step with these gradients (params not named get no step)."""
@@ -503,6 +557,7 @@ class HostedModel:
                 p.grad = None
             self._end_write()
         self.last_step_at = time.time()
+        self._wake_version_waiters()
 
     @property
     def write_seq(self) -> int:
@@ -539,18 +594,6 @@ class HostedModel:
             except Exception:
                 logger.exception("observer of model %s failed", self.name)
 
-    def _wait_for_result(self, push_id: str, timeout: float | None = None) -> PushResult:
-        deadline = time.monotonic() + (
-            timeout if timeout is not None else self.round_timeout_s * 2 + 5
-        )
-        with self._cond:
-            while push_id not in self._results:
-                remaining = deadline - time.monotonic()
-                if push_id not in self._inflight or remaining <= 0:
-                    raise StalePush(f"push {push_id} did not complete; push again with a new id")
-                self._cond.wait(remaining)
-            return _as_duplicate(self._results[push_id])
-
     # --- reads ---------------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -569,6 +612,7 @@ class HostedModel:
             self.skipped_steps = skipped_steps
             self._results.update(push_results)
             self._end_write()
+            self._wake_version_waiters()
 
     def recent_push_results(self) -> dict[str, PushResult]:
         """Push ids already applied and their results (kept in snapshots for exactly-once)."""
@@ -584,15 +628,37 @@ class HostedModel:
         """True when no step ran since read_begin returned `seq`."""
         return self._seq == seq
 
+    def version_reached(self, version: int) -> Future[None]:
+        """A future done once the model is at `version` or later (cancel it to stop waiting)."""
+        done: Future[None] = Future()
+        with self._lock:
+            if self.version >= version:
+                done.set_result(None)
+            else:
+                self._version_waiters = [w for w in self._version_waiters if not w[1].done()]
+                self._version_waiters.append((version, done))
+        return done
+
     def wait_for_version(self, version: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self.version < version:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
+        """Block until the model is at `version` (True) or `timeout` seconds passed (False)."""
+        reached = self.version_reached(version)
+        try:
+            reached.result(timeout)
             return True
+        except FutureTimeout:
+            reached.cancel()
+            return False
+
+    def _wake_version_waiters(self) -> None:
+        """Lock held: resolve every waiter whose version has come."""
+        waiting = []
+        for version, fut in self._version_waiters:
+            if version <= self.version:
+                if fut.set_running_or_notify_cancel():
+                    fut.set_result(None)
+            elif not fut.done():
+                waiting.append((version, fut))
+        self._version_waiters = waiting
 
     def state_by_name(self) -> tuple[dict[str, dict[str, torch.Tensor]], list[dict[str, Any]], int]:
         """Optimizer state keyed by parameter name, requested group options, version. Copies."""
@@ -652,8 +718,7 @@ class HostedModel:
                     opts = {
                         k: v
                         for k, v in g.items()
-                        if k not in ("params", "param_names")
-                        and k not in IMPLEMENTATION_KEYS
+                        if k not in ("params", "param_names") and k not in IMPLEMENTATION_KEYS
                     }
                     updates.append((i, opts))
                 self.check_updates(updates)
@@ -706,14 +771,22 @@ class HostedModel:
             }
 
 
-def _outcome(rnd: _Round) -> PushResult:
-    if rnd.error is not None:
-        raise ServerError(
-            f"the step for version {rnd.version} failed ({type(rnd.error).__name__}: {rnd.error});"
-            " nothing was applied and the push may be sent again"
-        )
-    assert rnd.result is not None
-    return rnd.result
+def _settle(
+    fut: Future[PushResult], result: PushResult | None = None, error: BaseException | None = None
+) -> None:
+    """Decide a push's future, unless its waiter already cancelled it."""
+    if not fut.set_running_or_notify_cancel():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)  # type: ignore[arg-type]
+
+
+def _decided(result: PushResult) -> PendingPush:
+    done: Future[PushResult] = Future()
+    done.set_result(result)
+    return PendingPush(done)
 
 
 def all_finite(t: torch.Tensor) -> bool:
