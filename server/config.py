@@ -19,7 +19,8 @@ class ServerConfig:
     data_dir: Path = Path("./adamd-data")  # snapshots live here
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     token: str | None = None  # when set, every call but health must carry it
-    grpc_workers: int = 64  # handler threads: sync rounds park one per waiting worker
+    grpc_workers: int = 8  # threads for torch work (checks, steps, copies); waits hold none
+    stream_idle_s: float = 60.0  # a request stream silent this long is ended (DEADLINE_EXCEEDED)
     round_timeout_s: float = 60.0  # default for sync rounds whose worker went missing
     max_staleness: int = 16  # default async staleness bound (versions)
     snapshot_every_steps: int = 0  # 0: off
@@ -57,6 +58,7 @@ class ServerConfig:
             ("grpc_port", 0 <= self.grpc_port <= 65535, "a port, 0-65535"),
             ("http_port", -1 <= self.http_port <= 65535, "a port, 0-65535, or -1 (off)"),
             ("grpc_workers", self.grpc_workers >= 1, "at least 1"),
+            ("stream_idle_s", 0 < self.stream_idle_s < float("inf"), "a positive number"),
             ("round_timeout_s", self.round_timeout_s > 0, "positive"),
             ("max_staleness", self.max_staleness >= 0, "0 or more"),
             ("snapshot_every_steps", self.snapshot_every_steps >= 0, "0 (off) or more"),

@@ -13,7 +13,7 @@ from adamd.protocol.hyper import options_from_pb, options_to_pb
 from adamd.v1 import adamd_pb2 as pb
 
 from .errors import InvalidArgument
-from .model import ASYNC, SYNC, HostedModel
+from .model import ASYNC, SYNC, HostedModel, PushMeta, PushResult
 from .registry import ModelSpec
 
 MODE_TO_PB = {SYNC: pb.SYNC, ASYNC: pb.ASYNC}
@@ -85,4 +85,27 @@ def model_info(model: HostedModel, created: bool = False) -> pb.ModelInfo:
         round_timeout_s=model.round_timeout_s,
         created=created,
         skipped_steps=model.skipped_steps,
+    )
+
+
+def push_meta_from_pb(header: pb.PushHeader) -> PushMeta:
+    return PushMeta(
+        rank=header.rank,
+        version=header.version if header.HasField("version") else None,
+        push_id=header.push_id,
+        found_inf=header.found_inf,
+        loss=header.loss if header.HasField("loss") else None,
+        scalars=dict(header.scalars),
+        hyper_updates=updates_from_pb(header.hyper_updates),
+    )
+
+
+def push_reply(result: PushResult) -> pb.PushReply:
+    return pb.PushReply(
+        version=result.version,
+        applied=result.applied,
+        found_inf=result.found_inf,
+        contributors=result.contributors,
+        duplicate=result.duplicate,
+        partial=result.partial,
     )

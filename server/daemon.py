@@ -11,15 +11,15 @@ import logging
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-from grpc_health.v1 import health_pb2
 
 from .config import ServerConfig
 from .errors import StartupError
-from .grpc_server import create_grpc_server
-from .grpc_service import SERVICE, OptimizerService, RpcHooks
+from .grpc_server import GrpcServer
+from .grpc_service import OptimizerService
 from .metrics import Metrics
+from .operations import Operations
 from .registry import ModelRegistry, resolve_device
 from .same_host import SameHost
 from .snapshots import SnapshotManager
@@ -38,40 +38,52 @@ class Daemon:
         self.registry = ModelRegistry(
             self.device, max_staleness=config.max_staleness, round_timeout_s=config.round_timeout_s
         )
-        self.hooks = RpcHooks()
-        self.service = OptimizerService(self.registry, token=config.token, hooks=self.hooks)
-        # Inspection: step history/norms and Prometheus metrics, fed by step observers and RPC hooks.
+        # Inspection: step history/norms and Prometheus metrics, fed by step observers and calls.
         self.stats = StatsBook(self.registry, every=config.stats_every)
         self.metrics = Metrics(self.registry, self.stats)
-        self.hooks.on_call = self.metrics.on_call
-        self.started_at = time.time()
-        self.grpc_ready = False
-        self.extensions: list[Any] = []  # things with start()/stop() wired in by the HTTP side etc.
+        self.extensions: list[Any] = []  # things with start()/stop(), stopped in reverse
         # Same-host fast path: shared-memory parameters and per-session gradient files.
-        if config.shm:
-            self.same_host = SameHost(self.registry)
-            self.extensions.append(self.same_host)
-            self.hooks.attach = self.same_host.attach
-            self.hooks.detach = self.same_host.detach
-            self.hooks.session_grads = self.same_host.grads
+        same_host = self.same_host = SameHost(self.registry) if config.shm else None
+        if same_host is not None:
+            self.extensions.append(same_host)
         # Snapshots: restore at start, periodic/on-demand/durable writes, final ones at stop.
         self.snapshots = SnapshotManager(config, self.registry)
         self.extensions.append(self.snapshots)
-        self.hooks.snapshot = self.snapshots.snapshot
-        if config.durable:
-            self.hooks.after_change = self.snapshots.make_durable
+        self.ops = Operations(
+            self.registry,
+            token=config.token,
+            durable=config.durable,
+            stats=self.stats,
+            metrics=self.metrics,
+            snapshots=self.snapshots,
+            same_host=same_host,
+        )
+        self.ops.facts.stats_every = config.stats_every
+        self.started_at = self.ops.facts.started_at
+        self._workers = ThreadPoolExecutor(config.grpc_workers, thread_name_prefix="adamd-work")
+        self.service = OptimizerService(
+            self.ops,
+            executor=self._workers,
+            idle_s=config.stream_idle_s,
+            on_call=self.metrics.on_call,
+        )
         address = f"{config.host}:{config.grpc_port}"
         try:
-            self._grpc, self.grpc_port, self._health = create_grpc_server(
-                self.service, address, workers=config.grpc_workers
-            )
-        except RuntimeError as exc:
+            self._grpc = GrpcServer(self.service, address)
+        except (RuntimeError, OSError) as exc:
+            self._workers.shutdown(wait=False)
             raise StartupError(f"cannot serve gRPC on {address}: {exc}") from None
+        self.grpc_port = self._grpc.port
+        self.ops.facts.grpc_address = self.grpc_address
         self._http_server: Any = None
         self._http_thread: threading.Thread | None = None
         self.http_port: int | None = None
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
+
+    @property
+    def grpc_ready(self) -> bool:
+        return self.ops.facts.ready
 
     @property
     def grpc_address(self) -> str:
@@ -91,9 +103,7 @@ class Daemon:
             for ext in self.extensions:
                 ext.start()
             self._grpc.start()
-            self.grpc_ready = True
-            self._health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
-            self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+            self.ops.facts.ready = True
             if self.config.http_port >= 0:
                 self._start_http()
         except BaseException:
@@ -124,7 +134,7 @@ class Daemon:
             ) from None
         sock.listen(128)
         self.http_port = sock.getsockname()[1]
-        app = create_app(self)
+        app = create_app(self.ops)
         server = uvicorn.Server(
             uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
         )
@@ -144,9 +154,9 @@ class Daemon:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self._health.enter_graceful_shutdown()
-        self.grpc_ready = False
-        self._grpc.stop(grace).wait()
+        self.ops.facts.ready = False
+        self._grpc.stop(grace)
+        self._workers.shutdown(wait=True)
         if self._http_server is not None:
             self._http_server.should_exit = True
             if self._http_thread is not None:

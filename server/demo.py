@@ -99,7 +99,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from .cli import config_from_args
+    from .args import config_from_args
 
     console = Console(stderr=True)
     logging.getLogger("adamd").setLevel(logging.WARNING)
@@ -229,7 +229,7 @@ def _run(args: argparse.Namespace, config: Any, console: Any) -> int:
 
 
 def register(sub: Any) -> None:
-    from .cli import add_server_arguments
+    from .args import add_server_arguments
 
     p = sub.add_parser(
         "demo",

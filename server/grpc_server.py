@@ -1,17 +1,25 @@
-"""Building the gRPC server (separate from running it, so tests bind port 0).
+"""The gRPC server: grpc.aio on an event loop of its own thread, built apart from running it.
 
-Threads, not grpc.aio: `python -m bench.aio_vs_threads` moved the same bytes through both at the
-same rate within this machine's noise (2026-11-25, 100 MB streams, aggregate GB/s push/pull:
-1 client threads 1.44-1.66/1.19-1.54 vs aio 1.25-1.38/1.05-1.11; 4 clients 1.33/1.39 vs
-1.68/1.47), and the core is synchronous: torch steps, model locks and sync rounds that park a
-handler until the last rank arrives, which on aio would each need an executor hop.
+`GrpcServer(service, address)` binds at once (port 0 picks a free one, known before `start()`),
+`start()` serves, `stop(grace)` drains. The loop runs in a thread of its own, shared by every
+server of the process, so the rest of the daemon (HTTP, snapshots, the CLI's signal wait) stays
+ordinary synchronous code.
+
+asyncio rather than a thread per call: a sync round parks every worker but the last, and a
+thread pool of N handlers let N parked workers or N stalled streams starve everyone else. On the
+loop a parked call is a suspended coroutine; torch work still runs on a few worker threads
+(grpc_service.py). `python -m bench.concurrency` measures what this buys.
 """
 
 from __future__ import annotations
 
-from concurrent import futures
+import asyncio
+import threading
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 import grpc
+import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -20,6 +28,8 @@ from adamd.v1 import adamd_pb2 as pb
 
 from .grpc_service import SERVICE, OptimizerService
 
+T = TypeVar("T")
+
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -27,26 +37,70 @@ SERVER_OPTIONS = [
 ]
 
 
-def create_grpc_server(
-    service: OptimizerService, address: str, workers: int = 64
-) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A started-not-yet server with the optimizer, health and reflection services. Returns (server, port, health)."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adamd-grpc"),
-        options=SERVER_OPTIONS,
-        maximum_concurrent_rpcs=None,
-    )
-    server.add_generic_rpc_handlers((service.handler(),))
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (
-        pb.DESCRIPTOR.services_by_name["Optimizer"].full_name,
-        health.SERVICE_NAME,
-        reflection.SERVICE_NAME,
-    )
-    reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind gRPC to {address}")
-    health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
-    return server, port, health_servicer
+def _shared_loop() -> asyncio.AbstractEventLoop:
+    """The process's one event loop for gRPC servers, started on first use and kept.
+
+    grpc.aio binds every event loop that touches it to one process-wide completion queue; two
+    loops then race for its wake-ups (grpc/grpc#25364). Every server in a process (tests run
+    many) shares this loop, so there is only ever one."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="adamd-grpc-loop", daemon=True).start()
+            _LOOP = loop
+        return _LOOP
+
+
+_LOOP: asyncio.AbstractEventLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+class GrpcServer:
+    def __init__(self, service: OptimizerService, address: str):
+        self._loop = _shared_loop()
+        self._stopped = False
+        self._server, self.port, self._health = self._call(self._build(service, address))
+
+    def _call(self, coro: Any) -> Any:
+        """Run a coroutine on the server's loop and wait for its result."""
+        done: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return done.result()
+
+    @staticmethod
+    async def _build(service: OptimizerService, address: str) -> tuple[grpc.aio.Server, int, Any]:
+        server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=None)
+        server.add_generic_rpc_handlers((service.handler(),))
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        names = (
+            pb.DESCRIPTOR.services_by_name["Optimizer"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, server)
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"could not bind gRPC to {address}")
+        await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        return server, port, health_servicer
+
+    def start(self) -> None:
+        async def start() -> None:
+            await self._server.start()
+            for name in (SERVICE, ""):
+                await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        self._call(start())
+
+    def stop(self, grace: float) -> None:
+        """Refuse new calls, let those in flight finish for up to `grace` seconds, then stop."""
+        if self._stopped:
+            return
+        self._stopped = True
+
+        async def stop() -> None:
+            await self._health.enter_graceful_shutdown()
+            await self._server.stop(grace)
+
+        self._call(stop())

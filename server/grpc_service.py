@@ -1,25 +1,35 @@
-"""The gRPC adapter: decodes frames, calls the core, encodes replies. No optimizer logic here.
+"""The gRPC adapter (grpc.aio): decodes frames, calls the operations layer, encodes replies.
 
-Tensor-carrying methods take and return raw frame bytes (see adamd.protocol.frames) so chunks are
+Waits hold no thread. Handlers are coroutines on one event loop: a sync worker waiting for its
+round awaits the push's future, a pull waiting for a version awaits another, and a slow or stalled
+stream is a suspended coroutine, ended by the idle deadline. Work that computes or takes a model
+lock (checks, steps, copies, snapshots) runs on a small thread pool (`--grpc-workers`), never on
+the loop, so one model's step does not stall another model's pull.
+
+Tensor-carrying methods take and return raw frame bytes (adamd.protocol.frames), so chunks are
 written straight into preallocated tensors; unary methods use the generated protobuf classes.
 Every ServerError becomes `context.abort(code, message)` with its kind in the trailing metadata.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
-import hmac
 import logging
+import math
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import grpc
+import grpc.aio
 import torch
 
 from adamd.protocol import ProtocolError
 from adamd.protocol.frames import (
     DEFAULT_CHUNK_BYTES,
+    Frame,
     TensorSink,
     decode_frame,
     dtype_from_pb,
@@ -31,131 +41,125 @@ from adamd.protocol.frames import (
 from adamd.v1 import adamd_pb2 as pb
 
 from . import convert
-from .errors import (
-    DeadlineExceeded,
-    FailedPrecondition,
-    InvalidArgument,
-    ServerError,
-    SessionExpired,
-    Unauthenticated,
-)
-from .model import PushMeta
-from .registry import ModelRegistry
+from .errors import DeadlineExceeded, InvalidArgument, ServerError
+from .model import PendingPush
+from .operations import Operations
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "adamd.v1.Optimizer"
+DEFAULT_IDLE_S = 60.0
+T = TypeVar("T")
+OnCall = Callable[[str, str, float, int, int], None]  # method, outcome, seconds, bytes in, out
 
 
-class RpcHooks:
-    """Optional collaborators the adapter reports to (metrics, snapshots, same-host sessions)."""
+class _Stream:
+    """A request stream of raw frames: counts bytes, and ends a stream that goes quiet."""
 
-    def __init__(self) -> None:
-        self.on_call: Callable[[str, str, float, int, int], None] | None = (
-            None  # method, outcome, seconds, bytes in, bytes out
-        )
-        self.snapshot: Callable[[str], pb.SnapshotInfo] | None = None
-        self.attach: Callable[[pb.AttachRequest], pb.AttachReply] | None = None
-        self.detach: Callable[[pb.DetachRequest], pb.DetachReply] | None = None
-        # same-host pushes: (model, session, names) -> the session's gradient tensors
-        self.session_grads: Callable[[Any, str, list[str]], list[torch.Tensor]] | None = None
-        # model; after a push or an edit (hyperparameters, param group, state) has taken effect,
-        # before the reply (durable mode waits here until it is on disk)
-        self.after_change: Callable[[str], None] | None = None
+    def __init__(self, frames: AsyncIterator[bytes], idle_s: float):
+        self._frames = frames
+        self._it: AsyncIterator[bytes] | None = None  # made on first read: an unread stream
+        self._idle_s = idle_s  # (a call refused up front) leaves no generator behind
+        self.nbytes = 0
 
-    def changed(self, model: str) -> None:
-        if self.after_change is not None:
-            self.after_change(model)
+    async def next_frame(self) -> Frame | None:
+        if self._it is None:
+            self._it = self._frames.__aiter__()
+        try:
+            raw = await asyncio.wait_for(self._it.__anext__(), self._idle_s)
+        except StopAsyncIteration:
+            return None
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(
+                f"no frame for {self._idle_s:g}s: the stream was closed (server --stream-idle-s)"
+            ) from None
+        self.nbytes += len(raw)
+        try:
+            return decode_frame(raw)
+        except ProtocolError as exc:
+            raise InvalidArgument(str(exc)) from exc
 
+    async def header(self, header_cls: Any) -> tuple[Any, Frame]:
+        first = await self.next_frame()
+        if first is None:
+            raise InvalidArgument("empty stream: the first frame must carry a header")
+        if first.header is None:
+            raise InvalidArgument("the first frame of a stream must carry a header")
+        try:
+            return header_cls.FromString(bytes(first.header)), first
+        except Exception as exc:
+            raise InvalidArgument(f"unreadable header: {exc}") from exc
 
-def _first(request_iterator: Iterator[bytes], header_cls: Any) -> tuple[Any, Any, Iterator[bytes]]:
-    it = iter(request_iterator)
-    try:
-        frame = decode_frame(next(it))
-    except StopIteration:
-        raise InvalidArgument("empty stream: the first frame must carry a header") from None
-    except ProtocolError as exc:
-        raise InvalidArgument(str(exc)) from exc
-    if frame.header is None:
-        raise InvalidArgument("the first frame of a stream must carry a header")
-    try:
-        header = header_cls.FromString(bytes(frame.header))
-    except Exception as exc:
-        raise InvalidArgument(f"unreadable header: {exc}") from exc
-    return header, frame, it
-
-
-def _receive(sink: TensorSink | None, first: Any, rest: Iterator[bytes]) -> int:
-    """Write the first frame's chunk and all following chunks into `sink` (None: drain)."""
-    nbytes = first.data.nbytes
-    try:
-        if sink is not None and nbytes:
-            sink.write(first.tensor, first.offset, first.data)
-        for raw in rest:
-            frame = decode_frame(raw)
-            if frame.header is not None:
-                raise ProtocolError("only the first frame of a stream may carry a header")
-            nbytes += frame.data.nbytes
+    async def receive(self, sink: TensorSink | None, first: Frame) -> None:
+        """Write the first frame's chunk and every later one into `sink` (None: drain)."""
+        frame: Frame | None = first
+        try:
+            while frame is not None:
+                if frame is not first and frame.header is not None:
+                    raise ProtocolError("only the first frame of a stream may carry a header")
+                if sink is not None and frame.data.nbytes:
+                    sink.write(frame.tensor, frame.offset, frame.data)
+                frame = await self.next_frame()
             if sink is not None:
-                sink.write(frame.tensor, frame.offset, frame.data)
-    except ProtocolError as exc:
-        raise InvalidArgument(str(exc)) from exc
-    return nbytes
-
-
-def _counted(frames: Iterator[bytes], sizes: list[int]) -> Iterator[bytes]:
-    """The request stream, adding each raw frame's length to sizes[0] (for metrics)."""
-    for raw in frames:
-        sizes[0] += len(raw)
-        yield raw
+                sink.check_complete()
+        except ProtocolError as exc:
+            raise InvalidArgument(str(exc)) from exc
 
 
 class OptimizerService:
     def __init__(
         self,
-        registry: ModelRegistry,
+        ops: Operations,
         *,
-        token: str | None = None,
-        hooks: RpcHooks | None = None,
+        executor: Executor | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        idle_s: float = DEFAULT_IDLE_S,
+        on_call: OnCall | None = None,
     ):
-        self.registry = registry
-        self.token = token
-        self.hooks = hooks or RpcHooks()
+        self.ops = ops
+        self.executor = executor or ThreadPoolExecutor(4, thread_name_prefix="adamd-work")
         self.chunk_bytes = chunk_bytes
+        self.idle_s = idle_s
+        self.on_call = on_call
 
     # --- plumbing -------------------------------------------------------------------------------
 
-    def _check_token(self, context: grpc.ServicerContext) -> None:
-        if self.token is None:
-            return
-        for key, value in context.invocation_metadata():
-            if key == "authorization" and hmac.compare_digest(
-                value.encode(), f"Bearer {self.token}".encode()
-            ):
-                return
-        raise Unauthenticated(
-            "missing or wrong token: send metadata 'authorization: Bearer <token>'"
-        )
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking work (torch, model locks, files) on the worker threads."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    def _abort(self, context: grpc.ServicerContext, exc: ServerError) -> None:
+    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        sent = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                sent = value if isinstance(value, str) else value.decode()
+        self.ops.authorize(sent)
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException) -> str:
+        """Answer the call with `exc` (anything not ours is INTERNAL); returns its kind."""
+        if isinstance(exc, ProtocolError):
+            exc = InvalidArgument(str(exc))
+        if not isinstance(exc, ServerError):
+            logger.error("gRPC call failed", exc_info=exc)
+            exc = ServerError(f"internal error: {type(exc).__name__}: {exc}")
         context.set_trailing_metadata((("adamd-error", exc.kind),))
-        context.abort(exc.code, str(exc))
+        await context.abort(exc.code, str(exc))
+        return exc.kind  # not reached: abort raises
 
     def handler(self) -> grpc.GenericRpcHandler:
-        def unary(fn: Callable[..., Any], req_cls: Any) -> grpc.RpcMethodHandler:
+        def unary(fn: Callable[..., Awaitable[Any]], req_cls: Any) -> grpc.RpcMethodHandler:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap(fn), req_cls.FromString, lambda m: m.SerializeToString()
+                self._unary(fn), req_cls.FromString, lambda m: m.SerializeToString()
             )
 
-        def stream_in(fn: Callable[..., Any]) -> grpc.RpcMethodHandler:
+        def stream_in(fn: Callable[..., Awaitable[Any]]) -> grpc.RpcMethodHandler:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap(fn), identity, lambda m: m.SerializeToString()
+                self._stream_in(fn), identity, lambda m: m.SerializeToString()
             )
 
-        def stream_out(fn: Callable[..., Any], req_cls: Any) -> grpc.RpcMethodHandler:
+        def stream_out(fn: Callable[..., AsyncIterator[bytes]], req_cls: Any) -> Any:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(fn), req_cls.FromString, identity
+                self._stream_out(fn), req_cls.FromString, identity
             )
 
         return grpc.method_handlers_generic_handler(
@@ -177,201 +181,178 @@ class OptimizerService:
             },
         )
 
-    def _wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        method = fn.__name__.title().replace("_", "")  # push_grad -> PushGrad
+    def _record(
+        self, fn: Callable[..., Any], outcome: str, t0: float, n_in: int, n_out: int
+    ) -> None:
+        if self.on_call is not None:
+            method = fn.__name__.title().replace("_", "")  # push_grad -> PushGrad
+            self.on_call(method, outcome, time.perf_counter() - t0, n_in, n_out)
 
+    def _unary(self, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         @functools.wraps(fn)
-        def call(request: Any, context: grpc.ServicerContext) -> Any:
-            t0, outcome, sizes = time.perf_counter(), "OK", [0, 0]  # bytes in, out
-            if self.hooks.on_call is not None and not hasattr(request, "ByteSize"):
-                request = _counted(request, sizes)  # a stream of raw frames
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            t0, outcome, n_out = time.perf_counter(), "OK", 0
             try:
-                self._check_token(context)
-                reply = fn(request, context)
-                if self.hooks.on_call is not None:
-                    sizes[0] += request.ByteSize() if hasattr(request, "ByteSize") else 0
-                    sizes[1] = reply.ByteSize()
+                self._authorize(context)
+                reply = await fn(request, context)
+                n_out = reply.ByteSize()
                 return reply
-            except (ServerError, ProtocolError) as exc:
-                err = exc if isinstance(exc, ServerError) else InvalidArgument(str(exc))
-                outcome = err.kind
-                self._abort(context, err)
             except Exception as exc:
-                outcome = "internal"
-                logger.exception("%s failed", fn.__name__)
-                self._abort(context, ServerError(f"internal error: {type(exc).__name__}: {exc}"))
+                outcome = _kind(exc)
+                await self._abort(context, exc)
             finally:
-                if self.hooks.on_call is not None:
-                    self.hooks.on_call(method, outcome, time.perf_counter() - t0, *sizes)
+                self._record(fn, outcome, t0, request.ByteSize(), n_out)
 
         return call
 
-    def _wrap_stream(self, fn: Callable[..., Iterator[bytes]]) -> Callable[..., Iterator[bytes]]:
-        method = fn.__name__.title().replace("_", "")
-
+    def _stream_in(self, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         @functools.wraps(fn)
-        def call(request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
+        async def call(frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+            t0, outcome, n_out = time.perf_counter(), "OK", 0
+            stream = _Stream(frames, self.idle_s)
+            try:
+                self._authorize(context)
+                reply = await fn(stream, context)
+                n_out = reply.ByteSize()
+                return reply
+            except Exception as exc:
+                outcome = _kind(exc)
+                await self._abort(context, exc)
+            finally:
+                self._record(fn, outcome, t0, stream.nbytes, n_out)
+
+        return call
+
+    def _stream_out(
+        self, fn: Callable[..., AsyncIterator[bytes]]
+    ) -> Callable[..., AsyncIterator[bytes]]:
+        @functools.wraps(fn)
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             t0, outcome, sent = time.perf_counter(), "OK", 0
             try:
-                self._check_token(context)
-                for frame in fn(request, context):
+                self._authorize(context)
+                async for frame in fn(request, context):
                     sent += len(frame)
                     yield frame
-            except (ServerError, ProtocolError) as exc:
-                err = exc if isinstance(exc, ServerError) else InvalidArgument(str(exc))
-                outcome = err.kind
-                self._abort(context, err)
             except Exception as exc:
-                outcome = "internal"
-                logger.exception("%s failed", fn.__name__)
-                self._abort(context, ServerError(f"internal error: {type(exc).__name__}: {exc}"))
+                outcome = _kind(exc)
+                await self._abort(context, exc)
             finally:
-                if self.hooks.on_call is not None:
-                    self.hooks.on_call(
-                        method, outcome, time.perf_counter() - t0, request.ByteSize(), sent
-                    )
+                self._record(fn, outcome, t0, request.ByteSize(), sent)
 
         return call
 
     # --- models ---------------------------------------------------------------------------------
 
-    def create_model(
-        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
-    ) -> pb.ModelInfo:
-        cfg, first, rest = _first(request_iterator, pb.ModelConfig)
-        spec = convert.model_spec_from_pb(cfg)
-        pending = self.registry.begin_create(spec)
-        _receive(pending.sink if pending.existing is None else None, first, rest)
-        model, created = self.registry.commit(pending)
+    async def create_model(self, stream: _Stream, context: Any) -> pb.ModelInfo:
+        cfg, first = await stream.header(pb.ModelConfig)
+        pending = await self._run(self.ops.begin_create, convert.model_spec_from_pb(cfg))
+        await stream.receive(pending.sink if pending.existing is None else None, first)
+        model, created = await self._run(self.ops.commit_create, pending)
         return convert.model_info(model, created=created)
 
-    def describe_model(self, request: pb.ModelRef, context: grpc.ServicerContext) -> pb.ModelInfo:
-        return convert.model_info(self.registry.get(request.model))
+    async def describe_model(self, request: pb.ModelRef, context: Any) -> pb.ModelInfo:
+        return convert.model_info(self.ops.model(request.model))
 
-    def list_models(
-        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
-    ) -> pb.ListModelsReply:
-        return pb.ListModelsReply(models=[convert.model_info(m) for m in self.registry.models()])
+    async def list_models(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsReply:
+        return pb.ListModelsReply(models=[convert.model_info(m) for m in self.ops.models()])
 
-    def delete_model(self, request: pb.ModelRef, context: grpc.ServicerContext) -> pb.DeleteReply:
-        self.registry.delete(request.model)
+    async def delete_model(self, request: pb.ModelRef, context: Any) -> pb.DeleteReply:
+        await self._run(self.ops.delete, request.model)
         return pb.DeleteReply(deleted=True)
 
-    def set_hyperparams(
-        self, request: pb.SetHyperparamsRequest, context: grpc.ServicerContext
+    async def set_hyperparams(
+        self, request: pb.SetHyperparamsRequest, context: Any
     ) -> pb.ModelInfo:
-        model = self.registry.get(request.model)
-        model.set_hyperparams(convert.updates_from_pb(request.updates))
-        self.hooks.changed(model.name)
+        updates = convert.updates_from_pb(request.updates)
+        model = await self._run(self.ops.set_hyperparams, request.model, updates)
         return convert.model_info(model)
 
-    def add_param_group(
-        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
-    ) -> pb.ModelInfo:
-        header, first, rest = _first(request_iterator, pb.GroupHeader)
-        model = self.registry.get(header.model)
+    async def add_param_group(self, stream: _Stream, context: Any) -> pb.ModelInfo:
+        header, first = await stream.header(pb.GroupHeader)
         specs = convert.specs_from_pb(header.params)
         group = convert.group_from_pb(header.group)
-        if sorted(group["params"]) != sorted(n for n, _, _ in specs):
-            raise InvalidArgument(
-                "the new group's params must be exactly the parameters sent with it"
-            )
-        if any(n in model.params for n, _, _ in specs):
-            existing = [n for n, _, _ in specs if n in model.params]
-            raise InvalidArgument(f"parameters {existing} exist already")
-        tensors = {n: torch.empty(shape, dtype=dtype) for n, shape, dtype in specs}
-        sink = TensorSink(list(tensors.values()), [d for _, _, d in specs])
-        _receive(sink, first, rest)
-        try:
-            sink.check_complete()
-        except ProtocolError as exc:
-            raise InvalidArgument(str(exc)) from exc
-        on_device = {n: t.to(model.device) for n, t in tensors.items()}
-        model.add_param_group(on_device, group)
-        self.hooks.changed(model.name)
+        tensors = await self._run(self.ops.new_group_tensors, header.model, specs, group)
+        await stream.receive(TensorSink(list(tensors.values()), [d for _, _, d in specs]), first)
+        model = await self._run(self.ops.add_param_group, header.model, tensors, group)
         return convert.model_info(model)
 
     # --- pushes and pulls -----------------------------------------------------------------------
 
-    def push_grad(
-        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
-    ) -> pb.PushReply:
-        header, first, rest = _first(request_iterator, pb.PushHeader)
-        model = self.registry.get(header.model)
-        meta = PushMeta(
-            rank=header.rank,
-            version=header.version if header.HasField("version") else None,
-            push_id=header.push_id,
-            found_inf=header.found_inf,
-            loss=header.loss if header.HasField("loss") else None,
-            scalars=dict(header.scalars),
-            hyper_updates=convert.updates_from_pb(header.hyper_updates),
+    async def push_grad(self, stream: _Stream, context: Any) -> pb.PushReply:
+        header, first = await stream.header(pb.PushHeader)
+        meta = convert.push_meta_from_pb(header)
+        specs = convert.specs_from_pb(header.grads)
+        model, ticket = await self._run(
+            self.ops.begin_push, header.model, meta, specs, header.session
         )
-        buffers = None
-        if header.session:
-            session_grads = self.hooks.session_grads
-            if session_grads is None:
-                raise SessionExpired(
-                    "same-host sessions are off on this server; push over the stream"
-                )
-            session = header.session
-            buffers = lambda names: session_grads(model, session, names)
-        ticket = model.begin_push(meta, convert.specs_from_pb(header.grads), buffers)
         try:
-            _receive(ticket.sink, first, rest)
+            await stream.receive(ticket.sink, first)
         except BaseException:
-            model.abort_push(ticket)
+            await self._run(model.abort_push, ticket)
             raise
-        result = model.finish_push(ticket).wait()
-        self.hooks.changed(model.name)
-        return pb.PushReply(
-            version=result.version,
-            applied=result.applied,
-            found_inf=result.found_inf,
-            contributors=result.contributors,
-            duplicate=result.duplicate,
-            partial=result.partial,
-        )
+        pending = await self._run(self.ops.finish_push, model, ticket)
+        result = await self._outcome(pending)
+        await self._run(self.ops.pushed, model)
+        return convert.push_reply(result)
 
-    def pull_params(
-        self, request: pb.PullRequest, context: grpc.ServicerContext
-    ) -> Iterator[bytes]:
-        model = self.registry.get(request.model)
+    async def _outcome(self, pending: PendingPush) -> Any:
+        """Await a push's outcome; past the round's deadline, step with the ranks there are."""
+        outcome = asyncio.wrap_future(pending.outcome)
+        while True:
+            timeout = None
+            if pending.deadline is not None:
+                timeout = max(0.0, pending.deadline - time.monotonic())
+            try:
+                return await asyncio.wait_for(asyncio.shield(outcome), timeout)
+            except asyncio.TimeoutError:
+                await self._run(pending.expire)
+
+    async def pull_params(self, request: pb.PullRequest, context: Any) -> AsyncIterator[bytes]:
+        model = self.ops.model(request.model)
         if request.HasField("wait_for_version"):
-            timeout = request.wait_timeout_s or 60.0
-            if not model.wait_for_version(request.wait_for_version, timeout):
-                raise DeadlineExceeded(
-                    f"model {model.name!r} did not reach version {request.wait_for_version} within {timeout}s"
-                )
+            await self._wait_for_version(model, request.wait_for_version, request.wait_timeout_s)
         names = list(request.names) or list(model.params)
         missing = [n for n in names if n not in model.params]
         if missing:
             raise InvalidArgument(f"model {model.name!r} has no parameters {missing}")
-        wire = dtype_from_pb(request.wire_dtype) if request.wire_dtype else None
+        try:
+            wire = dtype_from_pb(request.wire_dtype) if request.wire_dtype else None
+        except ProtocolError as exc:
+            raise InvalidArgument(f"wire_dtype: {exc}") from exc
         if wire is not None and not wire.is_floating_point:
             raise InvalidArgument("wire_dtype must be a float dtype")
-        seq, version = model.read_begin()
+        seq, version = await self._run(model.read_begin)
         if request.HasField("if_newer_than") and version <= request.if_newer_than:
-            yield pb.PullFrame(
-                header=pb.PullHeader(version=version, not_modified=True)
-            ).SerializeToString()
+            header = pb.PullHeader(version=version, not_modified=True)
+            yield pb.PullFrame(header=header).SerializeToString()
             return
-        tensors = [to_wire(model.params[n], wire) for n in names]
+        tensors = await self._run(lambda: [to_wire(model.params[n], wire) for n in names])
         header = pb.PullHeader(
             version=version, tensors=[spec_of(n, t) for n, t in zip(names, tensors)]
         )
-        yield from iter_frames(header.SerializeToString(), tensors, self.chunk_bytes)
-        context.set_trailing_metadata(
-            (("adamd-consistent", "1" if model.read_consistent(seq) else "0"),)
-        )
+        for frame in iter_frames(header.SerializeToString(), tensors, self.chunk_bytes):
+            yield frame
+        consistent = model.read_consistent(seq)
+        context.set_trailing_metadata((("adamd-consistent", "1" if consistent else "0"),))
+
+    async def _wait_for_version(self, model: Any, version: int, timeout_s: float) -> None:
+        if not math.isfinite(timeout_s) or timeout_s < 0:
+            raise InvalidArgument(f"wait_timeout_s must be a finite number >= 0, got {timeout_s}")
+        timeout = timeout_s or 60.0
+        reached = await self._run(model.version_reached, version)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(reached), timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(
+                f"model {model.name!r} did not reach version {version} within {timeout}s"
+            ) from None
 
     # --- optimizer state ------------------------------------------------------------------------
 
-    def get_state(
-        self, request: pb.GetStateRequest, context: grpc.ServicerContext
-    ) -> Iterator[bytes]:
-        model = self.registry.get(request.model)
-        state, groups, version = model.state_by_name()
+    async def get_state(self, request: pb.GetStateRequest, context: Any) -> AsyncIterator[bytes]:
+        model = self.ops.model(request.model)
+        state, groups, version = await self._run(model.state_by_name)
         tensors: list[torch.Tensor] = []
         specs: list[pb.TensorSpec] = []
         entries = []
@@ -393,48 +374,39 @@ class OptimizerService:
                 for g in groups
             ],
         )
-        yield from iter_frames(header.SerializeToString(), tensors, self.chunk_bytes)
+        for frame in iter_frames(header.SerializeToString(), tensors, self.chunk_bytes):
+            yield frame
 
-    def load_state(
-        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
-    ) -> pb.ModelInfo:
-        header, first, rest = _first(request_iterator, pb.StateHeader)
-        model = self.registry.get(header.model)
+    async def load_state(self, stream: _Stream, context: Any) -> pb.ModelInfo:
+        header, first = await stream.header(pb.StateHeader)
+        self.ops.model(header.model)  # NotFound before any bytes are taken
         specs = convert.specs_from_pb(header.tensors)
         tensors = [torch.empty(shape, dtype=dtype) for _, shape, dtype in specs]
-        sink = TensorSink(tensors, [d for _, _, d in specs])
-        _receive(sink, first, rest)
-        try:
-            sink.check_complete()
-        except ProtocolError as exc:
-            raise InvalidArgument(str(exc)) from exc
+        await stream.receive(TensorSink(tensors, [d for _, _, d in specs]), first)
         state = {}
         for entry in header.states:
             if any(i >= len(tensors) for i in entry.tensors.values()):
                 raise InvalidArgument(f"state of {entry.param!r} points past the tensors sent")
             state[entry.param] = {k: tensors[i] for k, i in entry.tensors.items()}
         groups = [convert.group_from_pb(g) for g in header.groups] or None
-        model.load_state(state, groups)
-        self.hooks.changed(model.name)
+        model = await self._run(self.ops.load_state, header.model, state, groups)
         return convert.model_info(model)
 
     # --- durability and same-host fast path -----------------------------------------------------
 
-    def snapshot(self, request: pb.ModelRef, context: grpc.ServicerContext) -> pb.SnapshotInfo:
-        self.registry.get(request.model)
-        if self.hooks.snapshot is None:
-            raise FailedPrecondition("snapshots are not enabled on this server")
-        return self.hooks.snapshot(request.model)
+    async def snapshot(self, request: pb.ModelRef, context: Any) -> pb.SnapshotInfo:
+        return await self._run(self.ops.snapshot, request.model)
 
-    def attach(self, request: pb.AttachRequest, context: grpc.ServicerContext) -> pb.AttachReply:
-        self.registry.get(request.model)
-        if self.hooks.attach is None:
-            return pb.AttachReply(
-                accepted=False, reason="the same-host fast path is off on this server"
-            )
-        return self.hooks.attach(request)
+    async def attach(self, request: pb.AttachRequest, context: Any) -> pb.AttachReply:
+        return await self._run(self.ops.attach, request)
 
-    def detach(self, request: pb.DetachRequest, context: grpc.ServicerContext) -> pb.DetachReply:
-        if self.hooks.detach is None:
-            return pb.DetachReply()
-        return self.hooks.detach(request)
+    async def detach(self, request: pb.DetachRequest, context: Any) -> pb.DetachReply:
+        return await self._run(self.ops.detach, request)
+
+
+def _kind(exc: BaseException) -> str:
+    if isinstance(exc, ServerError):
+        return exc.kind
+    if isinstance(exc, ProtocolError):
+        return "InvalidArgument"
+    return "internal"

@@ -1,5 +1,6 @@
 """The HTTP side (FastAPI): health, inspection JSON, snapshot download, Prometheus metrics, the
-dashboard, and a few operations, all over the daemon's own core (no second copy of state).
+dashboard, and a few operations, all through the operations layer (operations.py) that the
+gRPC side uses too: this module only translates requests, replies and errors.
 
 Read-only routes are open. Routes that change state (hyperparameters, snapshots, deletes) need
 `Authorization: Bearer <token>` when the daemon has a token. Every error, ours or the framework's
@@ -8,12 +9,11 @@ Read-only routes are open. Routes that change state (hyperparameters, snapshots,
 
 from __future__ import annotations
 
-import hmac
 import io
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from fastapi import Depends, FastAPI, Query, Request
@@ -25,10 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import views
-from .errors import FailedPrecondition, InvalidArgument, ServerError, Unauthenticated
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
+from .errors import InvalidArgument, ServerError
+from .operations import Operations
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +51,7 @@ def error_body(kind: str, message: str, status: int) -> JSONResponse:
     )
 
 
-def create_app(daemon: Daemon) -> FastAPI:
+def create_app(ops: Operations) -> FastAPI:
     app = FastAPI(
         title="adamd",
         description="Optimizer-as-a-service: inspection, metrics, dashboard and operations. "
@@ -61,9 +59,21 @@ def create_app(daemon: Daemon) -> FastAPI:
         "`Authorization: Bearer <token>` when the server has a token.",
         version=views.adamd_version(),
     )
-    registry, stats = daemon.registry, daemon.stats
+    _error_handlers(app)
+    _health_routes(app, ops)
+    _inspection_routes(app, ops)
+    _operation_routes(app, ops)
 
-    # --- errors: one place maps them all to JSON -------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """One place maps every error, ours or the framework's, to the JSON error body."""
 
     @app.exception_handler(ServerError)
     def _server_error(request: Request, exc: ServerError) -> JSONResponse:
@@ -86,52 +96,46 @@ def create_app(daemon: Daemon) -> FastAPI:
         logger.error("HTTP %s %s failed", request.method, request.url.path, exc_info=exc)
         return error_body("Internal", f"{type(exc).__name__}: {exc}", 500)
 
-    def require_token(request: Request) -> None:
-        token = daemon.config.token
-        if token is None:
-            return
-        sent = request.headers.get("authorization", "")
-        if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
-            raise Unauthenticated("this operation needs the header 'Authorization: Bearer <token>'")
 
-    def model_of(name: str) -> Any:
-        return registry.get(name)  # NotFound -> 404 through the handler above
-
-    # --- health and metrics ---------------------------------------------------------------------
-
+def _health_routes(app: FastAPI, ops: Operations) -> None:
     @app.get("/healthz", tags=["health"], summary="Liveness")
     def healthz() -> Any:
-        if not daemon.grpc_ready:
+        if not ops.facts.ready:
             return JSONResponse({"status": "starting"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["health"], summary="Readiness: gRPC serving, models restored")
     def readyz() -> Any:
-        ready = daemon.grpc_ready
-        body = {"status": "ready" if ready else "not ready", "models": len(registry.names())}
+        ready = ops.facts.ready
+        body = {"status": "ready" if ready else "not ready", "models": len(ops.models())}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics (text format)")
     def metrics() -> Response:
-        return Response(daemon.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        text = ops.metrics.render() if ops.metrics is not None else b""
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
-    # --- inspection -----------------------------------------------------------------------------
+
+def _inspection_routes(app: FastAPI, ops: Operations) -> None:
+    stats = ops.stats
+    assert stats is not None, "the HTTP side needs the daemon's step statistics"
+    require_token = _token_dependency(ops)
 
     @app.get("/v1/models", tags=["inspect"], summary="The server and every model, briefly")
     def list_models() -> Any:
         return {
-            "server": views.server_info(daemon),
-            "models": [views.model_summary(m, stats.get(m)) for m in registry.models()],
+            "server": ops.server_info(),
+            "models": [views.model_summary(m, stats.get(m)) for m in ops.models()],
         }
 
     @app.get("/v1/models/{model}", tags=["inspect"], summary="One model with its param groups")
     def describe(model: str) -> Any:
-        m = model_of(model)
+        m = ops.model(model)
         return views.model_summary(m, stats.get(m), detail=True)
 
     @app.get("/v1/models/{model}/params", tags=["inspect"], summary="Per-parameter statistics")
     def params(model: str) -> Any:
-        m = model_of(model)
+        m = ops.model(model)
         version, rows = stats.get(m).param_stats()
         return {"model": m.name, "version": version, "params": rows}
 
@@ -141,14 +145,13 @@ def create_app(daemon: Daemon) -> FastAPI:
         since: int | None = Query(None, description="only steps with a version above this"),
         limit: int | None = Query(None, ge=0, description="at most this many, the newest"),
     ) -> Any:
-        m = model_of(model)
+        m = ops.model(model)
         s = stats.get(m)
-        entries = s.entries(since=since, limit=limit)
         return {
             "model": m.name,
             "version": m.version,
             "stats_every": s.every,
-            "steps": [e.as_json() for e in entries],
+            "steps": [e.as_json() for e in s.entries(since=since, limit=limit)],
         }
 
     @app.get(
@@ -160,7 +163,7 @@ def create_app(daemon: Daemon) -> FastAPI:
         responses={200: {"content": {"application/octet-stream": {}}}},
     )
     def download(model: str) -> Response:
-        m = model_of(model)
+        m = ops.model(model)
         payload = views.snapshot_payload(m)
         buf = io.BytesIO()
         torch.save(payload, buf)
@@ -171,23 +174,26 @@ def create_app(daemon: Daemon) -> FastAPI:
             headers={"Content-Disposition": f'attachment; filename="{filename}"'},
         )
 
-    # --- operations (token) ---------------------------------------------------------------------
+
+def _operation_routes(app: FastAPI, ops: Operations) -> None:
+    """Changes (the token, when the server has one)."""
+    stats = ops.stats
+    assert stats is not None
+    token = [Depends(_token_dependency(ops))]
 
     @app.post(
         "/v1/models/{model}/param_groups/{group}",
         tags=["operate"],
         summary="Change hyperparameters of one param group",
-        dependencies=[Depends(require_token)],
+        dependencies=token,
     )
     def set_hyperparams(model: str, group: int, body: Hyperparams) -> Any:
-        m = model_of(model)
         updates = body.model_dump(exclude_none=True)
         if not updates:
             raise InvalidArgument("send at least one of lr, betas, eps, weight_decay")
         if "betas" in updates:
             updates["betas"] = tuple(updates["betas"])
-        m.set_hyperparams([(group, updates)])
-        daemon.hooks.changed(m.name)  # durable mode: on disk before the reply
+        m = ops.set_hyperparams(model, [(group, updates)])
         logger.info("HTTP: model %s group %d set %s", m.name, group, updates)
         return views.model_summary(m, stats.get(m), detail=True)
 
@@ -195,34 +201,25 @@ def create_app(daemon: Daemon) -> FastAPI:
         "/v1/models/{model}/snapshot",
         tags=["operate"],
         summary="Write a snapshot to the data dir now",
-        dependencies=[Depends(require_token)],
+        dependencies=token,
     )
     def snapshot(model: str) -> Any:
-        m = model_of(model)
-        hook = daemon.hooks.snapshot
-        if hook is None:
-            raise FailedPrecondition("snapshots are not enabled on this server")
         t0 = time.perf_counter()
-        info = hook(m.name)
-        logger.info("HTTP: snapshot of %s in %.3fs", m.name, time.perf_counter() - t0)
+        info = ops.snapshot(model)
+        logger.info("HTTP: snapshot of %s in %.3fs", model, time.perf_counter() - t0)
         return {field.name: value for field, value in info.ListFields()}
 
     @app.delete(
-        "/v1/models/{model}",
-        tags=["operate"],
-        summary="Delete a model",
-        dependencies=[Depends(require_token)],
+        "/v1/models/{model}", tags=["operate"], summary="Delete a model", dependencies=token
     )
     def delete(model: str) -> Any:
-        registry.delete(model)
+        ops.delete(model)
         logger.info("HTTP: deleted model %s", model)
         return {"deleted": model}
 
-    # --- dashboard ------------------------------------------------------------------------------
 
-    @app.get("/", include_in_schema=False)
-    def index() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+def _token_dependency(ops: Operations) -> Any:
+    def require_token(request: Request) -> None:
+        ops.authorize(request.headers.get("authorization"))
 
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    return app
+    return require_token

@@ -7,15 +7,12 @@ from __future__ import annotations
 import math
 import time
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .model import HostedModel
 from .stats import ModelStats
-
-if TYPE_CHECKING:
-    from .daemon import Daemon
 
 
 def adamd_version() -> str:
@@ -44,18 +41,6 @@ def implementation(group: dict[str, Any]) -> str:
     if group.get("foreach"):
         return "foreach"
     return "for-loop"
-
-
-def server_info(daemon: Daemon) -> dict[str, Any]:
-    return {
-        "version": adamd_version(),
-        "device": str(daemon.device),
-        "grpc_address": daemon.grpc_address,
-        "uptime_s": time.time() - daemon.started_at,
-        "stats_every": daemon.config.stats_every,
-        "token_required_for_operations": daemon.config.token is not None,
-        "torch": torch.__version__,
-    }
 
 
 def model_summary(model: HostedModel, stats: ModelStats, detail: bool = False) -> dict[str, Any]:

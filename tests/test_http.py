@@ -319,7 +319,7 @@ def test_operations_need_the_token() -> None:
         assert r.status_code == 200, r.text
         assert r.json()["version"] == 1
         assert list((d.config.data_dir / "guarded").glob("*.json"))
-        d.hooks.snapshot = None  # a daemon without snapshots answers 409, not a crash
+        d.ops.snapshots = None  # a daemon without snapshots answers 409, not a crash
         r = httpx.post(url + "/snapshot", headers=good)
         assert r.status_code == 409 and r.json()["error"] == "FailedPrecondition"
         assert httpx.delete(url, headers=good).json() == {"deleted": "guarded"}

@@ -35,10 +35,11 @@ def test_adapter_serves_every_method_of_the_proto() -> None:
     import torch
 
     from adamd.server.grpc_service import OptimizerService
+    from adamd.server.operations import Operations
     from adamd.server.registry import ModelRegistry
     from adamd.v1 import adamd_pb2 as pb
 
     methods = {m.name for m in pb.DESCRIPTOR.services_by_name["Optimizer"].methods}
-    service = OptimizerService(ModelRegistry(torch.device("cpu")))
+    service = OptimizerService(Operations(ModelRegistry(torch.device("cpu"))))
     registered = set(service.handler()._method_handlers)  # type: ignore[attr-defined]
     assert {f"/adamd.v1.Optimizer/{m}" for m in methods} == registered

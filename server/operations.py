@@ -1,0 +1,207 @@
+"""Every operation the daemon offers, once: who may call, the core call, and what follows a change.
+
+The gRPC servicer and the FastAPI app both call these and only translate requests, replies and
+errors. A mutating operation ends in `_changed(model)`, the one place durable mode waits until the
+change is on disk, so no adapter route can forget it. Methods here may block (a step, a snapshot,
+a durable write); the asynchronous gRPC adapter runs them on its worker threads, never on its
+event loop.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from adamd.v1 import adamd_pb2 as pb
+
+from .errors import FailedPrecondition, InvalidArgument, SessionExpired, Unauthenticated
+from .model import HostedModel, PendingPush, PushMeta, PushTicket
+from .registry import ModelRegistry, ModelSpec, PendingModel
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+    from .same_host import SameHost
+    from .snapshots import SnapshotManager
+    from .stats import StatsBook
+
+TensorSpecs = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
+
+
+@dataclass
+class ServerFacts:
+    """What /v1/models says about the server itself (the address is known once gRPC is bound)."""
+
+    device: torch.device
+    grpc_address: str = ""
+    started_at: float = 0.0
+    stats_every: int = 0
+    ready: bool = False  # gRPC serving and every snapshot restored
+
+
+class Operations:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        *,
+        token: str | None = None,
+        durable: bool = False,
+        stats: StatsBook | None = None,
+        metrics: Metrics | None = None,
+        snapshots: SnapshotManager | None = None,
+        same_host: SameHost | None = None,
+    ):
+        self.registry = registry
+        self.token = token
+        self.durable = durable
+        self.stats = stats
+        self.metrics = metrics
+        self.snapshots = snapshots
+        self.same_host = same_host
+        self.facts = ServerFacts(device=registry.device, started_at=time.time())
+
+    # --- who may call ---------------------------------------------------------------------------
+
+    def authorize(self, authorization: str | None) -> None:
+        """`authorization` is the caller's 'Bearer <token>' (gRPC metadata or HTTP header)."""
+        if self.token is None:
+            return
+        if authorization is None or not hmac.compare_digest(
+            authorization.encode(), f"Bearer {self.token}".encode()
+        ):
+            raise Unauthenticated(
+                "missing or wrong token: send 'authorization: Bearer <token>'"
+                " (gRPC metadata or HTTP header)"
+            )
+
+    # --- reads ----------------------------------------------------------------------------------
+
+    def model(self, name: str) -> HostedModel:
+        return self.registry.get(name)
+
+    def models(self) -> list[HostedModel]:
+        return self.registry.models()
+
+    def server_info(self) -> dict[str, Any]:
+        from .views import adamd_version
+
+        return {
+            "version": adamd_version(),
+            "device": str(self.facts.device),
+            "grpc_address": self.facts.grpc_address,
+            "uptime_s": time.time() - self.facts.started_at,
+            "stats_every": self.facts.stats_every,
+            "token_required_for_operations": self.token is not None,
+            "torch": torch.__version__,
+        }
+
+    # --- models ---------------------------------------------------------------------------------
+
+    def begin_create(self, spec: ModelSpec) -> PendingModel:
+        return self.registry.begin_create(spec)
+
+    def commit_create(self, pending: PendingModel) -> tuple[HostedModel, bool]:
+        return self.registry.commit(pending)
+
+    def delete(self, name: str) -> None:
+        self.registry.delete(name)
+
+    def snapshot(self, name: str) -> pb.SnapshotInfo:
+        self.registry.get(name)
+        if self.snapshots is None:
+            raise FailedPrecondition("snapshots are not enabled on this server")
+        return self.snapshots.snapshot(name)
+
+    # --- edits ----------------------------------------------------------------------------------
+
+    def set_hyperparams(
+        self, name: str, updates: Sequence[tuple[int, Mapping[str, Any]]]
+    ) -> HostedModel:
+        model = self.registry.get(name)
+        model.set_hyperparams(updates)
+        self._changed(model)
+        return model
+
+    def new_group_tensors(
+        self, name: str, specs: TensorSpecs, group: Mapping[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """Check a new param group's header; host tensors its values stream into."""
+        model = self.registry.get(name)
+        if sorted(group["params"]) != sorted(n for n, _, _ in specs):
+            raise InvalidArgument(
+                "the new group's params must be exactly the parameters sent with it"
+            )
+        existing = [n for n, _, _ in specs if n in model.params]
+        if existing:
+            raise InvalidArgument(f"parameters {existing} exist already")
+        return {n: torch.empty(shape, dtype=dtype) for n, shape, dtype in specs}
+
+    def add_param_group(
+        self, name: str, tensors: Mapping[str, torch.Tensor], group: Mapping[str, Any]
+    ) -> HostedModel:
+        model = self.registry.get(name)
+        model.add_param_group({n: t.to(model.device) for n, t in tensors.items()}, group)
+        self._changed(model)
+        return model
+
+    def load_state(
+        self,
+        name: str,
+        state: Mapping[str, Mapping[str, torch.Tensor]],
+        groups: Sequence[Mapping[str, Any]] | None,
+    ) -> HostedModel:
+        model = self.registry.get(name)
+        model.load_state(state, groups)
+        self._changed(model)
+        return model
+
+    # --- pushes ---------------------------------------------------------------------------------
+
+    def begin_push(
+        self, name: str, meta: PushMeta, specs: TensorSpecs, session: str = ""
+    ) -> tuple[HostedModel, PushTicket]:
+        """Check a push's header and hand out where its gradient goes (stream buffers, or the
+        same-host session's file)."""
+        model = self.registry.get(name)
+        buffers = None
+        if session:
+            same_host = self.same_host
+            if same_host is None:
+                raise SessionExpired(
+                    "same-host sessions are off on this server; push over the stream"
+                )
+            buffers = lambda names: same_host.grads(model, session, names)
+        return model, model.begin_push(meta, specs, buffers)
+
+    @staticmethod
+    def finish_push(model: HostedModel, ticket: PushTicket) -> PendingPush:
+        return model.finish_push(ticket)
+
+    def pushed(self, model: HostedModel) -> None:
+        """A push's outcome is known: what follows a change (durable mode waits here)."""
+        self._changed(model)
+
+    # --- same-host sessions ---------------------------------------------------------------------
+
+    def attach(self, req: pb.AttachRequest) -> pb.AttachReply:
+        self.registry.get(req.model)
+        if self.same_host is None:
+            return pb.AttachReply(
+                accepted=False, reason="the same-host fast path is off on this server"
+            )
+        return self.same_host.attach(req)
+
+    def detach(self, req: pb.DetachRequest) -> pb.DetachReply:
+        if self.same_host is None:
+            return pb.DetachReply()
+        return self.same_host.detach(req)
+
+    # --- what follows a change ------------------------------------------------------------------
+
+    def _changed(self, model: HostedModel) -> None:
+        if self.durable and self.snapshots is not None:
+            self.snapshots.make_durable(model.name)
