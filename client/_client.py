@@ -138,6 +138,10 @@ class Client:
 
     # --- plumbing -------------------------------------------------------------------------------
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Client:
+        # A connection, not a value: copies of what holds a Client (a RemoteAdam) share it.
+        return self
+
     def close(self) -> None:
         for model in list(self._sessions):
             self._drop_session(model)

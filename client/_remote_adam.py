@@ -14,7 +14,7 @@ import itertools
 import os
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from copy import deepcopy
 from typing import Any
 
@@ -42,8 +42,8 @@ _SETSTATE_DEFAULTS = (
 
 def _copy_for_probe(params: Any) -> Any:
     """A copy of the params argument torch.optim.Adam can consume without touching ours."""
-    if isinstance(params, (torch.Tensor, set)):
-        return params  # torch raises the right TypeError
+    if isinstance(params, (torch.Tensor, set)) or not isinstance(params, Iterable):
+        return params  # torch raises the right error
     out = []
     for p in params:
         out.append(dict(p) if isinstance(p, dict) else p)
@@ -125,7 +125,7 @@ class _ServerState(defaultdict):  # type: ignore[type-arg]
 
     __hash__ = None  # type: ignore[assignment]
 
-    def copy(self) -> defaultdict[Any, Any]:
+    def copy(self) -> defaultdict[Any, Any]:  # type: ignore[override]
         self._sync()
         return defaultdict(dict, dict.items(self))
 
@@ -173,7 +173,7 @@ class RemoteAdam(torch.optim.Optimizer):
         max_staleness: int = 0,
         round_timeout_s: float = 0.0,
     ):
-        if not isinstance(params, (torch.Tensor, set)):
+        if isinstance(params, Iterable) and not isinstance(params, (torch.Tensor, set)):
             # Lists all the way down: a group's params may be a generator, which the probe below
             # would use up (torch takes those).
             params = [
@@ -489,6 +489,27 @@ class RemoteAdam(torch.optim.Optimizer):
         self._state_version = None
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    # --- copies --------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything, so a deepcopy keeps torch's public attributes and ours; the copy steps the
+        same server model through the same connection (a Client copies as itself)."""
+        state = dict(self.__dict__)
+        state["_names"] = [self._names[id(p)] for p in self._unique_params()]
+        state["_owns_client"] = False
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        names = state.pop("_names", None)
+        super().__setstate__(state)
+        if names is None:  # torch's own (defaults, state, param_groups) form
+            return
+        self._names = {id(p): n for p, n in zip(self._unique_params(), names)}
+        local = {k: v for k, v in dict.items(self.state) if not isinstance(k, torch.Tensor)}
+        self.state = _ServerState(self._fetch_state)
+        dict.update(self.state, local)
+        self._state_version = None
 
     def close(self) -> None:
         if self._owns_client:

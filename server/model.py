@@ -667,8 +667,7 @@ class HostedModel:
                     opts = {
                         k: v
                         for k, v in g.items()
-                        if k not in ("params", "param_names")
-                        and k not in IMPLEMENTATION_KEYS
+                        if k not in ("params", "param_names") and k not in IMPLEMENTATION_KEYS
                     }
                     updates.append((i, opts))
                 self.check_updates(updates)

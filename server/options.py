@@ -66,4 +66,3 @@ def effective(
             # with lr rounded to float32. (betas stay floats: _fused_adam_ takes them only so.)
             out["lr"] = torch.tensor(float(out["lr"]), dtype=torch.float32, device=device)
     return out
-

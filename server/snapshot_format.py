@@ -106,7 +106,9 @@ def capture(model: HostedModel, changes: int = 0) -> Capture:
                 for key, value in model.optimizer.state.get(p, {}).items():
                     t = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
                     tensors[f"state/{name}/{key}"] = _cpu_copy(t)
-        complex_keys = {k: str(t.dtype).removeprefix("torch.") for k, t in tensors.items() if t.is_complex()}
+        complex_keys = {
+            k: str(t.dtype).removeprefix("torch.") for k, t in tensors.items() if t.is_complex()
+        }
         for k in complex_keys:
             tensors[k] = torch.view_as_real(tensors[k])
         meta = {
@@ -314,7 +316,10 @@ def load(file: SnapshotFile) -> Loaded:
         raise CorruptSnapshot(f"{file.tensors}: unreadable safetensors ({exc})") from exc
     for key, dtype in manifest.get("complex", {}).items():
         t = tensors.get(key)
-        if t is None or torch.view_as_real(torch.empty(0, dtype=getattr(torch, dtype))).dtype != t.dtype:
+        if (
+            t is None
+            or torch.view_as_real(torch.empty(0, dtype=getattr(torch, dtype))).dtype != t.dtype
+        ):
             raise CorruptSnapshot(f"{file.manifest}: complex tensor {key!r} missing or mistyped")
         tensors[key] = torch.view_as_complex(t)
     return Loaded(file, manifest, tensors)
