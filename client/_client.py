@@ -138,6 +138,10 @@ class Client:
 
     # --- plumbing -------------------------------------------------------------------------------
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> Client:
+        # A connection, not a value: copies of what holds a Client (a RemoteAdam) share it.
+        return self
+
     def close(self) -> None:
         for model in list(self._sessions):
             self._drop_session(model)
@@ -296,14 +300,21 @@ class Client:
 
     @invalid_input()
     def add_param_group(
-        self, model: str, params: Mapping[str, torch.Tensor], **options: Any
+        self,
+        model: str,
+        params: Mapping[str, torch.Tensor],
+        *,
+        listed: Sequence[str] | None = None,
+        **options: Any,
     ) -> ModelInfo:
-        """torch's add_param_group: new parameters (values initialize them) in a new group."""
+        """torch's add_param_group: new parameters (values initialize them) in a new group.
+        `listed`: the group's parameter names in order when it names one twice (which torch
+        warns about and then steps twice per step); default: the names of `params`."""
         names = list(params)
         tensors = [to_wire(params[n]) for n in names]
         header = pb.GroupHeader(
             model=model,
-            group=_group_pb(names, options),
+            group=_group_pb(list(listed) if listed is not None else names, options),
             params=[spec_of(n, t) for n, t in zip(names, tensors)],
         )
         frames = self._upload(header.SerializeToString(), tensors)

@@ -4,19 +4,23 @@ Construct it exactly like torch.optim.Adam, plus where the server is. `step()` p
 non-None gradients, the server steps its real torch.optim.Adam, and the fresh parameters are
 written into the local tensors in place. Edits to `param_groups[i][...]` (what lr schedulers do)
 ride along with the next push. `state_dict()` / `load_state_dict()` speak torch.optim.Adam's
-format, so checkpoints move freely between a local Adam and a remote one.
+format, so checkpoints move freely between a local Adam and a remote one, and run torch's
+state-dict hooks exactly as torch.optim.Optimizer does. `state` mirrors the server's Adam state.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Mapping
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from copy import deepcopy
 from typing import Any
 
 import torch
 
-from adamd.protocol.hyper import ADAM_DEFAULTS, IMPLEMENTATION_KEYS, same_value
+from adamd.protocol.hyper import ADAM_DEFAULTS, IMPLEMENTATION_KEYS, fused_refusal, same_value
 
 from ._client import Client
 from ._exceptions import NotFound
@@ -24,12 +28,22 @@ from ._types import ModelInfo, PushResult
 
 _STATE_ORDER = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _SYNCED_KEYS = tuple(k for k in ADAM_DEFAULTS if k not in IMPLEMENTATION_KEYS)
+# The group keys torch.optim.Adam.__setstate__ fills in when a loaded state dict lacks them.
+_SETSTATE_DEFAULTS = (
+    "amsgrad",
+    "maximize",
+    "foreach",
+    "capturable",
+    "differentiable",
+    "decoupled_weight_decay",
+    "fused",
+)
 
 
 def _copy_for_probe(params: Any) -> Any:
     """A copy of the params argument torch.optim.Adam can consume without touching ours."""
-    if isinstance(params, (torch.Tensor, set)):
-        return params  # torch raises the right TypeError
+    if isinstance(params, (torch.Tensor, set)) or not isinstance(params, Iterable):
+        return params  # torch raises the right error
     out = []
     for p in params:
         out.append(dict(p) if isinstance(p, dict) else p)
@@ -46,6 +60,79 @@ def _clone(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_clone(v) for v in value)
     return value
+
+
+class _ServerState(defaultdict):  # type: ignore[type-arg]
+    """`RemoteAdam.state`: torch's per-parameter state, mirroring the server's.
+
+    Entries keyed by a parameter hold the server's Adam state (step, exp_avg, exp_avg_sq,
+    max_exp_avg_sq), fetched when the mapping is first read after the model changed; they are
+    copies, so writing into them changes nothing on the server (load_state_dict does). Other keys
+    stay local, as torch keeps them (state-dict hooks use such keys).
+    """
+
+    def __init__(self, fetch: Callable[[], dict[torch.Tensor, dict[str, Any]] | None]):
+        super().__init__(dict)
+        self._fetch = fetch
+
+    def _sync(self) -> None:
+        fresh = self._fetch()  # None: nothing changed since the last fetch
+        if fresh is None:
+            return
+        for key in [k for k in dict.keys(self) if isinstance(k, torch.Tensor)]:
+            dict.__delitem__(self, key)
+        dict.update(self, fresh)
+
+    def __getitem__(self, key: Any) -> Any:
+        self._sync()
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self._sync()
+        return super().__contains__(key)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._sync()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._sync()
+        return super().__len__()
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self._sync()
+        return super().get(key, default)
+
+    def keys(self) -> Any:
+        self._sync()
+        return super().keys()
+
+    def values(self) -> Any:
+        self._sync()
+        return super().values()
+
+    def items(self) -> Any:
+        self._sync()
+        return super().items()
+
+    def __repr__(self) -> str:
+        self._sync()
+        return super().__repr__()
+
+    def __eq__(self, other: object) -> bool:
+        self._sync()
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def copy(self) -> defaultdict[Any, Any]:  # type: ignore[override]
+        self._sync()
+        return defaultdict(dict, dict.items(self))
+
+    def __reduce__(self) -> Any:
+        # Copies and pickles hold what was read, as a plain defaultdict (no server attached).
+        self._sync()
+        return (defaultdict, (dict,), None, None, iter(dict.items(self)))
 
 
 class RemoteAdam(torch.optim.Optimizer):
@@ -86,7 +173,7 @@ class RemoteAdam(torch.optim.Optimizer):
         max_staleness: int = 0,
         round_timeout_s: float = 0.0,
     ):
-        if not isinstance(params, (torch.Tensor, set)):
+        if isinstance(params, Iterable) and not isinstance(params, (torch.Tensor, set)):
             # Lists all the way down: a group's params may be a generator, which the probe below
             # would use up (torch takes those).
             params = [
@@ -111,7 +198,10 @@ class RemoteAdam(torch.optim.Optimizer):
             )
         )
         # torch's own checks, with torch's own messages (ValueError, TypeError, RuntimeError).
-        torch.optim.Adam(_copy_for_probe(params), **options)
+        # Its warnings (a group listing a parameter twice) come once, from super().__init__.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.optim.Adam(_copy_for_probe(params), **options)
         if differentiable:
             raise ValueError(
                 "differentiable=True is not supported by RemoteAdam: no autograd graph crosses the wire"
@@ -128,7 +218,9 @@ class RemoteAdam(torch.optim.Optimizer):
         self._names: dict[int, str] = {}
         self._synced: list[dict[str, Any]] = []
         self._pending_loss: float | None = None
+        self._state_version: int | None = None  # version `state` was fetched at
         super().__init__(params, options)
+        self.state: defaultdict[Any, Any] = _ServerState(self._fetch_state)
         self._client = client or Client(
             server, token=token, wire_dtype=wire_dtype, transport=transport
         )
@@ -166,6 +258,13 @@ class RemoteAdam(torch.optim.Optimizer):
     def _options_of(group: Mapping[str, Any]) -> dict[str, Any]:
         return {k: _clone(group[k]) for k in _SYNCED_KEYS}
 
+    def _unique_params(self) -> list[torch.Tensor]:
+        seen: dict[int, torch.Tensor] = {}
+        for g in self.param_groups:
+            for p in g["params"]:
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
     def _group_for_server(self, group: Mapping[str, Any]) -> dict[str, Any]:
         opts = {k: group[k] for k in ADAM_DEFAULTS}
         return {**opts, "params": [self._name_of(p) for p in group["params"]]}
@@ -179,6 +278,8 @@ class RemoteAdam(torch.optim.Optimizer):
         start = len(self._names)
         taken = set(self._names.values())
         for i, p in enumerate(group["params"]):
+            if id(p) in self._names:  # listed twice in this group: torch warned and keeps both
+                continue
             name = str(names[i]) if names is not None else str(start + i)
             if name in taken:  # two modules' named_parameters() both have "weight": torch takes it
                 name = next(f"{name}.{k}" for k in itertools.count(1) if f"{name}.{k}" not in taken)
@@ -187,27 +288,29 @@ class RemoteAdam(torch.optim.Optimizer):
         if not self._ready:
             return
         new = {self._name_of(p): p for p in group["params"]}
+        listed = [self._name_of(p) for p in group["params"]]  # repeats included
         try:
             info = self._client.describe(self.model)
             index = len(self.param_groups) - 1
             if any(n in info.params for n in new):
                 # Rejoining: the server has this group already (another worker added it first).
                 there = info.param_groups[index]["params"] if index < len(info.param_groups) else []
-                if there != list(new):
+                if there != listed:
                     raise ValueError(
                         f"model {self.model!r} on the server has param group {index} as {there},"
-                        f" here it is {list(new)}: not the same model"
+                        f" here it is {listed}: not the same model"
                     )
                 self._pull_into(new)
             else:
                 opts = {k: group[k] for k in ADAM_DEFAULTS}
-                self._client.add_param_group(self.model, new, **opts)
+                self._client.add_param_group(self.model, new, listed=listed, **opts)
         except Exception:
             self.param_groups.pop()
             for p in group["params"]:
                 self._names.pop(id(p), None)
             raise
         self._synced.append(self._options_of(group))
+        self._state_version = None
 
     def _join(self, info: ModelInfo, local: dict[str, torch.Tensor]) -> None:
         """The model exists: the server's parameters and hyperparameters win."""
@@ -272,6 +375,10 @@ class RemoteAdam(torch.optim.Optimizer):
                         raise RuntimeError(
                             "Adam does not support sparse gradients, please consider SparseAdam instead"
                         )
+                    if p.is_complex():
+                        refusal = fused_refusal(group, p)
+                        if refusal is not None:
+                            raise RuntimeError(refusal)
                     grads[self._name_of(p)] = p.grad
         found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler.step
         grad_scale = getattr(self, "grad_scale", None)
@@ -304,37 +411,45 @@ class RemoteAdam(torch.optim.Optimizer):
 
     # --- state ----------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """torch.optim.Adam's state_dict: per-index state from the server, local param_groups."""
-        remote = self._client.get_state(self.model)
-        index: dict[str, int] = {}
-        param_groups = []
-        for group in self.param_groups:
-            packed = {k: v for k, v in group.items() if k != "params"}
-            ids = []
-            for p in group["params"]:
-                index.setdefault(self._name_of(p), len(index))
-                ids.append(index[self._name_of(p)])
-            packed["params"] = ids
-            param_groups.append(packed)
-        local = self._named_params()
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for name in sorted(remote["state"], key=lambda n: index.get(n, 1 << 60)):
-            if name not in index:
-                continue
-            entry = remote["state"][name]
-            device = local[name].device
-            state[index[name]] = {
-                k: (entry[k] if k == "step" and device.type == "cpu" else entry[k].to(device))
+    def _fetch_state(self) -> dict[torch.Tensor, dict[str, Any]] | None:
+        """The server's Adam state by parameter, for `state`; None while it is what we have."""
+        if not getattr(self, "_ready", False) or self._state_version == self.version:
+            return None
+        version = self.version
+        remote = self._client.get_state(self.model)["state"]
+        out: dict[torch.Tensor, dict[str, Any]] = {}
+        for p in self._unique_params():
+            entry = remote.get(self._name_of(p))
+            if entry is None:
+                continue  # no step yet: torch creates state lazily too
+            out[p] = {
+                k: entry[k] if k == "step" and p.device.type == "cpu" else entry[k].to(p.device)
                 for k in _STATE_ORDER
                 if k in entry
             }
-        return {"state": state, "param_groups": param_groups}
+        self._state_version = version
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim.Adam's state_dict, built by torch's own Optimizer.state_dict (its packing
+        and its pre and post hooks) over `state` fetched fresh from the server."""
+        self._state_version = None
+        return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state_dict saved by torch.optim.Adam (or RemoteAdam) into the server."""
+        """Load a state_dict saved by torch.optim.Adam (or RemoteAdam) into the server.
+
+        Follows torch.optim.Optimizer.load_state_dict step for step: pre hooks on a shallow copy,
+        the same checks and messages, saved groups replace ours (keeping our params, and our
+        param_names where the saved ones have none), state not keyed by a parameter index stays
+        local, post hooks last. The Adam state and hyperparameters go to the server in one call."""
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
         groups = self.param_groups
-        saved = state_dict["param_groups"]
+        saved = deepcopy(state_dict["param_groups"])
         if len(groups) != len(saved):
             raise ValueError("loaded state dict has a different number of parameter groups")
         if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved)):
@@ -345,24 +460,56 @@ class RemoteAdam(torch.optim.Optimizer):
         for g, s in zip(groups, saved):
             for p, i in zip(g["params"], s["params"]):
                 id_to_name[i] = self._name_of(p)
-        state = {}
+        state: dict[str, dict[str, torch.Tensor]] = {}
+        local: dict[Any, Any] = {}
         for i, entry in state_dict["state"].items():
             if i not in id_to_name:
-                raise ValueError(f"state for parameter index {i}, which no param group holds")
+                local[i] = entry  # torch keeps such entries as they are
+                continue
             state[id_to_name[i]] = {
                 k: v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
                 for k, v in entry.items()
             }
+        for s in saved:  # what torch.optim.Adam.__setstate__ fills into an older state dict
+            for k in _SETSTATE_DEFAULTS:
+                s.setdefault(k, ADAM_DEFAULTS[k])
         server_groups = []
         for g, s in zip(groups, saved):
             opts = {k: s[k] for k in _SYNCED_KEYS if k in s}
             server_groups.append({**opts, "params": [self._name_of(p) for p in g["params"]]})
         self._client.load_state(self.model, state, server_groups)
         for g, s in zip(groups, saved):
-            for k, v in s.items():
-                if k not in ("params", "param_names"):
-                    g[k] = v
-        self._synced = [self._options_of(g) for g in groups]
+            s["params"] = g["params"]
+            if "param_names" in g and "param_names" not in s:
+                s["param_names"] = g["param_names"]
+        self.param_groups = saved
+        self._synced = [self._options_of(g) for g in saved]
+        self.state = _ServerState(self._fetch_state)
+        dict.update(self.state, local)
+        self._state_version = None
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    # --- copies --------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything, so a deepcopy keeps torch's public attributes and ours; the copy steps the
+        same server model through the same connection (a Client copies as itself)."""
+        state = dict(self.__dict__)
+        state["_names"] = [self._names[id(p)] for p in self._unique_params()]
+        state["_owns_client"] = False
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        names = state.pop("_names", None)
+        super().__setstate__(state)
+        if names is None:  # torch's own (defaults, state, param_groups) form
+            return
+        self._names = {id(p): n for p, n in zip(self._unique_params(), names)}
+        local = {k: v for k, v in dict.items(self.state) if not isinstance(k, torch.Tensor)}
+        self.state = _ServerState(self._fetch_state)
+        dict.update(self.state, local)
+        self._state_version = None
 
     def close(self) -> None:
         if self._owns_client:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from adamd.protocol import ProtocolError
-from adamd.protocol.frames import TensorSink
+from adamd.protocol.frames import TensorSink, trainable
 from adamd.protocol.hyper import IMPLEMENTATION_KEYS, same_value
 
 from . import options as adam_options
@@ -191,16 +191,24 @@ class HostedModel:
                 raise InvalidArgument(f"param group names unknown parameter {n!r}")
             if n in taken:
                 raise InvalidArgument(f"parameter {n!r} appears in more than one param group")
-        if len(set(names)) != len(names):
-            raise InvalidArgument("a param group lists the same parameter twice")
-        eff = adam_options.effective(opts, self.device)
+        params = [self.params[n] for n in names]
+        eff = adam_options.effective(opts, self.device, params)
+        unique = list(dict.fromkeys(names))
         try:
             self.optimizer.add_param_group(
-                {"params": [self.params[n] for n in names], "param_names": names, **eff}
+                {"params": [self.params[n] for n in unique], "param_names": unique, **eff}
             )
         except (ValueError, RuntimeError, TypeError) as exc:
             raise InvalidArgument(str(exc)) from exc
+        if len(unique) != len(names):
+            # A parameter listed twice steps twice per step, as in torch.optim.Adam (which warns
+            # and proceeds; the client warned already, and a warning here would go to the log).
+            group = self.optimizer.param_groups[-1]
+            group["params"], group["param_names"] = params, names
         self.requested.append({**adam_options.ADAM_DEFAULTS, **opts})
+
+    def _group_options_of(self, p: torch.Tensor) -> Mapping[str, Any]:
+        return next(g for g in self.optimizer.param_groups if any(q is p for q in g["params"]))
 
     def group_names(self) -> list[list[str]]:
         return [list(g["param_names"]) for g in self.optimizer.param_groups]
@@ -308,8 +316,15 @@ class HostedModel:
                 raise InvalidArgument(
                     f"gradient {name!r} has shape {list(shape)}, parameter has {list(p.shape)}"
                 )
-            if not dtype.is_floating_point:
-                raise InvalidArgument(f"gradient {name!r} has dtype {dtype}, need a float dtype")
+            if not trainable(dtype) or dtype.is_complex != p.dtype.is_complex:
+                raise InvalidArgument(
+                    f"gradient {name!r} has dtype {dtype}, parameter has {p.dtype}: need a"
+                    " float dtype (complex for a complex parameter)"
+                )
+            if p.is_complex():
+                refusal = adam_options.fused_refusal(self._group_options_of(p), p)
+                if refusal is not None:
+                    raise InvalidArgument(refusal)
             names.append(name)
         if len(set(names)) != len(names):
             raise InvalidArgument("a push names the same parameter twice")
@@ -704,9 +719,9 @@ class HostedModel:
                         raise InvalidArgument(f"state step of {name!r} must hold one number")
                     if key not in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
                         raise InvalidArgument(f"unknown state key {key!r} for {name!r}")
-                    if key != "step" and not t.dtype.is_floating_point:
+                    if key != "step" and not trainable(t.dtype):
                         raise InvalidArgument(
-                            f"state {key} of {name!r} has dtype {t.dtype}, need a float dtype"
+                            f"state {key} of {name!r} has dtype {t.dtype}, need a float or complex dtype"
                         )
             updates = []
             if groups is not None:
@@ -792,7 +807,9 @@ def _decided(result: PushResult) -> PendingPush:
 def all_finite(t: torch.Tensor) -> bool:
     """True when every element is finite. A finite sum proves it (inf and nan propagate through
     addition) at the cost of one read; only a non-finite sum, which may be an overflow of large
-    finite values, pays for the exact check."""
+    finite values, pays for the exact check. A complex tensor is checked as its real view."""
+    if t.is_complex():
+        t = torch.view_as_real(t)
     if bool(torch.isfinite(t.sum(dtype=torch.float32))):
         return True
     return bool(torch.isfinite(t).all())

@@ -3,19 +3,23 @@
 The server holds a real torch.optim.Adam; these helpers decide its options. A client that leaves
 both `foreach` and `fused` unset gets fused Adam (several times faster on CPU, and on CUDA also
 capturable, with lr a device tensor, so the step can be graph-captured: see cuda_step.py); a
-client that names an implementation gets it.
+client that names an implementation gets it. A group holding a complex parameter, which fused
+Adam refuses, is left to torch's own default (the for-loop on CPU, foreach on CUDA), as a local
+torch.optim.Adam would run it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
-from adamd.protocol.hyper import ADAM_DEFAULTS
+from adamd.protocol.hyper import ADAM_DEFAULTS, fused_refusal
 
 from .errors import InvalidArgument
+
+__all__ = ["ADAM_DEFAULTS", "effective", "fused_refusal", "validate"]
 
 
 def validate(options: Mapping[str, Any], device: torch.device) -> None:
@@ -44,9 +48,14 @@ def validate(options: Mapping[str, Any], device: torch.device) -> None:
         raise InvalidArgument(f"betas must be a pair (beta1, beta2), got {betas!r}")
 
 
-def effective(options: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """The options the server's Adam runs with: the client's, with the implementation picked."""
+def effective(
+    options: Mapping[str, Any], device: torch.device, params: Iterable[torch.Tensor] = ()
+) -> dict[str, Any]:
+    """The options the server's Adam runs with: the client's, with the implementation picked
+    (`params`: the group's parameters, whose dtypes decide whether fused Adam can run them)."""
     out = {**ADAM_DEFAULTS, **options}
+    if any(p.is_complex() for p in params):
+        return out  # neither flag set: torch picks, as for a local Adam (fused refuses complex)
     if out.get("foreach") is None and out.get("fused") is None and not out.get("differentiable"):
         out["fused"] = True
         if device.type == "cuda":

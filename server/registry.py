@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from adamd.protocol import ProtocolError
-from adamd.protocol.frames import TensorSink
+from adamd.protocol.frames import TensorSink, trainable
 
 from .errors import AlreadyExists, InvalidArgument, NotFound
 from .model import ASYNC, SYNC, HostedModel
@@ -94,9 +94,9 @@ class ModelRegistry:
         for n, shape, dtype in spec.params:
             if not n:
                 raise InvalidArgument("parameter names must not be empty")
-            if not dtype.is_floating_point:
+            if not trainable(dtype):
                 raise InvalidArgument(
-                    f"parameter {n!r} has dtype {dtype}; Adam needs floating point"
+                    f"parameter {n!r} has dtype {dtype}; Adam needs floating point or complex"
                 )
             if any(d < 0 for d in shape):
                 raise InvalidArgument(f"parameter {n!r} has a negative dimension {list(shape)}")

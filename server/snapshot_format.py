@@ -3,7 +3,10 @@
 A snapshot is two files under `<data_dir>/<model>/`:
 
     snap-<seq>-v<version>.safetensors   parameters ("param/<name>") and Adam state
-                                        ("state/<name>/<key>"), float tensors only
+                                        ("state/<name>/<key>"), float tensors only: a
+                                        complex tensor is stored as its real view
+                                        (torch.view_as_real; safetensors has no complex128)
+                                        and the manifest's "complex" names it
     snap-<seq>-v<version>.json          the manifest: version, counters, mode, hyperparameters,
                                         recent push ids, the tensor file's size and sha256, and a
                                         sha256 over the manifest itself
@@ -103,6 +106,11 @@ def capture(model: HostedModel, changes: int = 0) -> Capture:
                 for key, value in model.optimizer.state.get(p, {}).items():
                     t = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
                     tensors[f"state/{name}/{key}"] = _cpu_copy(t)
+        complex_keys = {
+            k: str(t.dtype).removeprefix("torch.") for k, t in tensors.items() if t.is_complex()
+        }
+        for k in complex_keys:
+            tensors[k] = torch.view_as_real(tensors[k])
         meta = {
             "model": model.name,
             "version": model.version,
@@ -125,6 +133,8 @@ def capture(model: HostedModel, changes: int = 0) -> Capture:
                 for pid, r in model.recent_push_results().items()
             ],
         }
+        if complex_keys:
+            meta["complex"] = complex_keys
         return Capture(model.name, model.version, changes, tensors, meta)
 
 
@@ -304,6 +314,14 @@ def load(file: SnapshotFile) -> Loaded:
         tensors = safetensors.torch.load(data)
     except Exception as exc:  # checksum held, so this is a writer bug, still not fatal
         raise CorruptSnapshot(f"{file.tensors}: unreadable safetensors ({exc})") from exc
+    for key, dtype in manifest.get("complex", {}).items():
+        t = tensors.get(key)
+        if (
+            t is None
+            or torch.view_as_real(torch.empty(0, dtype=getattr(torch, dtype))).dtype != t.dtype
+        ):
+            raise CorruptSnapshot(f"{file.manifest}: complex tensor {key!r} missing or mistyped")
+        tensors[key] = torch.view_as_complex(t)
     return Loaded(file, manifest, tensors)
 
 

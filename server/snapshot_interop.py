@@ -42,7 +42,7 @@ def to_torch_checkpoint(loaded: fmt.Loaded) -> dict[str, Any]:
     param_groups = []
     for g in groups:
         opts = {k: v for k, v in g.items() if k != "params"}
-        eff = adam_options.effective(opts, torch.device("cpu"))
+        eff = adam_options.effective(opts, torch.device("cpu"), [params[n] for n in g["params"]])
         param_groups.append(
             {**eff, "param_names": list(g["params"]), "params": [index[n] for n in g["params"]]}
         )

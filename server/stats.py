@@ -51,20 +51,35 @@ def _float(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as the real view Adam steps it as (norms of the two agree); others as is."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
 def _norms(tensors: Sequence[torch.Tensor], ord: float = 2.0) -> torch.Tensor:
     """Per-tensor norms as one float32 vector on the tensors' device: one batched kernel per
-    device/dtype instead of a Python loop. Empty input gives an empty vector."""
+    device/dtype instead of a Python loop. Empty input gives an empty vector. A complex tensor
+    counts as its real view: the same 2-norm, and an L1 norm over its real and imaginary parts."""
     if not tensors:
         return torch.zeros(0)
-    by_device: dict[torch.device, list[int]] = {}
+    tensors = [_real(t) for t in tensors]
+    # float64 norms are computed in float64 (torch refuses to narrow them in the kernel).
+    by_kind: dict[tuple[torch.device, bool], list[int]] = {}
     for i, t in enumerate(tensors):
-        by_device.setdefault(t.device, []).append(i)
-    if len(by_device) == 1:
-        return torch.stack(torch._foreach_norm(list(tensors), ord, dtype=torch.float32))
+        by_kind.setdefault((t.device, t.dtype == torch.float64), []).append(i)
+
+    def part(kind: tuple[torch.device, bool], idx: list[int]) -> torch.Tensor:
+        group = [tensors[i] for i in idx]
+        if kind[1]:
+            return torch.stack(torch._foreach_norm(group, ord)).float()
+        return torch.stack(torch._foreach_norm(group, ord, dtype=torch.float32))
+
+    if len(by_kind) == 1:
+        ((kind, idx),) = by_kind.items()
+        return part(kind, idx)
     out = torch.zeros(len(tensors))
-    for idx in by_device.values():
-        part = torch._foreach_norm([tensors[i] for i in idx], ord, dtype=torch.float32)
-        out[idx] = torch.stack(part).cpu()
+    for kind, idx in by_kind.items():
+        out[idx] = part(kind, idx).cpu()
     return out
 
 
@@ -205,9 +220,10 @@ class ModelStats:
             lr, (beta1, beta2) = _num(g["lr"]), (_num(b) for b in g["betas"])
             eps, wd, t = _num(g["eps"]), _num(g["weight_decay"]), _num(state["step"])
             decoupled = bool(wd and g.get("decoupled_weight_decay"))
-            m = state["exp_avg"].detach().reshape(-1)
-            v = (state["max_exp_avg_sq"] if g["amsgrad"] else state["exp_avg_sq"]).reshape(-1)
-            new = p.detach().reshape(-1)
+            # Complex parameters step as their real view (torch.view_as_real), and so do we.
+            m = _real(state["exp_avg"].detach()).reshape(-1)
+            v = _real(state["max_exp_avg_sq"] if g["amsgrad"] else state["exp_avg_sq"]).reshape(-1)
+            new = _real(p.detach()).reshape(-1)
             step_size, bc2_sqrt = lr / (1 - beta1**t), math.sqrt(1 - beta2**t)
             scratch = self._scratch_for(m)
             total = torch.zeros((), dtype=torch.float32, device=m.device)
@@ -325,7 +341,8 @@ class ModelStats:
                     "norm": norm[i],
                     "grad_norm": grad.get(n),
                     "exp_avg_norm": avg_n,
-                    "exp_avg_sq_mean": sq_sum / p.numel()
+                    # per real element: a complex parameter counts as its real view
+                    "exp_avg_sq_mean": sq_sum / _real(p).numel()
                     if sq_sum is not None and p.numel()
                     else None,
                     "update_norm": upd,

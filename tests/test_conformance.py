@@ -521,3 +521,183 @@ def test_params_as_a_set_behaves_like_torch(daemon: Any, model_name: str) -> Non
     else:
         RemoteAdam({p}, server=daemon.grpc_address, model=model_name)
         assert model_name in daemon.registry.names()
+
+
+# --- complex parameters, duplicates, state-dict hooks (issue 16) --------------------------------
+
+
+def complex_twins(dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A complex matrix, a complex vector and a real one (PyTorch's own mix), twice."""
+    torch.manual_seed(3)
+    a = [
+        torch.randn(4, 3, dtype=dtype, requires_grad=True),
+        torch.randn(5, dtype=dtype, requires_grad=True),
+        torch.randn(3, 2, requires_grad=True),
+    ]
+    return a, [p.detach().clone().requires_grad_() for p in a]
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize(
+    "config", [CONFIGS[0], CONFIGS[4], CONFIGS[6]], ids=["defaults", "amsgrad", "adamw"]
+)
+@pytest.mark.parametrize(
+    "impl", [{}, {"foreach": False}, {"foreach": True}], ids=["default", "forloop", "foreach"]
+)
+def test_complex_params_bitwise(
+    daemon: Any,
+    model_name: str,
+    dtype: torch.dtype,
+    config: dict[str, Any],
+    impl: dict[str, Any],
+) -> None:
+    """Complex parameters train bitwise like a local Adam with the same flags: with none, the
+    server runs what torch picks for them on CPU (the for-loop), not its fused default."""
+    remote_params, local_params = complex_twins(dtype)
+    remote = RemoteAdam(
+        remote_params, **config, **impl, server=daemon.grpc_address, model=model_name
+    )
+    local = torch.optim.Adam(local_params, **config, **impl)
+    gen = torch.Generator().manual_seed(4)
+    for step in range(6):
+        for i, (r, loc) in enumerate(zip(remote_params, local_params)):
+            if step == 2 and i == 1:
+                r.grad = loc.grad = None  # skipped: no step, no weight decay for it
+                continue
+            g = torch.randn(r.shape, dtype=r.dtype, generator=gen)
+            r.grad, loc.grad = g, g.clone()
+        remote.step()
+        local.step()
+    for r, loc in zip(remote_params, local_params):
+        assert r.dtype == loc.dtype and torch.equal(r, loc)
+        assert list(remote.state[r]) == list(local.state[loc])
+        for k, v in local.state[loc].items():
+            assert remote.state[r][k].dtype == v.dtype and torch.equal(remote.state[r][k], v), k
+    assert daemon.registry.get(model_name).version == 6
+    # and a checkpoint moves both ways
+    again = RemoteAdam(
+        local_params, **config, **impl, server=daemon.grpc_address, model=model_name + "-l"
+    )
+    again.load_state_dict(local.state_dict())
+    sd = again.state_dict()
+    for i, entry in local.state_dict()["state"].items():
+        for k, v in entry.items():
+            assert torch.equal(sd["state"][i][k], v)
+
+
+def test_complex_with_fused_raises_torchs_error_and_changes_nothing(
+    daemon: Any, model_name: str
+) -> None:
+    remote_params, local_params = complex_twins(torch.complex64)
+    remote = RemoteAdam(remote_params, fused=True, server=daemon.grpc_address, model=model_name)
+    local = torch.optim.Adam(local_params, fused=True)  # torch accepts it here too...
+    for p in (*remote_params, *local_params):
+        p.grad = torch.ones_like(p)
+    with pytest.raises(RuntimeError) as local_error:
+        local.step()  # ...and refuses at the first step
+    with pytest.raises(RuntimeError) as remote_error:
+        remote.step()
+    assert str(remote_error.value) == str(local_error.value)
+    assert "floating point" in str(remote_error.value)
+    model = daemon.registry.get(model_name)
+    assert model.version == 0 and not model.optimizer.state
+
+
+def test_complex_with_bf16_wire_travels_as_complex(daemon: Any, model_name: str) -> None:
+    """wire_dtype narrows real tensors only; complex ones travel at full width."""
+    remote_params, local_params = complex_twins(torch.complex64)
+    remote = RemoteAdam(
+        remote_params,
+        foreach=False,
+        server=daemon.grpc_address,
+        model=model_name,
+        wire_dtype=torch.bfloat16,
+    )
+    local = torch.optim.Adam(local_params, foreach=False)
+    for r, loc in zip(remote_params, local_params):
+        g = torch.randn_like(r)
+        r.grad, loc.grad = g, g.to(torch.bfloat16).to(g.dtype) if not g.is_complex() else g.clone()
+    remote.step()
+    local.step()
+    assert torch.equal(remote_params[0], local_params[0])  # complex: exact
+    assert torch.equal(remote_params[1], local_params[1])
+
+
+def test_duplicate_param_in_a_group_warns_and_steps_like_torch(
+    daemon: Any, model_name: str
+) -> None:
+    """torch warns about a group listing a parameter twice, keeps both, and steps it twice."""
+    torch.manual_seed(5)
+    p, other = torch.randn(3, requires_grad=True), torch.randn(2, requires_grad=True)
+    q, other_l = p.detach().clone().requires_grad_(), other.detach().clone().requires_grad_()
+    with pytest.warns(UserWarning, match="duplicate parameters") as caught:
+        remote = RemoteAdam(
+            [p, other, p], foreach=False, server=daemon.grpc_address, model=model_name
+        )
+    assert len(caught) == 1  # once, as torch.optim.Adam warns once
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        local = torch.optim.Adam([q, other_l, q], foreach=False)
+    for _ in range(3):
+        for r, loc in ((p, q), (other, other_l)):
+            g = torch.randn_like(r)
+            r.grad, loc.grad = g, g.clone()
+        remote.step()
+        local.step()
+    assert torch.equal(p, q) and torch.equal(other, other_l)
+    assert float(remote.state[p]["step"]) == float(local.state[q]["step"]) == 6.0
+    rs, ls = remote.state_dict(), local.state_dict()
+    assert rs["param_groups"][0]["params"] == ls["param_groups"][0]["params"]
+    assert rs["state"].keys() == ls["state"].keys()
+    assert torch.equal(rs["state"][2]["exp_avg"], ls["state"][2]["exp_avg"])
+
+
+def test_all_four_state_dict_hooks_run_as_in_torch(daemon: Any, model_name: str) -> None:
+    """The same hooks on a RemoteAdam and a local Adam leave the same record and results."""
+    results = []
+    for remote in (True, False):
+        log: list[str] = []
+        torch.manual_seed(6)
+        w = torch.randn(3, 2, requires_grad=True)
+        opt: torch.optim.Optimizer = (
+            RemoteAdam([w], lr=0.01, server=daemon.grpc_address, model=model_name)
+            if remote
+            else torch.optim.Adam([w], lr=0.01)
+        )
+
+        def pre(o: torch.optim.Optimizer, log: list[str] = log) -> None:
+            log.append("sd-pre")
+            o.state["note"] = "kept"  # type: ignore[index]
+
+        def post(o: torch.optim.Optimizer, sd: dict[str, Any], log: list[str] = log) -> Any:
+            log.append(f"sd-post:{sorted(map(str, sd['state']))}")
+            return {**sd, "extra": 1}
+
+        def load_pre(o: torch.optim.Optimizer, sd: dict[str, Any], log: list[str] = log) -> Any:
+            log.append(f"load-pre:{sd.get('extra')}")
+            sd = {**sd, "param_groups": [dict(g, lr=0.5) for g in sd["param_groups"]]}
+            return sd
+
+        def load_post(o: torch.optim.Optimizer, log: list[str] = log) -> None:
+            note = o.state.get("note")  # type: ignore[call-overload]
+            log.append(f"load-post:{o.param_groups[0]['lr']}:{note}")
+
+        handles = [
+            opt.register_state_dict_pre_hook(pre),
+            opt.register_state_dict_post_hook(post),
+            opt.register_load_state_dict_pre_hook(load_pre),
+            opt.register_load_state_dict_post_hook(load_post),
+        ]
+        w.grad = torch.ones_like(w)
+        opt.step()
+        sd = opt.state_dict()
+        opt.load_state_dict(sd)
+        w.grad = torch.ones_like(w)
+        opt.step()  # lr 0.5 from the load pre hook, on the server too
+        for h in handles:
+            h.remove()
+        opt.state_dict()
+        results.append((log, sd["extra"], w.detach().clone()))
+    (rlog, rextra, rw), (llog, lextra, lw) = results
+    assert rlog == llog == ["sd-pre", "sd-post:['0', 'note']", "load-pre:1", "load-post:0.5:kept"]
+    assert rextra == lextra == 1
+    torch.testing.assert_close(rw, lw)  # server fused vs local for-loop: equal to rounding

@@ -358,3 +358,27 @@ def test_inspect_command(
     bare = str(daemon.http_url).removeprefix("http://")  # host:port, as people type it
     assert cli_main(["inspect", "--http", bare, "--width", "200"]) == 0
     assert trained.name in capsys.readouterr().out
+
+
+def test_complex_params_stats(http: httpx.Client, daemon: Daemon) -> None:
+    """Norms of complex parameters: a complex tensor counts as its real view (as Adam steps it);
+    float64 ones are measured in float64."""
+    params = {"c": torch.randn(4, 3, dtype=torch.complex128), "r": torch.randn(3)}
+    with Client(daemon.grpc_address) as c:
+        c.create_model("http-complex", params, foreach=False)
+        before = c.pull_params("http-complex")
+        grads = {n: torch.randn_like(p) for n, p in params.items()}
+        c.push_grad("http-complex", grads)
+        after = c.pull_params("http-complex")
+    model = daemon.registry.get("http-complex")
+    rows = {r["name"]: r for r in http.get("/v1/models/http-complex/params").json()["params"]}
+    st = model.optimizer.state[model.params["c"]]
+    r = rows["c"]
+    assert r["dtype"] == "complex128" and r["step"] == 1
+    assert close(r["norm"], float(model.params["c"].norm()))
+    assert close(r["grad_norm"], float(grads["c"].norm()))
+    assert close(r["exp_avg_norm"], float(st["exp_avg"].norm()))
+    assert close(r["exp_avg_sq_mean"], float(torch.view_as_real(st["exp_avg_sq"]).mean()))
+    assert close(r["update_norm"], float((after["c"] - before["c"]).norm()), rel=1e-4)
+    entry = http.get("/v1/models/http-complex/history").json()["steps"][-1]
+    assert close(entry["grad_norm"], total_norm(grads))

@@ -327,3 +327,26 @@ def test_import_refuses_pickled_objects(tmp_path: Path) -> None:
     torch.save({"model": {}, "optimizer": {"x": Path("/")}}, evil)  # not tensors-only
     with pytest.raises(CheckpointError, match="tensors-only"):
         load_checkpoint(evil)
+
+
+def test_complex_params_and_state_survive_a_restart_bitwise(tmp_path: Path) -> None:
+    """safetensors has no complex128: complex tensors are stored as real views and come back."""
+    params = {
+        "c64": torch.randn(3, 2, dtype=torch.complex64),
+        "c128": torch.randn(4, dtype=torch.complex128),
+        "r": torch.randn(2),
+    }
+    with running_daemon(data_dir=tmp_path, http_port=-1) as d, Client(d.grpc_address) as c:
+        c.create_model("cx", params, foreach=False, amsgrad=True)
+        for _ in range(3):
+            c.push_grad("cx", {n: torch.randn_like(p) for n, p in params.items()})
+        before = snapshot(d.registry.get("cx"))
+        c.snapshot("cx")
+    manifest = json.loads(_newest(tmp_path, "cx").manifest.read_text())
+    assert manifest["complex"]["param/c128"] == "complex128"
+    with running_daemon(data_dir=tmp_path, http_port=-1) as d, Client(d.grpc_address) as c:
+        model = d.registry.get("cx")
+        assert_bitwise_equal(snapshot(model), before)
+        assert model.params["c128"].dtype == torch.complex128
+        c.push_grad("cx", {n: torch.randn_like(p) for n, p in params.items()})
+        assert c.describe("cx").version == 4

@@ -29,9 +29,22 @@ _TORCH_TO_PB = {
     torch.float16: pb.FLOAT16,
     torch.bfloat16: pb.BFLOAT16,
     torch.float64: pb.FLOAT64,
+    torch.complex64: pb.COMPLEX64,
+    torch.complex128: pb.COMPLEX128,
 }
 _PB_TO_TORCH = {v: k for k, v in _TORCH_TO_PB.items()}
-_NP_OF = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
+_NP_OF = {
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.float64: np.float64,
+    torch.complex64: np.complex64,
+    torch.complex128: np.complex128,
+}
+
+
+def trainable(dtype: torch.dtype) -> bool:
+    """Whether Adam trains this dtype: floating point, or complex (as its real view)."""
+    return dtype.is_floating_point or dtype.is_complex
 
 
 def dtype_to_pb(dtype: torch.dtype) -> int:
@@ -39,7 +52,8 @@ def dtype_to_pb(dtype: torch.dtype) -> int:
         return _TORCH_TO_PB[dtype]
     except KeyError:
         raise ProtocolError(
-            f"dtype {dtype} cannot travel: adamd carries float32, float16, bfloat16 and float64"
+            f"dtype {dtype} cannot travel: adamd carries float32, float16, bfloat16, float64,"
+            " complex64 and complex128"
         ) from None
 
 
@@ -50,8 +64,19 @@ def dtype_from_pb(code: int) -> torch.dtype:
         raise ProtocolError(f"unknown or unspecified dtype code {code}") from None
 
 
+def wire_dtype_of(dtype: torch.dtype, wire_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a tensor travels as: `wire_dtype` narrows real floating-point tensors only; a
+    complex tensor travels as itself (a real bfloat16 cannot hold it, and halving it would need a
+    complex-half dtype numpy and most kernels lack)."""
+    if wire_dtype is None or not dtype.is_floating_point:
+        return dtype
+    return wire_dtype
+
+
 def spec_of(name: str, t: torch.Tensor, wire_dtype: torch.dtype | None = None) -> pb.TensorSpec:
-    return pb.TensorSpec(name=name, dtype=dtype_to_pb(wire_dtype or t.dtype), shape=list(t.shape))
+    return pb.TensorSpec(
+        name=name, dtype=dtype_to_pb(wire_dtype_of(t.dtype, wire_dtype)), shape=list(t.shape)
+    )
 
 
 def shape_of(spec: pb.TensorSpec) -> tuple[int, ...]:
@@ -189,9 +214,11 @@ def iter_frames(
 
 
 def to_wire(t: torch.Tensor, wire_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A contiguous CPU tensor ready for byte_view, converted to the wire dtype if one is asked."""
+    """A contiguous CPU tensor ready for byte_view, converted to the wire dtype if one is asked
+    (real floating-point tensors only: see wire_dtype_of)."""
     t = t.detach()
-    if wire_dtype is not None and wire_dtype != t.dtype:
+    wire_dtype = wire_dtype_of(t.dtype, wire_dtype)
+    if wire_dtype != t.dtype:
         t = t.to(device="cpu", dtype=wire_dtype)
     elif t.device.type != "cpu":
         t = t.to("cpu")
@@ -205,7 +232,7 @@ class TensorSink:
     """Writes a stream's chunks into preallocated tensors, in order, and says when all arrived.
 
     `targets[i]` receives the bytes of the stream's tensor i, which were sent as `wire_dtypes[i]`
-    (a different float dtype is converted on the way in). Chunks of one tensor must arrive in
+    (a different float dtype is converted on the way in; complex only to complex). Chunks of one tensor must arrive in
     order, without gaps or overlaps; anything else is a ProtocolError and leaves the stream unusable.
     `on_complete(i)`, when given, is called once target i holds all its bytes (the server starts
     that gradient's host-to-device copy there); never for a tensor with no bytes.
@@ -244,6 +271,10 @@ class TensorSink:
         if n % wire.itemsize:
             raise ProtocolError(f"chunk of tensor {index} is not a whole number of {wire} elements")
         target = self.targets[index]
+        if wire.is_complex != target.dtype.is_complex:
+            raise ProtocolError(
+                f"tensor {index} travels as {wire} into {target.dtype}: complex only into complex"
+            )
         if wire == target.dtype:
             view = self._views[index]
             if view is None:

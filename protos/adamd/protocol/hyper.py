@@ -86,3 +86,19 @@ def same_value(a: Any, b: Any) -> bool:
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
     return type(a) is type(b) and a == b
+
+
+def fused_refusal(options: Mapping[str, Any], param: torch.Tensor) -> str | None:
+    """torch's own error for a parameter that fused Adam cannot step (a complex one), or None.
+
+    torch.optim.Adam accepts fused=True with such a parameter and raises this RuntimeError at its
+    first step, before anything moves; both sides ask torch rather than copy its message."""
+    if not options.get("fused") or param.is_floating_point():
+        return None
+    probe = torch.zeros(0, dtype=param.dtype, device=param.device, requires_grad=True)
+    probe.grad = torch.zeros_like(probe)
+    try:
+        torch.optim.Adam([probe], fused=True).step()
+    except RuntimeError as exc:
+        return str(exc)
+    return None

@@ -14,6 +14,8 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLOAT16: _ClassVar[DType]
     BFLOAT16: _ClassVar[DType]
     FLOAT64: _ClassVar[DType]
+    COMPLEX64: _ClassVar[DType]
+    COMPLEX128: _ClassVar[DType]
 
 class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -25,6 +27,8 @@ FLOAT32: DType
 FLOAT16: DType
 BFLOAT16: DType
 FLOAT64: DType
+COMPLEX64: DType
+COMPLEX128: DType
 MODE_UNSPECIFIED: Mode
 SYNC: Mode
 ASYNC: Mode
