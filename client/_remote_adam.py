@@ -48,15 +48,32 @@ def _clone(value: Any) -> Any:
     return value
 
 
+def _rank(rank: int | None, world_size: int, mode: str) -> int:
+    """This worker's rank: `rank`, else $RANK; required once there are several workers, since
+    every worker silently taking rank 0 only shows up later, as DuplicatePush in a sync round."""
+    if rank is None and "RANK" in os.environ:
+        rank = int(os.environ["RANK"])
+    if rank is None:
+        if world_size > 1:
+            raise ValueError(
+                f"world_size={world_size} needs this worker's rank: pass rank= (0..{world_size - 1})"
+                " or set the RANK environment variable (torchrun sets RANK and WORLD_SIZE)"
+            )
+        return 0
+    if mode == "sync" and not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1} for world_size={world_size}")
+    return int(rank)
+
+
 class RemoteAdam(torch.optim.Optimizer):
     """torch.optim.Adam, computed on an adamd server.
 
     Extra keyword arguments: `server` (host:port), `model` (name on the server), `world_size`
-    (workers per sync step; default: $WORLD_SIZE or 1), `rank` (default: $RANK or 0), `mode`
-    ("sync" or "async"), `token`, `client` (an existing Client), `wire_dtype` (torch.bfloat16 /
-    torch.float16 to halve the bytes on the wire), `transport` ("auto": shared memory when the
-    server is on this host, else gRPC; "grpc": always gRPC), `max_staleness` and
-    `round_timeout_s` (used when this worker creates the model).
+    (workers per sync step; default: $WORLD_SIZE or 1), `rank` (default: $RANK; required when
+    world_size > 1), `mode` ("sync" or "async"), `token`, `client` (an existing Client),
+    `wire_dtype` (torch.bfloat16 / torch.float16 to halve the bytes on the wire), `transport`
+    ("auto": shared memory when the server is on this host, else gRPC; "grpc": always gRPC),
+    `max_staleness` and `round_timeout_s` (used when this worker creates the model).
     """
 
     def __init__(
@@ -120,7 +137,7 @@ class RemoteAdam(torch.optim.Optimizer):
         self.world_size = int(
             world_size if world_size is not None else os.environ.get("WORLD_SIZE", 1)
         )
-        self.rank = int(rank if rank is not None else os.environ.get("RANK", 0))
+        self.rank = _rank(rank, self.world_size, mode)
         self.mode = mode
         self.version = 0
         self.last_result: PushResult | None = None
