@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ._client import Client
-from ._exceptions import NotFound
+from ._exceptions import NotFound, StalePush
 from ._hyper import ADAM_DEFAULTS, same_value
 from ._types import ModelInfo, PushResult
 
@@ -299,15 +299,21 @@ class RemoteAdam(torch.optim.Optimizer):
             inv = grad_scale.double().reciprocal().float()
             grads = {n: g.float() * inv.to(g.device) for n, g in grads.items()}
         updates = self._updates()
-        result = self._client.push_grad(
-            self.model,
-            grads,
-            version=self.version,
-            rank=self.rank,
-            loss=self._pending_loss,
-            found_inf=skipped,
-            hyper_updates=updates,
-        )
+        try:
+            result = self._client.push_grad(
+                self.model,
+                grads,
+                version=self.version,
+                rank=self.rank,
+                loss=self._pending_loss,
+                found_inf=skipped,
+                hyper_updates=updates,
+            )
+        except StalePush:
+            # Nothing was applied. Pull the current parameters before raising, or every later
+            # step would be computed from the same old version and refused again.
+            self._pull_into(self._named_params())
+            raise
         self._pending_loss = None
         for i, changed in updates:
             self._synced[i].update({k: _clone(v) for k, v in changed.items()})

@@ -117,14 +117,28 @@ def test_two_workers_sharing_a_rank_get_duplicate_push(daemon: Daemon, model_nam
         assert c.describe(model_name).version == 1
 
 
-def test_a_gradient_too_many_versions_old_is_a_stale_push(daemon: Daemon, model_name: str) -> None:
-    with Client(daemon.grpc_address) as c:
-        c.create_model(model_name, {"w": torch.zeros(2)}, mode="async", max_staleness=2)
-        for v in range(3):
-            c.push_grad(model_name, {"w": torch.ones(2)}, version=v)
+def test_a_remote_adam_refused_as_stale_has_pulled_the_fresh_parameters(
+    daemon: Daemon, model_name: str
+) -> None:
+    """Async, max_staleness=1: a worker whose gradient is two versions old gets StalePush, and
+    its next step (from the parameters it now holds) is applied."""
+    nets = [torch.nn.Linear(3, 1) for _ in range(2)]
+    kw = {"server": daemon.grpc_address, "model": model_name, "mode": "async", "max_staleness": 1}
+    a, b = (RemoteAdam(net.parameters(), lr=0.1, **kw) for net in nets)  # type: ignore[arg-type]
+    try:
+        for net in nets:
+            net(torch.ones(3)).sum().backward()  # both from version 0
+        b.step()
+        b.step()
         with pytest.raises(StalePush):
-            c.push_grad(model_name, {"w": torch.ones(2)}, version=0)  # 3 versions old
-        c.push_grad(model_name, {"w": torch.ones(2)}, version=1)  # 2 old: within the bound
+            a.step()
+        assert a.version == 2
+        assert all(torch.equal(p, q) for p, q in zip(nets[0].parameters(), nets[1].parameters()))
+        a.step()  # the same gradient, now pushed from version 2
+        assert a.last_result is not None and a.last_result.applied and a.version == 3
+    finally:
+        a.close()
+        b.close()
 
 
 def test_one_message_over_64_mib_is_resource_exhausted(daemon: Daemon) -> None:
