@@ -23,7 +23,7 @@ import torch
 from adamd.protocol.hyper import ADAM_DEFAULTS, IMPLEMENTATION_KEYS, fused_refusal, same_value
 
 from ._client import Client
-from ._exceptions import NotFound
+from ._exceptions import NotFound, StalePush
 from ._types import ModelInfo, PushResult
 
 _STATE_ORDER = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -135,15 +135,32 @@ class _ServerState(defaultdict):  # type: ignore[type-arg]
         return (defaultdict, (dict,), None, None, iter(dict.items(self)))
 
 
+def _rank(rank: int | None, world_size: int, mode: str) -> int:
+    """This worker's rank: `rank`, else $RANK; required once there are several workers, since
+    every worker silently taking rank 0 only shows up later, as DuplicatePush in a sync round."""
+    if rank is None and "RANK" in os.environ:
+        rank = int(os.environ["RANK"])
+    if rank is None:
+        if world_size > 1:
+            raise ValueError(
+                f"world_size={world_size} needs this worker's rank: pass rank= (0..{world_size - 1})"
+                " or set the RANK environment variable (torchrun sets RANK and WORLD_SIZE)"
+            )
+        return 0
+    if mode == "sync" and not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1} for world_size={world_size}")
+    return int(rank)
+
+
 class RemoteAdam(torch.optim.Optimizer):
     """torch.optim.Adam, computed on an adamd server.
 
     Extra keyword arguments: `server` (host:port), `model` (name on the server), `world_size`
-    (workers per sync step; default: $WORLD_SIZE or 1), `rank` (default: $RANK or 0), `mode`
-    ("sync" or "async"), `token`, `client` (an existing Client), `wire_dtype` (torch.bfloat16 /
-    torch.float16 to halve the bytes on the wire), `transport` ("auto": shared memory when the
-    server is on this host, else gRPC; "grpc": always gRPC), `max_staleness` and
-    `round_timeout_s` (used when this worker creates the model).
+    (workers per sync step; default: $WORLD_SIZE or 1), `rank` (default: $RANK; required when
+    world_size > 1), `mode` ("sync" or "async"), `token`, `client` (an existing Client),
+    `wire_dtype` (torch.bfloat16 / torch.float16 to halve the bytes on the wire), `transport`
+    ("auto": shared memory when the server is on this host, else gRPC; "grpc": always gRPC),
+    `max_staleness` and `round_timeout_s` (used when this worker creates the model).
     """
 
     def __init__(
@@ -210,7 +227,7 @@ class RemoteAdam(torch.optim.Optimizer):
         self.world_size = int(
             world_size if world_size is not None else os.environ.get("WORLD_SIZE", 1)
         )
-        self.rank = int(rank if rank is not None else os.environ.get("RANK", 0))
+        self.rank = _rank(rank, self.world_size, mode)
         self.mode = mode
         self.version = 0
         self.last_result: PushResult | None = None
@@ -389,15 +406,21 @@ class RemoteAdam(torch.optim.Optimizer):
             inv = grad_scale.double().reciprocal().float()
             grads = {n: g.float() * inv.to(g.device) for n, g in grads.items()}
         updates = self._updates()
-        result = self._client.push_grad(
-            self.model,
-            grads,
-            version=self.version,
-            rank=self.rank,
-            loss=self._pending_loss,
-            found_inf=skipped,
-            hyper_updates=updates,
-        )
+        try:
+            result = self._client.push_grad(
+                self.model,
+                grads,
+                version=self.version,
+                rank=self.rank,
+                loss=self._pending_loss,
+                found_inf=skipped,
+                hyper_updates=updates,
+            )
+        except StalePush:
+            # Nothing was applied. Pull the current parameters before raising, or every later
+            # step would be computed from the same old version and refused again.
+            self._pull_into(self._named_params())
+            raise
         self._pending_loss = None
         for i, changed in updates:
             self._synced[i].update({k: _clone(v) for k, v in changed.items()})

@@ -21,10 +21,18 @@ DIM_IN, HIDDEN = 32, 128
 
 
 def _model() -> Any:
+    """Named layers, handed to RemoteAdam as named_parameters(), so the dashboard and `adamd
+    inspect` show `hidden.weight`, `out.bias`, ... rather than 0, 1, 2, 3."""
+    from collections import OrderedDict
+
     import torch
 
     return torch.nn.Sequential(
-        torch.nn.Linear(DIM_IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 1)
+        OrderedDict(
+            hidden=torch.nn.Linear(DIM_IN, HIDDEN),
+            act=torch.nn.Tanh(),
+            out=torch.nn.Linear(HIDDEN, 1),
+        )
     )
 
 
@@ -59,7 +67,7 @@ def run_worker(
     torch.manual_seed(0)  # every worker starts from the same init; the server's copy wins anyway
     net = _model()
     opt = RemoteAdam(
-        net.parameters(),
+        net.named_parameters(),
         lr=lr,
         server=address,
         model=model_name,
