@@ -135,6 +135,26 @@ class _ServerState(defaultdict):  # type: ignore[type-arg]
         return (defaultdict, (dict,), None, None, iter(dict.items(self)))
 
 
+def _checked_like_torch(params: Any, options: Mapping[str, Any]) -> Any:
+    """torch's own checks, with torch's own messages (ValueError, TypeError, RuntimeError), on
+    `params` made lists all the way down: a group's params may be a generator, which the probe
+    would use up (torch takes those). Its warnings (a group listing a parameter twice) come once,
+    from Optimizer.__init__ later."""
+    if isinstance(params, Iterable) and not isinstance(params, (torch.Tensor, set)):
+        params = [
+            {**p, "params": _as_list(p["params"])} if isinstance(p, dict) and "params" in p else p
+            for p in params
+        ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.optim.Adam(_copy_for_probe(params), **options)
+    if options.get("differentiable"):
+        raise ValueError(
+            "differentiable=True is not supported by RemoteAdam: no autograd graph crosses the wire"
+        )
+    return params
+
+
 def _rank(rank: int | None, world_size: int, mode: str) -> int:
     """This worker's rank: `rank`, else $RANK; required once there are several workers, since
     every worker silently taking rank 0 only shows up later, as DuplicatePush in a sync round."""
@@ -190,15 +210,6 @@ class RemoteAdam(torch.optim.Optimizer):
         max_staleness: int = 0,
         round_timeout_s: float = 0.0,
     ):
-        if isinstance(params, Iterable) and not isinstance(params, (torch.Tensor, set)):
-            # Lists all the way down: a group's params may be a generator, which the probe below
-            # would use up (torch takes those).
-            params = [
-                {**p, "params": _as_list(p["params"])}
-                if isinstance(p, dict) and "params" in p
-                else p
-                for p in params
-            ]
         options: dict[str, Any] = (
             dict(  # torch.optim.Adam's order, so param_groups print and pack alike
                 lr=lr,
@@ -214,15 +225,7 @@ class RemoteAdam(torch.optim.Optimizer):
                 decoupled_weight_decay=decoupled_weight_decay,
             )
         )
-        # torch's own checks, with torch's own messages (ValueError, TypeError, RuntimeError).
-        # Its warnings (a group listing a parameter twice) come once, from super().__init__.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.optim.Adam(_copy_for_probe(params), **options)
-        if differentiable:
-            raise ValueError(
-                "differentiable=True is not supported by RemoteAdam: no autograd graph crosses the wire"
-            )
+        params = _checked_like_torch(params, options)
         self.model = model
         self.world_size = int(
             world_size if world_size is not None else os.environ.get("WORLD_SIZE", 1)
@@ -242,16 +245,23 @@ class RemoteAdam(torch.optim.Optimizer):
             server, token=token, wire_dtype=wire_dtype, transport=transport
         )
         self._owns_client = client is None
+        self._connect(max_staleness, round_timeout_s)
+        self._synced = [self._options_of(g) for g in self.param_groups]
+        self._ready = True
+
+    def _connect(self, max_staleness: int, round_timeout_s: float) -> None:
+        """Create the model on the server from the local parameters, or join it (the server's
+        parameters win)."""
         local = self._named_params()
         try:
-            info = self._client.describe(model)
+            info = self._client.describe(self.model)
         except NotFound:
             info = self._client.create_model(
-                model,
+                self.model,
                 local,
                 param_groups=[self._group_for_server(g) for g in self.param_groups],
                 world_size=self.world_size,
-                mode=mode,
+                mode=self.mode,
                 max_staleness=max_staleness,
                 round_timeout_s=round_timeout_s,
                 exist_ok=True,
@@ -260,8 +270,6 @@ class RemoteAdam(torch.optim.Optimizer):
             self._join(info, local)
         else:
             self.version = info.version
-        self._synced = [self._options_of(g) for g in self.param_groups]
-        self._ready = True
 
     # --- naming and groups ----------------------------------------------------------------------
 
