@@ -1,12 +1,13 @@
-"""Push metadata, the exactly-once ledger and the rounds that turn pushes into steps.
+"""The exactly-once ledger and the rounds that turn pushes into steps (the data a push carries
+on its way is in pushes.py).
 
 A push travels: `Rounds.open` (header: a push id already decided is answered from the ledger, one
 still in flight is joined, a new one gets its own outcome future), then `Rounds.finish` (the whole
 gradient is checked, then sync pushes join the current round and async pushes form a round of one),
 then, once the round is complete or its deadline passed, the round is closed: gradients are summed
 in rank order and divided by their count, the host (HostedModel) applies one step, the ledger keeps
-each push id's result, and every push's future is decided. A failed step decides them with
-`Aborted` and changes nothing, so the same pushes may be sent again.
+each push id's result, observers hear of the step, and every push's future is decided. A failed
+step decides them with `Aborted` and changes nothing, so the same pushes may be sent again.
 
 Nothing here waits: callers get a `PendingPush` whose future they await (asyncio.wrap_future) or
 block on, and call its `expire()` once its deadline has passed. Everything runs under the host's
@@ -105,7 +106,7 @@ class Rounds:
         self.max_staleness = max_staleness
         self.round_timeout_s = round_timeout_s
         self.ledger = Ledger()
-        self.current: _Round | None = None  # the open sync round
+        self._current: _Round | None = None  # the open sync round
         self.observers: list[Callable[[StepRecord], None]] = []  # told of every closed round
         self.last_heard: dict[int, tuple[float, int]] = {}  # rank -> (time, version pushed from)
         self._host = host
@@ -115,7 +116,7 @@ class Rounds:
     def open_ranks(self) -> tuple[int, ...] | None:
         """Ranks waiting in the open sync round (None: no round is open)."""
         with self._lock:
-            return None if self.current is None else tuple(sorted(self.current.entries))
+            return None if self._current is None else tuple(sorted(self._current.entries))
 
     def check_header(
         self,
@@ -225,9 +226,9 @@ class Rounds:
                     f"sync push computed from version {meta.version}, but the round is for version"
                     f" {version}; pull the current parameters and recompute"
                 )
-            rnd = self.current
+            rnd = self._current
             if rnd is None:
-                rnd = self.current = _Round(version, time.monotonic())
+                rnd = self._current = _Round(version, time.monotonic())
             if meta.rank in rnd.entries:
                 raise DuplicatePush(f"rank {meta.rank} already pushed for version {rnd.version}")
             rnd.entries[meta.rank] = ticket
@@ -240,7 +241,7 @@ class Rounds:
     def _expire(self, rnd: _Round) -> None:
         """The round's deadline passed: step with the ranks it has (a no-op once it ended)."""
         with self._lock:
-            if self.current is not rnd:
+            if self._current is not rnd:
                 return
             if time.monotonic() < rnd.started + self.round_timeout_s:
                 return
@@ -320,8 +321,8 @@ class Rounds:
         """Release the round's buffers and decide its pushes with `result` or `error`. Lock held."""
         for t in tickets:
             self._release(t)
-        if self.current is rnd:
-            self.current = None
+        if self._current is rnd:
+            self._current = None
         failed = None
         if error is not None:
             failed = Aborted(
