@@ -196,7 +196,7 @@ def test_a_sync_push_retried_while_its_round_is_open_counts_once(
         ):
             c.describe(model_name)
             push = pool.submit(c.push_grad, model_name, workers.rank_grads(0, 0), version=0, rank=0)
-            _wait_until(lambda: model._round is not None and 0 in model._round.entries)
+            _wait_until(lambda: 0 in (model.rounds.open_ranks() or ()))
             connections = proxy.connections
             proxy.cut()  # rank 0's connection dies while it waits for rank 1
             _wait_until(lambda: proxy.connections > connections)  # the retry is in
