@@ -128,7 +128,7 @@ BAD_STATES = {
     "unknown parameter": _bad(lambda s, g: s.update(x={"step": torch.tensor(1.0)})),
     "has shape": _bad(lambda s, g: s["w"].update(exp_avg=torch.zeros(5))),
     "unknown state key": _bad(lambda s, g: s["w"].update(momentum=torch.zeros(4))),
-    "need a float dtype": _bad(
+    "need a float or complex dtype": _bad(
         lambda s, g: s["w"].update(exp_avg=torch.zeros(4, dtype=torch.int32))
     ),
     "must hold one number": _bad(lambda s, g: s["w"].update(step=torch.zeros(2))),
