@@ -10,6 +10,7 @@ torch.optim.Adam would run it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -29,6 +30,10 @@ def validate(options: Mapping[str, Any], device: torch.device) -> None:
         raise InvalidArgument(
             f"unknown Adam options {sorted(unknown)}; Adam takes {sorted(ADAM_DEFAULTS)}"
         )
+    for key, value in options.items():
+        if not _finite(value):
+            # torch.optim.Adam takes an inf lr; one client must not poison a shared model.
+            raise InvalidArgument(f"{key} must be finite, got {value!r}")
     if options.get("differentiable"):
         raise InvalidArgument(
             "differentiable=True is not supported by adamd: no autograd graph crosses the wire"
@@ -66,3 +71,13 @@ def effective(
             # with lr rounded to float32. (betas stay floats: _fused_adam_ takes them only so.)
             out["lr"] = torch.tensor(float(out["lr"]), dtype=torch.float32, device=device)
     return out
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return bool(torch.isfinite(value).all())
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (tuple, list)):
+        return all(_finite(v) for v in value)
+    return True
