@@ -23,7 +23,7 @@ import torch
 from adamd.protocol.hyper import ADAM_DEFAULTS, IMPLEMENTATION_KEYS, fused_refusal, same_value
 
 from ._client import Client
-from ._exceptions import NotFound
+from ._exceptions import NotFound, StalePush
 from ._types import ModelInfo, PushResult
 
 _STATE_ORDER = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -135,15 +135,52 @@ class _ServerState(defaultdict):  # type: ignore[type-arg]
         return (defaultdict, (dict,), None, None, iter(dict.items(self)))
 
 
+def _checked_like_torch(params: Any, options: Mapping[str, Any]) -> Any:
+    """torch's own checks, with torch's own messages (ValueError, TypeError, RuntimeError), on
+    `params` made lists all the way down: a group's params may be a generator, which the probe
+    would use up (torch takes those). Its warnings (a group listing a parameter twice) come once,
+    from Optimizer.__init__ later."""
+    if isinstance(params, Iterable) and not isinstance(params, (torch.Tensor, set)):
+        params = [
+            {**p, "params": _as_list(p["params"])} if isinstance(p, dict) and "params" in p else p
+            for p in params
+        ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.optim.Adam(_copy_for_probe(params), **options)
+    if options.get("differentiable"):
+        raise ValueError(
+            "differentiable=True is not supported by RemoteAdam: no autograd graph crosses the wire"
+        )
+    return params
+
+
+def _rank(rank: int | None, world_size: int, mode: str) -> int:
+    """This worker's rank: `rank`, else $RANK; required once there are several workers, since
+    every worker silently taking rank 0 only shows up later, as DuplicatePush in a sync round."""
+    if rank is None and "RANK" in os.environ:
+        rank = int(os.environ["RANK"])
+    if rank is None:
+        if world_size > 1:
+            raise ValueError(
+                f"world_size={world_size} needs this worker's rank: pass rank= (0..{world_size - 1})"
+                " or set the RANK environment variable (torchrun sets RANK and WORLD_SIZE)"
+            )
+        return 0
+    if mode == "sync" and not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1} for world_size={world_size}")
+    return int(rank)
+
+
 class RemoteAdam(torch.optim.Optimizer):
     """torch.optim.Adam, computed on an adamd server.
 
     Extra keyword arguments: `server` (host:port), `model` (name on the server), `world_size`
-    (workers per sync step; default: $WORLD_SIZE or 1), `rank` (default: $RANK or 0), `mode`
-    ("sync" or "async"), `token`, `client` (an existing Client), `wire_dtype` (torch.bfloat16 /
-    torch.float16 to halve the bytes on the wire), `transport` ("auto": shared memory when the
-    server is on this host, else gRPC; "grpc": always gRPC), `max_staleness` and
-    `round_timeout_s` (used when this worker creates the model).
+    (workers per sync step; default: $WORLD_SIZE or 1), `rank` (default: $RANK; required when
+    world_size > 1), `mode` ("sync" or "async"), `token`, `client` (an existing Client),
+    `wire_dtype` (torch.bfloat16 / torch.float16 to halve the bytes on the wire), `transport`
+    ("auto": shared memory when the server is on this host, else gRPC; "grpc": always gRPC),
+    `max_staleness` and `round_timeout_s` (used when this worker creates the model).
     """
 
     def __init__(
@@ -173,15 +210,6 @@ class RemoteAdam(torch.optim.Optimizer):
         max_staleness: int = 0,
         round_timeout_s: float = 0.0,
     ):
-        if isinstance(params, Iterable) and not isinstance(params, (torch.Tensor, set)):
-            # Lists all the way down: a group's params may be a generator, which the probe below
-            # would use up (torch takes those).
-            params = [
-                {**p, "params": _as_list(p["params"])}
-                if isinstance(p, dict) and "params" in p
-                else p
-                for p in params
-            ]
         options: dict[str, Any] = (
             dict(  # torch.optim.Adam's order, so param_groups print and pack alike
                 lr=lr,
@@ -197,20 +225,12 @@ class RemoteAdam(torch.optim.Optimizer):
                 decoupled_weight_decay=decoupled_weight_decay,
             )
         )
-        # torch's own checks, with torch's own messages (ValueError, TypeError, RuntimeError).
-        # Its warnings (a group listing a parameter twice) come once, from super().__init__.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.optim.Adam(_copy_for_probe(params), **options)
-        if differentiable:
-            raise ValueError(
-                "differentiable=True is not supported by RemoteAdam: no autograd graph crosses the wire"
-            )
+        params = _checked_like_torch(params, options)
         self.model = model
         self.world_size = int(
             world_size if world_size is not None else os.environ.get("WORLD_SIZE", 1)
         )
-        self.rank = int(rank if rank is not None else os.environ.get("RANK", 0))
+        self.rank = _rank(rank, self.world_size, mode)
         self.mode = mode
         self.version = 0
         self.last_result: PushResult | None = None
@@ -225,16 +245,23 @@ class RemoteAdam(torch.optim.Optimizer):
             server, token=token, wire_dtype=wire_dtype, transport=transport
         )
         self._owns_client = client is None
+        self._connect(max_staleness, round_timeout_s)
+        self._synced = [self._options_of(g) for g in self.param_groups]
+        self._ready = True
+
+    def _connect(self, max_staleness: int, round_timeout_s: float) -> None:
+        """Create the model on the server from the local parameters, or join it (the server's
+        parameters win)."""
         local = self._named_params()
         try:
-            info = self._client.describe(model)
+            info = self._client.describe(self.model)
         except NotFound:
             info = self._client.create_model(
-                model,
+                self.model,
                 local,
                 param_groups=[self._group_for_server(g) for g in self.param_groups],
                 world_size=self.world_size,
-                mode=mode,
+                mode=self.mode,
                 max_staleness=max_staleness,
                 round_timeout_s=round_timeout_s,
                 exist_ok=True,
@@ -243,8 +270,6 @@ class RemoteAdam(torch.optim.Optimizer):
             self._join(info, local)
         else:
             self.version = info.version
-        self._synced = [self._options_of(g) for g in self.param_groups]
-        self._ready = True
 
     # --- naming and groups ----------------------------------------------------------------------
 
@@ -389,15 +414,21 @@ class RemoteAdam(torch.optim.Optimizer):
             inv = grad_scale.double().reciprocal().float()
             grads = {n: g.float() * inv.to(g.device) for n, g in grads.items()}
         updates = self._updates()
-        result = self._client.push_grad(
-            self.model,
-            grads,
-            version=self.version,
-            rank=self.rank,
-            loss=self._pending_loss,
-            found_inf=skipped,
-            hyper_updates=updates,
-        )
+        try:
+            result = self._client.push_grad(
+                self.model,
+                grads,
+                version=self.version,
+                rank=self.rank,
+                loss=self._pending_loss,
+                found_inf=skipped,
+                hyper_updates=updates,
+            )
+        except StalePush:
+            # Nothing was applied. Pull the current parameters before raising, or every later
+            # step would be computed from the same old version and refused again.
+            self._pull_into(self._named_params())
+            raise
         self._pending_loss = None
         for i, changed in updates:
             self._synced[i].update({k: _clone(v) for k, v in changed.items()})

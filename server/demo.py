@@ -21,10 +21,18 @@ DIM_IN, HIDDEN = 32, 128
 
 
 def _model() -> Any:
+    """Named layers, handed to RemoteAdam as named_parameters(), so the dashboard and `adamd
+    inspect` show `hidden.weight`, `out.bias`, ... rather than 0, 1, 2, 3."""
+    from collections import OrderedDict
+
     import torch
 
     return torch.nn.Sequential(
-        torch.nn.Linear(DIM_IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 1)
+        OrderedDict(
+            hidden=torch.nn.Linear(DIM_IN, HIDDEN),
+            act=torch.nn.Tanh(),
+            out=torch.nn.Linear(HIDDEN, 1),
+        )
     )
 
 
@@ -59,7 +67,7 @@ def run_worker(
     torch.manual_seed(0)  # every worker starts from the same init; the server's copy wins anyway
     net = _model()
     opt = RemoteAdam(
-        net.parameters(),
+        net.named_parameters(),
         lr=lr,
         server=address,
         model=model_name,
@@ -124,8 +132,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, config: Any, console: Any) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from .daemon import Daemon
 
     daemon = Daemon(config).start()
@@ -146,15 +152,8 @@ def _run(args: argparse.Namespace, config: Any, console: Any) -> int:
         ctx.Process(
             target=run_worker,
             args=(
-                daemon.grpc_address,
-                model_name,
-                r,
-                args.workers,
-                args.mode,
-                args.steps,
-                args.lr,
-                args.batch,
-                results,
+                *(daemon.grpc_address, model_name, r, args.workers, args.mode, args.steps),
+                *(args.lr, args.batch, results),
             ),
             daemon=True,
         )
@@ -162,49 +161,8 @@ def _run(args: argparse.Namespace, config: Any, console: Any) -> int:
     ]
     for p in procs:
         p.start()
-    losses: dict[int, list[float]] = {}
-    done = 0
-    first = last = None
-    # Without an interactive terminal (a pipe, a CI log, TERM=dumb) rich draws the bar only once,
-    # at the end: print plain progress lines as well, about ten per run.
-    plain, every, shown = not console.is_interactive, max(1, args.steps // 10), 0
     try:
-        with Progress(
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("v{task.fields[version]}"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress:
-            task = progress.add_task("training", total=args.steps, loss="-", version=0)
-            while done < args.workers:
-                try:
-                    _rank, step, loss, version = results.get(timeout=1.0)
-                except queue.Empty:
-                    if not any(p.is_alive() for p in procs):
-                        break
-                    continue
-                if step < 0:
-                    done += 1
-                    continue
-                losses.setdefault(step, []).append(loss)
-                if len(losses[step]) == args.workers or args.mode == "async":
-                    mean = sum(losses[step]) / len(losses[step])
-                    first = mean if first is None else first
-                    last = mean
-                    progress.update(
-                        task,
-                        completed=max(progress.tasks[0].completed, step + 1),
-                        loss=f"{mean:.4f}",
-                        version=version,
-                    )
-                    if plain and step + 1 >= shown + every:
-                        shown = step + 1
-                        progress.console.print(
-                            f"step {shown}/{args.steps}  loss {mean:.4f}  v{version}"
-                        )
+        first, last = _follow(args, procs, results, console)
         for p in procs:
             p.join(timeout=30)
         failed = [p.exitcode for p in procs if p.exitcode != 0]
@@ -226,6 +184,57 @@ def _run(args: argparse.Namespace, config: Any, console: Any) -> int:
         f"loss {first:.4f} -> {last:.4f}: {verdict} (final version {daemon.registry.get(model_name).version})"
     )
     return 0 if fell else 1
+
+
+def _follow(
+    args: argparse.Namespace, procs: list[Any], results: Any, console: Any
+) -> tuple[float | None, float | None]:
+    """Show the workers' progress until all are done; returns the first and last mean loss."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    losses: dict[int, list[float]] = {}
+    done = 0
+    first = last = None
+    # Without an interactive terminal (a pipe, a CI log, TERM=dumb) rich draws the bar only once,
+    # at the end: print plain progress lines as well, about ten per run.
+    plain, every, shown = not console.is_interactive, max(1, args.steps // 10), 0
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("v{task.fields[version]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("training", total=args.steps, loss="-", version=0)
+        while done < args.workers:
+            try:
+                _rank, step, loss, version = results.get(timeout=1.0)
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs):
+                    break
+                continue
+            if step < 0:
+                done += 1
+                continue
+            losses.setdefault(step, []).append(loss)
+            if len(losses[step]) == args.workers or args.mode == "async":
+                mean = sum(losses[step]) / len(losses[step])
+                first = mean if first is None else first
+                last = mean
+                progress.update(
+                    task,
+                    completed=max(progress.tasks[0].completed, step + 1),
+                    loss=f"{mean:.4f}",
+                    version=version,
+                )
+                if plain and step + 1 >= shown + every:
+                    shown = step + 1
+                    progress.console.print(
+                        f"step {shown}/{args.steps}  loss {mean:.4f}  v{version}"
+                    )
+    return first, last
 
 
 def register(sub: Any) -> None:

@@ -36,6 +36,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from . import state_io
 from .model import HostedModel, PushResult
 
 logger = logging.getLogger(__name__)
@@ -101,11 +102,10 @@ def capture(model: HostedModel, changes: int = 0) -> Capture:
     """Copy everything a snapshot needs. Holds the model lock only for the memory copies."""
     with model.locked():
         tensors = {f"param/{n}": _cpu_copy(p) for n, p in model.params.items()}
-        for group in model.optimizer.param_groups:
-            for name, p in zip(group["param_names"], group["params"]):
-                for key, value in model.optimizer.state.get(p, {}).items():
-                    t = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-                    tensors[f"state/{name}/{key}"] = _cpu_copy(t)
+        for name, entry in state_io.named_state(model.optimizer):
+            for key, value in entry.items():
+                t = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+                tensors[f"state/{name}/{key}"] = _cpu_copy(t)
         complex_keys = {
             k: str(t.dtype).removeprefix("torch.") for k, t in tensors.items() if t.is_complex()
         }

@@ -26,6 +26,7 @@ import torch
 
 from . import options as adam_options
 from . import snapshot_format as fmt
+from . import state_io
 from .options import ADAM_DEFAULTS
 
 
@@ -36,16 +37,17 @@ class CheckpointError(ValueError):
 def to_torch_checkpoint(loaded: fmt.Loaded) -> dict[str, Any]:
     params = fmt.params_of(loaded)
     groups = fmt.groups_of(loaded)
-    order = [n for g in groups for n in g["params"]]
-    index = {n: i for i, n in enumerate(order)}
-    state = {index[n]: dict(entry) for n, entry in fmt.state_by_name(loaded).items()}
-    param_groups = []
-    for g in groups:
-        opts = {k: v for k, v in g.items() if k != "params"}
-        eff = adam_options.effective(opts, torch.device("cpu"), [params[n] for n in g["params"]])
-        param_groups.append(
-            {**eff, "param_names": list(g["params"]), "params": [index[n] for n in g["params"]]}
+    names = [g["params"] for g in groups]
+    state = state_io.by_index(fmt.state_by_name(loaded), state_io.index_order(names))
+    effective = [
+        adam_options.effective(
+            {k: v for k, v in g.items() if k != "params"},
+            torch.device("cpu"),
+            [params[n] for n in g["params"]],
         )
+        for g in groups
+    ]
+    param_groups = state_io.indexed_groups(effective, names)
     return {"model": params, "optimizer": {"state": state, "param_groups": param_groups}}
 
 
@@ -79,12 +81,9 @@ def from_torch_checkpoint(
     saved_groups = opt.get("param_groups") or []
     if not saved_groups:
         raise CheckpointError("the optimizer state_dict has no param_groups")
-    n_indices = sum(len(g["params"]) for g in saved_groups)
-    if all("param_names" in g for g in saved_groups):
-        names_of = {i: n for g in saved_groups for i, n in zip(g["params"], g["param_names"])}
-    elif len(model) == n_indices:
-        names_of = dict(enumerate(model))
-    else:
+    names_of = state_io.saved_names(saved_groups, list(model))
+    if names_of is None:
+        n_indices = sum(len(g["params"]) for g in saved_groups)
         raise CheckpointError(
             f'the optimizer covers {n_indices} parameters but "model" holds {len(model)} entries'
             " and the groups carry no param_names: build the optimizer from"
@@ -103,5 +102,5 @@ def from_torch_checkpoint(
         groups.append({**opts, "params": names})
     order = [n for g in groups for n in g["params"]]
     params = {n: model[n] for n in order}
-    state = {names_of[int(i)]: dict(entry) for i, entry in opt.get("state", {}).items()}
+    state = state_io.by_name({i: dict(e) for i, e in opt.get("state", {}).items()}, names_of)
     return params, groups, state, sorted(dropped)

@@ -3,11 +3,17 @@
 A push gets a GradSet from the model's pool, its chunks are written straight into the set's
 tensors, and the set goes back to the pool once the step has used it (or the push failed). Host
 buffers are pinned when the model lives on CUDA, so host-to-device copies can run asynchronously.
+
+The pool grows to the number of pushes in flight at once. So that a burst of N concurrent pushes
+does not keep N full gradient copies for the model's lifetime, a release trims idle sets once the
+pool has been larger than recent use needs for `trim_after_s`: it keeps the most sets in use at
+once during the last window, plus one so a push overlapping the steady load allocates nothing.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -38,17 +44,23 @@ class GradSet:
 
 
 class StagingPool:
-    """Free GradSets of one model. Grows to the number of pushes in flight at once, then stays."""
+    """Free GradSets of one model: grows to the pushes in flight at once, trims after a burst."""
 
-    def __init__(self, params: Mapping[str, torch.Tensor], pin: bool):
+    def __init__(self, params: Mapping[str, torch.Tensor], pin: bool, trim_after_s: float = 10.0):
         self._params = params
         self._pin = pin
         self._free: list[GradSet] = []
         self._all: list[GradSet] = []
         self._lock = threading.Lock()
+        self.trim_after_s = trim_after_s  # how long a window of use lasts before trimming to it
+        self._in_use = 0
+        self._window_peak = 0  # most sets in use at once since `_window_start`
+        self._window_start = time.monotonic()
 
     def acquire(self) -> GradSet:
         with self._lock:
+            self._in_use += 1
+            self._window_peak = max(self._window_peak, self._in_use)
             if self._free:
                 return self._free.pop()
             gs = GradSet(self._params, self._pin)
@@ -58,13 +70,30 @@ class StagingPool:
     def release(self, gs: GradSet) -> None:
         with self._lock:
             self._free.append(gs)
+            self._in_use -= 1
+            now = time.monotonic()
+            if now - self._window_start < self.trim_after_s:
+                return
+            # A window has passed: keep what it needed at most (+1), start the next one.
+            self._trim(self._window_peak + 1)
+            self._window_peak = self._in_use
+            self._window_start = now
 
     def trim(self, keep: int = 1) -> None:
-        """Drop idle sets beyond `keep` (after a burst of concurrent pushes)."""
+        """Drop idle sets until at most `keep` sets exist (sets in use are never dropped)."""
         with self._lock:
-            while len(self._free) > keep:
-                gs = self._free.pop()
-                self._all.remove(gs)
+            self._trim(keep)
+
+    def _trim(self, keep: int) -> None:
+        while self._free and len(self._all) > keep:
+            gs = self._free.pop(0)  # the longest idle: a recently used set may still be cached
+            self._all.remove(gs)
+
+    @property
+    def sets(self) -> int:
+        """GradSets allocated (in use or idle)."""
+        with self._lock:
+            return len(self._all)
 
     @property
     def nbytes(self) -> int:

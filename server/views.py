@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from . import state_io
 from .model import HostedModel
 from .stats import ModelStats
 
@@ -113,11 +114,8 @@ def snapshot_payload(model: HostedModel) -> dict[str, Any]:
     from). Copied to the CPU under the model lock; only tensors, dicts, lists, tuples and plain
     values, so torch.load(weights_only=True) reads it."""
     with model.locked():
-        sd = model.optimizer.state_dict()
-        groups = [
-            {**{k: _cpu(v) for k, v in g.items()}, "param_names": names}
-            for g, names in zip(sd["param_groups"], model.group_names())
-        ]
+        sd = state_io.torch_state_dict(model.optimizer)
+        groups = [{k: _cpu(v) for k, v in g.items()} for g in sd["param_groups"]]
         return {
             "model": {n: _cpu(p) for n, p in model.params.items()},
             "optimizer": {

@@ -304,7 +304,7 @@ def test_duplicate_rank_in_a_round(daemon: Any, client: Client, model_name: str)
 
     t = threading.Thread(target=rank0)
     t.start()
-    while model._round is None:  # rank 0 is parked in the round
+    while model.rounds.open_ranks() is None:  # rank 0 is parked in the round
         threading.Event().wait(0.01)
     expect_unchanged(
         model,

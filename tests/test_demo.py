@@ -22,7 +22,10 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
+
+from .conftest import running_daemon
 
 ADAMD = Path(sys.executable).with_name("adamd")  # the console script `make demo` runs
 STEPS = 60
@@ -175,6 +178,12 @@ def test_sync_two_workers_piped_shows_progress_lines_and_the_loss_falls(tmp_path
     _clean(out2)
     # Sync mode is deterministic (seeded data and init, gradients summed in rank order).
     assert _summary(out2) == (first, last, version), out2
+
+    # The dashboard and `adamd inspect` name the demo's parameters by module: a server restoring
+    # the demo's final snapshot serves them under those names.
+    with running_daemon(data_dir=tmp_path / "data") as d:
+        rows = httpx.get(f"{d.http_url}/v1/models/demo-sync-2w/params").json()["params"]
+    assert [r["name"] for r in rows] == ["hidden.weight", "hidden.bias", "out.weight", "out.bias"]
 
 
 def test_async_two_workers_in_a_terminal_shows_the_live_bar_and_the_loss_falls(
