@@ -151,7 +151,7 @@ class OptimizerService:
             logger.error("gRPC call failed", exc_info=exc)
             exc = ServerError(f"internal error: {type(exc).__name__}: {exc}")
         context.set_trailing_metadata((("adamd-error", exc.kind),))
-        await context.abort(exc.code, str(exc))
+        await context.abort(exc.code, _clip(str(exc)))
         return exc.kind  # not reached: abort raises
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -412,6 +412,14 @@ class OptimizerService:
 
     async def detach(self, request: pb.DetachRequest, context: Any) -> pb.DetachReply:
         return await self._run(self.ops.detach, request)
+
+
+def _clip(message: str, limit: int = 2000) -> str:
+    """Status details travel in a header, and clients refuse headers over 8 KiB (RESOURCE_EXHAUSTED
+    instead of the error): a message quoting a 100 kB name is cut short."""
+    if len(message) <= limit:
+        return message
+    return f"{message[: limit - 40]}... ({len(message)} characters in all)"
 
 
 def _parse(req_cls: Any, raw: bytes) -> Any:

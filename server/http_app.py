@@ -13,7 +13,7 @@ import io
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from fastapi import Depends, FastAPI, Query, Request
@@ -34,14 +34,20 @@ STATIC_DIR = Path(__file__).with_name("static")
 _STATUS_KIND = {400: "InvalidArgument", 401: "Unauthenticated", 404: "NotFound", 405: "NotAllowed"}
 
 
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
 class Hyperparams(BaseModel):
     """New values for one param group; fields left out keep their value."""
 
     model_config = ConfigDict(extra="forbid")
-    lr: float | None = Field(None, description="learning rate", examples=[0.001])
-    betas: tuple[float, float] | None = Field(None, description="(beta1, beta2)")
-    eps: float | None = None
-    weight_decay: float | None = None
+    # Strict (true is not 1.0) and finite (JSON Infinity, NaN and 1e999 are refused): 400.
+    lr: float | None = Field(
+        None, description="learning rate", examples=[0.001], strict=True, allow_inf_nan=False
+    )
+    betas: tuple[FiniteFloat, FiniteFloat] | None = Field(None, description="(beta1, beta2)")
+    eps: float | None = Field(None, strict=True, allow_inf_nan=False)
+    weight_decay: float | None = Field(None, strict=True, allow_inf_nan=False)
 
 
 def error_body(kind: str, message: str, status: int) -> JSONResponse:

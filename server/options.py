@@ -42,15 +42,16 @@ def validate(options: Mapping[str, Any], device: torch.device) -> None:
         raise InvalidArgument(
             "capturable=True needs params on a CUDA (or other graph-capturable) device; this server runs on CPU"
         )
-    probe = torch.zeros(1, device=device)
-    try:
-        torch.optim.Adam([probe], **options)
-    except (ValueError, RuntimeError, TypeError) as exc:
-        raise InvalidArgument(str(exc)) from exc
-    # torch checks betas[0] and betas[1] only, and a longer tuple fails at the first step.
+    # Before torch: it indexes betas[0] and betas[1] (IndexError on a shorter one) and a longer
+    # tuple fails at the first step.
     betas = options.get("betas", ADAM_DEFAULTS["betas"])
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise InvalidArgument(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    probe = torch.zeros(1, device=device)
+    try:
+        torch.optim.Adam([probe], **options)
+    except (ValueError, RuntimeError, TypeError, IndexError) as exc:
+        raise InvalidArgument(str(exc)) from exc
 
 
 def effective(

@@ -184,10 +184,10 @@ def decode_frame(raw: bytes) -> Frame:
             elif field == 4:
                 data = buf[pos : pos + n]
             pos += n
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            if pos > end:
+                raise ProtocolError("truncated frame")
         else:
             raise ProtocolError(f"unsupported wire type {wire} in frame")
     return Frame(header, tensor, offset, data)
