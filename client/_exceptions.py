@@ -2,7 +2,8 @@
 
     AdamdError
     ├── InvalidArgument        bad input: shapes, dtypes, names, hyperparameters, a broken stream
-    │   └── NonFiniteGradient  a pushed gradient held inf or nan (the push was rejected whole)
+    │   ├── NonFiniteGradient  a pushed gradient held inf or nan (the push was rejected whole)
+    │   └── LimitExceeded      a request over one of the server's size limits (RESOURCE_EXHAUSTED)
     ├── NotFound               unknown model or parameter
     ├── AlreadyExists          a model of that name exists with other parameters
     ├── FailedPrecondition     the push does not fit the model's state now
@@ -40,6 +41,10 @@ class InvalidArgument(AdamdError, ValueError):
 
 class NonFiniteGradient(InvalidArgument):
     pass
+
+
+class LimitExceeded(InvalidArgument):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class NotFound(AdamdError, KeyError):
@@ -91,6 +96,7 @@ KINDS: dict[str, type[AdamdError]] = {
         AdamdError,
         InvalidArgument,
         NonFiniteGradient,
+        LimitExceeded,
         NotFound,
         AlreadyExists,
         FailedPrecondition,

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, ServerConfig
+from .config import ConfigError, ServerConfig, usable_token
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -74,7 +74,44 @@ def add_server_arguments(
         default=None,
         help="do not offer same-host clients the shared-memory fast path (they stream over gRPC)",
     )
+    add_limit_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def add_limit_arguments(p: argparse.ArgumentParser) -> None:
+    """What one caller may ask; each is refused before anything is allocated (docs/security.md)."""
+    d = ServerConfig
+    g = p.add_argument_group("limits (refused before any allocation; env ADAMD_MAX_*)")
+    g.add_argument(
+        "--max-model-bytes",
+        type=int,
+        help=f"parameter bytes one model may hold (default {d.max_model_bytes} = 32 GiB)",
+    )
+    g.add_argument(
+        "--max-tensors",
+        type=int,
+        help=f"tensors one request may declare (default {d.max_tensors})",
+    )
+    g.add_argument(
+        "--max-name-bytes",
+        type=int,
+        help=f"bytes of one parameter name (default {d.max_name_bytes})",
+    )
+    g.add_argument(
+        "--max-push-id-bytes",
+        type=int,
+        help=f"bytes of one push id (default {d.max_push_id_bytes})",
+    )
+    g.add_argument(
+        "--max-message-bytes",
+        type=int,
+        help=f"bytes of one gRPC message, either way (default {d.max_message_bytes} = 64 MiB)",
+    )
+    g.add_argument(
+        "--max-stream-bytes",
+        type=int,
+        help="bytes of one request stream in all (default 0: 4 x --max-model-bytes + one message)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, **extra: Any) -> ServerConfig:
@@ -96,6 +133,12 @@ def config_from_args(args: argparse.Namespace, **extra: Any) -> ServerConfig:
             "durable",
             "stats_every",
             "shm",
+            "max_model_bytes",
+            "max_tensors",
+            "max_name_bytes",
+            "max_push_id_bytes",
+            "max_message_bytes",
+            "max_stream_bytes",
         )
     }
     token_file = getattr(args, "token_file", None)
@@ -106,6 +149,11 @@ def config_from_args(args: argparse.Namespace, **extra: Any) -> ServerConfig:
             raise ConfigError(f"cannot read token file {token_file}: {exc.strerror}") from None
         if not token:
             raise ConfigError(f"token file {token_file} is empty")
+        if not usable_token(token):
+            raise ConfigError(
+                f"token file {token_file} must hold one line of printable ASCII without spaces"
+                " (a token with a line break or space inside cannot be sent by any client)"
+            )
         overrides["token"] = token
     overrides.update(extra)
     return ServerConfig.load(overrides)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .limits import Limits
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -29,6 +31,13 @@ class ServerConfig:
     durable: bool = False  # acknowledge a push only once its step is on disk
     stats_every: int = 0  # step statistics every N steps; 0: auto (at most 2% of the time); <0: off
     shm: bool = True  # offer the same-host shared-memory fast path
+    # Limits on what one caller may ask (server/limits.py; refused before any allocation):
+    max_model_bytes: int = Limits.max_model_bytes  # parameter bytes per model
+    max_tensors: int = Limits.max_tensors  # tensors declared in one request
+    max_name_bytes: int = Limits.max_name_bytes  # one parameter name, UTF-8 bytes
+    max_push_id_bytes: int = Limits.max_push_id_bytes  # one push id, UTF-8 bytes
+    max_message_bytes: int = Limits.max_message_bytes  # one gRPC message, either way
+    max_stream_bytes: int = Limits.max_stream_bytes  # one request stream; 0: 4 x model + message
 
     @classmethod
     def load(
@@ -64,14 +73,42 @@ class ServerConfig:
             ("snapshot_every_steps", self.snapshot_every_steps >= 0, "0 (off) or more"),
             ("snapshot_every_s", self.snapshot_every_s >= 0, "0 (off) or more"),
             ("snapshot_keep", self.snapshot_keep >= 1, "at least 1"),
+            ("max_model_bytes", self.max_model_bytes >= 1, "at least 1"),
+            ("max_tensors", self.max_tensors >= 1, "at least 1"),
+            ("max_name_bytes", self.max_name_bytes >= 1, "at least 1"),
+            ("max_push_id_bytes", self.max_push_id_bytes >= 1, "at least 1"),
+            ("max_message_bytes", self.max_message_bytes >= 1 << 20, "at least 1 MiB (1048576)"),
+            ("max_stream_bytes", self.max_stream_bytes >= 0, "0 (auto) or more"),
         ]
         for name, ok, want in checks:
             if not ok:
                 raise ConfigError(f"{name} must be {want}, got {getattr(self, name)!r}")
+        if self.token is not None and not usable_token(self.token):
+            # A token the client cannot send (gRPC metadata and HTTP headers carry printable
+            # ASCII only) would start a server nobody can call.
+            raise ConfigError(
+                "the token must be printable ASCII without spaces or line breaks"
+                f" ({len(self.token)} characters given)"
+            )
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_model_bytes=self.max_model_bytes,
+            max_tensors=self.max_tensors,
+            max_name_bytes=self.max_name_bytes,
+            max_push_id_bytes=self.max_push_id_bytes,
+            max_message_bytes=self.max_message_bytes,
+            max_stream_bytes=self.max_stream_bytes,
+        )
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot work."""
+
+
+def usable_token(token: str) -> bool:
+    return bool(token) and all(33 <= ord(c) <= 126 for c in token)
 
 
 def _parse(annotation: Any, raw: str) -> Any:

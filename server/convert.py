@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from .model import ASYNC, SYNC, HostedModel, PushMeta, PushResult
 from .registry import ModelSpec
 
 MODE_TO_PB = {SYNC: pb.SYNC, ASYNC: pb.ASYNC}
+MODE_FROM_PB = {pb.MODE_UNSPECIFIED: SYNC, pb.SYNC: SYNC, pb.ASYNC: ASYNC}
 
 
 def specs_from_pb(specs: Sequence[pb.TensorSpec]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
@@ -54,7 +56,14 @@ def model_spec_from_pb(cfg: pb.ModelConfig) -> ModelSpec:
     params = specs_from_pb(cfg.params)
     groups = [group_from_pb(g) for g in cfg.groups] or [{"params": [n for n, _, _ in params]}]
     world_size = cfg.world_size or 1
-    mode = ASYNC if cfg.mode == pb.ASYNC else SYNC
+    if cfg.mode not in MODE_FROM_PB:
+        raise InvalidArgument(f"mode {cfg.mode} is not a known mode (SYNC, ASYNC)")
+    mode = MODE_FROM_PB[cfg.mode]
+    if not (math.isfinite(cfg.round_timeout_s) and cfg.round_timeout_s >= 0):
+        raise InvalidArgument(
+            f"round_timeout_s must be a finite number >= 0 (0: the server's default),"
+            f" got {cfg.round_timeout_s}"
+        )
     return ModelSpec(
         name=cfg.model,
         params=params,

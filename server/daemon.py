@@ -36,7 +36,10 @@ class Daemon:
         except (ValueError, RuntimeError) as exc:
             raise StartupError(str(exc)) from None
         self.registry = ModelRegistry(
-            self.device, max_staleness=config.max_staleness, round_timeout_s=config.round_timeout_s
+            self.device,
+            max_staleness=config.max_staleness,
+            round_timeout_s=config.round_timeout_s,
+            limits=config.limits,
         )
         # Inspection: step history/norms and Prometheus metrics, fed by step observers and calls.
         self.stats = StatsBook(self.registry, every=config.stats_every)
@@ -69,7 +72,9 @@ class Daemon:
         )
         address = f"{config.host}:{config.grpc_port}"
         try:
-            self._grpc = GrpcServer(self.service, address)
+            self._grpc = GrpcServer(
+                self.service, address, max_message_bytes=config.max_message_bytes
+            )
         except (RuntimeError, OSError) as exc:
             self._workers.shutdown(wait=False)
             raise StartupError(f"cannot serve gRPC on {address}: {exc}") from None

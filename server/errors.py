@@ -2,7 +2,8 @@
 
     ServerError
     ├── InvalidArgument        (INVALID_ARGUMENT, 400)
-    │   └── NonFiniteGradient  (INVALID_ARGUMENT, 400)
+    │   ├── NonFiniteGradient  (INVALID_ARGUMENT, 400)
+    │   └── LimitExceeded      (RESOURCE_EXHAUSTED, 413: a size or count over a server limit)
     ├── NotFound               (NOT_FOUND, 404)
     ├── AlreadyExists          (ALREADY_EXISTS, 409)
     ├── FailedPrecondition     (FAILED_PRECONDITION, 409)
@@ -42,6 +43,13 @@ class InvalidArgument(ServerError):
 
 class NonFiniteGradient(InvalidArgument):
     pass
+
+
+class LimitExceeded(InvalidArgument):
+    """A request larger than the server's limits (server/limits.py), refused before allocating."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 413
 
 
 class NotFound(ServerError):

@@ -30,11 +30,13 @@ from .grpc_service import SERVICE, OptimizerService
 
 T = TypeVar("T")
 
-SERVER_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.so_reuseport", 0),
-]
+
+def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
 
 
 def _shared_loop() -> asyncio.AbstractEventLoop:
@@ -57,10 +59,14 @@ _LOOP_LOCK = threading.Lock()
 
 
 class GrpcServer:
-    def __init__(self, service: OptimizerService, address: str):
+    def __init__(
+        self, service: OptimizerService, address: str, max_message_bytes: int = MAX_MESSAGE_BYTES
+    ):
         self._loop = _shared_loop()
         self._stopped = False
-        self._server, self.port, self._health = self._call(self._build(service, address))
+        self._server, self.port, self._health = self._call(
+            self._build(service, address, server_options(max_message_bytes))
+        )
 
     def _call(self, coro: Any) -> Any:
         """Run a coroutine on the server's loop and wait for its result."""
@@ -68,8 +74,10 @@ class GrpcServer:
         return done.result()
 
     @staticmethod
-    async def _build(service: OptimizerService, address: str) -> tuple[grpc.aio.Server, int, Any]:
-        server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=None)
+    async def _build(
+        service: OptimizerService, address: str, options: list[tuple[str, int]]
+    ) -> tuple[grpc.aio.Server, int, Any]:
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=None)
         server.add_generic_rpc_handlers((service.handler(),))
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

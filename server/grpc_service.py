@@ -41,7 +41,8 @@ from adamd.protocol.frames import (
 from adamd.v1 import adamd_pb2 as pb
 
 from . import convert
-from .errors import DeadlineExceeded, InvalidArgument, ServerError
+from .errors import DeadlineExceeded, InvalidArgument, LimitExceeded, ServerError
+from .limits import Limits
 from .model import PendingPush
 from .operations import Operations
 
@@ -56,10 +57,11 @@ OnCall = Callable[[str, str, float, int, int], None]  # method, outcome, seconds
 class _Stream:
     """A request stream of raw frames: counts bytes, and ends a stream that goes quiet."""
 
-    def __init__(self, frames: AsyncIterator[bytes], idle_s: float):
+    def __init__(self, frames: AsyncIterator[bytes], idle_s: float, max_bytes: int):
         self._frames = frames
         self._it: AsyncIterator[bytes] | None = None  # made on first read: an unread stream
         self._idle_s = idle_s  # (a call refused up front) leaves no generator behind
+        self._max_bytes = max_bytes
         self.nbytes = 0
 
     async def next_frame(self) -> Frame | None:
@@ -74,6 +76,10 @@ class _Stream:
                 f"no frame for {self._idle_s:g}s: the stream was closed (server --stream-idle-s)"
             ) from None
         self.nbytes += len(raw)
+        if self.nbytes > self._max_bytes:
+            raise LimitExceeded(
+                f"the request stream passed {self._max_bytes} bytes (server --max-stream-bytes)"
+            )
         try:
             return decode_frame(raw)
         except ProtocolError as exc:
@@ -115,8 +121,10 @@ class OptimizerService:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         idle_s: float = DEFAULT_IDLE_S,
         on_call: OnCall | None = None,
+        limits: Limits | None = None,
     ):
         self.ops = ops
+        self.limits = limits or ops.limits
         self.executor = executor or ThreadPoolExecutor(4, thread_name_prefix="adamd-work")
         self.chunk_bytes = chunk_bytes
         self.idle_s = idle_s
@@ -143,13 +151,15 @@ class OptimizerService:
             logger.error("gRPC call failed", exc_info=exc)
             exc = ServerError(f"internal error: {type(exc).__name__}: {exc}")
         context.set_trailing_metadata((("adamd-error", exc.kind),))
-        await context.abort(exc.code, str(exc))
+        await context.abort(exc.code, _clip(str(exc)))
         return exc.kind  # not reached: abort raises
 
     def handler(self) -> grpc.GenericRpcHandler:
         def unary(fn: Callable[..., Awaitable[Any]], req_cls: Any) -> grpc.RpcMethodHandler:
+            # Requests arrive as bytes and are parsed in the handler: bytes that are not the
+            # message are the caller's fault (INVALID_ARGUMENT), not a deserializer failure.
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(fn), req_cls.FromString, lambda m: m.SerializeToString()
+                self._unary(fn, req_cls), identity, lambda m: m.SerializeToString()
             )
 
         def stream_in(fn: Callable[..., Awaitable[Any]]) -> grpc.RpcMethodHandler:
@@ -159,7 +169,7 @@ class OptimizerService:
 
         def stream_out(fn: Callable[..., AsyncIterator[bytes]], req_cls: Any) -> Any:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream_out(fn), req_cls.FromString, identity
+                self._stream_out(fn, req_cls), identity, identity
             )
 
         return grpc.method_handlers_generic_handler(
@@ -188,20 +198,22 @@ class OptimizerService:
             method = fn.__name__.title().replace("_", "")  # push_grad -> PushGrad
             self.on_call(method, outcome, time.perf_counter() - t0, n_in, n_out)
 
-    def _unary(self, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def _unary(
+        self, fn: Callable[..., Awaitable[Any]], req_cls: Any
+    ) -> Callable[..., Awaitable[Any]]:
         @functools.wraps(fn)
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def call(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             t0, outcome, n_out = time.perf_counter(), "OK", 0
             try:
                 self._authorize(context)
-                reply = await fn(request, context)
+                reply = await fn(_parse(req_cls, raw), context)
                 n_out = reply.ByteSize()
                 return reply
             except Exception as exc:
                 outcome = _kind(exc)
                 await self._abort(context, exc)
             finally:
-                self._record(fn, outcome, t0, request.ByteSize(), n_out)
+                self._record(fn, outcome, t0, len(raw), n_out)
 
         return call
 
@@ -209,7 +221,7 @@ class OptimizerService:
         @functools.wraps(fn)
         async def call(frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
             t0, outcome, n_out = time.perf_counter(), "OK", 0
-            stream = _Stream(frames, self.idle_s)
+            stream = _Stream(frames, self.idle_s, self.limits.stream_bytes)
             try:
                 self._authorize(context)
                 reply = await fn(stream, context)
@@ -224,21 +236,21 @@ class OptimizerService:
         return call
 
     def _stream_out(
-        self, fn: Callable[..., AsyncIterator[bytes]]
+        self, fn: Callable[..., AsyncIterator[bytes]], req_cls: Any
     ) -> Callable[..., AsyncIterator[bytes]]:
         @functools.wraps(fn)
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async def call(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
             t0, outcome, sent = time.perf_counter(), "OK", 0
             try:
                 self._authorize(context)
-                async for frame in fn(request, context):
+                async for frame in fn(_parse(req_cls, raw), context):
                     sent += len(frame)
                     yield frame
             except Exception as exc:
                 outcome = _kind(exc)
                 await self._abort(context, exc)
             finally:
-                self._record(fn, outcome, t0, request.ByteSize(), sent)
+                self._record(fn, outcome, t0, len(raw), sent)
 
         return call
 
@@ -381,13 +393,11 @@ class OptimizerService:
         header, first = await stream.header(pb.StateHeader)
         self.ops.model(header.model)  # NotFound before any bytes are taken
         specs = convert.specs_from_pb(header.tensors)
-        tensors = [torch.empty(shape, dtype=dtype) for _, shape, dtype in specs]
+        entries = {e.param: dict(e.tensors) for e in header.states}
+        # Checked against the model before anything is allocated (Operations.new_state_tensors).
+        tensors = await self._run(self.ops.new_state_tensors, header.model, specs, entries)
         await stream.receive(TensorSink(tensors, [d for _, _, d in specs]), first)
-        state = {}
-        for entry in header.states:
-            if any(i >= len(tensors) for i in entry.tensors.values()):
-                raise InvalidArgument(f"state of {entry.param!r} points past the tensors sent")
-            state[entry.param] = {k: tensors[i] for k, i in entry.tensors.items()}
+        state = {p: {k: tensors[i] for k, i in index.items()} for p, index in entries.items()}
         groups = [convert.group_from_pb(g) for g in header.groups] or None
         model = await self._run(self.ops.load_state, header.model, state, groups)
         return convert.model_info(model)
@@ -402,6 +412,23 @@ class OptimizerService:
 
     async def detach(self, request: pb.DetachRequest, context: Any) -> pb.DetachReply:
         return await self._run(self.ops.detach, request)
+
+
+def _clip(message: str, limit: int = 2000) -> str:
+    """Status details travel in a header, and clients refuse headers over 8 KiB (RESOURCE_EXHAUSTED
+    instead of the error): a message quoting a 100 kB name is cut short."""
+    if len(message) <= limit:
+        return message
+    return f"{message[: limit - 40]}... ({len(message)} characters in all)"
+
+
+def _parse(req_cls: Any, raw: bytes) -> Any:
+    try:
+        return req_cls.FromString(raw)
+    except Exception as exc:  # protobuf's DecodeError, or a RuntimeWarning-free ValueError
+        raise InvalidArgument(
+            f"the request is not a valid {req_cls.DESCRIPTOR.full_name}: {exc}"
+        ) from None
 
 
 def _kind(exc: BaseException) -> str:

@@ -2,8 +2,11 @@
 dashboard, and a few operations, all through the operations layer (operations.py) that the
 gRPC side uses too: this module only translates requests, replies and errors.
 
-Read-only routes are open. Routes that change state (hyperparameters, snapshots, deletes) need
-`Authorization: Bearer <token>` when the daemon has a token. Every error, ours or the framework's
+Open routes: health, metrics, the model list and each model's summary and step history (whole-model
+aggregates). With a token, `Authorization: Bearer <token>` is needed for what reveals weights
+(per-parameter statistics: the norm of a one-element parameter is |w|; the snapshot download) and
+for every change (hyperparameters, snapshots, deletes). docs/security.md gives the reasons. The
+OpenAPI schema declares every status each route answers, with the error body. Every error, ours or the framework's
 (unknown route, bad body), answers with the same JSON body: {"error": kind, "message": ...}.
 """
 
@@ -13,11 +16,12 @@ import io
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -34,14 +38,41 @@ STATIC_DIR = Path(__file__).with_name("static")
 _STATUS_KIND = {400: "InvalidArgument", 401: "Unauthenticated", 404: "NotFound", 405: "NotAllowed"}
 
 
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
 class Hyperparams(BaseModel):
     """New values for one param group; fields left out keep their value."""
 
     model_config = ConfigDict(extra="forbid")
-    lr: float | None = Field(None, description="learning rate", examples=[0.001])
-    betas: tuple[float, float] | None = Field(None, description="(beta1, beta2)")
-    eps: float | None = None
-    weight_decay: float | None = None
+    # Strict (true is not 1.0) and finite (JSON Infinity, NaN and 1e999 are refused): 400.
+    lr: float | None = Field(
+        None, description="learning rate", examples=[0.001], strict=True, allow_inf_nan=False
+    )
+    betas: tuple[FiniteFloat, FiniteFloat] | None = Field(None, description="(beta1, beta2)")
+    eps: float | None = Field(None, strict=True, allow_inf_nan=False)
+    weight_decay: float | None = Field(None, strict=True, allow_inf_nan=False)
+
+
+class ErrorBody(BaseModel):
+    """What every error answers, ours or the framework's."""
+
+    error: str = Field(description="the error kind (as the gRPC side's adamd-error)")
+    message: str
+    status: int
+
+
+_DESCRIPTIONS = {
+    400: "Invalid argument (bad path, query or body)",
+    401: "Missing or wrong token (only when the server has one)",
+    404: "No such model",
+    409: "Conflict with the model's state",
+    413: "Over a server limit",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {c: {"model": ErrorBody, "description": _DESCRIPTIONS[c]} for c in codes}
 
 
 def error_body(kind: str, message: str, status: int) -> JSONResponse:
@@ -60,6 +91,7 @@ def create_app(ops: Operations) -> FastAPI:
         version=views.adamd_version(),
     )
     _error_handlers(app)
+    app.openapi = lambda: _honest_openapi(app)  # type: ignore[method-assign]
     _health_routes(app, ops)
     _inspection_routes(app, ops)
     _operation_routes(app, ops)
@@ -98,19 +130,34 @@ def _error_handlers(app: FastAPI) -> None:
 
 
 def _health_routes(app: FastAPI, ops: Operations) -> None:
-    @app.get("/healthz", tags=["health"], summary="Liveness")
+    unready: dict[int | str, dict[str, Any]] = {
+        503: {"description": "Not serving yet, or stopping"}
+    }
+
+    @app.get("/healthz", tags=["health"], summary="Liveness", responses=unready)
     def healthz() -> Any:
         if not ops.facts.ready:
             return JSONResponse({"status": "starting"}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], summary="Readiness: gRPC serving, models restored")
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        summary="Readiness: gRPC serving, models restored",
+        responses=unready,
+    )
     def readyz() -> Any:
         ready = ops.facts.ready
         body = {"status": "ready" if ready else "not ready", "models": len(ops.models())}
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics (text format)")
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        summary="Prometheus metrics (text format)",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
     def metrics() -> Response:
         text = ops.metrics.render() if ops.metrics is not None else b""
         return Response(text, media_type=CONTENT_TYPE_LATEST)
@@ -128,18 +175,34 @@ def _inspection_routes(app: FastAPI, ops: Operations) -> None:
             "models": [views.model_summary(m, stats.get(m)) for m in ops.models()],
         }
 
-    @app.get("/v1/models/{model}", tags=["inspect"], summary="One model with its param groups")
+    @app.get(
+        "/v1/models/{model}",
+        tags=["inspect"],
+        summary="One model with its param groups",
+        responses=_errors(404),
+    )
     def describe(model: str) -> Any:
         m = ops.model(model)
         return views.model_summary(m, stats.get(m), detail=True)
 
-    @app.get("/v1/models/{model}/params", tags=["inspect"], summary="Per-parameter statistics")
+    @app.get(
+        "/v1/models/{model}/params",
+        tags=["inspect"],
+        summary="Per-parameter statistics (norms: needs the token when the server has one)",
+        dependencies=[Depends(require_token)],  # a one-element parameter's norm is |w|
+        responses=_errors(401, 404),
+    )
     def params(model: str) -> Any:
         m = ops.model(model)
         version, rows = stats.get(m).param_stats()
         return {"model": m.name, "version": version, "params": rows}
 
-    @app.get("/v1/models/{model}/history", tags=["inspect"], summary="Per-step history")
+    @app.get(
+        "/v1/models/{model}/history",
+        tags=["inspect"],
+        summary="Per-step history",
+        responses=_errors(400, 404),
+    )
     def history(
         model: str,
         since: int | None = Query(None, description="only steps with a version above this"),
@@ -160,7 +223,10 @@ def _inspection_routes(app: FastAPI, ops: Operations) -> None:
         summary="Download params and optimizer state as `adamd snapshot export` writes them",
         dependencies=[Depends(require_token)],  # the weights themselves, as a gRPC pull
         response_class=Response,
-        responses={200: {"content": {"application/octet-stream": {}}}},
+        responses={
+            200: {"content": {"application/octet-stream": {"schema": {"type": "string"}}}},
+            **_errors(401, 404),
+        },
     )
     def download(model: str) -> Response:
         m = ops.model(model)
@@ -186,6 +252,7 @@ def _operation_routes(app: FastAPI, ops: Operations) -> None:
         tags=["operate"],
         summary="Change hyperparameters of one param group",
         dependencies=token,
+        responses=_errors(400, 401, 404, 409),
     )
     def set_hyperparams(model: str, group: int, body: Hyperparams) -> Any:
         updates = body.model_dump(exclude_none=True)
@@ -202,6 +269,7 @@ def _operation_routes(app: FastAPI, ops: Operations) -> None:
         tags=["operate"],
         summary="Write a snapshot to the data dir now",
         dependencies=token,
+        responses=_errors(401, 404, 409),
     )
     def snapshot(model: str) -> Any:
         t0 = time.perf_counter()
@@ -210,12 +278,32 @@ def _operation_routes(app: FastAPI, ops: Operations) -> None:
         return {field.name: value for field, value in info.ListFields()}
 
     @app.delete(
-        "/v1/models/{model}", tags=["operate"], summary="Delete a model", dependencies=token
+        "/v1/models/{model}",
+        tags=["operate"],
+        summary="Delete a model",
+        dependencies=token,
+        responses=_errors(401, 404),
     )
     def delete(model: str) -> Any:
         ops.delete(model)
         logger.info("HTTP: deleted model %s", model)
         return {"deleted": model}
+
+
+def _honest_openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, less what the server never answers: validation errors are 400 with
+    ErrorBody (see _error_handlers), never 422 with FastAPI's HTTPValidationError."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _token_dependency(ops: Operations) -> Any:

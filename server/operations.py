@@ -19,7 +19,14 @@ import torch
 
 from adamd.v1 import adamd_pb2 as pb
 
-from .errors import FailedPrecondition, InvalidArgument, SessionExpired, Unauthenticated
+from .errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    LimitExceeded,
+    SessionExpired,
+    Unauthenticated,
+)
+from .limits import Limits, tensor_bytes
 from .model import HostedModel, PendingPush, PushMeta, PushTicket
 from .registry import ModelRegistry, ModelSpec, PendingModel
 
@@ -54,8 +61,10 @@ class Operations:
         metrics: Metrics | None = None,
         snapshots: SnapshotManager | None = None,
         same_host: SameHost | None = None,
+        limits: Limits | None = None,
     ):
         self.registry = registry
+        self.limits = limits or registry.limits
         self.token = token
         self.durable = durable
         self.stats = stats
@@ -131,6 +140,15 @@ class Operations:
     ) -> dict[str, torch.Tensor]:
         """Check a new param group's header; host tensors its values stream into."""
         model = self.registry.get(name)
+        new_bytes = self.limits.check_specs("the new param group", specs)
+        self.limits.check_model_bytes(
+            f"model {name!r} with the new group", _param_bytes(model) + new_bytes
+        )
+        if len(model.params) + len(specs) > self.limits.max_tensors:
+            raise LimitExceeded(
+                f"model {name!r} would hold {len(model.params) + len(specs)} parameters; at most"
+                f" {self.limits.max_tensors} (--max-tensors)"
+            )
         if sorted(group["params"]) != sorted(n for n, _, _ in specs):
             raise InvalidArgument(
                 "the new group's params must be exactly the parameters sent with it"
@@ -148,6 +166,40 @@ class Operations:
         self._changed(model)
         return model
 
+    def new_state_tensors(
+        self, name: str, specs: TensorSpecs, entries: Mapping[str, Mapping[str, int]]
+    ) -> list[torch.Tensor]:
+        """Check a LoadState header against the model, then host tensors its values stream into.
+
+        `entries[param][key]` is the index in `specs` of that state tensor. Each declared tensor
+        must be one a state can hold (a parameter's shape, or one element for `step`), so what
+        is allocated is bounded by the model itself, whatever the header says."""
+        model = self.registry.get(name)
+        if len(specs) > 4 * max(len(model.params), 1):
+            raise LimitExceeded(
+                f"state declares {len(specs)} tensors for {len(model.params)} parameters"
+            )
+        wanted: dict[int, tuple[int, ...] | None] = {}  # index -> shape (None: one element)
+        for param, index in entries.items():
+            p = model.params.get(param)
+            if p is None:
+                raise InvalidArgument(f"state names unknown parameter {param!r}")
+            for key, i in index.items():
+                if not 0 <= i < len(specs):
+                    raise InvalidArgument(f"state of {param!r} points past the tensors sent")
+                wanted[i] = None if key == "step" else tuple(p.shape)
+        for i, (tname, shape, dtype) in enumerate(specs):
+            tensor_bytes(tname, shape, dtype)  # dims sane
+            want = wanted.get(i, ())
+            if want == ():
+                raise InvalidArgument(f"state tensor {i} ({tname!r}) belongs to no parameter")
+            if (want is None and _numel(shape) != 1) or (want is not None and shape != want):
+                raise InvalidArgument(
+                    f"state tensor {tname!r} has shape {list(shape)}, its parameter needs"
+                    f" {'one element' if want is None else list(want)}"
+                )
+        return [torch.empty(shape, dtype=dtype) for _, shape, dtype in specs]
+
     def load_state(
         self,
         name: str,
@@ -155,6 +207,13 @@ class Operations:
         groups: Sequence[Mapping[str, Any]] | None,
     ) -> HostedModel:
         model = self.registry.get(name)
+        for param, entry in state.items():
+            for key, t in entry.items():
+                if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+                    raise InvalidArgument(
+                        f"state {key} of {param!r} holds inf or nan; a shared model must not"
+                        " load it (every later step would spread it)"
+                    )
         model.load_state(state, groups)
         self._changed(model)
         return model
@@ -166,6 +225,8 @@ class Operations:
     ) -> tuple[HostedModel, PushTicket]:
         """Check a push's header and hand out where its gradient goes (stream buffers, or the
         same-host session's file)."""
+        self.limits.check_push_id(meta.push_id)
+        self.limits.check_specs("the push", specs)
         model = self.registry.get(name)
         buffers = None
         if session:
@@ -205,3 +266,14 @@ class Operations:
     def _changed(self, model: HostedModel) -> None:
         if self.durable and self.snapshots is not None:
             self.snapshots.make_durable(model.name)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _param_bytes(model: HostedModel) -> int:
+    return sum(p.numel() * p.element_size() for p in model.params.values())

@@ -10,6 +10,7 @@ torch.optim.Adam would run it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -29,6 +30,10 @@ def validate(options: Mapping[str, Any], device: torch.device) -> None:
         raise InvalidArgument(
             f"unknown Adam options {sorted(unknown)}; Adam takes {sorted(ADAM_DEFAULTS)}"
         )
+    for key, value in options.items():
+        if not _finite(value):
+            # torch.optim.Adam takes an inf lr; one client must not poison a shared model.
+            raise InvalidArgument(f"{key} must be finite, got {value!r}")
     if options.get("differentiable"):
         raise InvalidArgument(
             "differentiable=True is not supported by adamd: no autograd graph crosses the wire"
@@ -37,15 +42,16 @@ def validate(options: Mapping[str, Any], device: torch.device) -> None:
         raise InvalidArgument(
             "capturable=True needs params on a CUDA (or other graph-capturable) device; this server runs on CPU"
         )
-    probe = torch.zeros(1, device=device)
-    try:
-        torch.optim.Adam([probe], **options)
-    except (ValueError, RuntimeError, TypeError) as exc:
-        raise InvalidArgument(str(exc)) from exc
-    # torch checks betas[0] and betas[1] only, and a longer tuple fails at the first step.
+    # Before torch: it indexes betas[0] and betas[1] (IndexError on a shorter one) and a longer
+    # tuple fails at the first step.
     betas = options.get("betas", ADAM_DEFAULTS["betas"])
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise InvalidArgument(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    probe = torch.zeros(1, device=device)
+    try:
+        torch.optim.Adam([probe], **options)
+    except (ValueError, RuntimeError, TypeError, IndexError) as exc:
+        raise InvalidArgument(str(exc)) from exc
 
 
 def effective(
@@ -66,3 +72,13 @@ def effective(
             # with lr rounded to float32. (betas stay floats: _fused_adam_ takes them only so.)
             out["lr"] = torch.tensor(float(out["lr"]), dtype=torch.float32, device=device)
     return out
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return bool(torch.isfinite(value).all())
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (tuple, list)):
+        return all(_finite(v) for v in value)
+    return True

@@ -14,6 +14,7 @@ from adamd.protocol import ProtocolError
 from adamd.protocol.frames import TensorSink, trainable
 
 from .errors import AlreadyExists, InvalidArgument, NotFound
+from .limits import Limits
 from .model import ASYNC, SYNC, HostedModel
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -61,9 +62,15 @@ class PendingModel:
 
 class ModelRegistry:
     def __init__(
-        self, device: torch.device, *, max_staleness: int = 16, round_timeout_s: float = 60.0
+        self,
+        device: torch.device,
+        *,
+        max_staleness: int = 16,
+        round_timeout_s: float = 60.0,
+        limits: Limits | None = None,
     ):
         self.device = device
+        self.limits = limits or Limits()
         self.default_max_staleness = max_staleness
         self.default_round_timeout_s = round_timeout_s
         self._models: dict[str, HostedModel] = {}
@@ -86,6 +93,8 @@ class ModelRegistry:
     def begin_create(self, spec: ModelSpec) -> PendingModel:
         """Validate a create request and allocate its parameters. Nothing is registered yet."""
         check_model_name(spec.name)
+        # Sizes first: nothing below allocates more than the limits allow.
+        self.limits.check_specs(f"model {spec.name!r}", spec.params)
         if not spec.params:
             raise InvalidArgument("a model needs at least one parameter")
         names = [n for n, _, _ in spec.params]

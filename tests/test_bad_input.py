@@ -22,6 +22,7 @@ from adamd.client import (
     Client,
     DuplicatePush,
     InvalidArgument,
+    LimitExceeded,
     NonFiniteGradient,
     NotFound,
     RemoteAdam,
@@ -456,3 +457,290 @@ def test_token_required_except_health(model_name: str) -> None:
         with Client(d.grpc_address, token="s3cret") as c:
             c.create_model(model_name, {"w": torch.zeros(2)})
             assert c.push_grad(model_name, {"w": torch.ones(2)}).version == 1
+
+
+# --- hardening (issue 11): each of these answered INTERNAL, hung or was accepted before --------
+
+METHOD = "/adamd.v1.Optimizer/"
+
+
+def raw_call(daemon: Any, kind: str, method: str, request: Any, timeout: float = 10) -> Any:
+    """A raw call of any shape ('unary', 'stream_in', 'stream_out'), errors as the client maps
+    them. `request` is bytes (unary, stream_out) or a list of frames (stream_in)."""
+    with grpc.insecure_channel(daemon.grpc_address) as ch:
+        try:
+            if kind == "unary":
+                return ch.unary_unary(METHOD + method, identity, identity)(request, timeout=timeout)
+            if kind == "stream_in":
+                call = ch.stream_unary(METHOD + method, identity, identity)
+                return call(iter(request), timeout=timeout)
+            return list(
+                ch.unary_stream(METHOD + method, identity, identity)(request, timeout=timeout)
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+
+def create_frames(name: str, specs: dict[str, tuple[list[int], int]], **kw: Any) -> list[bytes]:
+    cfg = pb.ModelConfig(
+        model=name,
+        params=[pb.TensorSpec(name=n, shape=s, dtype=d) for n, (s, d) in specs.items()],
+        **kw,
+    )
+    return [encode_frame(cfg.SerializeToString())]
+
+
+@pytest.mark.parametrize("timeout_s", [float("nan"), float("inf"), float("-inf"), -1.0])
+def test_pull_wait_timeout_must_be_finite(daemon: Any, trained: Any, timeout_s: float) -> None:
+    """NaN waited forever on a busy core; inf answered INTERNAL (OverflowError)."""
+    req = pb.PullRequest(model=trained.name, wait_for_version=10**6, wait_timeout_s=timeout_s)
+    expect_unchanged(
+        trained,
+        lambda: raw_call(daemon, "stream_out", "PullParams", req.SerializeToString(), 5),
+        InvalidArgument,
+        "wait_timeout_s",
+    )
+
+
+def test_unknown_wire_dtype(daemon: Any, trained: Any) -> None:
+    req = pb.PullRequest(model=trained.name, wire_dtype=99)  # type: ignore[arg-type]
+    expect_unchanged(
+        trained,
+        lambda: raw_call(daemon, "stream_out", "PullParams", req.SerializeToString()),
+        InvalidArgument,
+        "wire_dtype",
+    )
+
+
+@pytest.mark.parametrize(
+    "kind, method",
+    [
+        ("unary", "DescribeModel"),
+        ("unary", "SetHyperparams"),
+        ("unary", "DeleteModel"),
+        ("unary", "Attach"),
+        ("stream_out", "PullParams"),
+        ("stream_out", "GetState"),
+    ],
+)
+def test_request_bytes_that_are_not_the_message(
+    daemon: Any, trained: Any, kind: str, method: str
+) -> None:
+    """Answered INTERNAL ('Exception deserializing request!') before."""
+    expect_unchanged(
+        trained,
+        lambda: raw_call(daemon, kind, method, b"\xff\xff\xff\xff"),
+        InvalidArgument,
+        "not a valid adamd.v1",
+    )
+
+
+@pytest.mark.parametrize(
+    "shape, error",
+    [([1 << 40], LimitExceeded), ([1 << 32, 1 << 32], LimitExceeded), ([2] * 40, InvalidArgument)],
+)
+def test_declared_shapes_refused_before_allocation(
+    daemon: Any, client: Client, trained: Any, model_name: str, shape: list[int], error: type
+) -> None:
+    """CreateModel / AddParamGroup with huge shapes answered INTERNAL (can't allocate memory)."""
+    frames = create_frames(model_name + "-big", {"w": (shape, pb.FLOAT32)})
+    with pytest.raises(error):
+        raw_call(daemon, "stream_in", "CreateModel", frames)
+    assert model_name + "-big" not in daemon.registry.names()
+    group = pb.GroupHeader(
+        model=trained.name,
+        params=[pb.TensorSpec(name="v", shape=shape, dtype=pb.FLOAT32)],
+        group=pb.ParamGroup(params=["v"]),
+    )
+    expect_unchanged(
+        trained,
+        lambda: raw_call(
+            daemon, "stream_in", "AddParamGroup", [encode_frame(group.SerializeToString())]
+        ),
+        error,
+    )
+
+
+@pytest.mark.parametrize("shape", [[1 << 40], [1 << 32, 1 << 32], [4, 3, 1], [-1]])
+def test_load_state_shapes_checked_against_the_model_first(
+    daemon: Any, trained: Any, shape: list[int]
+) -> None:
+    h = pb.StateHeader(
+        model=trained.name,
+        tensors=[pb.TensorSpec(name="w/exp_avg", shape=shape, dtype=pb.FLOAT32)],
+        states=[pb.ParamState(param="w", tensors={"exp_avg": 0})],
+    )
+    expect_unchanged(
+        trained,
+        lambda: raw_call(daemon, "stream_in", "LoadState", [encode_frame(h.SerializeToString())]),
+        InvalidArgument,
+        "shape|negative",
+    )
+
+
+def test_model_bytes_limit(model_name: str) -> None:
+    with running_daemon(max_model_bytes=1000, http_port=-1) as d, Client(d.grpc_address) as c:
+        with pytest.raises(LimitExceeded, match="max-model-bytes"):
+            c.create_model(model_name, {"w": torch.zeros(251)})
+        c.create_model(model_name, {"w": torch.zeros(200)})
+        m = d.registry.get(model_name)
+        expect_unchanged(
+            m,
+            lambda: c.add_param_group(model_name, {"v": torch.zeros(51)}),
+            LimitExceeded,
+            "max-model-bytes",
+        )
+        c.add_param_group(model_name, {"v": torch.zeros(50)})
+
+
+def test_tensor_count_and_name_limits(model_name: str) -> None:
+    with (
+        running_daemon(max_tensors=3, max_name_bytes=8, http_port=-1) as d,
+        Client(d.grpc_address) as c,
+    ):
+        with pytest.raises(LimitExceeded, match="max-tensors"):
+            c.create_model(model_name, {f"p{i}": torch.zeros(1) for i in range(4)})
+        with pytest.raises(LimitExceeded, match="max-name-bytes"):
+            c.create_model(model_name, {"n" * 9: torch.zeros(1)})
+        assert d.registry.names() == []
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        pb.ScalarTensor(value=0.1, shape=[1 << 26], dtype=pb.FLOAT32),  # filled 256 MiB before
+        pb.ScalarTensor(value=0.1, shape=[1 << 40], dtype=pb.FLOAT32),  # INTERNAL before
+        pb.ScalarTensor(value=0.1, shape=[-1], dtype=pb.FLOAT32),  # INTERNAL before
+        pb.ScalarTensor(value=0.1, shape=[1] * 9, dtype=pb.FLOAT32),
+    ],
+    ids=["1<<26", "1<<40", "-1", "9dims"],
+)
+def test_tensor_hyperparameter_shape_checked_before_it_is_built(
+    daemon: Any, trained: Any, model_name: str, tensor: pb.ScalarTensor
+) -> None:
+    lr = pb.HyperValue(tensor=tensor)
+    req = pb.SetHyperparamsRequest(
+        model=trained.name, updates=[pb.GroupUpdate(group=0, options={"lr": lr})]
+    )
+    expect_unchanged(
+        trained,
+        lambda: raw_call(daemon, "unary", "SetHyperparams", req.SerializeToString()),
+        InvalidArgument,
+        "one element",
+    )
+    push = header(
+        trained.name,
+        {"b": ((3,), pb.FLOAT32)},
+        hyper_updates=[pb.GroupUpdate(group=0, options={"lr": lr})],
+    )
+    expect_unchanged(
+        trained,
+        lambda: raw_push(daemon, [encode_frame(push, 0, 0, f32(3))]),
+        InvalidArgument,
+        "one element",
+    )
+    frames = create_frames(
+        model_name,
+        {"w": ([2], pb.FLOAT32)},
+        groups=[pb.ParamGroup(params=["w"], options={"lr": lr})],
+    )
+    with pytest.raises(InvalidArgument, match="one element"):
+        raw_call(daemon, "stream_in", "CreateModel", frames)
+
+
+NON_FINITE = [float("inf"), float("-inf"), float("nan")]
+
+
+@pytest.mark.parametrize("bad", NON_FINITE, ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("key", ["lr", "eps", "weight_decay", "beta1", "beta2", "tensor_lr"])
+def test_non_finite_hyperparameters_refused(
+    client: Client, trained: Any, model_name: str, key: str, bad: float
+) -> None:
+    """inf lr made every parameter -inf one push later (torch takes it; a shared server must not)."""
+    value: Any = {
+        "beta1": ("betas", (bad, 0.999)),
+        "beta2": ("betas", (0.9, bad)),
+        "tensor_lr": ("lr", torch.tensor(bad)),
+    }.get(key, (key, bad))
+    option = {value[0]: value[1]}
+    expect_unchanged(
+        trained, lambda: client.set_hyperparams(trained.name, **option), InvalidArgument, "finite"
+    )
+    expect_unchanged(
+        trained,
+        lambda: client.push_grad(trained.name, good_grads(), hyper_updates=[(0, option)]),
+        InvalidArgument,
+        "finite",
+    )
+    with pytest.raises(InvalidArgument, match="finite"):
+        client.create_model(model_name + "-new", {"w": torch.zeros(2)}, **option)
+    assert model_name + "-new" not in [m.name for m in client.list_models()]
+
+
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq", "step"])
+@pytest.mark.parametrize("bad", NON_FINITE, ids=["inf", "-inf", "nan"])
+def test_load_state_with_non_finite_values_refused(
+    client: Client, trained: Any, key: str, bad: float
+) -> None:
+    state = client.get_state(trained.name)
+    state["state"]["w"][key].view(-1)[0] = bad
+    expect_unchanged(
+        trained,
+        lambda: client.load_state(trained.name, state["state"]),
+        InvalidArgument,
+        "inf or nan",
+    )
+
+
+def test_push_id_length_limit(client: Client, trained: Any) -> None:
+    """A 4 MiB push id was remembered and written into every snapshot manifest."""
+    expect_unchanged(
+        trained,
+        lambda: client.push_grad(trained.name, good_grads(), push_id="x" * (4 << 20)),
+        LimitExceeded,
+        "push_id",
+    )
+    expect_unchanged(
+        trained,
+        lambda: client.push_grad(trained.name, good_grads(), push_id="x" * 257),
+        LimitExceeded,
+        "max-push-id-bytes",
+    )
+    assert not any(len(k) > 256 for k in trained.recent_push_results())
+    assert client.push_grad(trained.name, good_grads(), push_id="x" * 256).applied
+
+
+@pytest.mark.parametrize("token", ["ab\ncd", "ab cd", "ab\tcd", "tök"])
+def test_token_file_that_no_client_can_send(tmp_path: Any, token: str) -> None:
+    """Started a server nobody could call; now refused at start, exit 2, like an empty file."""
+    from adamd.server.cli import main
+
+    f = tmp_path / "token"
+    f.write_text(token + "\n")
+    argv = ["serve", "--grpc-port", "0", "--http-port", "-1", "--data-dir", str(tmp_path)]
+    assert main([*argv, "--token-file", str(f)]) == 2
+
+
+def test_pull_frames_fit_stock_clients_default_limit(
+    daemon: Any, client: Client, model_name: str
+) -> None:
+    """4 MiB chunks plus framing were just over the 4 MiB default receive limit of stock gRPC
+    clients: a default channel got RESOURCE_EXHAUSTED on the first frame of any tensor >= 4 MiB.
+    A header too big to share the first frame with a chunk now travels alone."""
+    params = {"big": torch.randn(3 << 20)}  # 12 MiB
+    params.update({f"layer{i:05d}." + "n" * 40: torch.zeros(1) for i in range(1500)})
+    client.create_model(model_name, params)
+    client.push_grad(model_name, {"big": torch.ones(3 << 20)})  # state to fetch, 24 MiB
+    with grpc.insecure_channel(daemon.grpc_address) as ch:  # stock options: 4 MiB receive limit
+        for method, req in (
+            ("PullParams", pb.PullRequest(model=model_name)),
+            ("GetState", pb.GetStateRequest(model=model_name)),
+        ):
+            frames = list(
+                ch.unary_stream(METHOD + method, identity, identity)(
+                    req.SerializeToString(), timeout=30
+                )
+            )
+            assert max(len(f) for f in frames) < 4 << 20
+    pulled = client.pull_params(model_name)
+    assert torch.equal(pulled["big"], daemon.registry.get(model_name).params["big"])

@@ -303,9 +303,12 @@ def test_operations_need_the_token() -> None:
         assert model.optimizer.param_groups[0]["lr"] == 0.01
         assert not list((d.config.data_dir / "guarded").glob("*.json"))
         assert d.registry.get("guarded") is model
-        # Reads of statistics stay open (the dashboard shows them).
+        # Whole-model statistics stay open (the dashboard shows them); per-parameter norms reveal
+        # weights (a one-element parameter's norm is |w|) and need the token (docs/security.md).
         assert httpx.get(url).status_code == 200
-        assert httpx.get(url + "/params").status_code == 200
+        assert httpx.get(url + "/history").status_code == 200
+        assert httpx.get(url + "/params").status_code == 401
+        assert httpx.get(url + "/params", headers=good).status_code == 200
         assert httpx.get(url + "/snapshot", headers=good).status_code == 200
         assert httpx.get(f"{d.http_url}/metrics").status_code == 200
         # With the token each operation works.

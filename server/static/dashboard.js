@@ -146,7 +146,8 @@ async function pollSelected() {
   const [detail, hist, params] = await Promise.all([
     getJSON(base),
     getJSON(`${base}/history${q}`),
-    state.polls % PARAMS_EVERY === 0 ? getJSON(`${base}/params`) : null,
+    // per-parameter statistics need the token when the server has one (401): the table stays empty
+    state.polls % PARAMS_EVERY === 0 ? getJSON(`${base}/params`).catch(() => null) : null,
   ]);
   if (name !== state.selected) return;
   if (hist.version < state.lastVersion) { state.history = []; state.lastVersion = -1; return; } // recreated

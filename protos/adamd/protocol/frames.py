@@ -20,7 +20,12 @@ from adamd.v1 import adamd_pb2 as pb
 
 from .errors import ProtocolError
 
-DEFAULT_CHUNK_BYTES = 4 << 20
+# Stock gRPC clients (grpc-js, Go, Java, C++, Python) refuse received messages over 4 MiB unless
+# told otherwise. A chunk leaves 64 KiB of that for its framing and, on the first frame, the
+# header, so every frame of a pull or a state fetch stays under the default limit.
+STOCK_MESSAGE_LIMIT = 4 << 20
+FRAME_HEADROOM = 64 << 10
+DEFAULT_CHUNK_BYTES = STOCK_MESSAGE_LIMIT - FRAME_HEADROOM
 # Largest message either side accepts: a chunk plus its header, with room for big headers.
 MAX_MESSAGE_BYTES = 64 << 20
 
@@ -179,10 +184,10 @@ def decode_frame(raw: bytes) -> Frame:
             elif field == 4:
                 data = buf[pos : pos + n]
             pos += n
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            if pos > end:
+                raise ProtocolError("truncated frame")
         else:
             raise ProtocolError(f"unsupported wire type {wire} in frame")
     return Frame(header, tensor, offset, data)
@@ -200,8 +205,14 @@ def iter_frames(
     tensors: Sequence[torch.Tensor],
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> Iterator[bytes]:
-    """The header frame, then every tensor cut into chunks. Tensors must be contiguous CPU tensors."""
+    """The header frame, then every tensor cut into chunks. Tensors must be contiguous CPU tensors.
+
+    The header rides on the first chunk when both fit the headroom; a larger header travels in a
+    frame of its own, so a frame is never much more than `chunk_bytes`."""
     first = True
+    if len(header) > FRAME_HEADROOM - 64 and any(t.numel() for t in tensors):
+        yield encode_frame(header)
+        header, first = b"", False
     for index, t in enumerate(tensors):
         raw = byte_view(t)
         for start in range(0, raw.nbytes, chunk_bytes):

@@ -20,6 +20,8 @@ from .frames import dtype_from_pb, dtype_to_pb
 # torch.optim.Adam's defaults, in its order: the keys every param group carries.
 ADAM_DEFAULTS: dict[str, Any] = dict(torch.optim.Adam([torch.zeros(1)]).defaults)
 GROUP_SKIP_KEYS = ("params", "param_names")
+# Most dims a one-element tensor hyperparameter may declare on the wire.
+MAX_TENSOR_DIMS = 8
 # Options that choose how torch computes the step, not what it computes: fixed at creation.
 IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
@@ -58,10 +60,16 @@ def value_from_pb(hv: pb.HyperValue) -> Any:
         return None
     if kind == "tensor":
         st = hv.tensor
+        # Checked before torch.full: a tensor hyperparameter holds one element, so its shape is
+        # a few 1s (a 40-byte message must not make the receiver fill gigabytes).
+        if len(st.shape) > MAX_TENSOR_DIMS or any(d != 1 for d in st.shape):
+            raise ProtocolError(
+                f"a tensor hyperparameter holds one element; got shape {list(st.shape)[:8]}"
+            )
         return torch.full(tuple(st.shape), st.value, dtype=dtype_from_pb(st.dtype))
     if kind == "list":
         return tuple(value_from_pb(v) for v in hv.list.items)
-    raise ValueError(f"unknown hyperparameter kind {kind}")
+    raise ProtocolError(f"unknown hyperparameter kind {kind}")
 
 
 def options_to_pb(group: Mapping[str, Any]) -> dict[str, pb.HyperValue]:
