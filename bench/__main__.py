@@ -24,6 +24,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import adamd_runs, peer_rpc, raw_grpc, report, sync_scaling
 from .common import FP32, adamd_server, best_of, free_port, parse_size, reps_for, size_label
+from .gpu_check import BEGIN as GPU_BEGIN
+from .gpu_check import END as GPU_END
 from .report import RunResult, SizeResult
 
 FULL_SIZES = "1M,10M,25M,100M"
@@ -155,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     result.wall_s = time.perf_counter() - started
     result.command = "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = report.render(result)
+    if args.out.exists():  # keep the GPU figures `make gpu-check` wrote (another machine's)
+        old = args.out.read_text()
+        if GPU_BEGIN in old and GPU_END in old:
+            kept = GPU_BEGIN + old.split(GPU_BEGIN, 1)[1].split(GPU_END, 1)[0] + GPU_END
+            text = text.rstrip("\n") + "\n\n" + kept + "\n"
     args.out.write_text(text)
     rows = [report.ratios(r) for r in result.sizes]
     console.print(
