@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import importlib.util
 import os
 import platform
@@ -39,8 +40,11 @@ EXTRAS = ["grpc_health", "grpc_reflection", "prometheus_client", "safetensors", 
 
 def _ensure_adamd() -> str | None:
     """Make `import adamd...` work from the checkout; the folder to put on PYTHONPATH, if any."""
-    if importlib.util.find_spec("adamd.server") is not None:
-        return None
+    try:
+        if importlib.util.find_spec("adamd.server") is not None:
+            return None
+    except ModuleNotFoundError:  # no `adamd` at all
+        pass
     shim = Path(tempfile.mkdtemp(prefix="adamd-shim-"))
     (shim / "adamd").mkdir()
     links = {
@@ -250,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     shim = _ensure_adamd()
     missing = [m for m in EXTRAS if importlib.util.find_spec(m) is None]
+    for m in ("grpc", "google.protobuf", "pytest"):
+        try:
+            importlib.import_module(m)
+        except ImportError:
+            print(f"gpu-check: {m} is not installed in {sys.executable}", file=sys.stderr)
+            return 2
     print(f"gpu-check: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
     if missing:
         print(f"gpu-check: not installed here: {', '.join(missing)} (tests needing them skip)")
