@@ -187,7 +187,12 @@ def measure_stalled(address: str, http: str, streams: int, reps: int, n: int) ->
     counts = json.loads(staller.stdout.readline())
     ended_after = time.monotonic() - t_open
     staller.wait(timeout=60)
-    time.sleep(0.5)
+    # Ended streams give their buffers back to the model's pool at once; idle pool sets are
+    # then trimmed within two trim windows (10 s each). Poll until staging has fallen.
+    t_end, staging_after = time.monotonic(), _staging(http, "stall")
+    while staging_after >= staging_stalled and time.monotonic() - t_end < 45:
+        time.sleep(0.5)
+        staging_after = _staging(http, "stall")
     return {
         "streams": streams,
         "params": n,
@@ -199,7 +204,8 @@ def measure_stalled(address: str, http: str, streams: int, reps: int, n: int) ->
         "stalled_ended": counts,
         "ended_within_s": ended_after,
         "staging_bytes_while_stalled": staging_stalled,
-        "staging_bytes_after": _staging(http, "stall"),
+        "staging_bytes_after": staging_after,
+        "trimmed_after_s": time.monotonic() - t_end,
     }
 
 
@@ -225,14 +231,15 @@ def render(sync: dict, stalled: dict, command: str) -> str:
         f" ({sync['procs']} worker processes of grpc.aio coroutines).",
         f"- **{'met' if stalled['p99_ratio'] < 3 else 'NOT met'}**: with {stalled['streams']}"
         " stalled push streams open, a normal client's push + pull"
-        f" ({stalled['params'] / 1e6:g}M fp32 params, gRPC) p99 {stalled['stalled_p99_ms']:.1f} ms"
+        f" ({stalled['params']:,} fp32 params, gRPC) p99 {stalled['stalled_p99_ms']:.1f} ms"
         f" vs {stalled['idle_p99_ms']:.1f} ms idle = {stalled['p99_ratio']:.2f}x (target < 3x);"
         f" p50 {stalled['stalled_p50_ms']:.1f} vs {stalled['idle_p50_ms']:.1f} ms.",
         f"- **{'met' if ended and freed else 'NOT met'}**: the stalled streams were ended by the"
         f" idle deadline: {stalled['stalled_ended']} within {stalled['ended_within_s']:.1f} s of"
         f" opening; staging {stalled['staging_bytes_while_stalled'] / 2**20:.1f} MiB while"
-        f" stalled, {stalled['staging_bytes_after'] / 2**20:.1f} MiB after (idle buffer sets are"
-        " trimmed when the next push finishes).",
+        f" stalled, {stalled['staging_bytes_after'] / 2**20:.2f} MiB"
+        f" {stalled['trimmed_after_s']:.1f} s after they ended (idle buffer sets are trimmed"
+        " within two 10 s windows).",
         "",
         "Before (threaded gRPC server, 64 handler threads): every parked sync worker and every open"
         " stream held a thread, so world sizes over 64 gave partial rounds and 64 stalled streams"
@@ -282,9 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"stalled": stalled}), flush=True)
     if not args.quick:
         sync["procs"], stalled["idle_s"] = args.procs, args.idle_s
-        command = "python -m bench.concurrency " + shlex.join(
-            sys.argv[1:] if argv is None else argv
-        )
+        given = shlex.join(sys.argv[1:] if argv is None else argv)
+        command = f"python -m bench.concurrency {given}".rstrip()
         old = args.out.read_text() if args.out.exists() else ""
         args.out.write_text(report.put_section(old, "concurrency", render(sync, stalled, command)))
     return 0
