@@ -60,12 +60,17 @@ _LOOP_LOCK = threading.Lock()
 
 class GrpcServer:
     def __init__(
-        self, service: OptimizerService, address: str, max_message_bytes: int = MAX_MESSAGE_BYTES
+        self,
+        service: OptimizerService,
+        address: str,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        credentials: grpc.ServerCredentials | None = None,
     ):
+        """`credentials`: TLS (server/tls.py); the port then speaks TLS only."""
         self._loop = _shared_loop()
         self._stopped = False
         self._server, self.port, self._health = self._call(
-            self._build(service, address, server_options(max_message_bytes))
+            self._build(service, address, server_options(max_message_bytes), credentials)
         )
 
     def _call(self, coro: Any) -> Any:
@@ -75,7 +80,10 @@ class GrpcServer:
 
     @staticmethod
     async def _build(
-        service: OptimizerService, address: str, options: list[tuple[str, int]]
+        service: OptimizerService,
+        address: str,
+        options: list[tuple[str, int]],
+        credentials: grpc.ServerCredentials | None,
     ) -> tuple[grpc.aio.Server, int, Any]:
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=None)
         server.add_generic_rpc_handlers((service.handler(),))
@@ -87,7 +95,10 @@ class GrpcServer:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, server)
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
         if port == 0:
             raise OSError(f"could not bind gRPC to {address}")
         await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
