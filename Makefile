@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: setup demo test test-fast lint bench protos browser clean
+.PHONY: setup demo test test-fast lint bench gpu-check protos browser clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,13 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m bench
+
+# On a CUDA machine: the GPU tests and the GPU benchmark rows (figures into BENCHMARKS.md). No
+# venv needed there (the project's .venv holds a CPU-only torch): python3 with torch, grpcio,
+# protobuf and pytest is enough. Without CUDA it stops with a message (exit 2).
+GPU_PY ?= $(if $(wildcard $(VENV)/bin/python),$(PY),python3)
+gpu-check:
+	$(GPU_PY) -m bench.gpu_check
 
 protos: setup
 	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos --grpc_python_out=protos protos/adamd/v1/adamd.proto

@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     result.wall_s = time.perf_counter() - started
     result.command = "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = report.render(result)
+    if args.out.exists():
+        kept = report.kept_sections(args.out.read_text())
+        text = "\n\n".join([text.rstrip(), *kept]) + "\n" if kept else text
     args.out.write_text(text)
     rows = [report.ratios(r) for r in result.sizes]
     console.print(

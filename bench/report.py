@@ -377,3 +377,31 @@ def render(result: RunResult) -> str:
     if errors:
         md += ["", "## Errors during the run", "", *[f"- {e}" for e in errors]]
     return "\n".join(md) + "\n"
+
+
+# Sections other harnesses (bench.concurrency) own inside the same file: `python -m bench` keeps
+# them when it rewrites the rest.
+_BEGIN, _END = "<!-- begin {} -->", "<!-- end {} -->"
+
+
+def kept_sections(old: str) -> list[str]:
+    """Every `<!-- begin NAME --> ... <!-- end NAME -->` block of `old`, verbatim."""
+    blocks, pos = [], 0
+    while (start := old.find("<!-- begin ", pos)) >= 0:
+        name = old[start + len("<!-- begin ") : old.index(" -->", start)]
+        end = old.find(_END.format(name), start)
+        if end < 0:
+            break
+        end += len(_END.format(name))
+        blocks.append(old[start:end])
+        pos = end
+    return blocks
+
+
+def put_section(text: str, name: str, body: str) -> str:
+    """`text` with section NAME replaced by `body` (appended when it is not there yet)."""
+    begin, end = _BEGIN.format(name), _END.format(name)
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        return text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    return text.rstrip() + "\n\n" + block + "\n"

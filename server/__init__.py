@@ -1,6 +1,28 @@
-"""adamd's server: the model registry and optimizer core, its gRPC and HTTP adapters, and the CLI."""
+"""adamd's server: the model registry and optimizer core, its gRPC and HTTP adapters, and the CLI.
 
-from .config import ServerConfig
-from .daemon import Daemon
+`Daemon` and `ServerConfig` are imported on first use, so the core (`adamd.server.model`,
+`registry`, `cuda_step`, ...) imports without the daemon's extras (prometheus-client, the gRPC
+health and reflection services): the GPU tests of the core run on machines that lack them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import ServerConfig
+    from .daemon import Daemon
 
 __all__ = ["Daemon", "ServerConfig"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Daemon":
+        from .daemon import Daemon
+
+        return Daemon
+    if name == "ServerConfig":
+        from .config import ServerConfig
+
+        return ServerConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,11 +27,33 @@
   which load_state_dict and add_param_group replace) with the graph's; on any difference the
   graph is dropped and the set warms up again. `invalidate()` drops everything at once.
 
-Capture happens with capture_error_mode="thread_local" (as torch.compile's CUDA-graph trees do),
-since other threads of the daemon keep serving, and under a process-wide lock that this module's
-own device work (uploads, steps, replays, early copies of every model) takes in shared mode, so
-no capture overlaps them and only one capture runs at a time. Work that does not go through this
-module (a parameter pull, a snapshot copy) is not held off during a capture.
+Streams. Each model issues all its device work on its own two streams (from torch's pool):
+uploads, steps, captures and replays on its step stream, early uploads on its copy stream. Readers
+of its tensors (pulls, snapshots, state reads, statistics) run on the step stream too (`reading()`),
+so they come after the step they read and before the next step writes, and a model's pulls and
+replies wait only behind its own work. `step_done` is an event recorded after each step.
+
+Captures. A capture runs `capture_begin`/`capture_end` on the step stream itself, with
+capture_error_mode="thread_local" (as torch.compile's CUDA-graph trees do: other threads keep
+serving). Not `torch.cuda.graph`: that synchronizes the whole device and empties both of torch's
+caches (device and pinned) at every capture. While a capture is open, nothing else may be issued to
+its stream (it would be captured), so each stream has a lock that device work takes in shared mode
+and a capture in exclusive mode; streams are shared between models only beyond torch's pool (32 per
+priority, 16 models), and then those models wait for each other's captures, nobody else does.
+A key (set of gradient names) captured `max_captures` times steps eagerly from then on: a schedule
+that changes a baked-in option (betas, eps, weight_decay) every few steps would otherwise recapture
+over and over.
+
+Failed captures. An error inside the captured step leaves a capture that `capture_end` closes; the
+model then steps eagerly. An error from `capture_begin` or `capture_end` itself (a CUDA-level error
+that invalidated the capture) leaves torch's caching allocator believing a capture is still under
+way (`capture_end` raises before it ends the allocator's capture), so graphs are turned off for the
+whole process (`graphs_disabled()`), and every model steps eagerly from then on.
+
+Frees. The caching allocator reuses a freed block at once for work on the stream it was allocated
+on. So before anything a step may still be using is let go (graphs, static and landing buffers,
+replaced state, a deleted model's tensors) the model's streams are synchronized (`_quiesce`), and
+state loaded into the optimizer is created on the step stream.
 """
 
 from __future__ import annotations
@@ -46,12 +68,13 @@ from typing import Any
 
 import torch
 
-from .staging import GradSet, StagingPool
+from .staging import BOUNCE_BYTES, GradSet, StagingPool, copy_in_chunks, host_bytes
 
 logger = logging.getLogger(__name__)
 
 WARMUP_STEPS = 3  # eager steps per gradient set before its capture (torch's examples use 3)
 MAX_GRAPHS = 2  # captured graphs kept per model
+MAX_CAPTURES = 4  # captures of one gradient set before it steps eagerly for good
 _WARM_KEPT = 8  # gradient sets whose warm-up is being counted, per model
 _NOT_OPTIONS = ("params", "param_names")
 
@@ -98,8 +121,36 @@ class _SharedExclusive:
                 self._cond.notify_all()
 
 
-# Shared: issuing this module's device work. Exclusive: a capture (one per process at a time).
-_DEVICE_WORK = _SharedExclusive()
+# Per CUDA stream (by handle): shared while issuing work to it, exclusive while capturing on it.
+_STREAM_LOCKS: dict[int, _SharedExclusive] = {}
+_STREAM_LOCKS_GUARD = threading.Lock()
+
+
+def _stream_lock(stream: Any) -> _SharedExclusive:
+    key = int(stream.cuda_stream)
+    with _STREAM_LOCKS_GUARD:
+        lock = _STREAM_LOCKS.get(key)
+        if lock is None:
+            lock = _STREAM_LOCKS[key] = _SharedExclusive()
+        return lock
+
+
+_PROCESS_DISABLED: list[str] = []  # why graphs are off in this process (a broken capture)
+
+
+def graphs_disabled() -> str | None:
+    """Why CUDA graphs are off for the whole process, or None while they are on."""
+    return _PROCESS_DISABLED[0] if _PROCESS_DISABLED else None
+
+
+def _disable_graphs(reason: str) -> None:
+    if not _PROCESS_DISABLED:
+        _PROCESS_DISABLED.append(reason)
+        logger.error("CUDA graphs turned off for this process: %s", reason)
+
+
+class CaptureBroken(RuntimeError):
+    """capture_begin or capture_end failed: torch's allocator may still count the capture."""
 
 
 def _token(value: Any, device: torch.device, keep: list[torch.Tensor]) -> Any:
@@ -192,8 +243,9 @@ class GraphedStep:
 
     The model calls, under its lock: `upload(grads)` (host gradients -> static device buffers,
     returned by name), then with each `p.grad` set to them `run(frozenset(names))`. It hands out
-    `staging` as its staging pool, passes `prefetch(...)` to each push's TensorSink, and calls
-    `invalidate()` after add_param_group and load_state.
+    `staging` as its staging pool, passes `prefetch(...)` to each push's TensorSink, reads its
+    tensors inside `reading()`, and calls `invalidate()` around add_param_group and load_state
+    and `close()` when the model is deleted.
     """
 
     def __init__(
@@ -204,12 +256,14 @@ class GraphedStep:
         *,
         warmup_steps: int = WARMUP_STEPS,
         max_graphs: int = MAX_GRAPHS,
+        max_captures: int = MAX_CAPTURES,
     ):
         self.optimizer = optimizer
         self.params = params  # the model's own dict: add_param_group adds to it
         self.device = device
         self.warmup_steps = warmup_steps
         self.max_graphs = max_graphs
+        self.max_captures = max_captures  # captures per key before it steps eagerly for good
         self.grads: dict[str, torch.Tensor] = {}  # static device gradient per parameter
         self.staging = _Staging(params, self._release_staging)
         self.disabled: str | None = None  # why graphs are off for this model (a failed capture)
@@ -220,13 +274,18 @@ class GraphedStep:
         self.early_copies = 0  # gradients a step took from an early upload
         self._graphs: OrderedDict[frozenset[str], _Graph] = OrderedDict()
         self._warm: dict[frozenset[str], _Warmup] = {}
+        self._captured: dict[frozenset[str], int] = {}  # captures made per key
+        self.given_up: set[frozenset[str]] = set()  # keys that changed too often: eager
         self._landing: dict[str, torch.Tensor] = {}
         self._slot: _Prefetch | None = None
         self._slot_lock = threading.Lock()
-        self._streams: tuple[Any, Any] | None = None  # (side, copy), made on first use
+        self._streams: tuple[Any, Any] | None = None  # (step, copy), made on first use
         self._streams_lock = threading.Lock()
         self._landing_free: Any = None  # event: the landing buffers were last read before it
         self._uploaded: Any = None  # event: the last upload's copies out of host memory are done
+        self.step_done: Any = None  # event recorded on the step stream after each step
+        self._bounce: torch.Tensor | None = None  # pinned, for chunked copies to the host
+        self._bounce_lock = threading.Lock()
         # Warm-up and fallback steps run uncaptured on purpose: not worth torch's warning that
         # capturable=True without capture may be slow (it checks this attribute).
         optimizer._warned_capturable_if_run_uncaptured = True  # type: ignore[attr-defined]
@@ -239,17 +298,26 @@ class GraphedStep:
         return None if entry is None else entry.graph
 
     def invalidate(self) -> None:
-        """Drop every graph and warm-up count (param groups or optimizer state were replaced)."""
-        if self._graphs:
-            self._quiesce()
+        """Drop every graph and warm-up count (param groups or optimizer state are replaced).
+        Waits for the model's device work first: what it used may be freed next."""
+        self._quiesce()
         self._graphs.clear()
         self._warm.clear()
+
+    def close(self) -> None:
+        """The model is deleted: wait for its device work, then let go of graphs and buffers."""
+        self.invalidate()
+        self.grads.clear()
+        self._landing.clear()
+        self.staging.close()
 
     def run(self, key: frozenset[str]) -> None:
         """One optimizer step over the parameters named in `key`, whose p.grad is set."""
         if (
             not key
             or self.disabled
+            or graphs_disabled()
+            or key in self.given_up
             or not all(g["capturable"] for g in self.optimizer.param_groups)
         ):
             self._plain_step()
@@ -261,19 +329,10 @@ class GraphedStep:
             self._quiesce()
             del self._graphs[key]
             entry = None
-        if entry is None and self._warmed_up(key, fp):
-            try:
-                graph = self._capture()
-            except Exception as exc:  # capture runs nothing: the step is still to be taken
-                logger.warning("CUDA graph capture failed, stepping eagerly from now on: %s", exc)
-                self.disabled = f"capture failed: {exc}"
-            else:
-                self.captures += 1
-                entry = self._graphs[key] = _Graph(graph, fp)
-                self._warm.pop(key, None)
-                while len(self._graphs) > self.max_graphs:
-                    self._quiesce()
-                    self._graphs.popitem(last=False)
+            if self._captured.get(key, 0) >= self.max_captures:
+                self._give_up(key)  # and this step is eager
+        if entry is None and key not in self.given_up and self._warmed_up(key, fp):
+            entry = self._capture_key(key, fp)
         if entry is not None:
             self._graphs.move_to_end(key)
             self._replay(entry.graph)
@@ -282,6 +341,8 @@ class GraphedStep:
             return
         self._eager()
         self.eager_steps += 1
+        if key in self.given_up or self.disabled or graphs_disabled():
+            return
         warm = self._warm.get(key)
         if warm is None or not warm.fingerprint.same(fp):
             self._warm.pop(key, None)
@@ -289,6 +350,39 @@ class GraphedStep:
             while len(self._warm) > _WARM_KEPT:
                 del self._warm[next(iter(self._warm))]
         warm.steps += 1
+
+    def _capture_key(self, key: frozenset[str], fp: Fingerprint) -> _Graph | None:
+        """Capture the step for `key`, or None (this step is then taken eagerly)."""
+        self._warm.pop(key, None)
+        if self._captured.get(key, 0) >= self.max_captures:
+            self._give_up(key)
+            return None
+        try:
+            graph = self._capture()
+        except CaptureBroken as exc:
+            _disable_graphs(f"capture failed at the CUDA level: {exc.__cause__ or exc}")
+            self.disabled = f"capture failed: {exc.__cause__ or exc}"
+            return None
+        except Exception as exc:  # capture runs nothing: the step is still to be taken
+            logger.warning("CUDA graph capture failed, stepping eagerly from now on: %s", exc)
+            self.disabled = f"capture failed: {exc}"
+            return None
+        self.captures += 1
+        self._captured[key] = self._captured.get(key, 0) + 1
+        entry = self._graphs[key] = _Graph(graph, fp)
+        while len(self._graphs) > self.max_graphs:
+            self._quiesce()
+            self._graphs.popitem(last=False)
+        return entry
+
+    def _give_up(self, key: frozenset[str]) -> None:
+        logger.info(
+            "a captured step for %d gradients went stale %d times: stepping it eagerly from now on",
+            len(key),
+            self.max_captures,
+        )
+        self.given_up.add(key)
+        self._warm.pop(key, None)
 
     def _warmed_up(self, key: frozenset[str], fp: Fingerprint) -> bool:
         warm = self._warm.get(key)
@@ -302,47 +396,89 @@ class GraphedStep:
     # The device work (replaced by stand-ins in the CPU tests).
 
     def _plain_step(self) -> None:
-        with _DEVICE_WORK.shared(), torch.cuda.device(self.device):
+        with self.reading():
             self.optimizer.step()
+            self._record_step_done()
 
     def _eager(self) -> None:
-        with _DEVICE_WORK.shared(), torch.cuda.device(self.device):
-            side, _ = self._get_streams()
-            current = torch.cuda.current_stream()
-            side.wait_stream(current)
-            with torch.cuda.stream(side):
-                self.optimizer.step()
-            current.wait_stream(side)
+        with self.reading():  # the warm-up runs on the stream the capture will use
+            self.optimizer.step()
+            self._record_step_done()
 
     def _capture(self) -> Any:
         graph = torch.cuda.CUDAGraph()
-        with _DEVICE_WORK.exclusive(), torch.cuda.device(self.device):
-            side, _ = self._get_streams()
-            current = torch.cuda.current_stream()
-            side.wait_stream(current)
+        step, _ = self._get_streams()
+        with (
+            _stream_lock(step).exclusive(),
+            torch.cuda.device(self.device),
+            torch.cuda.stream(step),
+        ):
+            # No device sync and no cache flush (torch.cuda.graph does both): the step stream is
+            # ours alone while the lock is held, and capture runs nothing.
             try:
-                # Same stream as the warm-up; torch.cuda.graph synchronizes the device first.
-                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                    self.optimizer.step()
-            finally:
-                # torch.cuda.graph leaves its stream current when capture_end raises
-                torch.cuda.set_stream(current)
+                graph.capture_begin(capture_error_mode="thread_local")
+            except Exception as exc:
+                raise CaptureBroken(str(exc)) from exc
+            try:
+                self.optimizer.step()
+            except BaseException:
+                try:
+                    graph.capture_end()
+                except Exception as exc:
+                    raise CaptureBroken(str(exc)) from exc
+                raise
+            try:
+                graph.capture_end()
+            except Exception as exc:
+                raise CaptureBroken(str(exc)) from exc
         return graph
 
     def _replay(self, graph: Any) -> None:
-        with _DEVICE_WORK.shared(), torch.cuda.device(self.device):
-            graph.replay()  # on the current stream, after this step's uploads
+        with self.reading():
+            graph.replay()  # on the step stream, after this step's uploads
+            self._record_step_done()
+
+    def _record_step_done(self) -> None:
+        done = torch.cuda.Event()
+        done.record()
+        self.step_done = done
 
     def _quiesce(self) -> None:
-        """Wait for replays in flight before a graph (and its memory pool) is let go."""
-        with torch.cuda.device(self.device):
-            torch.cuda.current_stream().synchronize()
+        """Wait for the model's device work (a replay, an upload, an early copy) to finish."""
+        if self._streams is None:
+            return
+        for stream in self._streams:
+            stream.synchronize()
 
     def _get_streams(self) -> tuple[Any, Any]:
         with self._streams_lock:
             if self._streams is None:
                 self._streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
             return self._streams
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Issue device work on the model's step stream: after the last step, before the next.
+        Not re-entrant (a capture waiting in between would deadlock it)."""
+        step, _ = self._get_streams()
+        with _stream_lock(step).shared(), torch.cuda.device(self.device), torch.cuda.stream(step):
+            yield
+
+    def to_host(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A host copy of device tensor `t` (converted to `dtype` on the device first), copied on
+        the step stream through a small pinned bounce buffer. Call inside `reading()`."""
+        src = t.detach()
+        if dtype is not None and dtype != src.dtype:
+            src = src.to(dtype)
+        src = src.contiguous()
+        out = torch.empty(src.shape, dtype=src.dtype)
+        if not src.numel():
+            return out
+        with self._bounce_lock:
+            if self._bounce is None:
+                self._bounce = host_bytes(BOUNCE_BYTES, pin=True)
+            copy_in_chunks(src, out, self._bounce)
+        return out
 
     # --- uploads -------------------------------------------------------------------------------
 
@@ -363,32 +499,35 @@ class GraphedStep:
     def _copy_early(self, slot: _Prefetch, index: int) -> None:
         name, src = slot.names[index], slot.sources[index]
         try:
-            with _DEVICE_WORK.shared(), torch.cuda.device(self.device):
-                _, copy = self._get_streams()
-                with torch.cuda.stream(copy):
-                    if self._landing_free is not None:
-                        copy.wait_event(self._landing_free)  # the last step read them
-                    dst = self._landing.get(name)
-                    if dst is None:
-                        dst = self._landing[name] = torch.empty_like(self.params[name])
-                    dst.copy_(src, non_blocking=True)
-                    done = torch.cuda.Event()
-                    done.record(copy)
+            _, copy = self._get_streams()
+            with (
+                _stream_lock(copy).shared(),
+                torch.cuda.device(self.device),
+                torch.cuda.stream(copy),
+            ):
+                if self._landing_free is not None:
+                    copy.wait_event(self._landing_free)  # the last step read them
+                dst = self._landing.get(name)
+                if dst is None:
+                    dst = self._landing[name] = torch.empty_like(self.params[name])
+                dst.copy_(src, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(copy)
             slot.ready[name] = (src, done)
         except Exception:  # the step copies this one itself
             logger.exception("early upload of %r failed", name)
 
     def upload(self, grads: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Copy the step's host gradients into the static device buffers (from the landing buffer
-        where this push's gradient arrived early and unchanged)."""
+        where this push's gradient arrived early and unchanged), on the step stream."""
         out = {}
         slot = self._slot
-        with _DEVICE_WORK.shared(), torch.cuda.device(self.device):
+        with self.reading():
             current = torch.cuda.current_stream()
             from_landing = False
             for name, g in grads.items():
                 static = self.grads.get(name)
-                if static is None:
+                if static is None:  # allocated on the step stream, its only user
                     static = self.grads[name] = torch.empty_like(self.params[name])
                 early = slot.ready.get(name) if slot is not None else None
                 if early is not None and early[0] is g:
@@ -422,5 +561,7 @@ class GraphedStep:
     def nbytes(self) -> int:
         """Device bytes of the static and landing gradient buffers."""
         return sum(
-            t.numel() * t.element_size() for d in (self.grads, self._landing) for t in d.values()
+            t.numel() * t.element_size()
+            for d in (self.grads, self._landing)
+            for t in list(d.values())
         )

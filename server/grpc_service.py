@@ -339,7 +339,7 @@ class OptimizerService:
             header = pb.PullHeader(version=version, not_modified=True)
             yield pb.PullFrame(header=header).SerializeToString()
             return
-        tensors = await self._run(lambda: [to_wire(model.params[n], wire) for n in names])
+        tensors = await self._run(model.host_copies, names, wire)
         header = pb.PullHeader(
             version=version, tensors=[spec_of(n, t) for n, t in zip(names, tensors)]
         )

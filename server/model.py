@@ -13,6 +13,11 @@ The model composes three pieces, each in its own module:
 
 Versions: a model starts at version 0 and gains 1 per applied step. Readers copy parameters without
 the lock and use the seqlock (`read_begin` / `read_consistent`) to tell whether a step ran meanwhile.
+
+On CUDA every piece of device work on the model's tensors (uploads, steps, hyperparameter fills,
+state loads, and every reader's copies and norms) is issued inside `on_device()`, on the model's
+own step stream (cuda_step.py): readers then come after the step they read and before the next
+one, and models do not wait for each other. Copies to the host go through `host_copy`.
 """
 
 from __future__ import annotations
@@ -28,12 +33,12 @@ from typing import Any
 
 import torch
 
-from adamd.protocol.frames import TensorSink
+from adamd.protocol.frames import TensorSink, to_wire, wire_dtype_of
 
 from . import options as adam_options
 from . import state_io
 from .cuda_step import GraphedStep
-from .errors import InvalidArgument
+from .errors import InvalidArgument, NotFound
 from .groups import GroupEditor, Updates
 from .pushes import ClosedRound, PendingPush, PushMeta, PushResult, PushTicket, StepRecord
 from .rounds import ASYNC, SYNC, Rounds, check_settings
@@ -87,6 +92,7 @@ class HostedModel:
         # group, loaded state): snapshots count these as changes too.
         self.edit_listeners: list[Callable[[], None]] = []
         self._lock = threading.RLock()
+        self.closed = False  # deleted: no more steps
         self._seq = 0  # odd while parameters are being written (readers retry)
         self.write_listeners: list[
             Callable[[int, int], None]
@@ -167,7 +173,8 @@ class HostedModel:
     def set_hyperparams(self, updates: Updates) -> None:
         with self._lock:
             self.groups.check(updates)
-            self.groups.apply(updates)
+            with self.on_device():  # a device lr is filled in place, in order with the steps
+                self.groups.apply(updates)
             self._edited()
 
     def _edited(self) -> None:
@@ -186,6 +193,8 @@ class HostedModel:
 
         `buffers`, when given, supplies gradients already in place (the same-host path) instead
         of pooled buffers to stream into."""
+        if self.closed:
+            raise NotFound(f"no model named {self.name!r} (it was deleted)")
         names = self.rounds.check_header(meta, specs, self.params)
         for name in names:
             p = self.params[name]
@@ -224,12 +233,14 @@ class HostedModel:
     def apply_round(self, closed: ClosedRound) -> None:
         """Rounds, lock held: the pushes' hyperparameter edits, then one step (none when a push
         found inf). Should anything raise, the edits are undone and nothing else changed."""
-        undo = self.groups.apply_all([t.meta.hyper_updates for t in closed.tickets])
+        with self.on_device():
+            undo = self.groups.apply_all([t.meta.hyper_updates for t in closed.tickets])
         try:
             if not closed.found_inf:
                 self._step(closed.grads)
         except Exception:
-            undo()
+            with self.on_device():
+                undo()
             raise
         if closed.found_inf:
             self.skipped_steps += 1
@@ -238,6 +249,8 @@ class HostedModel:
 
     def _step(self, grads: Mapping[str, torch.Tensor]) -> None:
         """One torch.optim.Adam step with these gradients (params not named get no step)."""
+        if self.closed:
+            raise NotFound(f"no model named {self.name!r} (it was deleted)")
         on_device = self._to_device(grads)
         self._begin_write()
         try:
@@ -298,6 +311,45 @@ class HostedModel:
         with self._lock:
             yield
 
+    def on_device(self) -> contextlib.AbstractContextManager[None]:
+        """Where device work on this model's tensors is issued: on CUDA its step stream (ordered
+        after the last step and before the next); elsewhere nothing changes. Take the model
+        lock first, if at all, never inside; and do not nest."""
+        if self.graphed is None:
+            return contextlib.nullcontext()
+        return self.graphed.reading()
+
+    def host_copy(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A copy of `t` (a parameter or state tensor) on the host, contiguous, in `dtype` if
+        given. Inside `on_device()` on CUDA (through a pinned bounce buffer, on the model's
+        stream); a plain copy elsewhere."""
+        if self.graphed is not None and t.device.type == "cuda":
+            return self.graphed.to_host(t, dtype)
+        return t.detach().to("cpu", dtype=dtype, copy=True).contiguous()
+
+    def host_copies(
+        self, names: Sequence[str], wire_dtype: torch.dtype | None = None
+    ) -> list[torch.Tensor]:
+        """Parameters as contiguous host tensors ready for the wire (a pull): `to_wire` on the
+        CPU, copies on the model's stream on CUDA. Read under the seqlock, not the lock."""
+        if self.graphed is None:
+            return [to_wire(self.params[n], wire_dtype) for n in names]
+        with self.on_device():
+            return [
+                self.host_copy(self.params[n], wire_dtype_of(self.params[n].dtype, wire_dtype))
+                for n in names
+            ]
+
+    def close(self) -> None:
+        """The model was deleted: a push still in flight fails instead of stepping, and on CUDA
+        the model's device work finishes before its tensors can be freed."""
+        with self._lock:
+            self.closed = True
+            if self.graphed is not None:
+                self.graphed.close()
+            else:
+                self.staging.close()
+
     # --- versions ------------------------------------------------------------------------------
 
     def version_reached(self, version: int) -> Future[None]:
@@ -340,7 +392,17 @@ class HostedModel:
             groups = [
                 {**opts, "params": names} for opts, names in zip(self.requested, self.group_names())
             ]
-            return state_io.state_by_name(self.optimizer), groups, self.version
+            if self.graphed is None:
+                return state_io.state_by_name(self.optimizer), groups, self.version
+            with self.on_device():
+                state = {
+                    name: {
+                        k: self.host_copy(v) if isinstance(v, torch.Tensor) else torch.tensor(v)
+                        for k, v in entry.items()
+                    }
+                    for name, entry in state_io.named_state(self.optimizer)
+                }
+            return state, groups, self.version
 
     def load_state(
         self,
@@ -361,12 +423,16 @@ class HostedModel:
             sd = state_io.load_dict(state, self.optimizer)
             self._begin_write()
             try:
-                self.optimizer.load_state_dict(sd)
-            finally:
-                if self.graphed is not None:  # new state tensors: captured addresses are stale
+                if self.graphed is not None:
+                    # The old state is freed by load_state_dict, and captured addresses go stale:
+                    # wait for the model's device work first.
                     self.graphed.invalidate()
+                with self.on_device():  # the new state is made on the step stream, its user
+                    self.optimizer.load_state_dict(sd)
+            finally:
                 self._end_write()
-            self.groups.apply(updates)
+            with self.on_device():
+                self.groups.apply(updates)
             self._edited()
 
     def memory_bytes(self) -> dict[str, int]:
@@ -375,8 +441,12 @@ class HostedModel:
 
         with self._lock:
             state = sum(size(s.values()) for s in self.optimizer.state.values())
+            # On CUDA: pinned host sets, plus the static and landing gradients on the device.
+            device_grads = (
+                self.graphed.nbytes if self.graphed else size(self._device_grads.values())
+            )
             return {
                 "params": size(self.params.values()),
                 "optimizer_state": state,
-                "staging": self.staging.nbytes + size(self._device_grads.values()),
+                "staging": self.staging.nbytes + device_grads,
             }

@@ -16,6 +16,7 @@ from adamd.protocol.frames import TensorSink, trainable
 from .errors import AlreadyExists, InvalidArgument, NotFound
 from .limits import Limits
 from .model import ASYNC, SYNC, HostedModel
+from .staging import BOUNCE_BYTES, copy_in_chunks, host_bytes
 
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -77,6 +78,8 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self.on_create: list[Any] = []  # callbacks(model) after a model is added
         self.on_delete: list[Any] = []  # callbacks(name) after a model is removed
+        self._bounce: torch.Tensor | None = None  # pinned, stages initial values to the device
+        self._bounce_lock = threading.Lock()
 
     def get(self, name: str) -> HostedModel:
         model = self._models.get(name)
@@ -131,11 +134,9 @@ class ModelRegistry:
             mode=spec.mode,
         )
         del probe
-        # Values land in host memory first (pinned on CUDA) and move to the device at commit.
-        pin = self.device.type == "cuda"
-        tensors = {
-            n: torch.empty(shape, dtype=dtype, pin_memory=pin) for n, shape, dtype in spec.params
-        }
+        # Values land in ordinary host memory first and move to the device at commit through a
+        # small pinned bounce buffer: N ranks racing to create one model pin nothing per rank.
+        tensors = {n: torch.empty(shape, dtype=dtype) for n, shape, dtype in spec.params}
         wire = list(spec.wire_dtypes) or [d for _, _, d in spec.params]
         return PendingModel(spec, tensors, TensorSink(list(tensors.values()), wire))
 
@@ -148,10 +149,7 @@ class ModelRegistry:
         except ProtocolError as exc:
             raise InvalidArgument(str(exc)) from exc
         spec = pending.spec
-        params = {
-            n: t.to(self.device) if self.device.type != "cpu" else t
-            for n, t in pending.tensors.items()
-        }
+        params = self._to_device(pending.tensors)
         model = HostedModel(
             spec.name,
             params,
@@ -174,6 +172,18 @@ class ModelRegistry:
             cb(model)
         return model, True
 
+    def _to_device(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.device.type == "cpu":
+            return dict(tensors)
+        out = {}
+        with self._bounce_lock:
+            if self._bounce is None:
+                self._bounce = host_bytes(BOUNCE_BYTES, pin=self.device.type == "cuda")
+            for n, t in tensors.items():
+                out[n] = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+                copy_in_chunks(t, out[n], self._bounce)
+        return out
+
     def add(self, model: HostedModel) -> None:
         """Register a model built elsewhere (a restored snapshot)."""
         with self._lock:
@@ -185,8 +195,10 @@ class ModelRegistry:
 
     def delete(self, name: str) -> None:
         with self._lock:
-            if self._models.pop(name, None) is None:
+            model = self._models.pop(name, None)
+            if model is None:
                 raise NotFound(f"no model named {name!r}")
+        model.close()  # a push still in flight fails; on CUDA its device work finishes first
         for cb in list(self.on_delete):
             cb(name)
 

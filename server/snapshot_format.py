@@ -93,19 +93,14 @@ def adamd_version() -> str:
 # --- capture -------------------------------------------------------------------------------------
 
 
-def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
-    # A real copy even on CPU: the step after we release the lock writes these tensors in place.
-    return t.detach().to("cpu", copy=True).contiguous()
-
-
 def capture(model: HostedModel, changes: int = 0) -> Capture:
     """Copy everything a snapshot needs. Holds the model lock only for the memory copies."""
-    with model.locked():
-        tensors = {f"param/{n}": _cpu_copy(p) for n, p in model.params.items()}
+    with model.locked(), model.on_device():  # on CUDA, copies ordered with the model's steps
+        tensors = {f"param/{n}": model.host_copy(p) for n, p in model.params.items()}
         for name, entry in state_io.named_state(model.optimizer):
             for key, value in entry.items():
                 t = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-                tensors[f"state/{name}/{key}"] = _cpu_copy(t)
+                tensors[f"state/{name}/{key}"] = model.host_copy(t)
         complex_keys = {
             k: str(t.dtype).removeprefix("torch.") for k, t in tensors.items() if t.is_complex()
         }

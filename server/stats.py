@@ -9,7 +9,11 @@ step, under the model lock, on the step path. So the observer does as little as 
   gradients) and the update norm, recomputed from the Adam state the step just wrote
   (lr / (1 - beta1^t) * exp_avg / (sqrt(exp_avg_sq / (1 - beta2^t)) + eps), plus the decoupled
   weight decay term), one tensor at a time, so no copy of the parameters is ever kept. Results stay
-  tensors (on the tensors' device) until someone reads them, so on CUDA the step path never waits.
+  tensors (on the tensors' device) until someone reads them, so on CUDA the step path never waits:
+  a hyperparameter or step count that lives on the device (capturable Adam's `step`, the device
+  lr) enters the arithmetic as a 0-d tensor instead of being read with `.item()`, and the norms are
+  computed on the model's stream (`HostedModel.on_device`), after the step they describe. So in
+  auto mode the measured cost is the statistics' own host time, not the step's GPU time.
 
 Which steps are stats steps: with `stats_every` N > 0, every Nth; with 0 (the default, "auto"), a
 step whenever the latest statistics cost at most `BUDGET` (2%) of the wall-clock time since they
@@ -98,13 +102,13 @@ class StepEntry:
     loss: float | None  # mean of the losses the contributing workers reported
     scalars: dict[str, float]
     lag: dict[int, int]  # rank -> versions applied since the one its last gradient came from
-    norms: torch.Tensor | None = None  # [grad norm, update norm] until first read (device)
+    norms: tuple[torch.Tensor, torch.Tensor] | None = None  # (grad, update) norms until read
     grad_norm: float | None = None
     update_norm: float | None = None
 
     def resolve(self) -> None:
         if self.norms is not None:
-            g, u = self.norms.tolist()  # the only device sync, on the reader's thread
+            g, u = (float(t) for t in self.norms)  # the only device sync, on the reader's thread
             self.grad_norm, self.update_norm = _finite(g), _finite(u)
             self.norms = None
 
@@ -126,8 +130,18 @@ class StepEntry:
         }
 
 
-def _num(v: Any) -> float:
-    return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
+def _num(v: Any) -> Any:
+    """A hyperparameter or step count as a float; one on an accelerator stays a 0-d tensor there
+    (reading it would wait for the device)."""
+    if isinstance(v, torch.Tensor):
+        if v.device.type != "cpu":
+            return v.detach().reshape(())
+        return float(v.item())
+    return float(v)
+
+
+def _sqrt(x: Any) -> Any:
+    return torch.sqrt(x) if isinstance(x, torch.Tensor) else math.sqrt(x)
 
 
 def _finite(x: float) -> float | None:
@@ -185,7 +199,8 @@ class ModelStats:
         last = None
         if record.applied and self._due(record.version):
             t0 = time.perf_counter()
-            entry.norms, last = self._norms_of_step(record)
+            with model.on_device():
+                entry.norms, last = self._norms_of_step(record)
             self._last_at = time.perf_counter()
             self._last_cost = self._last_at - t0
         with self._lock:
@@ -193,15 +208,17 @@ class ModelStats:
             if last is not None:
                 self.last = last
 
-    def _norms_of_step(self, record: StepRecord) -> tuple[torch.Tensor, _Last]:
+    def _norms_of_step(self, record: StepRecord) -> tuple[tuple[torch.Tensor, torch.Tensor], _Last]:
         names = list(record.grads)
+        # The step's gradients are host buffers (pinned on CUDA), its state on the device: each
+        # total stays where it was computed, so nothing here waits for a copy.
         grad = _norms([record.grads[n] for n in names])
         total_grad = torch.linalg.vector_norm(grad) if grad.numel() else torch.zeros(())
         last = _Last(record.version, names, grad)
         upd_names, upd = self._update_norms(names)
         last.update_names, last.update = upd_names, upd
         total_update = torch.linalg.vector_norm(upd) if upd.numel() else torch.zeros(())
-        return torch.stack([total_grad.to(grad.device), total_update.to(grad.device)]), last
+        return (total_grad, total_update), last
 
     def _update_norms(self, names: list[str]) -> tuple[list[str], torch.Tensor]:
         """Norms of what the step just subtracted from each stepped parameter, from its Adam state:
@@ -224,7 +241,8 @@ class ModelStats:
             m = _real(state["exp_avg"].detach()).reshape(-1)
             v = _real(state["max_exp_avg_sq"] if g["amsgrad"] else state["exp_avg_sq"]).reshape(-1)
             new = _real(p.detach()).reshape(-1)
-            step_size, bc2_sqrt = lr / (1 - beta1**t), math.sqrt(1 - beta2**t)
+            step_size, bc2_sqrt = lr / (1 - beta1**t), _sqrt(1 - beta2**t)
+            lr_wd = lr * wd
             scratch = self._scratch_for(m)
             total = torch.zeros((), dtype=torch.float32, device=m.device)
             for start in range(0, m.numel(), _SLICE):
@@ -234,8 +252,11 @@ class ModelStats:
                 torch.div(m[start:end], u, out=u).mul_(step_size)
                 if decoupled:  # p_new = p_old (1 - lr wd) - u  =>  p_old - p_new = lr wd p_old + u
                     old = scratch[1][: end - start]
-                    torch.add(new[start:end], u, out=old).div_(1 - lr * wd)
-                    u.add_(old, alpha=lr * wd)
+                    torch.add(new[start:end], u, out=old).div_(1 - lr_wd)
+                    if isinstance(lr_wd, torch.Tensor):  # a device lr: alpha takes numbers only
+                        u.add_(old.mul_(lr_wd))
+                    else:
+                        u.add_(old, alpha=lr_wd)
                 total += torch.dot(u, u) if u.dtype == torch.float32 else u.float().square().sum()
             norms.append(total.sqrt())
             done.append(n)
@@ -253,7 +274,7 @@ class ModelStats:
     # --- reads (any thread) --------------------------------------------------------------------
 
     def entries(self, since: int | None = None, limit: int | None = None) -> list[StepEntry]:
-        with self._lock:
+        with self.model.on_device(), self._lock:  # norms still on the device are read here
             items = list(self.history)
             if since is not None:
                 items = [e for e in items if e.version > since]
@@ -308,23 +329,28 @@ class ModelStats:
         with self._lock:
             last = self.last
         has = [i for i, s in enumerate(states) if "exp_avg" in s]
-        rows_t = [_norms(params).float().cpu()]
-        if has:
-            avg = _norms([states[i]["exp_avg"] for i in has])
-            sq_sum = _norms([states[i]["exp_avg_sq"] for i in has], ord=1)  # >= 0: L1 is the sum
-            steps = torch.stack(
-                [states[i]["step"].detach().to(avg.device, torch.float32) for i in has]
+        with model.on_device():  # on CUDA: after the last step, before the next
+            rows_t = [_norms(params).float().cpu()]
+            if has:
+                avg = _norms([states[i]["exp_avg"] for i in has])
+                sq_sum = _norms(
+                    [states[i]["exp_avg_sq"] for i in has], ord=1
+                )  # >= 0: L1 is the sum
+                steps = torch.stack(
+                    [states[i]["step"].detach().to(avg.device, torch.float32) for i in has]
+                )
+                rows_t.append(torch.stack([avg, sq_sum, steps]).cpu())
+            grad = dict(zip(last.names, last.grad.tolist())) if last.grad is not None else {}
+            update = (
+                dict(zip(last.update_names, last.update.tolist()))
+                if last.update is not None
+                else {}
             )
-            rows_t.append(torch.stack([avg, sq_sum, steps]).cpu())
         if check and not model.read_consistent(seq):
             return None
         norm = rows_t[0].tolist()
         extra = rows_t[1].tolist() if has else [[], [], []]
         per = {i: (extra[0][k], extra[1][k], extra[2][k]) for k, i in enumerate(has)}
-        grad = dict(zip(last.names, last.grad.tolist())) if last.grad is not None else {}
-        update = (
-            dict(zip(last.update_names, last.update.tolist())) if last.update is not None else {}
-        )
         rows = []
         for i, (n, p) in enumerate(zip(names, params)):
             avg_n, sq_sum, step = per.get(i, (None, None, None))

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from . import options as adam_options
 from . import state_io
 from .model import HostedModel
 from .stats import ModelStats
@@ -97,30 +98,34 @@ def model_summary(model: HostedModel, stats: ModelStats, detail: bool = False) -
     return out
 
 
-def _cpu(v: Any) -> Any:
-    # A real copy: the next step writes these tensors in place once we let go of the lock.
-    if isinstance(v, torch.Tensor):
-        return v.detach().to("cpu", copy=True)
-    if isinstance(v, tuple):
-        return tuple(_cpu(x) for x in v)
-    if isinstance(v, list):
-        return [_cpu(x) for x in v]
-    return v
-
-
 def snapshot_payload(model: HostedModel) -> dict[str, Any]:
     """The layout `adamd snapshot export` writes and `import` reads: {"model": params by name,
     "optimizer": torch.optim.Adam's state_dict with param_names}, plus "adamd" (where it came
     from). Copied to the CPU under the model lock; only tensors, dicts, lists, tuples and plain
-    values, so torch.load(weights_only=True) reads it."""
-    with model.locked():
-        sd = state_io.torch_state_dict(model.optimizer)
-        groups = [{k: _cpu(v) for k, v in g.items()} for g in sd["param_groups"]]
+    values, so torch.load(weights_only=True) reads it.
+
+    The param groups are the options the client asked for, made effective for a CPU (as the
+    torch-format export makes them): not the live groups, which on a GPU server hold capturable,
+    fused and a float32 device tensor lr that a CPU server or a local CPU Adam would refuse."""
+    cpu = torch.device("cpu")
+    with model.locked(), model.on_device():
+        names = model.group_names()
+        options = [
+            adam_options.effective(dict(requested), cpu, [model.params[n] for n in group])
+            for requested, group in zip(model.requested, names)
+        ]
+        state = {
+            i: {
+                k: model.host_copy(v) if isinstance(v, torch.Tensor) else v
+                for k, v in entry.items()
+            }
+            for i, entry in state_io.torch_state_dict(model.optimizer)["state"].items()
+        }
         return {
-            "model": {n: _cpu(p) for n, p in model.params.items()},
+            "model": {n: model.host_copy(p) for n, p in model.params.items()},
             "optimizer": {
-                "state": {i: {k: _cpu(v) for k, v in s.items()} for i, s in sd["state"].items()},
-                "param_groups": groups,
+                "state": state,
+                "param_groups": state_io.indexed_groups(options, names),
             },
             "adamd": {
                 "model": model.name,

@@ -8,18 +8,23 @@ import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
 
 from adamd.client import Client
-from adamd.server import Daemon, ServerConfig
+
+if TYPE_CHECKING:
+    from adamd.server import Daemon
 
 
 @contextlib.contextmanager
 def running_daemon(**overrides: Any) -> Iterator[Daemon]:
-    """A daemon on free loopback ports with a fresh data dir, stopped on exit."""
+    """A daemon on free loopback ports with a fresh data dir, stopped on exit. (Imported here:
+    the core's GPU tests run where the daemon's extras are not installed.)"""
+    from adamd.server import Daemon, ServerConfig
+
     with tempfile.TemporaryDirectory(prefix="adamd-test-") as tmp:
         settings: dict[str, Any] = {
             "grpc_port": 0,
@@ -58,12 +63,15 @@ def model_name(request: pytest.FixtureRequest) -> str:
 
 def snapshot(model: Any) -> dict[str, torch.Tensor]:
     """Every parameter and optimizer-state tensor of a hosted model, cloned, for bitwise comparison."""
-    out = {f"param/{n}": p.detach().clone() for n, p in model.params.items()}
-    for p, state in model.optimizer.state.items():
-        name = next(n for n, q in model.params.items() if q is p)
-        for k, v in state.items():
-            out[f"state/{name}/{k}"] = v.detach().clone()
-    out["version"] = torch.tensor(model.version)
+    # On CUDA the model steps on its own stream: copied to the host on that stream, after its
+    # last step (a copy on another stream could read the tensors mid-step).
+    with model.locked(), model.on_device():
+        out = {f"param/{n}": p.detach().to("cpu", copy=True) for n, p in model.params.items()}
+        for p, state in model.optimizer.state.items():
+            name = next(n for n, q in model.params.items() if q is p)
+            for k, v in state.items():
+                out[f"state/{name}/{k}"] = v.detach().to("cpu", copy=True)
+        out["version"] = torch.tensor(model.version)
     return out
 
 

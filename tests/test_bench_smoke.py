@@ -3,6 +3,7 @@ report it writes carries numbers. The timings themselves are not checked (the ma
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -61,3 +62,29 @@ def test_cli_quick(tmp_path: Path) -> None:
     assert re.search(r"\| 100k \| \d+\.\d\dx \|", text)
     assert "| 2 |" in text  # sync scaling with 2 workers ran
     assert "## Errors during the run" not in text
+
+
+def test_report_keeps_sections_other_harnesses_own() -> None:
+    text = report.put_section("# report\n", "concurrency", "## Concurrency\nfigures")
+    assert report.kept_sections(text) == [
+        "<!-- begin concurrency -->\n## Concurrency\nfigures\n<!-- end concurrency -->"
+    ]
+    again = report.put_section(text, "concurrency", "## Concurrency\nnew figures")
+    assert again.count("<!-- begin concurrency -->") == 1 and "new figures" in again
+
+
+@pytest.mark.slow
+def test_concurrency_quick() -> None:
+    """Many sync workers as aio coroutines, and stalled streams ended by the idle deadline."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.concurrency", "--quick"],
+        cwd=ROOT,
+        check=True,
+        timeout=240,
+        capture_output=True,
+        text=True,
+    )
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    sync, stalled = rows[0]["sync"], rows[1]["stalled"]
+    assert sync["partial_replies"] == 0 and sync["versions_reached"] == sync["rounds"]
+    assert stalled["stalled_ended"] == {"DEADLINE_EXCEEDED": stalled["streams"]}

@@ -13,7 +13,15 @@ import torch
 
 from adamd.protocol import ProtocolError
 from adamd.protocol.frames import TensorSink
-from adamd.server.cuda_step import WARMUP_STEPS, Fingerprint, GraphedStep
+from adamd.server import cuda_step
+from adamd.server.cuda_step import (
+    MAX_CAPTURES,
+    WARMUP_STEPS,
+    CaptureBroken,
+    Fingerprint,
+    GraphedStep,
+    graphs_disabled,
+)
 
 CPU = torch.device("cpu")
 SHAPES = {"w": (4, 3), "b": (3,), "v": (5,)}
@@ -33,6 +41,8 @@ class Recorder(GraphedStep):
         super().__init__(*args, **kwargs)
         self.log: list[tuple[str, Any]] = []
         self.fail_capture = False
+        self.broken_capture = False  # capture_end itself fails (a CUDA-level capture error)
+        self.quiesced = 0
 
     def _plain_step(self) -> None:
         self.log.append(("plain", None))
@@ -45,6 +55,10 @@ class Recorder(GraphedStep):
     def _capture(self) -> Any:
         if self.fail_capture:
             raise RuntimeError("operation not permitted when stream is capturing")
+        if self.broken_capture:
+            raise CaptureBroken("capture_end") from RuntimeError(
+                "CUDA error: operation failed due to a previous error during capture"
+            )
         graph = _Graph(self.captures + 1)
         self.log.append(("capture", graph))
         return graph
@@ -54,7 +68,7 @@ class Recorder(GraphedStep):
         self.optimizer.step()
 
     def _quiesce(self) -> None:
-        pass
+        self.quiesced += 1
 
 
 def _params(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -230,3 +244,68 @@ def test_tensor_sink_reports_each_tensor_once_when_its_last_byte_arrives() -> No
     assert seen == [0, 2] and sink.missing() == [3]
     sink.write(3, 0, memoryview(torch.ones(2).numpy().tobytes()))
     assert seen == [0, 2, 3] and sink.missing() == []
+
+
+@pytest.fixture
+def graphs_on() -> Any:
+    """A test that breaks a capture turns graphs off for the process: on again afterwards."""
+    yield
+    cuda_step._PROCESS_DISABLED.clear()
+
+
+def test_a_key_recaptured_too_often_steps_eagerly_for_good() -> None:
+    """A schedule that changes a baked-in option (here eps) every few steps: each change drops
+    the graph; after MAX_CAPTURES captures the set steps eagerly, each step still applied once."""
+    s = Setup()
+    kinds = []
+    for i in range((WARMUP_STEPS + 2) * (MAX_CAPTURES + 2)):
+        if i % (WARMUP_STEPS + 2) == 0:
+            for opt in (s.opt, s.ref):
+                opt.param_groups[0]["eps"] = 1e-8 * (1 + i)
+        kinds.append(s.step(i))
+    assert s.stepper.captures == MAX_CAPTURES
+    assert frozenset(SHAPES) in s.stepper.given_up
+    tail = kinds[(WARMUP_STEPS + 2) * MAX_CAPTURES :]
+    assert tail[0] == "eager" and set(tail[1:]) == {"plain"}  # no more warm-up
+    s.assert_equal()
+    other = Setup()  # another model's keys are not affected
+    assert [other.step(i) for i in range(WARMUP_STEPS + 1)][-1] == "replay"
+
+
+def test_a_capture_broken_at_the_cuda_level_turns_graphs_off_for_the_process(
+    graphs_on: None,
+) -> None:
+    a, b = Setup(), Setup()
+    for i in range(WARMUP_STEPS + 2):  # b has a graph already
+        b.step(i)
+    assert b.stepper.graph_for(SHAPES) is not None
+    a.stepper.broken_capture = True
+    kinds = [a.step(i) for i in range(WARMUP_STEPS + 3)]
+    assert kinds == ["eager"] * (WARMUP_STEPS + 1) + ["plain"] * 2  # the failed one eager
+    assert graphs_disabled() and "capture_end" not in (a.stepper.disabled or "")
+    assert "previous error during capture" in (graphs_disabled() or "")
+    # every model steps eagerly from now on, including one that had a graph
+    assert [b.step(i) for i in range(WARMUP_STEPS + 2, WARMUP_STEPS + 5)] == ["plain"] * 3
+    fresh = Setup()
+    assert [fresh.step(i) for i in range(WARMUP_STEPS + 2)] == ["plain"] * (WARMUP_STEPS + 2)
+    a.assert_equal()
+    b.assert_equal()
+    fresh.assert_equal()
+
+
+def test_a_capture_failing_inside_the_step_turns_graphs_off_for_that_model_only() -> None:
+    a, b = Setup(), Setup()
+    a.stepper.fail_capture = True
+    [a.step(i) for i in range(WARMUP_STEPS + 1)]
+    assert a.stepper.disabled and graphs_disabled() is None
+    assert [b.step(i) for i in range(WARMUP_STEPS + 1)][-1] == "replay"
+
+
+def test_invalidate_and_close_wait_for_device_work_even_without_a_graph() -> None:
+    s = Setup()
+    s.step(0)  # eager: state now exists, no graph yet
+    assert s.stepper.graph_for(SHAPES) is None
+    s.stepper.invalidate()
+    assert s.stepper.quiesced == 1
+    s.stepper.close()
+    assert s.stepper.quiesced == 2 and s.stepper.grads == {}

@@ -16,8 +16,9 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from adamd.server.errors import Aborted, DuplicatePush, InvalidArgument, StalePush
+from adamd.server.errors import Aborted, DuplicatePush, InvalidArgument, NotFound, StalePush
 from adamd.server.model import HostedModel, PushResult
+from adamd.server.staging import layout
 
 from .hosted import assert_same, begin, local_adam, make_model, push, state_of, write
 
@@ -230,7 +231,8 @@ def _burst(model: HostedModel, n: int, grads: dict[str, torch.Tensor]) -> None:
 def test_staging_is_released_after_a_burst() -> None:
     model = make_model({"w": torch.zeros(1000), "b": torch.zeros(24)}, mode="async")
     model.staging.trim_after_s = 1.0
-    one_set = (1000 + 24) * 4
+    one_set = layout(model.params)[1]  # one flat buffer, each tensor on a 256-byte boundary
+    assert one_set == 4096 + 256
     ones = {"w": torch.ones(1000), "b": torch.ones(24)}
     _burst(model, 8, ones)
     assert model.version == 8
@@ -244,3 +246,36 @@ def test_staging_is_released_after_a_burst() -> None:
     assert model.staging.sets == 2  # one in use at a time, plus one
     assert model.memory_bytes()["staging"] == 2 * one_set
     assert model.version == 11
+
+
+def test_staging_is_trimmed_when_traffic_stops_after_a_burst() -> None:
+    """No release comes after the burst's window: a timer trims at its end all the same."""
+    model = make_model({"w": torch.zeros(1000), "b": torch.zeros(24)}, mode="async")
+    model.staging.trim_after_s = 0.5
+    ones = {"w": torch.ones(1000), "b": torch.ones(24)}
+    _burst(model, 6, ones)
+    assert model.version == 6 and model.staging.sets == 6
+    deadline = time.monotonic() + 5
+    while model.staging.sets > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # the burst's window kept 6 + 1; the quiet window after it needs none in use, plus one
+    assert model.staging.sets == 1
+    assert model.memory_bytes()["staging"] == layout(model.params)[1]
+    push(model, ones).wait()
+    assert model.version == 7 and model.staging.sets == 1
+
+
+def test_a_deleted_model_fails_pushes_in_flight_refuses_new_ones_and_drops_staging() -> None:
+    model = make_model({"w": torch.zeros(8)}, mode="async")
+    ones = {"w": torch.ones(8)}
+    push(model, ones).wait()
+    before = state_of(model)
+    ticket = begin(model, ones)
+    write(ticket, ones)
+    model.close()  # what ModelRegistry.delete does
+    with pytest.raises(Aborted, match="deleted"):
+        model.finish_push(ticket).wait()
+    with pytest.raises(NotFound):
+        begin(model, ones)
+    assert_same(state_of(model), before)
+    assert model.staging.sets == 0

@@ -66,7 +66,11 @@ def value_from_pb(hv: pb.HyperValue) -> Any:
             raise ProtocolError(
                 f"a tensor hyperparameter holds one element; got shape {list(st.shape)[:8]}"
             )
-        return torch.full(tuple(st.shape), st.value, dtype=dtype_from_pb(st.dtype))
+        dtype = dtype_from_pb(st.dtype)
+        try:
+            return torch.full(tuple(st.shape), st.value, dtype=dtype)
+        except (RuntimeError, OverflowError) as exc:  # a value the dtype cannot hold
+            raise ProtocolError(f"tensor hyperparameter {st.value!r} as {dtype}: {exc}") from None
     if kind == "list":
         return tuple(value_from_pb(v) for v in hv.list.items)
     raise ProtocolError(f"unknown hyperparameter kind {kind}")
