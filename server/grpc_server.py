@@ -69,6 +69,7 @@ class GrpcServer:
         """`credentials`: TLS (server/tls.py); the port then speaks TLS only."""
         self._loop = _shared_loop()
         self._stopped = False
+        self._service = service
         self._server, self.port, self._health = self._call(
             self._build(service, address, server_options(max_message_bytes), credentials)
         )
@@ -113,13 +114,20 @@ class GrpcServer:
         self._call(start())
 
     def stop(self, grace: float) -> None:
-        """Refuse new calls, let those in flight finish for up to `grace` seconds, then stop."""
+        """Refuse new calls (UNAVAILABLE), let those in flight finish for up to `grace` seconds;
+        a push or long-poll still waiting near the end answers UNAVAILABLE itself (clients retry
+        it, pushes under the same id), so grpc never has to cancel one."""
         if self._stopped:
             return
         self._stopped = True
 
         async def stop() -> None:
             await self._health.enter_graceful_shutdown()
-            await self._server.stop(grace)
+            stopping = asyncio.ensure_future(self._server.stop(grace))
+            try:  # the last part of the grace is for the cut calls' own answers
+                await asyncio.wait_for(asyncio.shield(stopping), grace - min(1.0, grace / 5))
+            except asyncio.TimeoutError:
+                self._service.cut()
+            await stopping
 
         self._call(stop())
