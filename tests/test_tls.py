@@ -110,7 +110,8 @@ def test_the_same_host_path_is_negotiated_over_mutual_tls(
 def test_a_client_that_trusts_another_ca_is_refused(
     tls_daemon: Daemon, pki: dict[str, Path]
 ) -> None:
-    _assert_refused(tls_daemon, TLSConfig(ca=pki["other_ca"]))
+    message = _assert_refused(tls_daemon, TLSConfig(ca=pki["other_ca"]))
+    assert "handshake failed" in message.lower()  # what README's Troubleshooting quotes
     _assert_refused(tls_daemon, True)  # the system store does not know a private CA either
 
 
@@ -157,10 +158,14 @@ def test_https_with_client_certificates(mtls_daemon: Daemon, pki: dict[str, Path
     _assert_plain_http_refused(mtls_daemon)
 
 
-def _assert_refused(daemon: Daemon, tls: bool | TLSConfig | None) -> None:
+def _assert_refused(daemon: Daemon, tls: bool | TLSConfig | None) -> str:
     """The handshake fails: the client retries (UNAVAILABLE) until retry_timeout, then raises."""
-    with Client(daemon.grpc_address, tls=tls, retry_timeout=0.5) as c, pytest.raises(Unavailable):
+    with (
+        Client(daemon.grpc_address, tls=tls, retry_timeout=0.5) as c,
+        pytest.raises(Unavailable) as e,
+    ):
         c.list_models()
+    return str(e.value)
 
 
 def _trusting(ca: Path) -> ssl.SSLContext:
