@@ -81,8 +81,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_channel(address: str, timeout: float = 60.0) -> None:
-    with grpc.insecure_channel(address) as ch:
+def wait_for_channel(
+    address: str, timeout: float = 60.0, credentials: grpc.ChannelCredentials | None = None
+) -> None:
+    """Until `address` accepts a connection (over TLS with `credentials`)."""
+    channel = (
+        grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    )
+    with channel as ch:
         grpc.channel_ready_future(ch).result(timeout=timeout)
 
 
@@ -129,8 +135,11 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def adamd_server(extra_args: tuple[str, ...] = ()) -> Iterator[ServerProcess]:
-    """Start `adamd serve` (CPU, HTTP off) in its own process: its own GIL, its own RSS."""
+def adamd_server(
+    extra_args: tuple[str, ...] = (), credentials: grpc.ChannelCredentials | None = None
+) -> Iterator[ServerProcess]:
+    """Start `adamd serve` (CPU, HTTP off) in its own process: its own GIL, its own RSS.
+    `credentials`: what a client needs to reach it when `extra_args` turn TLS on."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="adamd-bench-") as tmp:
         log = Path(tmp) / "server.log"
@@ -156,7 +165,7 @@ def adamd_server(extra_args: tuple[str, ...] = ()) -> Iterator[ServerProcess]:
         server = ServerProcess(proc, f"127.0.0.1:{port}", log)
         try:
             try:
-                wait_for_channel(server.address)
+                wait_for_channel(server.address, credentials=credentials)
             except grpc.FutureTimeoutError:
                 raise RuntimeError(f"adamd serve did not start:\n{log.read_text()}") from None
             yield server

@@ -18,6 +18,7 @@ from ._exceptions import (
     Unavailable,
 )
 from ._remote_adam import RemoteAdam
+from ._tls import TLSConfig
 from ._types import ModelInfo, PullResult, PushResult
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "PushResult",
     "RemoteAdam",
     "StalePush",
+    "TLSConfig",
     "Unauthenticated",
     "Unavailable",
 ]

@@ -42,6 +42,7 @@ from ._exceptions import (
     invalid_input,
 )
 from ._shm import SameHostSession
+from ._tls import TLSConfig, channel_credentials
 from ._types import ModelInfo, PullResult, PushResult
 
 T = TypeVar("T")
@@ -96,12 +97,15 @@ class Client:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         wire_dtype: torch.dtype | None = None,
         transport: str = "auto",
+        tls: bool | TLSConfig | None = None,
     ):
         """`timeout`: per-call deadline (None: none). `retry_timeout`: how long transient failures
         are retried before Unavailable is raised. `wire_dtype` (torch.bfloat16 / torch.float16):
         send gradients and receive parameters in that dtype, halving the bytes; the server keeps
         float32 master weights and state. `transport`: "auto" moves tensors through shared memory
-        when the server is on this host (and accepts), else gRPC streams; "grpc" always streams."""
+        when the server is on this host (and accepts), else gRPC streams; "grpc" always streams.
+        `tls`: None/False plaintext; True TLS trusting the system's CA store; a TLSConfig for a
+        private CA and a client certificate (servers started with --tls-client-ca)."""
         if transport not in ("auto", "grpc"):
             raise ValueError(f"transport must be 'auto' or 'grpc', got {transport!r}")
         self.transport = transport
@@ -115,7 +119,12 @@ class Client:
         self.chunk_bytes = chunk_bytes
         self.wire_dtype = wire_dtype
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.tls = bool(tls)
+        self._channel = (
+            grpc.secure_channel(address, channel_credentials(tls), options=CHANNEL_OPTIONS)
+            if tls
+            else grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        )
         ser = lambda m: m.SerializeToString()
         ch = self._channel
         self._create = ch.stream_unary(_SERVICE + "CreateModel", identity, pb.ModelInfo.FromString)

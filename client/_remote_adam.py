@@ -24,6 +24,7 @@ from adamd.protocol.hyper import ADAM_DEFAULTS, IMPLEMENTATION_KEYS, fused_refus
 
 from ._client import Client
 from ._exceptions import NotFound, StalePush
+from ._tls import TLSConfig
 from ._types import ModelInfo, PushResult
 
 _STATE_ORDER = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
@@ -177,7 +178,8 @@ class RemoteAdam(torch.optim.Optimizer):
 
     Extra keyword arguments: `server` (host:port), `model` (name on the server), `world_size`
     (workers per sync step; default: $WORLD_SIZE or 1), `rank` (default: $RANK; required when
-    world_size > 1), `mode` ("sync" or "async"), `token`, `client` (an existing Client),
+    world_size > 1), `mode` ("sync" or "async"), `token`, `tls` (True, or a TLSConfig: see
+    Client), `client` (an existing Client),
     `wire_dtype` (torch.bfloat16 / torch.float16 to halve the bytes on the wire), `transport`
     ("auto": shared memory when the server is on this host, else gRPC; "grpc": always gRPC),
     `max_staleness` and `round_timeout_s` (used when this worker creates the model).
@@ -204,6 +206,7 @@ class RemoteAdam(torch.optim.Optimizer):
         rank: int | None = None,
         mode: str = "sync",
         token: str | None = None,
+        tls: bool | TLSConfig | None = None,
         client: Client | None = None,
         wire_dtype: torch.dtype | None = None,
         transport: str = "auto",
@@ -242,7 +245,7 @@ class RemoteAdam(torch.optim.Optimizer):
         super().__init__(params, options)
         self.state: defaultdict[Any, Any] = _ServerState(self._fetch_state)
         self._client = client or Client(
-            server, token=token, wire_dtype=wire_dtype, transport=transport
+            server, token=token, wire_dtype=wire_dtype, transport=transport, tls=tls
         )
         self._owns_client = client is None
         self._connect(max_staleness, round_timeout_s)

@@ -74,8 +74,23 @@ def add_server_arguments(
         default=None,
         help="do not offer same-host clients the shared-memory fast path (they stream over gRPC)",
     )
+    add_tls_arguments(p)
     add_limit_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def add_tls_arguments(p: argparse.ArgumentParser) -> None:
+    """One certificate for both ports (docs/security.md); with it, plaintext is refused on both."""
+    g = p.add_argument_group("TLS (gRPC and HTTPS from the same files; env ADAMD_TLS_*)")
+    g.add_argument(
+        "--tls-cert", type=Path, help="server certificate chain, PEM (with --tls-key: TLS on)"
+    )
+    g.add_argument("--tls-key", type=Path, help="the certificate's private key, PEM")
+    g.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="CA bundle, PEM: require every client to present a certificate it signed (mTLS)",
+    )
 
 
 def add_limit_arguments(p: argparse.ArgumentParser) -> None:
@@ -133,6 +148,9 @@ def config_from_args(args: argparse.Namespace, **extra: Any) -> ServerConfig:
             "durable",
             "stats_every",
             "shm",
+            "tls_cert",
+            "tls_key",
+            "tls_client_ca",
             "max_model_bytes",
             "max_tensors",
             "max_name_bytes",

@@ -9,9 +9,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .args import LOOPBACK, add_server_arguments, config_from_args
+from .args import add_server_arguments, config_from_args
 from .config import ConfigError
 from .errors import StartupError
+from .tls import exposure_warnings
 
 logger = logging.getLogger("adamd")
 
@@ -20,12 +21,8 @@ def _serve(args: argparse.Namespace) -> int:
     from .daemon import Daemon
 
     config = config_from_args(args)
-    if config.host not in LOOPBACK and not config.token:
-        logger.warning(
-            "!!! binding %s without a token: anyone who can reach this address can read and change"
-            " every model. Pass --token-file or set ADAMD_TOKEN. !!!",
-            config.host,
-        )
+    for warning in exposure_warnings(config):
+        logger.warning(warning)
     daemon = Daemon(config)
 
     def on_signal(signum: int, frame: Any) -> None:

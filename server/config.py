@@ -31,6 +31,10 @@ class ServerConfig:
     durable: bool = False  # acknowledge a push only once its step is on disk
     stats_every: int = 0  # step statistics every N steps; 0: auto (at most 2% of the time); <0: off
     shm: bool = True  # offer the same-host shared-memory fast path
+    # TLS for gRPC and HTTP alike (server/tls.py); cert and key together or neither:
+    tls_cert: Path | None = None  # the server's certificate chain, PEM
+    tls_key: Path | None = None  # its private key, PEM
+    tls_client_ca: Path | None = None  # require client certificates signed by this CA (mTLS)
     # Limits on what one caller may ask (server/limits.py; refused before any allocation):
     max_model_bytes: int = Limits.max_model_bytes  # parameter bytes per model
     max_tensors: int = Limits.max_tensors  # tensors declared in one request
@@ -58,8 +62,9 @@ class ServerConfig:
         for key, value in (overrides or {}).items():
             if value is not None:
                 values[key] = value
-        if "data_dir" in values:
-            values["data_dir"] = Path(values["data_dir"])
+        for key in ("data_dir", "tls_cert", "tls_key", "tls_client_ca"):
+            if values.get(key) is not None:
+                values[key] = Path(values[key])
         return cls(**values)
 
     def __post_init__(self) -> None:
@@ -83,6 +88,12 @@ class ServerConfig:
         for name, ok, want in checks:
             if not ok:
                 raise ConfigError(f"{name} must be {want}, got {getattr(self, name)!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError(
+                "tls_client_ca needs tls_cert and tls_key (client certificates need TLS)"
+            )
         if self.token is not None and not usable_token(self.token):
             # A token the client cannot send (gRPC metadata and HTTP headers carry printable
             # ASCII only) would start a server nobody can call.
@@ -113,6 +124,8 @@ def usable_token(token: str) -> bool:
 
 def _parse(annotation: Any, raw: str) -> Any:
     text = str(annotation)
+    if text.endswith("| None") and not raw.strip():
+        return None  # ADAMD_TLS_CERT= (set but empty) means unset
     if text.startswith("bool"):
         return raw.strip().lower() in ("1", "true", "yes", "on")
     if text.startswith("int"):

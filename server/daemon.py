@@ -24,6 +24,7 @@ from .registry import ModelRegistry, resolve_device
 from .same_host import SameHost
 from .snapshots import SnapshotManager
 from .stats import StatsBook
+from .tls import load_tls
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 class Daemon:
     def __init__(self, config: ServerConfig):
         self.config = config
+        self.tls = load_tls(config)  # None: plaintext on both ports
         try:
             self.device = resolve_device(config.device)
         except (ValueError, RuntimeError) as exc:
@@ -73,7 +75,10 @@ class Daemon:
         address = f"{config.host}:{config.grpc_port}"
         try:
             self._grpc = GrpcServer(
-                self.service, address, max_message_bytes=config.max_message_bytes
+                self.service,
+                address,
+                max_message_bytes=config.max_message_bytes,
+                credentials=self.tls.grpc_credentials() if self.tls else None,
             )
         except (RuntimeError, OSError) as exc:
             self._workers.shutdown(wait=False)
@@ -101,7 +106,7 @@ class Daemon:
             return None
         host = self.config.host
         host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-        return f"http://{host}:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.http_port}"
 
     def start(self) -> Daemon:
         try:
@@ -141,7 +146,13 @@ class Daemon:
         self.http_port = sock.getsockname()[1]
         app = create_app(self.ops)
         server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+            uvicorn.Config(
+                app,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                **(self.tls.uvicorn_options() if self.tls else {}),
+            )
         )
         self._http_server = server
         self._http_thread = threading.Thread(

@@ -12,7 +12,8 @@
     │   └── SessionExpired     (a same-host session to attach again; clients handle it)
     ├── Aborted                (ABORTED, 409)
     ├── Unauthenticated        (UNAUTHENTICATED, 401)
-    └── DeadlineExceeded       (DEADLINE_EXCEEDED, 504)
+    ├── DeadlineExceeded       (DEADLINE_EXCEEDED, 504)
+    └── Unavailable            (UNAVAILABLE, 503: the server is stopping; clients retry)
 
 Each class's name is the `adamd-error` kind sent to clients, which map it back to the client
 exception of the same name (adamd.client exceptions); a test keeps the two trees in step.
@@ -92,6 +93,14 @@ class Unauthenticated(ServerError):
 class DeadlineExceeded(ServerError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     http_status = 504
+
+
+class Unavailable(ServerError):
+    """The server is stopping and could not finish this call within its grace period; nothing of
+    it took effect unless a retry (same push id) is told it was a duplicate."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    http_status = 503
 
 
 class StartupError(Exception):

@@ -60,12 +60,18 @@ _LOOP_LOCK = threading.Lock()
 
 class GrpcServer:
     def __init__(
-        self, service: OptimizerService, address: str, max_message_bytes: int = MAX_MESSAGE_BYTES
+        self,
+        service: OptimizerService,
+        address: str,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        credentials: grpc.ServerCredentials | None = None,
     ):
+        """`credentials`: TLS (server/tls.py); the port then speaks TLS only."""
         self._loop = _shared_loop()
         self._stopped = False
+        self._service = service
         self._server, self.port, self._health = self._call(
-            self._build(service, address, server_options(max_message_bytes))
+            self._build(service, address, server_options(max_message_bytes), credentials)
         )
 
     def _call(self, coro: Any) -> Any:
@@ -75,7 +81,10 @@ class GrpcServer:
 
     @staticmethod
     async def _build(
-        service: OptimizerService, address: str, options: list[tuple[str, int]]
+        service: OptimizerService,
+        address: str,
+        options: list[tuple[str, int]],
+        credentials: grpc.ServerCredentials | None,
     ) -> tuple[grpc.aio.Server, int, Any]:
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=None)
         server.add_generic_rpc_handlers((service.handler(),))
@@ -87,7 +96,10 @@ class GrpcServer:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(names, server)
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
         if port == 0:
             raise OSError(f"could not bind gRPC to {address}")
         await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -102,13 +114,20 @@ class GrpcServer:
         self._call(start())
 
     def stop(self, grace: float) -> None:
-        """Refuse new calls, let those in flight finish for up to `grace` seconds, then stop."""
+        """Refuse new calls (UNAVAILABLE), let those in flight finish for up to `grace` seconds;
+        a push or long-poll still waiting near the end answers UNAVAILABLE itself (clients retry
+        it, pushes under the same id), so grpc never has to cancel one."""
         if self._stopped:
             return
         self._stopped = True
 
         async def stop() -> None:
             await self._health.enter_graceful_shutdown()
-            await self._server.stop(grace)
+            stopping = asyncio.ensure_future(self._server.stop(grace))
+            try:  # the last part of the grace is for the cut calls' own answers
+                await asyncio.wait_for(asyncio.shield(stopping), grace - min(1.0, grace / 5))
+            except asyncio.TimeoutError:
+                self._service.cut()
+            await stopping
 
         self._call(stop())

@@ -14,6 +14,7 @@ Every ServerError becomes `context.abort(code, message)` with its kind in the tr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import math
@@ -41,7 +42,7 @@ from adamd.protocol.frames import (
 from adamd.v1 import adamd_pb2 as pb
 
 from . import convert
-from .errors import DeadlineExceeded, InvalidArgument, LimitExceeded, ServerError
+from .errors import DeadlineExceeded, InvalidArgument, LimitExceeded, ServerError, Unavailable
 from .limits import Limits
 from .model import PendingPush
 from .operations import Operations
@@ -129,6 +130,31 @@ class OptimizerService:
         self.chunk_bytes = chunk_bytes
         self.idle_s = idle_s
         self.on_call = on_call
+        # Set when the server stops and its grace period is nearly over: pushes and long-polls
+        # still waiting answer UNAVAILABLE themselves (retried by clients) instead of being
+        # cancelled by grpc, whose status for a cancelled call differs across versions.
+        self._cut = asyncio.Event()
+
+    def cut(self) -> None:
+        """End, with UNAVAILABLE, the waits of calls still in flight (on the server's loop)."""
+        self._cut.set()
+
+    async def _until_cut(self, work: Awaitable[T]) -> T:
+        """`work`, unless the server cuts in-flight calls first (then Unavailable; `work` is
+        cancelled, so a push's cleanup runs: all or nothing)."""
+        task = asyncio.ensure_future(work)
+        cut = asyncio.ensure_future(self._cut.wait())
+        try:
+            await asyncio.wait({task, cut}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when grpc cancels this call: never leave `work` running behind it
+            cut.cancel()
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if task.cancelled():
+            raise Unavailable("the server is stopping (SIGTERM); retry against its restart")
+        return task.result()
 
     # --- plumbing -------------------------------------------------------------------------------
 
@@ -299,12 +325,15 @@ class OptimizerService:
             self.ops.begin_push, header.model, meta, specs, header.session
         )
         try:
-            await stream.receive(ticket.sink, first)
+            await self._until_cut(stream.receive(ticket.sink, first))
         except BaseException:
             await self._run(model.abort_push, ticket)
             raise
         pending = await self._run(self.ops.finish_push, model, ticket)
-        result = await self._outcome(pending)
+        # Cut while waiting: a sync round that will not complete (its other ranks are refused
+        # now). If it does step after all, the push id is in the ledger the final snapshot
+        # keeps, and the client's retry is answered as a duplicate: still exactly once.
+        result = await self._until_cut(self._outcome(pending))
         await self._run(self.ops.pushed, model)
         return convert.push_reply(result)
 
@@ -323,7 +352,9 @@ class OptimizerService:
     async def pull_params(self, request: pb.PullRequest, context: Any) -> AsyncIterator[bytes]:
         model = self.ops.model(request.model)
         if request.HasField("wait_for_version"):
-            await self._wait_for_version(model, request.wait_for_version, request.wait_timeout_s)
+            await self._until_cut(
+                self._wait_for_version(model, request.wait_for_version, request.wait_timeout_s)
+            )
         names = list(request.names) or list(model.params)
         missing = [n for n in names if n not in model.params]
         if missing:

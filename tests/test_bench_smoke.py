@@ -88,3 +88,25 @@ def test_concurrency_quick() -> None:
     sync, stalled = rows[0]["sync"], rows[1]["stalled"]
     assert sync["partial_replies"] == 0 and sync["versions_reached"] == sync["rounds"]
     assert stalled["stalled_ended"] == {"DEADLINE_EXCEEDED": stalled["streams"]}
+
+
+def test_tls_cost_writes_its_section(tmp_path: Path) -> None:
+    """bench.tls against a plaintext and a TLS server: a table with figures for both, in its
+    own section of the report (which `python -m bench` keeps)."""
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# report\n")
+    subprocess.run(
+        [sys.executable, "-m", "bench.tls", "--size", "100k", "--reps", "1", "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        timeout=240,
+        capture_output=True,
+    )
+    text = out.read_text()
+    (block,) = report.kept_sections(text)
+    assert block.startswith("<!-- begin tls -->") and "Load average" in block
+    rows = re.findall(
+        r"^\| (push \(transport\)|push \(full\)|pull) \| ([\d.]+) \| ([\d.]+) \|", text, re.M
+    )
+    assert [r[0] for r in rows] == ["push (transport)", "push (full)", "pull"]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)

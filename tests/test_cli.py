@@ -137,11 +137,38 @@ def test_non_loopback_without_token_warns_loudly(tmp_path: Path) -> None:
     assert "without a token" in "".join(lines)
 
 
+def test_non_loopback_with_a_token_but_no_tls_warns_of_clear_text(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("abc123\n")
+    with serve("--host", "0.0.0.0", "--token-file", str(token), tmp=tmp_path) as (proc, *_, lines):
+        assert stop(proc, signal.SIGTERM, lines) == 0
+    log = "".join(lines)
+    assert "without TLS" in log and "clear text" in log
+    assert "without a token" not in log
+
+
+def test_tls_files_that_cannot_work_are_refused_at_start(tmp_path: Path) -> None:
+    free = ["--grpc-port", "0", "--http-port", "0", "--data-dir", str(tmp_path / "data")]
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    assert "tls_cert and tls_key go together" in _refused("--tls-cert", str(junk), *free)
+    assert "tls_client_ca needs tls_cert" in _refused("--tls-client-ca", str(junk), *free)
+    missing = str(tmp_path / "missing.pem")
+    line = _refused("--tls-cert", missing, "--tls-key", str(junk), *free)
+    assert f"cannot read {missing}" in line
+    line = _refused("--tls-cert", str(junk), "--tls-key", str(junk), *free)
+    assert "do not load" in line
+    env = {"ADAMD_TLS_CERT": str(junk), "ADAMD_TLS_KEY": str(junk)}
+    assert "do not load" in _refused(*free, env=env)
+
+
 def test_help_documents_the_contract() -> None:
     out = subprocess.run(
         [*ADAMD, "serve", "--help"], capture_output=True, text=True, check=True
     ).stdout
     for flag in ("--host", "--grpc-port", "--http-port", "--data-dir", "--device", "--token-file"):
+        assert flag in out
+    for flag in ("--tls-cert", "--tls-key", "--tls-client-ca"):
         assert flag in out
     top = subprocess.run([*ADAMD, "--help"], capture_output=True, text=True, check=True).stdout
     assert "serve" in top and "demo" in top

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import ssl
 import subprocess
 import time
 from pathlib import Path
@@ -16,9 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
+import trustme
 import yaml
 
-from adamd.client import Client, Unauthenticated
+from adamd.client import Client, TLSConfig, Unauthenticated, Unavailable
 from adamd.server.cli import build_parser
 from adamd.server.config import ServerConfig
 
@@ -58,25 +60,46 @@ def test_the_manifest_command_line_serves_answers_its_probes_and_requires_its_to
     assert c["command"] == ["adamd", "serve"]
     token = tmp_path / "token"
     token.write_text("s3cret\n")  # as `kubectl create secret --from-file` stores a file
+    secret = _tls_secret(tmp_path / "tls")
     local = {
         "--host": "127.0.0.1",
         "--grpc-port": "0",
         "--http-port": "0",
         "--data-dir": str(tmp_path / "data"),
         "--token-file": str(token),
+        "--tls-cert": str(secret / "tls.crt"),
+        "--tls-key": str(secret / "tls.key"),
     }
     args = [f"{k}={local.get(k, v)}" if v else k for k, v in _flags(c["args"]).items()]
     with serve(*args, tmp=tmp_path) as (_, grpc_address, http_url, _):
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            path = c[probe]["httpGet"]["path"]
+            get = c[probe]["httpGet"]
+            url = f"{get.get('scheme', 'HTTP').lower()}://{http_url.split('://')[1]}{get['path']}"
             deadline = time.monotonic() + 30
-            while httpx.get(http_url + path, timeout=5).status_code != 200:
-                assert time.monotonic() < deadline, f"{probe} {path} never answered 200"
+            # The kubelet does not verify a probe's certificate; the test does, against ca.crt.
+            trusting = ssl.create_default_context(cafile=str(secret / "ca.crt"))
+            while httpx.get(url, timeout=5, verify=trusting).status_code != 200:
+                assert time.monotonic() < deadline, f"{probe} {url} never answered 200"
                 time.sleep(0.2)
-        with Client(grpc_address) as anonymous, pytest.raises(Unauthenticated):
+        tls = TLSConfig(ca=secret / "ca.crt")
+        with Client(grpc_address, tls=tls) as anonymous, pytest.raises(Unauthenticated):
             anonymous.list_models()
-        with Client(grpc_address, token="s3cret") as worker:
+        with Client(grpc_address, token="s3cret", tls=tls) as worker:
             assert worker.list_models() == []
+        plain = Client(grpc_address, token="s3cret", retry_timeout=0.5)
+        with plain, pytest.raises(Unavailable):  # TLS on: plaintext is refused
+            plain.list_models()
+
+
+def _tls_secret(where: Path) -> Path:
+    """The files of a cert-manager Certificate's Secret, for the Service's in-cluster name."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("adamd", "adamd.default.svc", "127.0.0.1", "localhost")
+    where.mkdir()
+    cert.cert_chain_pems[0].write_to_path(str(where / "tls.crt"))
+    cert.private_key_pem.write_to_path(str(where / "tls.key"))
+    ca.cert_pem.write_to_path(str(where / "ca.crt"))
+    return where
 
 
 def test_ports_volumes_and_services_agree_with_the_command_line() -> None:
@@ -89,6 +112,13 @@ def test_ports_volumes_and_services_agree_with_the_command_line() -> None:
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert flags["--data-dir"] == mounts["data"]
     assert Path(flags["--token-file"]).parent == Path(mounts["token"])
+    # cert-manager's Secret keys (kubernetes.io/tls, plus ca.crt), from a Secret volume
+    assert Path(flags["--tls-cert"]) == Path(mounts["tls"]) / "tls.crt"
+    assert Path(flags["--tls-key"]) == Path(mounts["tls"]) / "tls.key"
+    volumes = {v["name"]: v for v in _one("StatefulSet")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "adamd-tls"
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["scheme"] == "HTTPS"
     spec = _one("StatefulSet")["spec"]
     assert [t["metadata"]["name"] for t in spec["volumeClaimTemplates"]] == ["data"]
     for service in ("adamd", "adamd-headless"):
