@@ -257,6 +257,7 @@ class RemoteAdam(torch.optim.Optimizer):
         self.version = 0
         self.last_result: PushResult | None = None
         self._ready = False
+        self._registered = False  # elastic: joined, and leaves on close()
         self._names: dict[int, str] = {}
         self._synced: list[dict[str, Any]] = []
         self._pending_loss: float | None = None
@@ -297,6 +298,7 @@ class RemoteAdam(torch.optim.Optimizer):
             )
         if self.elastic:
             self.rank = self._client.join(self.model, self.rank)
+            self._registered = True
         if not info.created:
             self._join(info, local)
         else:
@@ -566,6 +568,7 @@ class RemoteAdam(torch.optim.Optimizer):
         state = dict(self.__dict__)
         state["_names"] = [self._names[id(p)] for p in self._unique_params()]
         state["_owns_client"] = False
+        state["_registered"] = False  # a copy closing must not deregister this worker
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -582,12 +585,12 @@ class RemoteAdam(torch.optim.Optimizer):
     def close(self) -> None:
         """Elastic: leave the run (rounds stop waiting for this worker). Close the connection
         if this optimizer made it."""
-        if self.elastic and self.rank is not None:
+        if getattr(self, "_registered", False) and self.rank is not None:
+            self._registered = False
             try:
                 self._client.leave(self.model, self.rank)
             except AdamdError:
                 logger.warning("model %s: rank %s could not leave", self.model, self.rank)
-            self.rank = None
         if self._owns_client:
             self._client.close()
 

@@ -7,15 +7,19 @@ The live membership shows in /v1/models/{model} while they run and is empty once
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+import torch
 
-from adamd.client import Client
+from adamd.client import Client, RemoteAdam
 from adamd.server import Daemon
+from adamd.server.cli import main as cli_main
 
 from . import workers
 from .conftest import assert_bitwise_equal
@@ -107,3 +111,62 @@ def test_workers_join_and_leave_mid_run(daemon: Daemon, model_name: str, tmp_pat
     # the rounds after B died waited for it until its lease lapsed, and no longer
     waits = [s["seconds"] for s in a["steps"]]
     assert 0.5 * LEASE_S <= max(waits) <= LEASE_S + 2.0, max(waits)
+
+
+def test_remote_adam_elastic_joins_with_an_assigned_rank_and_leaves_on_close(
+    daemon: Daemon,
+    model_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    w = torch.nn.Parameter(torch.ones(3))
+    kw: dict[str, Any] = {"server": daemon.grpc_address, "model": model_name, "lr": 0.1}
+    first = RemoteAdam([w], world_size="elastic", lease_s=30, **kw)
+    second = RemoteAdam([torch.nn.Parameter(torch.ones(3))], world_size="elastic", **kw)
+    assert (first.rank, second.rank) == (0, 1)  # no rank error: the server assigned them
+    info = first.client.describe(model_name)
+    assert info.elastic and info.lease_s == 30 and info.world_size == 0
+    with pytest.raises(ValueError, match="elastic"):  # a fixed-world worker cannot join it
+        RemoteAdam([torch.nn.Parameter(torch.ones(3))], world_size=2, rank=0, **kw)
+    assert cli_main(["inspect", "--http", str(daemon.http_url), "--width", "200", model_name]) == 0
+    out = capsys.readouterr().out
+    assert "members" in out and "rank 0: lease" in out and "rank 1: lease" in out
+    members = daemon.registry.get(model_name).rounds.members
+    assert members is not None
+    copy.deepcopy(first).close()  # a copy closing does not deregister the original
+    assert members.live() == {0, 1}
+    second.close()  # leaving: the next round does not wait for rank 1
+    assert members.live() == {0}
+    w.grad = torch.ones(3)
+    first.step()
+    assert first.last_result is not None and first.last_result.contributors == 1
+    first.close()
+    with Client(daemon.grpc_address) as c:
+        assert c.leave(model_name, 0) is False  # already left
+        assert c.join(model_name) == 0  # rank 0 is free again at once
+
+
+def test_a_worker_whose_round_closed_without_it_drops_its_gradient_and_carries_on(
+    daemon: Daemon, model_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    kw: dict[str, Any] = {"server": daemon.grpc_address, "model": model_name, "lr": 0.1}
+    kw.update(world_size="elastic", lease_s=0.5)
+    fast_w, slow_w = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    fast, slow = RemoteAdam([fast_w], **kw), RemoteAdam([slow_w], **kw)
+    fast_w.grad = torch.ones(3)
+    t0 = time.monotonic()
+    fast.step()  # waits for the slow worker's lease (0.5 s), then steps without it
+    assert 0.3 <= time.monotonic() - t0 < 3.0
+    assert fast.last_result is not None and fast.last_result.partial
+    assert fast.last_result.contributors == 1 and fast.version == 1
+    slow_w.grad = torch.full((3,), 100.0)
+    slow.step()  # computed from version 0: its round is gone, so the gradient is dropped
+    assert slow.last_result is None and slow.version == 1
+    assert torch.equal(slow_w.detach(), fast_w.detach())  # it pulled the fresh parameters
+    members = daemon.registry.get(model_name).rounds.members
+    assert members is not None and slow.rank in members.live()  # and is registered again
+    slow.close()
+    fast.close()
