@@ -3,6 +3,9 @@ assigns one), one dies without leaving, one joins mid-run and leaves. Every roun
 its actual contributors (the final parameters equal, bitwise, a local torch.optim.Adam fed those
 means), no gradient is counted twice, and no round waits for the dead worker longer than its lease.
 The live membership shows in /v1/models/{model} while they run and is empty once they are gone.
+Then RemoteAdam in this process against the same real daemon: ranks assigned without RANK, leave
+on close (not on a copy's), a worker whose round closed without it dropping its gradient, and the
+elastic mode (not the membership) surviving a restart.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from adamd.server import Daemon
 from adamd.server.cli import main as cli_main
 
 from . import workers
-from .conftest import assert_bitwise_equal
+from .conftest import assert_bitwise_equal, running_daemon
 
 LEASE_S = 1.5
 
@@ -170,3 +173,19 @@ def test_a_worker_whose_round_closed_without_it_drops_its_gradient_and_carries_o
     assert members is not None and slow.rank in members.live()  # and is registered again
     slow.close()
     fast.close()
+
+
+def test_elastic_mode_survives_a_restart_and_membership_starts_empty(tmp_path: Path) -> None:
+    params = {"w": torch.ones(3)}
+    with running_daemon(data_dir=tmp_path, http_port=-1) as d, Client(d.grpc_address) as c:
+        c.create_model("m", params, world_size="elastic", lease_s=7.5, lr=0.1)
+        assert c.join("m") == 0
+        c.push_grad("m", {"w": torch.ones(3)}, version=0, rank=0)
+        c.snapshot("m")
+    with running_daemon(data_dir=tmp_path, http_port=-1) as d, Client(d.grpc_address) as c:
+        info = c.describe("m")
+        assert info.elastic and info.lease_s == 7.5 and info.version == 1
+        members = d.registry.get("m").rounds.members
+        assert members is not None and members.live() == set()  # workers register again
+        assert c.push_grad("m", {"w": torch.ones(3)}, version=1, rank=3).version == 2
+        assert members.live() == {3}
