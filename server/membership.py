@@ -17,7 +17,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import LimitExceeded
+
 DEFAULT_LEASE_S = 30.0
+MAX_MEMBERS = 65536  # registered plus lately lapsed ranks: what joins can make a model hold
 
 
 @dataclass
@@ -56,6 +59,10 @@ class Membership:
         wall = time.time()
         member = self.members.get(rank)
         if member is None:
+            if len(self.members) + len(self._lapsed) >= MAX_MEMBERS and rank not in self._lapsed:
+                self.prune()
+                if len(self.members) + len(self._lapsed) >= MAX_MEMBERS:
+                    raise LimitExceeded(f"{MAX_MEMBERS} workers registered already")
             member = self.members[rank] = Member(rank, wall, wall, 0.0)
             self._lapsed.pop(rank, None)
         member.last_seen = wall

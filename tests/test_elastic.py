@@ -147,3 +147,18 @@ def test_push_ids_are_applied_once_in_elastic_rounds() -> None:
     late = push(model, rank_grads(0), rank=0, version=0, push_id="a").outcome.result(5)
     assert late.duplicate and late.version == 1 and model.version == 1
     assert_stepped_with_mean(model, [0, 1])
+
+
+def test_registrations_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from adamd.server import membership
+    from adamd.server.errors import LimitExceeded
+
+    monkeypatch.setattr(membership, "MAX_MEMBERS", 3)
+    model = elastic()
+    assert [model.rounds.join(None) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(LimitExceeded):
+        model.rounds.join(None)
+    with pytest.raises(LimitExceeded):  # a push registering a new rank counts too
+        push(model, rank_grads(0), rank=7, version=0)
+    assert model.rounds.join(2) == 2 and model.rounds.leave(2)  # renewing and leaving still work
+    assert model.rounds.join(None) == 2
