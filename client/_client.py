@@ -71,6 +71,8 @@ def _model_info(m: pb.ModelInfo) -> ModelInfo:
         round_timeout_s=m.round_timeout_s,
         created=m.created,
         skipped_steps=m.skipped_steps,
+        elastic=m.elastic,
+        lease_s=m.lease_s,
     )
 
 
@@ -144,6 +146,8 @@ class Client:
         self._snapshot = ch.unary_unary(_SERVICE + "Snapshot", ser, pb.SnapshotInfo.FromString)
         self._attach = ch.unary_unary(_SERVICE + "Attach", ser, pb.AttachReply.FromString)
         self._detach = ch.unary_unary(_SERVICE + "Detach", ser, pb.DetachReply.FromString)
+        self._join = ch.unary_unary(_SERVICE + "Join", ser, pb.JoinReply.FromString)
+        self._leave = ch.unary_unary(_SERVICE + "Leave", ser, pb.LeaveReply.FromString)
 
     # --- plumbing -------------------------------------------------------------------------------
 
@@ -238,10 +242,11 @@ class Client:
         params: Mapping[str, torch.Tensor],
         *,
         param_groups: Sequence[Mapping[str, Any]] | None = None,
-        world_size: int = 1,
+        world_size: int | str = 1,
         mode: str = "sync",
         max_staleness: int = 0,
         round_timeout_s: float = 0.0,
+        lease_s: float = 0.0,
         exist_ok: bool = False,
         **adam_kwargs: Any,
     ) -> ModelInfo:
@@ -250,11 +255,15 @@ class Client:
         `param_groups`: list of dicts {"params": [names], **options}; options missing from a group
         come from `adam_kwargs`, as torch.optim.Adam's defaults do. Without it, one group holds all.
         With `exist_ok`, an existing model with matching parameters is joined (ModelInfo.created False).
+        `world_size="elastic"`: sync rounds over whichever workers are registered (`join`, or a
+        push), each registration lasting `lease_s` seconds past its last push (0: the server's
+        default, 30 s).
         """
         if mode not in _MODES:
             raise InvalidArgument(f"mode must be 'sync' or 'async', got {mode!r}")
-        if world_size < 1:
-            raise InvalidArgument(f"world_size must be at least 1, got {world_size}")
+        elastic = world_size == "elastic"
+        if not elastic and not (isinstance(world_size, int) and world_size >= 1):
+            raise InvalidArgument(f"world_size must be at least 1 or 'elastic', got {world_size!r}")
         names = list(params)
         groups = param_groups or [{"params": names}]
         tensors = [to_wire(params[n]) for n in names]
@@ -267,10 +276,12 @@ class Client:
                 )
                 for g in groups
             ],
-            world_size=world_size,
+            world_size=0 if elastic else int(world_size),
             mode=_MODES[mode],
             max_staleness=max_staleness,
             round_timeout_s=round_timeout_s,
+            elastic=elastic,
+            lease_s=lease_s,
             exist_ok=exist_ok,
         )
         frames = self._upload(cfg.SerializeToString(), tensors)
@@ -284,6 +295,18 @@ class Client:
     def list_models(self) -> list[ModelInfo]:
         reply = self.call(lambda: self._list(pb.ListModelsRequest(), **self._kw()))
         return [_model_info(m) for m in reply.models]
+
+    def join(self, model: str, rank: int | None = None) -> int:
+        """Elastic model: register as a worker; returns the rank to push with (the server's
+        lowest free rank when `rank` is None). Every push renews the registration."""
+        req = pb.JoinRequest(model=model, rank=rank)
+        return int(self.call(lambda: self._join(req, **self._kw())).rank)
+
+    def leave(self, model: str, rank: int) -> bool:
+        """Elastic model: deregister `rank` now, so rounds stop waiting for it. False when it
+        was not registered (its lease had lapsed)."""
+        req = pb.LeaveRequest(model=model, rank=rank)
+        return bool(self.call(lambda: self._leave(req, **self._kw())).left)
 
     def delete_model(self, model: str) -> None:
         self.call(lambda: self._delete(pb.ModelRef(model=model), **self._kw()))

@@ -11,6 +11,7 @@ state-dict hooks exactly as torch.optim.Optimizer does. `state` mirrors the serv
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import warnings
 from collections import defaultdict
@@ -23,11 +24,12 @@ import torch
 from adamd.protocol.hyper import ADAM_DEFAULTS, IMPLEMENTATION_KEYS, fused_refusal, same_value
 
 from ._client import Client
-from ._exceptions import NotFound, StalePush
+from ._exceptions import AdamdError, NotFound, StalePush
 from ._tls import TLSConfig
 from ._types import ModelInfo, PushResult
 
 _STATE_ORDER = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+logger = logging.getLogger(__name__)
 _SYNCED_KEYS = tuple(k for k in ADAM_DEFAULTS if k not in IMPLEMENTATION_KEYS)
 # The group keys torch.optim.Adam.__setstate__ fills in when a loaded state dict lacks them.
 _SETSTATE_DEFAULTS = (
@@ -156,7 +158,11 @@ def _checked_like_torch(params: Any, options: Mapping[str, Any]) -> Any:
     return params
 
 
-def _rank(rank: int | None, world_size: int, mode: str) -> int:
+def _env_rank() -> int | None:
+    return int(os.environ["RANK"]) if "RANK" in os.environ else None
+
+
+def _rank(rank: int | None, world_size: int, mode: str) -> int:  # a fixed world_size
     """This worker's rank: `rank`, else $RANK; required once there are several workers, since
     every worker silently taking rank 0 only shows up later, as DuplicatePush in a sync round."""
     if rank is None and "RANK" in os.environ:
@@ -177,12 +183,20 @@ class RemoteAdam(torch.optim.Optimizer):
     """torch.optim.Adam, computed on an adamd server.
 
     Extra keyword arguments: `server` (host:port), `model` (name on the server), `world_size`
-    (workers per sync step; default: $WORLD_SIZE or 1), `rank` (default: $RANK; required when
-    world_size > 1), `mode` ("sync" or "async"), `token`, `tls` (True, or a TLSConfig: see
-    Client), `client` (an existing Client),
+    (workers per sync step; default: $WORLD_SIZE or 1; "elastic": whichever workers are
+    registered, see below), `rank` (default: $RANK; required when world_size > 1), `mode` ("sync"
+    or "async"), `token`, `tls` (True, or a TLSConfig: see Client), `client` (an existing Client),
     `wire_dtype` (torch.bfloat16 / torch.float16 to halve the bytes on the wire), `transport`
     ("auto": shared memory when the server is on this host, else gRPC; "grpc": always gRPC),
-    `max_staleness` and `round_timeout_s` (used when this worker creates the model).
+    `max_staleness`, `round_timeout_s` and `lease_s` (used when this worker creates the model).
+
+    Elastic (`world_size="elastic"`): workers join and leave at any time. Construction registers
+    this worker (with `rank` or $RANK if given, else a rank the server assigns, in `self.rank`);
+    each step renews the registration, which lapses `lease_s` seconds after the last one; a round
+    steps once every registered worker has pushed, averaging over those that did. A step whose
+    round closed without it (this worker was slower than its lease) sends nothing more: its
+    gradient is dropped, the fresh parameters are pulled, and `last_result` is None. `close()`
+    leaves at once.
     """
 
     def __init__(
@@ -202,7 +216,7 @@ class RemoteAdam(torch.optim.Optimizer):
         decoupled_weight_decay: bool = False,
         server: str = "127.0.0.1:50051",
         model: str = "default",
-        world_size: int | None = None,
+        world_size: int | str | None = None,
         rank: int | None = None,
         mode: str = "sync",
         token: str | None = None,
@@ -212,6 +226,7 @@ class RemoteAdam(torch.optim.Optimizer):
         transport: str = "auto",
         max_staleness: int = 0,
         round_timeout_s: float = 0.0,
+        lease_s: float = 0.0,
     ):
         options: dict[str, Any] = (
             dict(  # torch.optim.Adam's order, so param_groups print and pack alike
@@ -230,14 +245,21 @@ class RemoteAdam(torch.optim.Optimizer):
         )
         params = _checked_like_torch(params, options)
         self.model = model
-        self.world_size = int(
-            world_size if world_size is not None else os.environ.get("WORLD_SIZE", 1)
+        self.elastic = world_size == "elastic"
+        self.world_size = (
+            0
+            if self.elastic
+            else int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", 1))
         )
-        self.rank = _rank(rank, self.world_size, mode)
+        if self.elastic:  # None: the server assigns one at construction
+            self.rank: int | None = rank if rank is not None else _env_rank()
+        else:
+            self.rank = _rank(rank, self.world_size, mode)
         self.mode = mode
         self.version = 0
         self.last_result: PushResult | None = None
         self._ready = False
+        self._registered = False  # elastic: joined, and leaves on close()
         self._names: dict[int, str] = {}
         self._synced: list[dict[str, Any]] = []
         self._pending_loss: float | None = None
@@ -248,13 +270,13 @@ class RemoteAdam(torch.optim.Optimizer):
             server, token=token, wire_dtype=wire_dtype, transport=transport, tls=tls
         )
         self._owns_client = client is None
-        self._connect(max_staleness, round_timeout_s)
+        self._connect(max_staleness, round_timeout_s, lease_s)
         self._synced = [self._options_of(g) for g in self.param_groups]
         self._ready = True
 
-    def _connect(self, max_staleness: int, round_timeout_s: float) -> None:
+    def _connect(self, max_staleness: int, round_timeout_s: float, lease_s: float) -> None:
         """Create the model on the server from the local parameters, or join it (the server's
-        parameters win)."""
+        parameters win); elastic, register this worker."""
         local = self._named_params()
         try:
             info = self._client.describe(self.model)
@@ -263,12 +285,22 @@ class RemoteAdam(torch.optim.Optimizer):
                 self.model,
                 local,
                 param_groups=[self._group_for_server(g) for g in self.param_groups],
-                world_size=self.world_size,
+                world_size="elastic" if self.elastic else self.world_size,
                 mode=self.mode,
                 max_staleness=max_staleness,
                 round_timeout_s=round_timeout_s,
+                lease_s=lease_s,
                 exist_ok=True,
             )
+        if info.elastic != self.elastic:
+            raise ValueError(
+                f"model {self.model!r} on the server is "
+                f"{'elastic' if info.elastic else f'world_size={info.world_size}'}; pass"
+                f" world_size={'elastic' if info.elastic else info.world_size!r} to join it"
+            )
+        if self.elastic:
+            self.rank = self._client.join(self.model, self.rank)
+            self._registered = True
         if not info.created:
             self._join(info, local)
         else:
@@ -422,7 +454,7 @@ class RemoteAdam(torch.optim.Optimizer):
                 self.model,
                 grads,
                 version=self.version,
-                rank=self.rank,
+                rank=self.rank or 0,
                 loss=self._pending_loss,
                 found_inf=skipped,
                 hyper_updates=updates,
@@ -431,7 +463,13 @@ class RemoteAdam(torch.optim.Optimizer):
             # Nothing was applied. Pull the current parameters before raising, or every later
             # step would be computed from the same old version and refused again.
             self._pull_into(self._named_params())
-            raise
+            if not self.elastic:
+                raise
+            # Elastic: the round closed without this worker (its lease lapsed first). The
+            # gradient is dropped; training goes on from the fresh parameters.
+            self._pending_loss = None
+            self.last_result = None
+            return loss
         self._pending_loss = None
         for i, changed in updates:
             self._synced[i].update({k: _clone(v) for k, v in changed.items()})
@@ -532,6 +570,7 @@ class RemoteAdam(torch.optim.Optimizer):
         state = dict(self.__dict__)
         state["_names"] = [self._names[id(p)] for p in self._unique_params()]
         state["_owns_client"] = False
+        state["_registered"] = False  # a copy closing must not deregister this worker
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -546,6 +585,14 @@ class RemoteAdam(torch.optim.Optimizer):
         self._state_version = None
 
     def close(self) -> None:
+        """Elastic: leave the run (rounds stop waiting for this worker). Close the connection
+        if this optimizer made it."""
+        if getattr(self, "_registered", False) and self.rank is not None:
+            self._registered = False
+            try:
+                self._client.leave(self.model, self.rank)
+            except AdamdError:
+                logger.warning("model %s: rank %s could not leave", self.model, self.rank)
         if self._owns_client:
             self._client.close()
 

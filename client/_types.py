@@ -13,7 +13,7 @@ class ModelInfo:
     name: str
     version: int  # +1 per applied step
     mode: str  # "sync" or "async"
-    world_size: int  # sync: pushes gathered per step
+    world_size: int  # sync: pushes gathered per step (0: elastic)
     device: str  # where the server holds parameters and state
     params: dict[str, tuple[tuple[int, ...], torch.dtype]]  # name -> (shape, dtype), in order
     param_groups: list[dict[str, Any]]  # options as requested, with "params": [names]
@@ -21,6 +21,8 @@ class ModelInfo:
     round_timeout_s: float  # sync: how long a round waits for missing workers
     created: bool = False  # create_model: False when the model existed and was joined
     skipped_steps: int = 0  # rounds skipped for non-finite gradients (found_inf)
+    elastic: bool = False  # sync over whichever workers are registered (world_size is then 0)
+    lease_s: float = 0.0  # elastic: how long a worker stays registered without pushing
 
 
 @dataclass(frozen=True)

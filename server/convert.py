@@ -64,6 +64,10 @@ def model_spec_from_pb(cfg: pb.ModelConfig) -> ModelSpec:
             f"round_timeout_s must be a finite number >= 0 (0: the server's default),"
             f" got {cfg.round_timeout_s}"
         )
+    if not (math.isfinite(cfg.lease_s) and cfg.lease_s >= 0):
+        raise InvalidArgument(
+            f"lease_s must be a finite number >= 0 (0: the default), got {cfg.lease_s}"
+        )
     return ModelSpec(
         name=cfg.model,
         params=params,
@@ -72,6 +76,8 @@ def model_spec_from_pb(cfg: pb.ModelConfig) -> ModelSpec:
         mode=mode,
         max_staleness=cfg.max_staleness,
         round_timeout_s=cfg.round_timeout_s,
+        elastic=cfg.elastic,
+        lease_s=cfg.lease_s,
         exist_ok=cfg.exist_ok,
     )
 
@@ -94,6 +100,8 @@ def model_info(model: HostedModel, created: bool = False) -> pb.ModelInfo:
         round_timeout_s=model.round_timeout_s,
         created=created,
         skipped_steps=model.skipped_steps,
+        elastic=model.elastic,
+        lease_s=model.lease_s,
     )
 
 

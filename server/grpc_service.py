@@ -214,6 +214,8 @@ class OptimizerService:
                 "Snapshot": unary(self.snapshot, pb.ModelRef),
                 "Attach": unary(self.attach, pb.AttachRequest),
                 "Detach": unary(self.detach, pb.DetachRequest),
+                "Join": unary(self.join, pb.JoinRequest),
+                "Leave": unary(self.leave, pb.LeaveRequest),
             },
         )
 
@@ -340,14 +342,14 @@ class OptimizerService:
     async def _outcome(self, pending: PendingPush) -> Any:
         """Await a push's outcome; past the round's deadline, step with the ranks there are."""
         outcome = asyncio.wrap_future(pending.outcome)
+        deadline = pending.deadline
         while True:
-            timeout = None
-            if pending.deadline is not None:
-                timeout = max(0.0, pending.deadline - time.monotonic())
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 return await asyncio.wait_for(asyncio.shield(outcome), timeout)
             except asyncio.TimeoutError:
-                await self._run(pending.expire)
+                # Elastic: a missing worker's lease is still good; wait until it lapses.
+                deadline = await self._run(pending.expire) or deadline
 
     async def pull_params(self, request: pb.PullRequest, context: Any) -> AsyncIterator[bytes]:
         model = self.ops.model(request.model)
@@ -440,6 +442,15 @@ class OptimizerService:
 
     async def attach(self, request: pb.AttachRequest, context: Any) -> pb.AttachReply:
         return await self._run(self.ops.attach, request)
+
+    async def join(self, request: pb.JoinRequest, context: Any) -> pb.JoinReply:
+        rank = request.rank if request.HasField("rank") else None
+        model, rank = await self._run(self.ops.join, request.model, rank)
+        return pb.JoinReply(rank=rank, lease_s=model.lease_s, version=model.version)
+
+    async def leave(self, request: pb.LeaveRequest, context: Any) -> pb.LeaveReply:
+        left = await self._run(self.ops.leave, request.model, request.rank)
+        return pb.LeaveReply(left=left)
 
     async def detach(self, request: pb.DetachRequest, context: Any) -> pb.DetachReply:
         return await self._run(self.ops.detach, request)

@@ -111,6 +111,9 @@ def model_tables(m: Any, params: Any, history: Any) -> list[Table]:
             ", ".join(f"rank {w['rank']}: lag {w['lag']}" for w in m["workers"]) or "none yet",
         ),
     ]
+    if m.get("elastic"):  # the live membership: who a round waits for, and for how long
+        members = [f"rank {w['rank']}: lease {num(w['lease_left_s'])} s" for w in m["members"]]
+        rows.insert(1, ("members", ", ".join(members) or "none registered"))
     for k, v in rows:
         head.add_row(k, v)
     groups = Table(title="param groups")

@@ -40,6 +40,7 @@ from . import state_io
 from .cuda_step import GraphedStep
 from .errors import InvalidArgument, NotFound
 from .groups import GroupEditor, Updates
+from .membership import DEFAULT_LEASE_S
 from .pushes import ClosedRound, PendingPush, PushMeta, PushResult, PushTicket, StepRecord
 from .rounds import ASYNC, SYNC, Rounds, check_settings
 from .staging import StagingPool
@@ -74,8 +75,12 @@ class HostedModel:
         mode: str = SYNC,
         max_staleness: int = 16,
         round_timeout_s: float = 60.0,
+        elastic: bool = False,
+        lease_s: float = DEFAULT_LEASE_S,
     ):
-        check_settings(world_size, mode)
+        if elastic:
+            world_size = 0  # the registered workers, whoever they are now
+        check_settings(world_size, mode, elastic)
         self.name = name
         self.device = device
         self.params: dict[str, torch.Tensor] = dict(params)
@@ -113,12 +118,22 @@ class HostedModel:
             mode=mode,
             max_staleness=max_staleness,
             round_timeout_s=round_timeout_s,
+            lease_s=lease_s if elastic else None,
         )
 
     # The push protocol's settings live with the rounds; views and snapshots read them here.
     @property
     def world_size(self) -> int:
         return self.rounds.world_size
+
+    @property
+    def elastic(self) -> bool:
+        return self.rounds.members is not None
+
+    @property
+    def lease_s(self) -> float:
+        """Elastic: how long a worker stays registered without a push (0.0 otherwise)."""
+        return 0.0 if self.rounds.members is None else self.rounds.members.lease_s
 
     @property
     def mode(self) -> str:

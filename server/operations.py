@@ -246,6 +246,20 @@ class Operations:
         """A push's outcome is known: what follows a change (durable mode waits here)."""
         self._changed(model)
 
+    # --- elastic membership --------------------------------------------------------------------
+
+    def join(self, name: str, rank: int | None) -> tuple[HostedModel, int]:
+        """Register a worker with an elastic model; its rank (assigned when `rank` is None)."""
+        model = self.registry.get(name)
+        return model, model.rounds.join(rank)
+
+    def leave(self, name: str, rank: int) -> bool:
+        """Deregister a worker; a round that waited only for it steps now."""
+        model = self.registry.get(name)
+        left = model.rounds.leave(rank)
+        self._changed(model)
+        return left
+
     # --- same-host sessions ---------------------------------------------------------------------
 
     def attach(self, req: pb.AttachRequest) -> pb.AttachReply:

@@ -80,20 +80,22 @@ class PendingPush:
     """A push accepted into a round (or already decided): its outcome (a failed step: Aborted),
     which callers await without holding a thread (asyncio.wrap_future) or block on with
     `wait()`, and when to give up waiting for missing ranks. Whoever waits calls `expire()` once
-    `deadline` (time.monotonic) has passed; the round then steps with the ranks it has."""
+    `deadline` (time.monotonic) has passed; the round then steps with the ranks it has, or
+    (elastic, a missing worker's lease still good) `expire()` returns the deadline to wait for."""
 
     outcome: Future[PushResult]
     deadline: float | None = None
-    expire: Callable[[], None] = lambda: None
+    expire: Callable[[], float | None] = lambda: None
 
     def wait(self) -> PushResult:
         """Block until the outcome is known (for callers that may hold a thread)."""
+        deadline = self.deadline
         while True:
-            timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 return self.outcome.result(timeout)
             except FutureTimeout:
-                self.expire()
+                deadline = self.expire() or deadline
 
 
 @dataclass(frozen=True)
@@ -105,4 +107,4 @@ class ClosedRound:
     tickets: list[PushTicket]  # in `ranks` order
     grads: dict[str, torch.Tensor]  # the mean per parameter, in place of the first buffer
     found_inf: bool  # some push reported inf/nan: the step is skipped
-    partial: bool  # closed by its deadline with fewer than world_size ranks
+    partial: bool  # closed by its deadline without some ranks (of world_size, or registered)

@@ -15,6 +15,7 @@ from adamd.protocol.frames import TensorSink, trainable
 
 from .errors import AlreadyExists, InvalidArgument, NotFound
 from .limits import Limits
+from .membership import DEFAULT_LEASE_S
 from .model import ASYNC, SYNC, HostedModel
 from .staging import BOUNCE_BYTES, copy_in_chunks, host_bytes
 
@@ -49,6 +50,8 @@ class ModelSpec:
     mode: str = SYNC
     max_staleness: int = 0  # 0: the daemon's default
     round_timeout_s: float = 0.0  # 0: the daemon's default
+    elastic: bool = False  # sync over whichever workers are registered (world_size ignored)
+    lease_s: float = 0.0  # elastic: registration lasts this long unrenewed (0: the default)
     exist_ok: bool = False
     wire_dtypes: Sequence[torch.dtype] = field(default_factory=list)
 
@@ -114,7 +117,7 @@ class ModelRegistry:
                 raise InvalidArgument(f"parameter {n!r} has a negative dimension {list(shape)}")
         if spec.mode not in (SYNC, ASYNC):
             raise InvalidArgument(f"mode must be 'sync' or 'async', got {spec.mode!r}")
-        if spec.world_size < 1:
+        if spec.world_size < 1 and not spec.elastic:
             raise InvalidArgument(f"world_size must be at least 1, got {spec.world_size}")
         existing = self._models.get(spec.name)
         if existing is not None:
@@ -132,6 +135,7 @@ class ModelRegistry:
             device=self.device,
             world_size=spec.world_size,
             mode=spec.mode,
+            elastic=spec.elastic,
         )
         del probe
         # Values land in ordinary host memory first and move to the device at commit through a
@@ -159,6 +163,8 @@ class ModelRegistry:
             mode=spec.mode,
             max_staleness=spec.max_staleness or self.default_max_staleness,
             round_timeout_s=spec.round_timeout_s or self.default_round_timeout_s,
+            elastic=spec.elastic,
+            lease_s=spec.lease_s or DEFAULT_LEASE_S,
         )
         with self._lock:
             existing = self._models.get(spec.name)

@@ -9,6 +9,11 @@ in rank order and divided by their count, the host (HostedModel) applies one ste
 each push id's result, observers hear of the step, and every push's future is decided. A failed
 step decides them with `Aborted` and changes nothing, so the same pushes may be sent again.
 
+Elastic mode is sync mode over a changing set of workers (membership.py): a push renews its
+rank's lease, a round is complete once every registered rank has pushed, and its deadline is the
+first lease expiry among the ranks it still lacks (or the round timeout, if sooner): at that time
+`expire()` drops lapsed ranks and closes the round if nobody live is missing.
+
 Nothing here waits: callers get a `PendingPush` whose future they await (asyncio.wrap_future) or
 block on, and call its `expire()` once its deadline has passed. Everything runs under the host's
 lock, which `Rounds` shares.
@@ -31,6 +36,8 @@ from adamd.protocol import ProtocolError
 from adamd.protocol.frames import trainable
 
 from .errors import Aborted, DuplicatePush, InvalidArgument, NonFiniteGradient, StalePush
+from .gradients import all_finite, rank_ordered_mean
+from .membership import Membership
 from .pushes import ClosedRound, PendingPush, PushMeta, PushResult, PushTicket, StepRecord
 from .staging import StagingPool
 
@@ -99,13 +106,16 @@ class Rounds:
         mode: str,
         max_staleness: int,
         round_timeout_s: float,
+        lease_s: float | None = None,
     ):
-        check_settings(world_size, mode)
+        check_settings(world_size, mode, elastic=lease_s is not None)
         self.name = name
         self.world_size = world_size
         self.mode = mode
         self.max_staleness = max_staleness
         self.round_timeout_s = round_timeout_s
+        # Elastic mode: the live workers (None: a fixed world_size).
+        self.members = None if lease_s is None else Membership(lease_s)
         self.ledger = Ledger()
         self._current: _Round | None = None  # the open sync round
         self.observers: list[Callable[[StepRecord], None]] = []  # told of every closed round
@@ -126,7 +136,7 @@ class Rounds:
         params: Mapping[str, torch.Tensor],
     ) -> list[str]:
         """The names a push's header announces, once its rank and gradient specs are valid."""
-        if self.mode == SYNC and not 0 <= meta.rank < self.world_size:
+        if self.mode == SYNC and self.members is None and not 0 <= meta.rank < self.world_size:
             raise InvalidArgument(
                 f"rank {meta.rank} outside 0..{self.world_size - 1} for world_size {self.world_size}"
             )
@@ -153,6 +163,8 @@ class Rounds:
         """A ticket for a push whose header was checked: answered from the ledger, joined to the
         same push id in flight, or new (its id now in flight; buffers still to be attached)."""
         with self._lock:
+            if self.members is not None:
+                self.members.renew(meta.rank)  # heard from: even a retry or a stale push
             pid = meta.push_id
             if pid and pid in self.ledger.results:
                 return PushTicket(meta, names, None, None, cached=self.ledger.results[pid])
@@ -236,19 +248,57 @@ class Rounds:
             if meta.rank in rnd.entries:
                 raise DuplicatePush(f"rank {meta.rank} already pushed for version {rnd.version}")
             rnd.entries[meta.rank] = ticket
-            if len(rnd.entries) == self.world_size:
+            if self._complete(rnd):
                 self._close(rnd, partial=False)
-            return PendingPush(
-                ticket.outcome, rnd.started + self.round_timeout_s, lambda: self._expire(rnd)
-            )
+            return PendingPush(ticket.outcome, self._deadline(rnd), lambda: self._expire(rnd))
 
-    def _expire(self, rnd: _Round) -> None:
-        """The round's deadline passed: step with the ranks it has (a no-op once it ended)."""
+    def _complete(self, rnd: _Round) -> bool:
+        """Every worker has pushed: world_size ranks, or (elastic) every rank still live."""
+        if self.members is None:
+            return len(rnd.entries) == self.world_size
+        return self.members.live() <= rnd.entries.keys()
+
+    def _deadline(self, rnd: _Round) -> float:
+        """When to stop waiting: the round timeout, or (elastic) the first lease to lapse among
+        the ranks still missing, if sooner."""
+        timeout = rnd.started + self.round_timeout_s
+        if self.members is None:
+            return timeout
+        lapse = self.members.first_expiry(self.members.live() - rnd.entries.keys())
+        return timeout if lapse is None else min(timeout, lapse)
+
+    def join(self, rank: int | None) -> int:
+        """Elastic mode: register a worker (a rank of its own when `rank` is None)."""
+        with self._lock:
+            if self.members is None:
+                raise InvalidArgument(f"model {self.name!r} is not elastic; pass its rank")
+            return self.members.join(rank)
+
+    def leave(self, rank: int) -> bool:
+        """Elastic mode: deregister `rank`; the open round closes if it waited only for it."""
+        with self._lock:
+            if self.members is None:
+                raise InvalidArgument(f"model {self.name!r} is not elastic")
+            left = self.members.leave(rank)
+            rnd = self._current
+            if rnd is not None and rnd.entries and self._complete(rnd):
+                self._close(rnd, partial=False)
+            return left
+
+    def _expire(self, rnd: _Round) -> float | None:
+        """The round's deadline passed: step with the ranks it has (a no-op once it ended).
+        Elastic, before the round timeout: step once no live rank is missing, else return the
+        next deadline."""
         with self._lock:
             if self._current is not rnd:
-                return
+                return None
+            if self.members is not None and time.monotonic() < rnd.started + self.round_timeout_s:
+                if self._complete(rnd):
+                    self._close(rnd, partial=True)
+                    return None
+                return self._deadline(rnd)
             if time.monotonic() < rnd.started + self.round_timeout_s:
-                return
+                return None
             logger.warning(
                 "model %s: round for version %d timed out after %.1fs with ranks %s of %d;"
                 " stepping without the rest",
@@ -259,6 +309,7 @@ class Rounds:
                 self.world_size,
             )
             self._close(rnd, partial=True)
+            return None
 
     def _close(self, rnd: _Round, partial: bool) -> None:
         """Average in rank order, have the host step once, decide every push. Lock held."""
@@ -343,41 +394,13 @@ class Rounds:
             ticket.grads = None
 
 
-def check_settings(world_size: int, mode: str) -> None:
-    if world_size < 1:
+def check_settings(world_size: int, mode: str, elastic: bool = False) -> None:
+    if elastic and mode != SYNC:
+        raise InvalidArgument("elastic workers need sync mode (async pushes need no rounds)")
+    if world_size < 1 and not elastic:
         raise InvalidArgument(f"world_size must be at least 1, got {world_size}")
     if mode not in (SYNC, ASYNC):
         raise InvalidArgument(f"mode must be 'sync' or 'async', got {mode!r}")
-
-
-def rank_ordered_mean(tickets: Sequence[PushTicket]) -> dict[str, torch.Tensor]:
-    """Per parameter, the mean of the tickets that carry it, summed in the tickets' order so the
-    result does not depend on arrival order. Accumulates into the first ticket's buffer."""
-    summed: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    for t in tickets:
-        for name, buf in zip(t.names, t.buffers):
-            if name in summed:
-                summed[name].add_(buf)
-                counts[name] += 1
-            else:
-                summed[name] = buf
-                counts[name] = 1
-    for name, n in counts.items():
-        if n > 1:
-            summed[name].div_(n)
-    return summed
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """True when every element is finite. A finite sum proves it (inf and nan propagate through
-    addition) at the cost of one read; only a non-finite sum, which may be an overflow of large
-    finite values, pays for the exact check. A complex tensor is checked as its real view."""
-    if t.is_complex():
-        t = torch.view_as_real(t)
-    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
-        return True
-    return bool(torch.isfinite(t).all())
 
 
 def _settle(

@@ -115,6 +115,8 @@ def capture(model: HostedModel, changes: int = 0) -> Capture:
             "world_size": model.world_size,
             "max_staleness": model.max_staleness,
             "round_timeout_s": model.round_timeout_s,
+            "elastic": model.elastic,  # membership itself does not survive a restart
+            "lease_s": model.lease_s,
             "params": [
                 {"name": n, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
                 for n, p in model.params.items()

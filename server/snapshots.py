@@ -37,6 +37,7 @@ from adamd.v1 import adamd_pb2 as pb
 from . import snapshot_format as fmt
 from .config import ServerConfig
 from .errors import NotFound, ServerError, StartupError
+from .membership import DEFAULT_LEASE_S
 from .model import HostedModel, StepRecord
 from .registry import ModelRegistry
 
@@ -374,6 +375,8 @@ def build_model(loaded: fmt.Loaded, registry: ModelRegistry) -> HostedModel:
         mode=m["mode"],
         max_staleness=m["max_staleness"],
         round_timeout_s=m["round_timeout_s"],
+        elastic=m.get("elastic", False),  # older snapshots: not elastic
+        lease_s=m.get("lease_s") or DEFAULT_LEASE_S,
     )
     state = {
         name: {k: t if k == "step" else t.to(device) for k, t in entry.items()}

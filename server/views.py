@@ -53,10 +53,15 @@ def model_summary(model: HostedModel, stats: ModelStats, detail: bool = False) -
     with model.locked():
         version = model.version
         params = dict(model.params)
+        members = model.rounds.members
+        if members is not None:
+            members.prune()
         out: dict[str, Any] = {
             "name": model.name,
             "mode": model.mode,
-            "world_size": model.world_size,
+            # Elastic: the workers registered now.
+            "world_size": model.world_size if members is None else len(members.members),
+            "elastic": members is not None,
             "version": version,
             "step": version,
             "skipped_steps": model.skipped_steps,
@@ -75,6 +80,9 @@ def model_summary(model: HostedModel, stats: ModelStats, detail: bool = False) -
         if detail:
             out["max_staleness"] = model.max_staleness
             out["round_timeout_s"] = model.round_timeout_s
+            if members is not None:
+                out["lease_s"] = members.lease_s
+                out["members"] = members.view()  # live membership: rank, last seen, lease expiry
             out["param_groups"] = [
                 {
                     "index": i,

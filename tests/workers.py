@@ -5,6 +5,12 @@ one: `RANK` and `WORLD_SIZE` in its environment, and RemoteAdam given neither. A
 deterministic per-rank gradients (`rank_grads`), so the test process can recompute every step with
 a local torch.optim.Adam. When it is done it writes what it saw (final parameters, every push
 reply) to a file with torch.save and exits 0.
+
+With `--elastic` a worker is an elastic one (`world_size="elastic"`, no RANK: the server assigns
+its rank) and pushes `rank_grads(rank, version)`: keyed by the version it computed from, since
+workers that join late are at different local steps within one round. It records, per step, the
+version it pushed from, the version its round produced (None: its round closed without it) and
+the round's contributors; `--die-after N` ends it abruptly after N steps, without leaving.
 """
 
 from __future__ import annotations
@@ -64,8 +70,54 @@ def reference(rounds: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
 # --- the worker side ---------------------------------------------------------------------------
 
 
+def _train_elastic(args: argparse.Namespace) -> None:
+    from adamd.client import RemoteAdam
+
+    torch.set_num_threads(1)
+    params = [(n, torch.nn.Parameter(t)) for n, t in initial_params().items()]
+    opt = RemoteAdam(
+        params,
+        lr=LR,
+        server=args.address,
+        model=args.model,
+        world_size="elastic",
+        lease_s=args.lease,
+        round_timeout_s=args.round_timeout or 60.0,
+    )
+    steps = []
+    for step in range(args.steps):
+        if step == args.die_after or (args.until and Path(args.until).exists()):
+            break
+        assert opt.rank is not None
+        pushed_from = opt.version
+        grads = rank_grads(opt.rank, pushed_from)
+        for n, p in params:
+            p.grad = grads[n]
+        t0 = time.monotonic()
+        opt.step()
+        r = opt.last_result
+        steps.append(
+            {
+                "pushed_from": pushed_from,
+                "version": None if r is None else r.version,
+                "contributors": None if r is None else r.contributors,
+                "seconds": time.monotonic() - t0,
+            }
+        )
+        time.sleep(args.step_sleep)
+    out = {"rank": opt.rank, "steps": steps}
+    torch.save(out, args.out)
+    if args.die_after >= 0:
+        os._exit(0)  # gone without leaving: only its lease tells the server
+    opt.close()
+
+
 def _train(args: argparse.Namespace) -> None:
     from adamd.client import RemoteAdam
+
+    if args.elastic:
+        _train_elastic(args)
+        return
 
     torch.set_num_threads(1)
     params = [(n, torch.nn.Parameter(t)) for n, t in initial_params().items()]
@@ -112,6 +164,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument(
         "--stop-after", type=int, default=-1, help="park before this step (to be killed)"
     )
+    p.add_argument("--elastic", action="store_true", help="world_size='elastic', no rank")
+    p.add_argument("--lease", type=float, default=0.0, help="elastic: lease_s")
+    p.add_argument("--step-sleep", type=float, default=0.0, help="elastic: pause after a step")
+    p.add_argument("--die-after", type=int, default=-1, help="elastic: exit after N steps")
+    p.add_argument("--until", default="", help="elastic: stop once this file exists")
     _train(p.parse_args(argv))
 
 
@@ -119,13 +176,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def launch(
-    rank: int, world_size: int, address: str, model: str, out: Path, *extra: str
+    rank: int | None, world_size: int, address: str, model: str, out: Path, *extra: str
 ) -> subprocess.Popen[bytes]:
-    """Start one worker as torchrun would: RANK / WORLD_SIZE in its environment."""
+    """Start one worker as torchrun would: RANK / WORLD_SIZE in its environment (rank None:
+    neither, for elastic workers)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    if rank is not None:
+        env.update(RANK=str(rank), WORLD_SIZE=str(world_size))
     env = {
-        **os.environ,
-        "RANK": str(rank),
-        "WORLD_SIZE": str(world_size),
+        **env,
         "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         "OMP_NUM_THREADS": "1",
     }
@@ -135,8 +194,9 @@ def launch(
     )
 
 
-def finish(procs: Mapping[int, subprocess.Popen[bytes]], timeout: float) -> None:
-    """Wait for the workers; fail with their output if one failed or overran."""
+def finish(procs: Mapping[Any, subprocess.Popen[bytes]], timeout: float) -> None:
+    """Wait for the workers (by rank or any name); fail with their output if one failed or
+    overran."""
     deadline = time.monotonic() + timeout
     failures = []
     for rank, proc in procs.items():

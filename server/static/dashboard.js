@@ -104,7 +104,7 @@ function tile(label, value, sub) {
 
 function renderDetail(m) {
   $("#model-title").textContent = m.name;
-  $("#model-badges").innerHTML = [m.mode, "world " + m.world_size, m.device, ...m.dtypes]
+  $("#model-badges").innerHTML = [m.mode, m.elastic ? "elastic" : "world " + m.world_size, m.device, ...m.dtypes]
     .map((b) => `<span class="badge">${esc(b)}</span>`).join("");
   const mem = m.memory;
   $("#tiles").innerHTML = [
@@ -115,6 +115,9 @@ function renderDetail(m) {
     tile("memory", Fmt.bytes(mem.total), `state ${Fmt.bytes(mem.optimizer_state)}`),
     tile("workers", m.mode === "sync" ? `${m.workers.length}/${m.world_size}` : `${m.workers.length}`,
       m.workers.length ? `max lag ${Math.max(...m.workers.map((w) => w.lag))}` : "none heard yet"),
+    ...(m.elastic ? [tile("members", m.members.length, m.members.length
+      ? m.members.map((w) => `rank ${w.rank}: lease ${Fmt.num(w.lease_left_s)} s`).join(", ")
+      : `lease ${Fmt.num(m.lease_s)} s, none registered`)] : []),
   ].join("");
   $("#groups").innerHTML = `<tr><th>group</th><th class="num">lr</th><th class="num">betas</th><th class="num">eps</th>
       <th class="num">weight decay</th><th>amsgrad</th><th>impl</th><th>params</th></tr>` +

@@ -89,7 +89,7 @@ class ParamGroup(_message.Message):
     def __init__(self, params: _Optional[_Iterable[str]] = ..., options: _Optional[_Mapping[str, HyperValue]] = ...) -> None: ...
 
 class ModelConfig(_message.Message):
-    __slots__ = ("model", "params", "groups", "world_size", "mode", "max_staleness", "round_timeout_s", "exist_ok")
+    __slots__ = ("model", "params", "groups", "world_size", "mode", "max_staleness", "round_timeout_s", "exist_ok", "elastic", "lease_s")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,8 @@ class ModelConfig(_message.Message):
     MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
     ROUND_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     EXIST_OK_FIELD_NUMBER: _ClassVar[int]
+    ELASTIC_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     params: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     groups: _containers.RepeatedCompositeFieldContainer[ParamGroup]
@@ -106,7 +108,9 @@ class ModelConfig(_message.Message):
     max_staleness: int
     round_timeout_s: float
     exist_ok: bool
-    def __init__(self, model: _Optional[str] = ..., params: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ..., world_size: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., max_staleness: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., exist_ok: bool = ...) -> None: ...
+    elastic: bool
+    lease_s: float
+    def __init__(self, model: _Optional[str] = ..., params: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ..., world_size: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., max_staleness: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., exist_ok: bool = ..., elastic: bool = ..., lease_s: _Optional[float] = ...) -> None: ...
 
 class CreateFrame(_message.Message):
     __slots__ = ("header", "tensor", "offset", "data")
@@ -121,7 +125,7 @@ class CreateFrame(_message.Message):
     def __init__(self, header: _Optional[_Union[ModelConfig, _Mapping]] = ..., tensor: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "version", "mode", "world_size", "device", "params", "groups", "max_staleness", "round_timeout_s", "created", "skipped_steps")
+    __slots__ = ("model", "version", "mode", "world_size", "device", "params", "groups", "max_staleness", "round_timeout_s", "created", "skipped_steps", "elastic", "lease_s")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +137,8 @@ class ModelInfo(_message.Message):
     ROUND_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    ELASTIC_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     mode: Mode
@@ -144,7 +150,9 @@ class ModelInfo(_message.Message):
     round_timeout_s: float
     created: bool
     skipped_steps: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., world_size: _Optional[int] = ..., device: _Optional[str] = ..., params: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ..., max_staleness: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., created: bool = ..., skipped_steps: _Optional[int] = ...) -> None: ...
+    elastic: bool
+    lease_s: float
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., world_size: _Optional[int] = ..., device: _Optional[str] = ..., params: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ..., max_staleness: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., created: bool = ..., skipped_steps: _Optional[int] = ..., elastic: bool = ..., lease_s: _Optional[float] = ...) -> None: ...
 
 class GroupUpdate(_message.Message):
     __slots__ = ("group", "options")
@@ -416,3 +424,35 @@ class DetachRequest(_message.Message):
 class DetachReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("model", "rank")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    rank: int
+    def __init__(self, model: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("rank", "lease_s", "version")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    lease_s: float
+    version: int
+    def __init__(self, rank: _Optional[int] = ..., lease_s: _Optional[float] = ..., version: _Optional[int] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("model", "rank")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    rank: int
+    def __init__(self, model: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+
+class LeaveReply(_message.Message):
+    __slots__ = ("left",)
+    LEFT_FIELD_NUMBER: _ClassVar[int]
+    left: bool
+    def __init__(self, left: bool = ...) -> None: ...

@@ -99,6 +99,16 @@ class OptimizerStub(object):
                 request_serializer=adamd_dot_v1_dot_adamd__pb2.DetachRequest.SerializeToString,
                 response_deserializer=adamd_dot_v1_dot_adamd__pb2.DetachReply.FromString,
                 _registered_method=True)
+        self.Join = channel.unary_unary(
+                '/adamd.v1.Optimizer/Join',
+                request_serializer=adamd_dot_v1_dot_adamd__pb2.JoinRequest.SerializeToString,
+                response_deserializer=adamd_dot_v1_dot_adamd__pb2.JoinReply.FromString,
+                _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/adamd.v1.Optimizer/Leave',
+                request_serializer=adamd_dot_v1_dot_adamd__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=adamd_dot_v1_dot_adamd__pb2.LeaveReply.FromString,
+                _registered_method=True)
 
 
 class OptimizerServicer(object):
@@ -192,6 +202,21 @@ class OptimizerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Join(self, request, context):
+        """Elastic mode: register as a worker (a lease, renewed by every push); the server assigns a
+        rank when none is asked for.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Leave(self, request, context):
+        """Elastic mode: leave now (rounds stop waiting for this rank at once).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OptimizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -259,6 +284,16 @@ def add_OptimizerServicer_to_server(servicer, server):
                     servicer.Detach,
                     request_deserializer=adamd_dot_v1_dot_adamd__pb2.DetachRequest.FromString,
                     response_serializer=adamd_dot_v1_dot_adamd__pb2.DetachReply.SerializeToString,
+            ),
+            'Join': grpc.unary_unary_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=adamd_dot_v1_dot_adamd__pb2.JoinRequest.FromString,
+                    response_serializer=adamd_dot_v1_dot_adamd__pb2.JoinReply.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=adamd_dot_v1_dot_adamd__pb2.LeaveRequest.FromString,
+                    response_serializer=adamd_dot_v1_dot_adamd__pb2.LeaveReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -612,6 +647,60 @@ class Optimizer(object):
             '/adamd.v1.Optimizer/Detach',
             adamd_dot_v1_dot_adamd__pb2.DetachRequest.SerializeToString,
             adamd_dot_v1_dot_adamd__pb2.DetachReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Join(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adamd.v1.Optimizer/Join',
+            adamd_dot_v1_dot_adamd__pb2.JoinRequest.SerializeToString,
+            adamd_dot_v1_dot_adamd__pb2.JoinReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adamd.v1.Optimizer/Leave',
+            adamd_dot_v1_dot_adamd__pb2.LeaveRequest.SerializeToString,
+            adamd_dot_v1_dot_adamd__pb2.LeaveReply.FromString,
             options,
             channel_credentials,
             insecure,
