@@ -73,6 +73,7 @@ class PushTicket:
     cached: PushResult | None = None  # a push id already applied
     joined: Future[PushResult] | None = None  # the same push id is in a round now: its outcome
     outcome: Future[PushResult] = field(default_factory=Future)  # this push's, once it is decided
+    superseded: bool = False  # a retry of the same id took over while this copy still streamed
 
 
 @dataclass(frozen=True)

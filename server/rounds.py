@@ -71,6 +71,7 @@ class Ledger:
     def __init__(self) -> None:
         self.results: OrderedDict[str, PushResult] = OrderedDict()
         self.inflight: dict[str, Future[PushResult]] = {}
+        self.streaming: dict[str, PushTicket] = {}  # in flight and still receiving its gradient
 
     def record(self, push_id: str, result: PushResult) -> None:
         self.results[push_id] = result
@@ -169,17 +170,23 @@ class Rounds:
             if pid and pid in self.ledger.results:
                 return PushTicket(meta, names, None, None, cached=self.ledger.results[pid])
             if pid and pid in self.ledger.inflight:
-                return PushTicket(meta, names, None, None, joined=self.ledger.join(pid))
+                first = self.ledger.streaming.get(pid)
+                if first is None:  # checked and queued or stepping: its outcome is the answer
+                    return PushTicket(meta, names, None, None, joined=self.ledger.join(pid))
+                # The first copy is still arriving, but a client sends again only after it lost
+                # the connection: that copy will never finish well. The retry takes its place.
+                first.superseded = True
             ticket = PushTicket(meta, names, None, None)
             if pid:
                 self.ledger.inflight[pid] = ticket.outcome
+                self.ledger.streaming[pid] = ticket
             return ticket
 
     def abort(self, ticket: PushTicket) -> None:
         """The push's stream failed: forget it (a retry with the same id may come)."""
         with self._lock:
             if ticket.cached is None and ticket.joined is None:
-                self.ledger.inflight.pop(ticket.meta.push_id, None)
+                self._forget(ticket)
                 _settle(
                     ticket.outcome,
                     error=StalePush(
@@ -187,6 +194,14 @@ class Rounds:
                     ),
                 )
             self._release(ticket)
+
+    def _forget(self, ticket: PushTicket) -> None:
+        """Take the ticket's push id out of flight, unless a retry holds it now. Lock held."""
+        pid = ticket.meta.push_id
+        if self.ledger.inflight.get(pid) is ticket.outcome:
+            del self.ledger.inflight[pid]
+        if self.ledger.streaming.get(pid) is ticket:
+            del self.ledger.streaming[pid]
 
     def finish(self, ticket: PushTicket) -> PendingPush:
         """Check the whole gradient, then step (async) or join the round (sync). Never blocks
@@ -197,6 +212,15 @@ class Rounds:
             return PendingPush(done)
         if ticket.joined is not None:
             return PendingPush(ticket.joined)
+        with self._lock:
+            if self.ledger.streaming.get(ticket.meta.push_id) is ticket:
+                del self.ledger.streaming[ticket.meta.push_id]
+        if ticket.superseded:
+            self.abort(ticket)
+            raise StalePush(
+                f"push {ticket.meta.push_id} was sent again while this copy still arrived;"
+                " the newer copy counts"
+            )
         try:
             self._check_gradient(ticket)
             if self.mode == ASYNC:
@@ -385,7 +409,7 @@ class Rounds:
                 " nothing was applied and the push may be sent again"
             )
         for t in tickets:
-            self.ledger.inflight.pop(t.meta.push_id, None)
+            self._forget(t)
             _settle(t.outcome, result, failed)
 
     def _release(self, ticket: PushTicket) -> None:

@@ -2,8 +2,9 @@
 
 Sync rounds average in rank order whatever the arrival order, close partial on their deadline and
 refuse a rank twice or a stale version; async pushes obey max_staleness; a push id is applied once
-(a repeat is answered from the ledger, a retry of one in flight joins it, an aborted one may be
-sent again); a step that fails answers Aborted and changes nothing; a burst's staging is released.
+(a repeat is answered from the ledger, a retry of one in a round joins it, a retry while the first
+copy still streams takes its place, an aborted one may be sent again); a step that fails answers
+Aborted and changes nothing; a burst's staging is released.
 """
 
 from __future__ import annotations
@@ -148,6 +149,22 @@ def test_a_retry_of_an_inflight_push_joins_its_outcome() -> None:
     assert original.wait() == PushResult(version=1, applied=True, contributors=2)
     assert retry.wait() == PushResult(version=1, applied=True, contributors=2, duplicate=True)
     assert model.version == 1
+
+
+def test_a_retry_while_the_first_copy_still_streams_takes_its_place() -> None:
+    """A client sends again only after it lost the connection, maybe before the server noticed:
+    the retry counts, the first copy is refused when it ends, and the step happens once."""
+    model = make_model()
+    first = begin(model, rank_grads(1), push_id="s")
+    write(first, rank_grads(1))  # all of it arrived, but finish_push has not run yet
+    retry = push(model, rank_grads(1), push_id="s").outcome.result(timeout=5)
+    assert retry == PushResult(version=1, applied=True) and not retry.duplicate
+    with pytest.raises(StalePush, match="sent again"):
+        model.finish_push(first)
+    reference = make_model()
+    push(reference, rank_grads(1)).wait()
+    assert_same(state_of(reference), state_of(model))  # stepped once, with that gradient
+    assert push(model, rank_grads(2), push_id="s").wait().duplicate  # the id stays applied
 
 
 def test_an_aborted_push_lets_its_retry_through() -> None:
