@@ -48,6 +48,9 @@ from ._types import ModelInfo, PullResult, PushResult
 T = TypeVar("T")
 _SERVICE = "/adamd.v1.Optimizer/"
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+# grpc's details for a call cancelled on this side (by the application, or because the request
+# iterator raised): not transient.
+_LOCAL_CANCEL = ("Locally cancelled", "Exception iterating requests", "Exception serializing")
 _MODES = {"sync": pb.SYNC, "async": pb.ASYNC}
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -78,6 +81,19 @@ def _model_info(m: pb.ModelInfo) -> ModelInfo:
 
 def _group_pb(names: Sequence[str], options: Mapping[str, Any]) -> pb.ParamGroup:
     return pb.ParamGroup(params=list(names), options=options_to_pb(options))
+
+
+def _transient(err: grpc.RpcError) -> grpc.StatusCode | None:
+    """The call's status code, with a cancel by the server counted as UNAVAILABLE: a server that
+    stops past its grace period cancels the calls still in flight (adamd answers UNAVAILABLE
+    itself first, but work running on its threads at that moment cannot be cut short). Every
+    call is safe to repeat (pushes by their id), so a training loop never sees a restart."""
+    code = err.code() if hasattr(err, "code") else None
+    if code == grpc.StatusCode.CANCELLED:
+        details = (err.details() if hasattr(err, "details") else None) or ""
+        if not any(mark in details for mark in _LOCAL_CANCEL):
+            return grpc.StatusCode.UNAVAILABLE
+    return code
 
 
 class Client:
@@ -174,13 +190,13 @@ class Client:
             try:
                 return fn()
             except grpc.RpcError as err:
-                code = err.code() if hasattr(err, "code") else None
+                code = _transient(err)
                 if code in _RETRYABLE and time.monotonic() + delay < deadline:
                     time.sleep(delay * (0.5 + random.random()))
                     delay = min(delay * 2, 2.0)
                     continue
                 exc = from_rpc_error(err)
-                if code in _RETRYABLE:
+                if code in _RETRYABLE:  # a server gone for longer than the retry deadline
                     raise Unavailable(f"{self.address}: {exc}") from None
                 raise exc from None
 

@@ -1,9 +1,9 @@
 """SIGTERM while pushes stream: a real `adamd serve` process, workers pushing in threads.
 
 A push the server had begun is either finished within the grace period (answered with its
-version) or answered UNAVAILABLE by adamd itself, which Client and RemoteAdam retry: never
-cancelled by grpc at the end of the grace (CANCELLED on some grpc versions, which the clients do
-not retry and a training loop sees as a crash). After the stop, every acknowledged push is in the
+version) or answered UNAVAILABLE by adamd itself, which Client and RemoteAdam retry. A call grpc
+cancels itself (one that reaches the server as it shuts down gets CANCELLED) is retried too, so a
+training loop never sees the stop. After the stop, every acknowledged push is in the
 final snapshot, and a cut push left nothing behind.
 """
 
@@ -120,3 +120,51 @@ def test_pushes_that_cannot_finish_in_the_grace_are_answered_unavailable(tmp_pat
                 assert c.describe(model).version == 0
                 assert torch.equal(c.pull_params(model)["w"], torch.zeros(N))
         assert stop(proc, signal.SIGTERM, lines) == 0
+
+
+def _raw_server(handlers: dict[str, grpc.RpcMethodHandler]) -> tuple[grpc.Server, str]:
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def test_a_call_cancelled_by_the_server_is_retried_one_cancelled_here_is_not() -> None:
+    """grpc cancels a call that reaches a server already shutting down (status CANCELLED, no
+    details, seen in CI as a push failing on SIGTERM): the client retries it like UNAVAILABLE.
+    A call that failed on the client's own side (its request iterator raised) is not retried."""
+    answered: list[int] = []
+
+    def flaky(request: bytes, context: grpc.ServicerContext) -> bytes:
+        answered.append(1)
+        if len(answered) == 1:
+            context.abort(grpc.StatusCode.CANCELLED, "")
+        return request
+
+    def failing() -> Iterator[bytes]:
+        raise RuntimeError("bad request iterator")
+        yield b""
+
+    server, address = _raw_server(
+        {
+            "Flaky": grpc.unary_unary_rpc_method_handler(flaky),
+            "In": grpc.stream_unary_rpc_method_handler(lambda it, ctx: b"".join(it)),
+        }
+    )
+    try:
+        with Client(address, transport="grpc", retry_timeout=10.0) as c:
+            ch = grpc.insecure_channel(address)
+            assert c.call(lambda: ch.unary_unary("/t.T/Flaky")(b"x")) == b"x"
+            assert len(answered) == 2
+            started = time.monotonic()
+            with pytest.raises(AdamdError) as here:
+                c.call(lambda: ch.stream_unary("/t.T/In")(failing()))
+            assert "Exception iterating requests" in str(here.value)
+            assert not isinstance(here.value, Unavailable)
+            assert time.monotonic() - started < 5, "a local cancel must not be retried"
+            ch.close()
+    finally:
+        server.stop(0)
