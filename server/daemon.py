@@ -92,10 +92,6 @@ class Daemon:
         self._stop_requested = threading.Event()
 
     @property
-    def grpc_ready(self) -> bool:
-        return self.ops.facts.ready
-
-    @property
     def grpc_address(self) -> str:
         host = self.config.host
         return f"[{host}]:{self.grpc_port}" if ":" in host else f"{host}:{self.grpc_port}"

@@ -229,37 +229,40 @@ class OptimizerService:
     def _unary(
         self, fn: Callable[..., Awaitable[Any]], req_cls: Any
     ) -> Callable[..., Awaitable[Any]]:
-        @functools.wraps(fn)
-        async def call(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-            t0, outcome, n_out = time.perf_counter(), "OK", 0
-            try:
-                self._authorize(context)
-                reply = await fn(_parse(req_cls, raw), context)
-                n_out = reply.ByteSize()
-                return reply
-            except Exception as exc:
-                outcome = _kind(exc)
-                await self._abort(context, exc)
-            finally:
-                self._record(fn, outcome, t0, len(raw), n_out)
-
-        return call
+        return self._one_reply(fn, lambda raw: (lambda: _parse(req_cls, raw), lambda: len(raw)))
 
     def _stream_in(self, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        @functools.wraps(fn)
-        async def call(frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
-            t0, outcome, n_out = time.perf_counter(), "OK", 0
+        def open_stream(
+            frames: AsyncIterator[bytes],
+        ) -> tuple[Callable[[], Any], Callable[[], int]]:
             stream = _Stream(frames, self.idle_s, self.limits.stream_bytes)
+            return (lambda: stream), (lambda: stream.nbytes)
+
+        return self._one_reply(fn, open_stream)
+
+    def _one_reply(
+        self,
+        fn: Callable[..., Awaitable[Any]],
+        prepare: Callable[[Any], tuple[Callable[[], Any], Callable[[], int]]],
+    ) -> Callable[..., Awaitable[Any]]:
+        """A call with one reply: authorize, run `fn` on the request `prepare` makes of what
+        arrived (parsed inside the error path, so bad bytes answer INVALID_ARGUMENT), answer
+        errors with their status, record the call."""
+
+        @functools.wraps(fn)
+        async def call(incoming: Any, context: grpc.aio.ServicerContext) -> Any:
+            t0, outcome, n_out = time.perf_counter(), "OK", 0
+            request, bytes_in = prepare(incoming)
             try:
                 self._authorize(context)
-                reply = await fn(stream, context)
+                reply = await fn(request(), context)
                 n_out = reply.ByteSize()
                 return reply
             except Exception as exc:
                 outcome = _kind(exc)
                 await self._abort(context, exc)
             finally:
-                self._record(fn, outcome, t0, stream.nbytes, n_out)
+                self._record(fn, outcome, t0, bytes_in(), n_out)
 
         return call
 
@@ -331,7 +334,7 @@ class OptimizerService:
         except BaseException:
             await self._run(model.abort_push, ticket)
             raise
-        pending = await self._run(self.ops.finish_push, model, ticket)
+        pending = await self._run(model.finish_push, ticket)
         # Cut while waiting: a sync round that will not complete (its other ranks are refused
         # now). If it does step after all, the push id is in the ledger the final snapshot
         # keeps, and the client's retry is answered as a duplicate: still exactly once.

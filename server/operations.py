@@ -27,7 +27,7 @@ from .errors import (
     Unauthenticated,
 )
 from .limits import Limits, tensor_bytes
-from .model import HostedModel, PendingPush, PushMeta, PushTicket
+from .model import HostedModel, PushMeta, PushTicket
 from .registry import ModelRegistry, ModelSpec, PendingModel
 
 if TYPE_CHECKING:
@@ -237,10 +237,6 @@ class Operations:
                 )
             buffers = lambda names: same_host.grads(model, session, names)
         return model, model.begin_push(meta, specs, buffers)
-
-    @staticmethod
-    def finish_push(model: HostedModel, ticket: PushTicket) -> PendingPush:
-        return model.finish_push(ticket)
 
     def pushed(self, model: HostedModel) -> None:
         """A push's outcome is known: what follows a change (durable mode waits here)."""

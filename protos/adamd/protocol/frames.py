@@ -88,15 +88,6 @@ def shape_of(spec: pb.TensorSpec) -> tuple[int, ...]:
     return tuple(int(d) for d in spec.shape)
 
 
-def numel_of(spec: pb.TensorSpec) -> int:
-    n = 1
-    for d in spec.shape:
-        if d < 0:
-            raise ProtocolError(f"tensor {spec.name!r} has a negative dimension {list(spec.shape)}")
-        n *= int(d)
-    return n
-
-
 def byte_view(t: torch.Tensor) -> np.ndarray:
     """The bytes of a contiguous CPU tensor as a uint8 array sharing its memory."""
     if t.device.type != "cpu" or not t.is_contiguous():
