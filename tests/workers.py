@@ -70,16 +70,18 @@ def reference(rounds: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
 # --- the worker side ---------------------------------------------------------------------------
 
 
-def _train_elastic(args: argparse.Namespace) -> None:
+def _optimizer(args: argparse.Namespace, **kwargs: Any) -> tuple[list[Any], Any]:
+    """The worker's parameters and its RemoteAdam on them (one torch thread: many workers)."""
     from adamd.client import RemoteAdam
 
     torch.set_num_threads(1)
     params = [(n, torch.nn.Parameter(t)) for n, t in initial_params().items()]
-    opt = RemoteAdam(
-        params,
-        lr=LR,
-        server=args.address,
-        model=args.model,
+    return params, RemoteAdam(params, lr=LR, server=args.address, model=args.model, **kwargs)
+
+
+def _train_elastic(args: argparse.Namespace) -> None:
+    params, opt = _optimizer(
+        args,
         world_size="elastic",
         lease_s=args.lease,
         round_timeout_s=args.round_timeout or 60.0,
@@ -113,22 +115,11 @@ def _train_elastic(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from adamd.client import RemoteAdam
-
     if args.elastic:
         _train_elastic(args)
         return
-
-    torch.set_num_threads(1)
-    params = [(n, torch.nn.Parameter(t)) for n, t in initial_params().items()]
-    opt = RemoteAdam(
-        params,
-        lr=LR,
-        server=args.address,
-        model=args.model,
-        mode=args.mode,
-        round_timeout_s=args.round_timeout,
-    )  # rank and world_size come from $RANK / $WORLD_SIZE, as under torchrun
+    # rank and world_size come from $RANK / $WORLD_SIZE, as under torchrun
+    params, opt = _optimizer(args, mode=args.mode, round_timeout_s=args.round_timeout)
     results = []
     try:
         for step in range(args.steps):
