@@ -68,6 +68,7 @@ from typing import Any
 
 import torch
 
+from .graph_guards import CaptureBroken, disable_graphs, graphs_disabled, stream_lock
 from .staging import BOUNCE_BYTES, GradSet, StagingPool, copy_in_chunks, host_bytes
 
 logger = logging.getLogger(__name__)
@@ -77,80 +78,6 @@ MAX_GRAPHS = 2  # captured graphs kept per model
 MAX_CAPTURES = 4  # captures of one gradient set before it steps eagerly for good
 _WARM_KEPT = 8  # gradient sets whose warm-up is being counted, per model
 _NOT_OPTIONS = ("params", "param_names")
-
-
-class _SharedExclusive:
-    """A lock held by many in shared mode or by one in exclusive mode; a waiting exclusive holder
-    keeps new shared holders out (captures are rare and must not starve)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._shared = 0
-        self._exclusive = False
-        self._waiting = 0
-
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            while self._exclusive or self._waiting:
-                self._cond.wait()
-            self._shared += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._shared -= 1
-                if not self._shared:
-                    self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting += 1
-            try:
-                while self._exclusive or self._shared:
-                    self._cond.wait()
-            finally:
-                self._waiting -= 1
-            self._exclusive = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
-
-
-# Per CUDA stream (by handle): shared while issuing work to it, exclusive while capturing on it.
-_STREAM_LOCKS: dict[int, _SharedExclusive] = {}
-_STREAM_LOCKS_GUARD = threading.Lock()
-
-
-def _stream_lock(stream: Any) -> _SharedExclusive:
-    key = int(stream.cuda_stream)
-    with _STREAM_LOCKS_GUARD:
-        lock = _STREAM_LOCKS.get(key)
-        if lock is None:
-            lock = _STREAM_LOCKS[key] = _SharedExclusive()
-        return lock
-
-
-_PROCESS_DISABLED: list[str] = []  # why graphs are off in this process (a broken capture)
-
-
-def graphs_disabled() -> str | None:
-    """Why CUDA graphs are off for the whole process, or None while they are on."""
-    return _PROCESS_DISABLED[0] if _PROCESS_DISABLED else None
-
-
-def _disable_graphs(reason: str) -> None:
-    if not _PROCESS_DISABLED:
-        _PROCESS_DISABLED.append(reason)
-        logger.error("CUDA graphs turned off for this process: %s", reason)
-
-
-class CaptureBroken(RuntimeError):
-    """capture_begin or capture_end failed: torch's allocator may still count the capture."""
 
 
 def _token(value: Any, device: torch.device, keep: list[torch.Tensor]) -> Any:
@@ -360,7 +287,7 @@ class GraphedStep:
         try:
             graph = self._capture()
         except CaptureBroken as exc:
-            _disable_graphs(f"capture failed at the CUDA level: {exc.__cause__ or exc}")
+            disable_graphs(f"capture failed at the CUDA level: {exc.__cause__ or exc}")
             self.disabled = f"capture failed: {exc.__cause__ or exc}"
             return None
         except Exception as exc:  # capture runs nothing: the step is still to be taken
@@ -409,7 +336,7 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         step, _ = self._get_streams()
         with (
-            _stream_lock(step).exclusive(),
+            stream_lock(step).exclusive(),
             torch.cuda.device(self.device),
             torch.cuda.stream(step),
         ):
@@ -461,7 +388,7 @@ class GraphedStep:
         """Issue device work on the model's step stream: after the last step, before the next.
         Not re-entrant (a capture waiting in between would deadlock it)."""
         step, _ = self._get_streams()
-        with _stream_lock(step).shared(), torch.cuda.device(self.device), torch.cuda.stream(step):
+        with stream_lock(step).shared(), torch.cuda.device(self.device), torch.cuda.stream(step):
             yield
 
     def to_host(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -501,7 +428,7 @@ class GraphedStep:
         try:
             _, copy = self._get_streams()
             with (
-                _stream_lock(copy).shared(),
+                stream_lock(copy).shared(),
                 torch.cuda.device(self.device),
                 torch.cuda.stream(copy),
             ):

@@ -13,7 +13,7 @@ import torch
 
 from adamd.protocol import ProtocolError
 from adamd.protocol.frames import TensorSink
-from adamd.server import cuda_step
+from adamd.server import cuda_step, graph_guards
 from adamd.server.cuda_step import (
     MAX_CAPTURES,
     WARMUP_STEPS,
@@ -250,7 +250,7 @@ def test_tensor_sink_reports_each_tensor_once_when_its_last_byte_arrives() -> No
 def graphs_on() -> Any:
     """A test that breaks a capture turns graphs off for the process: on again afterwards."""
     yield
-    cuda_step._PROCESS_DISABLED.clear()
+    graph_guards._PROCESS_DISABLED.clear()
 
 
 def test_a_key_recaptured_too_often_steps_eagerly_for_good() -> None:
