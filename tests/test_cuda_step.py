@@ -13,7 +13,7 @@ import torch
 
 from adamd.protocol import ProtocolError
 from adamd.protocol.frames import TensorSink
-from adamd.server import cuda_step, graph_guards
+from adamd.server import graph_guards
 from adamd.server.cuda_step import (
     MAX_CAPTURES,
     WARMUP_STEPS,
