@@ -1,0 +1,184 @@
+"""The transfer-memory budget (--max-transfer-bytes): concurrent pulls and pushes wait their turn
+instead of each holding host memory, a transfer larger than the budget is refused up front, a
+stalled reader gives its share back at the idle deadline, and sync rounds that fit still step."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from adamd.client import Client, LimitExceeded
+from adamd.server.budget import TransferBudget
+from adamd.server.errors import LimitExceeded as ServerLimitExceeded
+from adamd.server.errors import Unavailable
+from adamd.v1 import adamd_pb2 as pb
+
+from .conftest import running_daemon
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def small() -> Iterator[Any]:
+    """A daemon whose transfers may hold 3 MiB at once (a 2 MiB model's pull needs 2 MiB+)."""
+    with running_daemon(max_transfer_bytes=3 * MiB, shm=False, stream_idle_s=20.0) as d:
+        yield d
+
+
+def _grpc(daemon: Any, **kwargs: Any) -> Client:
+    return Client(daemon.grpc_address, transport="grpc", **kwargs)
+
+
+def test_concurrent_pulls_wait_their_turn_and_stay_within_the_budget(small: Any) -> None:
+    w = torch.arange(512 * 1024, dtype=torch.float32)  # 2 MiB: two pulls never fit at once
+    with _grpc(small) as c:
+        c.create_model("pulls", {"w": w}, lr=0.1)
+    before = small.transfers.peak
+    results: list[torch.Tensor] = []
+    errors: list[BaseException] = []
+
+    def pull() -> None:
+        try:
+            with _grpc(small) as c:
+                results.append(c.pull_params("pulls")["w"])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=pull) for _ in range(12)]
+    waited = 0
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        waited = max(waited, small.transfers.waiting)
+        time.sleep(0.001)
+    assert not errors, errors
+    assert len(results) == 12 and all(torch.equal(r, w) for r in results)
+    budget = small.transfers
+    assert budget.peak <= 3 * MiB, budget.peak
+    assert budget.peak >= 2 * MiB or before >= 2 * MiB  # each pull held its bytes
+    assert budget.reserved == 0 and budget.waiting == 0
+    assert waited >= 1  # some pulls were held back rather than run side by side
+    text = urllib.request.urlopen(f"{small.http_url}/metrics").read().decode()
+    gauges = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("adamd_transfer_")
+    }
+    assert gauges["adamd_transfer_budget_bytes"] == 3 * MiB
+    assert gauges["adamd_transfer_reserved_bytes"] == 0
+    assert 2 * MiB <= gauges["adamd_transfer_reserved_peak_bytes"] <= 3 * MiB
+
+
+def test_a_transfer_larger_than_the_whole_budget_is_refused(small: Any) -> None:
+    big = {"w": torch.zeros(1024 * 1024), "b": torch.ones(8)}  # 4 MiB > 3 MiB
+    with _grpc(small) as c:
+        c.create_model("too-big", big, lr=0.1)  # creating it holds no transfer memory
+        with pytest.raises(LimitExceeded, match="--max-transfer-bytes"):
+            c.pull_params("too-big")
+        with pytest.raises(LimitExceeded, match="--max-transfer-bytes"):
+            c.push_grad("too-big", {"w": torch.ones(1024 * 1024)}, version=0)
+        assert c.describe("too-big").version == 0
+        assert torch.equal(c.pull_params("too-big", ["b"])["b"], torch.ones(8))  # this fits
+    assert small.transfers.reserved == 0
+
+
+def test_a_sync_round_that_cannot_fit_is_refused_at_create(small: Any) -> None:
+    with _grpc(small) as c, pytest.raises(LimitExceeded, match="sync round of world_size 4"):
+        c.create_model("round-too-big", {"w": torch.zeros(256 * 1024)}, world_size=4)
+    with _grpc(small) as c:  # async pushes hold one buffer each, only while they run
+        c.create_model("async-ok", {"w": torch.zeros(256 * 1024)}, world_size=4, mode="async")
+
+
+def test_a_sync_round_under_the_budget_steps() -> None:
+    with running_daemon(max_transfer_bytes=8 * MiB, shm=False) as d:
+        w = torch.zeros(256 * 1024)  # 1 MiB: two pushes, plus a pull, fit
+        with _grpc(d) as c:
+            c.create_model("round", {"w": w}, world_size=2, lr=0.1)
+        out: dict[int, Any] = {}
+
+        def push(rank: int) -> None:
+            with _grpc(d) as c:
+                out[rank] = c.push_grad("round", {"w": torch.ones_like(w)}, rank=rank, version=0)
+
+        threads = [threading.Thread(target=push, args=(r,)) for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert {r.version for r in out.values()} == {1}
+        with _grpc(d) as c:
+            assert torch.allclose(c.pull_params("round")["w"], torch.full_like(w, -0.1))
+        assert d.transfers.peak >= 2 * MiB  # both pushes held their buffers at once
+        assert d.transfers.peak <= 8 * MiB and d.transfers.reserved == 0
+
+
+def test_a_stalled_reader_gives_its_budget_back_at_the_idle_deadline() -> None:
+    with running_daemon(max_transfer_bytes=16 * MiB, shm=False, stream_idle_s=2.0) as d:
+        w = torch.randn(16 * MiB)  # 64 MiB: far more than grpc buffers for a reader
+        with _grpc(d) as c:
+            c.create_model("stall", {"w": w}, lr=0.1)
+        channel = grpc.insecure_channel(d.grpc_address)
+        pull = channel.unary_stream("/adamd.v1.Optimizer/PullParams")
+        stalled = pull(pb.PullRequest(model="stall").SerializeToString())
+        next(stalled)  # one frame read, then nothing: the server's writes back up
+        deadline = time.monotonic() + 5
+        while d.transfers.reserved == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        held = d.transfers.reserved
+        assert held > 8 * MiB  # the stalled pull holds more than half the budget
+        t0 = time.monotonic()
+        with _grpc(d) as c:  # waits for the stalled reader's share, then runs
+            assert torch.equal(c.pull_params("stall")["w"], w)
+        assert time.monotonic() - t0 < 10
+        assert d.transfers.reserved == 0
+        with pytest.raises(grpc.RpcError) as err:
+            for _ in stalled:
+                pass
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "read nothing" in (err.value.details() or "")
+        channel.close()
+
+
+# --- the budget alone, on an event loop -----------------------------------------------------
+
+
+def test_budget_grants_in_arrival_order_and_bounds_the_wait() -> None:
+    async def scenario() -> None:
+        b = TransferBudget(10)
+        assert await b.reserve("a", 6, 1) is False
+        order: list[str] = []
+
+        async def take(name: str, n: int) -> None:
+            await b.reserve(name, n, 5)
+            order.append(name)
+
+        big = asyncio.ensure_future(take("big", 8))
+        await asyncio.sleep(0.01)
+        small = asyncio.ensure_future(take("small", 1))  # would fit now, but queues behind big
+        await asyncio.sleep(0.01)
+        assert order == [] and b.waiting == 2
+        b.release(6)
+        await asyncio.gather(big, small)
+        assert order == ["big", "small"] and b.reserved == 9 and b.peak == 9
+        with pytest.raises(Unavailable, match="waited"):
+            await b.reserve("late", 5, 0.05)
+        assert b.waiting == 0 and b.reserved == 9
+        with pytest.raises(ServerLimitExceeded):
+            await b.reserve("huge", 11, 1)
+        cancelled = asyncio.ensure_future(b.reserve("gone", 5, 5))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        await asyncio.sleep(0.01)
+        assert b.waiting == 0
+        b.release(9)
+        assert b.reserved == 0
+
+    asyncio.run(scenario())
