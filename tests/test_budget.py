@@ -97,6 +97,15 @@ def test_a_sync_round_that_cannot_fit_is_refused_at_create(small: Any) -> None:
         c.create_model("async-ok", {"w": torch.zeros(256 * 1024)}, world_size=4, mode="async")
 
 
+def test_joining_an_elastic_round_that_cannot_fit_is_refused(small: Any) -> None:
+    with _grpc(small) as c:
+        c.create_model("elastic", {"w": torch.zeros(256 * 1024)}, world_size="elastic")
+        assert c.join("elastic") == 0  # one rank: its pushes never wait on another
+        with pytest.raises(LimitExceeded, match="sync round of world_size 2"):
+            c.join("elastic")  # two 1 MiB buffers and a pull's frames pass 3 MiB
+        assert c.join("elastic", rank=0) == 0  # the same worker again: still one rank
+
+
 def test_a_sync_round_under_the_budget_steps() -> None:
     with running_daemon(max_transfer_bytes=8 * MiB, shm=False) as d:
         w = torch.zeros(256 * 1024)  # 1 MiB: two pushes, plus a pull, fit
