@@ -77,6 +77,31 @@ def test_concurrent_pulls_wait_their_turn_and_stay_within_the_budget(small: Any)
     assert 2 * MiB <= gauges["adamd_transfer_reserved_peak_bytes"] <= 3 * MiB
 
 
+def test_concurrent_pushes_take_turns_with_one_staging_buffer(small: Any) -> None:
+    w = torch.zeros(512 * 1024)  # 2 MiB of gradient per push: one buffer at a time fits
+    with _grpc(small) as c:
+        c.create_model("pushes", {"w": w}, mode="async", max_staleness=100, lr=0.1)
+    errors: list[BaseException] = []
+
+    def push() -> None:
+        try:
+            with _grpc(small) as c:
+                c.push_grad("pushes", {"w": torch.ones_like(w)}, version=0)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=push) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    model = small.registry.get("pushes")
+    assert model.version == 6
+    assert model.staging.sets == 1  # without the budget, one buffer per concurrent push
+    assert small.transfers.peak <= 3 * MiB and small.transfers.reserved == 0
+
+
 def test_a_transfer_larger_than_the_whole_budget_is_refused(small: Any) -> None:
     big = {"w": torch.zeros(1024 * 1024), "b": torch.ones(8)}  # 4 MiB > 3 MiB
     with _grpc(small) as c:
