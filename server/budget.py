@@ -58,6 +58,7 @@ class TransferBudget:
         self.capacity = capacity
         self.reserved = 0  # bytes held by transfers now
         self.peak = 0  # most bytes held at once since start
+        self.waits = 0  # transfers that had to wait for budget, since start
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
     @property
@@ -81,6 +82,7 @@ class TransferBudget:
         if not self._waiters and self._fits(nbytes):
             self._grant(nbytes)
             return False
+        self.waits += 1
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (nbytes, granted)
         self._waiters.append(entry)

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .budget import TransferBudget
@@ -248,3 +248,8 @@ class _TransferCollector(Collector):
             gauge = GaugeMetricFamily(name, text)
             gauge.add_metric([], value)
             yield gauge
+        waits = CounterMetricFamily(
+            "adamd_transfer_waits", "transfers that had to wait for budget (back-pressure)"
+        )
+        waits.add_metric([], b.waits)
+        yield waits

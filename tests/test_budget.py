@@ -41,31 +41,32 @@ def test_concurrent_pulls_wait_their_turn_and_stay_within_the_budget(small: Any)
     w = torch.arange(512 * 1024, dtype=torch.float32)  # 2 MiB: two pulls never fit at once
     with _grpc(small) as c:
         c.create_model("pulls", {"w": w}, lr=0.1)
-    before = small.transfers.peak
+    before, waits = small.transfers.peak, small.transfers.waits
     results: list[torch.Tensor] = []
     errors: list[BaseException] = []
+    start = threading.Barrier(12)
 
     def pull() -> None:
         try:
             with _grpc(small) as c:
+                c.describe("pulls")  # connected before the pulls start together
+                start.wait(30)
                 results.append(c.pull_params("pulls")["w"])
         except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=pull) for _ in range(12)]
-    waited = 0
     for t in threads:
         t.start()
-    while any(t.is_alive() for t in threads):
-        waited = max(waited, small.transfers.waiting)
-        time.sleep(0.001)
+    for t in threads:
+        t.join(60)
     assert not errors, errors
     assert len(results) == 12 and all(torch.equal(r, w) for r in results)
     budget = small.transfers
     assert budget.peak <= 3 * MiB, budget.peak
     assert budget.peak >= 2 * MiB or before >= 2 * MiB  # each pull held its bytes
     assert budget.reserved == 0 and budget.waiting == 0
-    assert waited >= 1  # some pulls were held back rather than run side by side
+    assert budget.waits > waits  # some pulls were held back rather than run side by side
     text = urllib.request.urlopen(f"{small.http_url}/metrics").read().decode()
     gauges = {
         line.split()[0]: float(line.split()[1])
@@ -75,6 +76,7 @@ def test_concurrent_pulls_wait_their_turn_and_stay_within_the_budget(small: Any)
     assert gauges["adamd_transfer_budget_bytes"] == 3 * MiB
     assert gauges["adamd_transfer_reserved_bytes"] == 0
     assert 2 * MiB <= gauges["adamd_transfer_reserved_peak_bytes"] <= 3 * MiB
+    assert gauges["adamd_transfer_waits_total"] >= budget.waits - waits
 
 
 def test_concurrent_pushes_take_turns_with_one_staging_buffer(small: Any) -> None:
