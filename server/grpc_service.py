@@ -489,9 +489,15 @@ class OptimizerService:
         return copies + self._frames_bytes(payload)
 
     def _state_bytes(self, model: HostedModel) -> int:
-        """GetState copies every state tensor (two per parameter, three with amsgrad)."""
-        per_param = 3 if any(g.get("amsgrad") for g in model.optimizer.param_groups) else 2
-        state = per_param * self._staging_of(model)
+        """GetState copies every state tensor (two per stepped parameter, three with amsgrad),
+        and frames them. Worker thread: counted under the model lock."""
+        with model.locked():
+            state = sum(
+                t.numel() * t.element_size()
+                for entry in model.optimizer.state.values()
+                for t in entry.values()
+                if isinstance(t, torch.Tensor)
+            )
         return state + self._frames_bytes(state)
 
     def _staging_of(self, model: HostedModel) -> int:
@@ -515,7 +521,7 @@ class OptimizerService:
 
     async def get_state(self, request: pb.GetStateRequest, context: Any) -> AsyncIterator[bytes]:
         model = self.ops.model(request.model)
-        held = self._state_bytes(model)
+        held = await self._run(self._state_bytes, model)
         await self._until_cut(self.budget.reserve("GetState", held, self.idle_s))
         try:
             async for frame in self._state_frames(model):

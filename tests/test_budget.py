@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from adamd.client import Client, LimitExceeded
+from adamd.server import ServerConfig
 from adamd.server.budget import TransferBudget
+from adamd.server.config import ConfigError
 from adamd.server.errors import LimitExceeded as ServerLimitExceeded
 from adamd.server.errors import Unavailable
 from adamd.v1 import adamd_pb2 as pb
@@ -181,6 +183,28 @@ def test_a_stalled_reader_gives_its_budget_back_at_the_idle_deadline() -> None:
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "read nothing" in (err.value.details() or "")
         channel.close()
+
+
+def test_get_state_reserves_its_copies(small: Any) -> None:
+    w = torch.zeros(256 * 1024)  # 1 MiB: Adam's state is 2 MiB once it has stepped
+    with _grpc(small) as c:
+        c.create_model("state", {"w": w}, mode="async", lr=0.1)
+        assert c.get_state("state")["state"] == {}  # no step yet: nothing to copy
+        c.push_grad("state", {"w": torch.ones_like(w)}, version=0)
+        assert c.pull_params("state")["w"].shape == w.shape  # 1 MiB of frames fit
+        with pytest.raises(LimitExceeded, match="GetState needs"):
+            c.get_state("state")  # 2 MiB of copies and their frames do not
+    assert small.transfers.reserved == 0
+
+
+def test_the_budget_setting() -> None:
+    assert ServerConfig(max_transfer_bytes=-1).transfer_budget is None
+    assert ServerConfig(max_transfer_bytes=5 * MiB).transfer_budget == 5 * MiB
+    assert ServerConfig().transfer_budget >= 1 << 30  # type: ignore[operator]
+    env = {"ADAMD_MAX_TRANSFER_BYTES": "-1"}
+    assert ServerConfig.load(environ=env).transfer_budget is None
+    with pytest.raises(ConfigError, match="max_transfer_bytes"):
+        ServerConfig(max_transfer_bytes=-2)
 
 
 # --- the budget alone, on an event loop -----------------------------------------------------
