@@ -127,6 +127,12 @@ def add_limit_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         help="bytes of one request stream in all (default 0: 4 x --max-model-bytes + one message)",
     )
+    g.add_argument(
+        "--max-transfer-bytes",
+        type=int,
+        help="host bytes all pulls and pushes in flight may hold at once; more wait their turn"
+        " (default 0: a quarter of memory, at least 1 GiB; -1: no budget)",
+    )
 
 
 def config_from_args(args: argparse.Namespace, **extra: Any) -> ServerConfig:
@@ -157,6 +163,7 @@ def config_from_args(args: argparse.Namespace, **extra: Any) -> ServerConfig:
             "max_push_id_bytes",
             "max_message_bytes",
             "max_stream_bytes",
+            "max_transfer_bytes",
         )
     }
     token_file = getattr(args, "token_file", None)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .budget import auto_budget
 from .limits import Limits
 
 
@@ -42,6 +43,9 @@ class ServerConfig:
     max_push_id_bytes: int = Limits.max_push_id_bytes  # one push id, UTF-8 bytes
     max_message_bytes: int = Limits.max_message_bytes  # one gRPC message, either way
     max_stream_bytes: int = Limits.max_stream_bytes  # one request stream; 0: 4 x model + message
+    # Host memory all transfers in flight may hold at once (server/budget.py); 0: auto (a
+    # quarter of the memory the process may use, at least 1 GiB); -1: no budget.
+    max_transfer_bytes: int = 0
 
     @classmethod
     def load(
@@ -84,6 +88,7 @@ class ServerConfig:
             ("max_push_id_bytes", self.max_push_id_bytes >= 1, "at least 1"),
             ("max_message_bytes", self.max_message_bytes >= 1 << 20, "at least 1 MiB (1048576)"),
             ("max_stream_bytes", self.max_stream_bytes >= 0, "0 (auto) or more"),
+            ("max_transfer_bytes", self.max_transfer_bytes >= -1, "-1 (off), 0 (auto) or more"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -101,6 +106,13 @@ class ServerConfig:
                 "the token must be printable ASCII without spaces or line breaks"
                 f" ({len(self.token)} characters given)"
             )
+
+    @property
+    def transfer_budget(self) -> int | None:
+        """The transfer-memory budget in force, in bytes (None: no budget)."""
+        if self.max_transfer_bytes == -1:
+            return None
+        return self.max_transfer_bytes or auto_budget()
 
     @property
     def limits(self) -> Limits:

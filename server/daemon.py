@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .budget import TransferBudget
 from .config import ServerConfig
 from .errors import StartupError
 from .grpc_server import GrpcServer
@@ -45,7 +46,9 @@ class Daemon:
         )
         # Inspection: step history/norms and Prometheus metrics, fed by step observers and calls.
         self.stats = StatsBook(self.registry, every=config.stats_every)
-        self.metrics = Metrics(self.registry, self.stats)
+        # Host memory of pulls and pushes in flight, granted in turn on the gRPC loop.
+        self.transfers = TransferBudget(config.transfer_budget)
+        self.metrics = Metrics(self.registry, self.stats, self.transfers)
         self.extensions: list[Any] = []  # things with start()/stop(), stopped in reverse
         # Same-host fast path: shared-memory parameters and per-session gradient files.
         same_host = self.same_host = SameHost(self.registry) if config.shm else None
@@ -71,6 +74,7 @@ class Daemon:
             executor=self._workers,
             idle_s=config.stream_idle_s,
             on_call=self.metrics.on_call,
+            budget=self.transfers,
         )
         address = f"{config.host}:{config.grpc_port}"
         try:

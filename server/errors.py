@@ -13,7 +13,7 @@
     ├── Aborted                (ABORTED, 409)
     ├── Unauthenticated        (UNAUTHENTICATED, 401)
     ├── DeadlineExceeded       (DEADLINE_EXCEEDED, 504)
-    └── Unavailable            (UNAVAILABLE, 503: the server is stopping; clients retry)
+    └── Unavailable            (UNAVAILABLE, 503: stopping, or busy; clients retry)
 
 Each class's name is the `adamd-error` kind sent to clients, which map it back to the client
 exception of the same name (adamd.client exceptions); a test keeps the two trees in step.
@@ -96,8 +96,9 @@ class DeadlineExceeded(ServerError):
 
 
 class Unavailable(ServerError):
-    """The server is stopping and could not finish this call within its grace period; nothing of
-    it took effect unless a retry (same push id) is told it was a duplicate."""
+    """The server is stopping and could not finish this call within its grace period, or the
+    call waited too long for transfer memory (server/budget.py); nothing of it took effect unless
+    a retry (same push id) is told it was a duplicate."""
 
     code = grpc.StatusCode.UNAVAILABLE
     http_status = 503

@@ -30,6 +30,7 @@ import torch
 from adamd.protocol import ProtocolError
 from adamd.protocol.frames import (
     DEFAULT_CHUNK_BYTES,
+    FRAME_HEADROOM,
     Frame,
     TensorSink,
     decode_frame,
@@ -38,19 +39,33 @@ from adamd.protocol.frames import (
     iter_frames,
     spec_of,
     to_wire,
+    wire_dtype_of,
 )
 from adamd.v1 import adamd_pb2 as pb
 
 from . import convert
-from .errors import DeadlineExceeded, InvalidArgument, LimitExceeded, ServerError, Unavailable
+from .budget import TransferBudget
+from .errors import (
+    DeadlineExceeded,
+    InvalidArgument,
+    LimitExceeded,
+    NotFound,
+    ServerError,
+    Unavailable,
+)
 from .limits import Limits
-from .model import PendingPush
+from .model import HostedModel, PendingPush
 from .operations import Operations
+from .rounds import SYNC
+from .staging import ALIGN
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "adamd.v1.Optimizer"
 DEFAULT_IDLE_S = 60.0
+# Frames of one reply that grpc may hold at once, unsent or unread (the one being written and
+# what the transport has taken beyond the client's flow-control window): a pull reserves these.
+FRAMES_IN_FLIGHT = 3
 T = TypeVar("T")
 OnCall = Callable[[str, str, float, int, int], None]  # method, outcome, seconds, bytes in, out
 
@@ -123,8 +138,11 @@ class OptimizerService:
         idle_s: float = DEFAULT_IDLE_S,
         on_call: OnCall | None = None,
         limits: Limits | None = None,
+        budget: TransferBudget | None = None,
     ):
         self.ops = ops
+        # Host memory of transfers in flight (server/budget.py); None here: counted, unbounded.
+        self.budget = budget or TransferBudget(None)
         self.limits = limits or ops.limits
         self.executor = executor or ThreadPoolExecutor(4, thread_name_prefix="adamd-work")
         self.chunk_bytes = chunk_bytes
@@ -268,28 +286,59 @@ class OptimizerService:
 
     def _stream_out(
         self, fn: Callable[..., AsyncIterator[bytes]], req_cls: Any
-    ) -> Callable[..., AsyncIterator[bytes]]:
+    ) -> Callable[..., Awaitable[None]]:
+        # A coroutine writing each frame (not an async generator yielding it), so that a client
+        # that stops reading is ended by the idle deadline: a yield cannot be timed out, and a
+        # pull's copies (and its share of the transfer budget) would stay held for as long as
+        # the client keeps the connection open.
         @functools.wraps(fn)
-        async def call(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async def call(raw: bytes, context: grpc.aio.ServicerContext) -> None:
             t0, outcome, sent = time.perf_counter(), "OK", 0
+            frames: AsyncIterator[bytes] | None = None
             try:
                 self._authorize(context)
-                async for frame in fn(_parse(req_cls, raw), context):
+                frames = fn(_parse(req_cls, raw), context)
+                async for frame in frames:
+                    await self._write(context, frame)
                     sent += len(frame)
-                    yield frame
             except Exception as exc:
                 outcome = _kind(exc)
+                # The reply's cleanup first (its budget released): the status of a call whose
+                # reader stopped reading is only sent once it reads again (or goes away).
+                if frames is not None:
+                    await frames.aclose()  # type: ignore[attr-defined]
                 await self._abort(context, exc)
             finally:
+                if frames is not None:  # also when grpc cancelled the call
+                    await frames.aclose()  # type: ignore[attr-defined]
                 self._record(fn, outcome, t0, len(raw), sent)
 
         return call
+
+    async def _write(self, context: grpc.aio.ServicerContext, frame: bytes) -> None:
+        # Not asyncio.wait_for: a write blocked by flow control does not end when cancelled,
+        # and wait_for would wait for it. Past the deadline the call is answered and ended
+        # without waiting (grpc then drops the write with the call).
+        write = asyncio.ensure_future(context.write(frame))
+        done, _ = await asyncio.wait({write}, timeout=self.idle_s)
+        if write in done:
+            write.result()
+        else:
+            write.cancel()
+            raise DeadlineExceeded(
+                f"the client read nothing for {self.idle_s:g}s: the reply was ended"
+                " (server --stream-idle-s)"
+            ) from None
 
     # --- models ---------------------------------------------------------------------------------
 
     async def create_model(self, stream: _Stream, context: Any) -> pb.ModelInfo:
         cfg, first = await stream.header(pb.ModelConfig)
-        pending = await self._run(self.ops.begin_create, convert.model_spec_from_pb(cfg))
+        spec = convert.model_spec_from_pb(cfg)
+        if spec.mode == SYNC and not spec.elastic:
+            sizes = (math.prod(shape) * dtype.itemsize for _, shape, dtype in spec.params)
+            self._check_round(spec.world_size, _staging_bytes(sizes))
+        pending = await self._run(self.ops.begin_create, spec)
         await stream.receive(pending.sink if pending.existing is None else None, first)
         model, created = await self._run(self.ops.commit_create, pending)
         return convert.model_info(model, created=created)
@@ -326,19 +375,32 @@ class OptimizerService:
         header, first = await stream.header(pb.PushHeader)
         meta = convert.push_meta_from_pb(header)
         specs = convert.specs_from_pb(header.grads)
-        model, ticket = await self._run(
-            self.ops.begin_push, header.model, meta, specs, header.session
-        )
+        # Its staging buffer (a whole gradient set), held until the step used it. Same-host
+        # pushes write into their session's file instead; an unknown model is refused below.
+        known = None if header.session else self._find(header.model)
+        held = self._staging_of(known) if known is not None else 0
+        if held:
+            await self._until_cut(self.budget.reserve("the push", held, self.idle_s))
         try:
-            await self._until_cut(stream.receive(ticket.sink, first))
-        except BaseException:
-            await self._run(model.abort_push, ticket)
-            raise
-        pending = await self._run(model.finish_push, ticket)
-        # Cut while waiting: a sync round that will not complete (its other ranks are refused
-        # now). If it does step after all, the push id is in the ledger the final snapshot
-        # keeps, and the client's retry is answered as a duplicate: still exactly once.
-        result = await self._until_cut(self._outcome(pending))
+            model, ticket = await self._run(
+                self.ops.begin_push, header.model, meta, specs, header.session
+            )
+            if ticket.grads is None:  # a duplicate or a retry joining its first copy
+                self.budget.release(held)
+                held = 0
+            try:
+                await self._until_cut(stream.receive(ticket.sink, first))
+            except BaseException:
+                await self._run(model.abort_push, ticket)
+                raise
+            pending = await self._run(model.finish_push, ticket)
+            # Cut while waiting: a sync round that will not complete (its other ranks are
+            # refused now). If it does step after all, the push id is in the ledger the final
+            # snapshot keeps, and the client's retry is answered as a duplicate: exactly once.
+            result = await self._until_cut(self._outcome(pending))
+        finally:
+            if held:
+                self.budget.release(held)
         await self._run(self.ops.pushed, model)
         return convert.push_reply(result)
 
@@ -375,14 +437,21 @@ class OptimizerService:
             header = pb.PullHeader(version=version, not_modified=True)
             yield pb.PullFrame(header=header).SerializeToString()
             return
-        tensors = await self._run(model.host_copies, names, wire)
-        header = pb.PullHeader(
-            version=version, tensors=[spec_of(n, t) for n, t in zip(names, tensors)]
-        )
-        for frame in iter_frames(header.SerializeToString(), tensors, self.chunk_bytes):
-            yield frame
-        consistent = model.read_consistent(seq)
-        context.set_trailing_metadata((("adamd-consistent", "1" if consistent else "0"),))
+        held = self._pull_bytes(model, names, wire)
+        if await self._until_cut(self.budget.reserve("the pull", held, self.idle_s)):
+            seq, version = await self._run(model.read_begin)  # waited: read what is there now
+        try:
+            tensors = await self._run(model.host_copies, names, wire)
+            header = pb.PullHeader(
+                version=version, tensors=[spec_of(n, t) for n, t in zip(names, tensors)]
+            )
+            for frame in iter_frames(header.SerializeToString(), tensors, self.chunk_bytes):
+                yield frame
+            consistent = model.read_consistent(seq)
+            context.set_trailing_metadata((("adamd-consistent", "1" if consistent else "0"),))
+        finally:  # also when the client went away or stopped reading (the idle deadline)
+            tensors = []
+            self.budget.release(held)
 
     async def _wait_for_version(self, model: Any, version: int, timeout_s: float) -> None:
         if not math.isfinite(timeout_s) or timeout_s < 0:
@@ -396,10 +465,74 @@ class OptimizerService:
                 f"model {model.name!r} did not reach version {version} within {timeout}s"
             ) from None
 
+    # --- the transfer budget (server/budget.py) -------------------------------------------------
+
+    def _find(self, name: str) -> HostedModel | None:
+        try:
+            return self.ops.model(name)
+        except NotFound:
+            return None
+
+    def _frames_bytes(self, payload: int) -> int:
+        """Reply frames grpc may hold at once for a reply of `payload` bytes."""
+        frame = self.chunk_bytes + FRAME_HEADROOM
+        return min(payload + FRAME_HEADROOM, FRAMES_IN_FLIGHT * frame)
+
+    def _pull_bytes(self, model: HostedModel, names: list[str], wire: torch.dtype | None) -> int:
+        """Host memory a pull holds: copies of the parameters where they are made (CUDA, a
+        conversion to the wire dtype, a non-contiguous tensor), and its frames in flight."""
+        copies = payload = 0
+        for name in names:
+            p = model.params[name]
+            dtype = wire_dtype_of(p.dtype, wire)
+            nbytes = p.numel() * dtype.itemsize
+            payload += nbytes
+            if model.graphed is not None or dtype != p.dtype or not p.is_contiguous():
+                copies += nbytes
+        return copies + self._frames_bytes(payload)
+
+    def _state_bytes(self, model: HostedModel) -> int:
+        """GetState copies every state tensor (two per stepped parameter, three with amsgrad),
+        and frames them. Worker thread: counted under the model lock."""
+        with model.locked():
+            state = sum(
+                t.numel() * t.element_size()
+                for entry in model.optimizer.state.values()
+                for t in entry.values()
+                if isinstance(t, torch.Tensor)
+            )
+        return state + self._frames_bytes(state)
+
+    def _staging_of(self, model: HostedModel) -> int:
+        return _staging_bytes(p.numel() * p.element_size() for p in model.params.values())
+
+    def _check_round(self, world_size: int, staging: int) -> None:
+        """A sync round of several ranks holds their staging buffers until the last one
+        arrives: refuse a model whose round, plus one pull of it, cannot fit in the budget
+        (its ranks would wait for bytes that only the round's step gives back)."""
+        if world_size < 2:
+            return  # one rank steps at once: its push never waits on another
+        copies = staging if self.ops.registry.device.type != "cpu" else 0
+        need = world_size * staging + copies + self._frames_bytes(staging)
+        self.budget.check(
+            f"a sync round of world_size {world_size} ({world_size} gradient buffers of"
+            f" {staging} bytes, plus one pull)",
+            need,
+        )
+
     # --- optimizer state ------------------------------------------------------------------------
 
     async def get_state(self, request: pb.GetStateRequest, context: Any) -> AsyncIterator[bytes]:
         model = self.ops.model(request.model)
+        held = await self._run(self._state_bytes, model)
+        await self._until_cut(self.budget.reserve("GetState", held, self.idle_s))
+        try:
+            async for frame in self._state_frames(model):
+                yield frame
+        finally:
+            self.budget.release(held)
+
+    async def _state_frames(self, model: HostedModel) -> AsyncIterator[bytes]:
         state, groups, version = await self._run(model.state_by_name)
         tensors: list[torch.Tensor] = []
         specs: list[pb.TensorSpec] = []
@@ -448,6 +581,13 @@ class OptimizerService:
 
     async def join(self, request: pb.JoinRequest, context: Any) -> pb.JoinReply:
         rank = request.rank if request.HasField("rank") else None
+        known = self._find(request.model)
+        if known is not None and known.elastic:
+            members = known.rounds.members
+            live = len(members.members) if members is not None else 0
+            if rank is None or rank not in (members.members if members is not None else {}):
+                live += 1
+            self._check_round(live, self._staging_of(known))
         model, rank = await self._run(self.ops.join, request.model, rank)
         return pb.JoinReply(rank=rank, lease_s=model.lease_s, version=model.version)
 
@@ -457,6 +597,11 @@ class OptimizerService:
 
     async def detach(self, request: pb.DetachRequest, context: Any) -> pb.DetachReply:
         return await self._run(self.ops.detach, request)
+
+
+def _staging_bytes(sizes: Any) -> int:
+    """Bytes of one staging buffer (server/staging.py layout): each tensor 256-byte aligned."""
+    return sum((n + ALIGN - 1) // ALIGN * ALIGN for n in sizes)
 
 
 def _clip(message: str, limit: int = 2000) -> str:

@@ -19,9 +19,10 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .budget import TransferBudget
 from .model import HostedModel, StepRecord
 from .registry import ModelRegistry
 
@@ -42,7 +43,12 @@ _STEP_BUCKETS = (
 class Metrics:
     """The daemon's metrics. `registry` is what /metrics renders."""
 
-    def __init__(self, models: ModelRegistry, stats: StatsBook | None = None):
+    def __init__(
+        self,
+        models: ModelRegistry,
+        stats: StatsBook | None = None,
+        transfers: TransferBudget | None = None,
+    ):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.rpc_calls = Counter(
@@ -101,6 +107,8 @@ class Metrics:
             registry=r,
         )
         r.register(_ModelCollector(models, stats))
+        if transfers is not None:
+            r.register(_TransferCollector(transfers))
         self._observers: dict[str, object] = {}
         models.on_create.append(self._on_create)
         models.on_delete.append(self._on_delete)
@@ -209,3 +217,39 @@ class _ModelCollector(Collector):
                 if last is not None:
                     loss.add_metric([m.name], last)
         yield from (up, count, version, elements, memory, workers, lag, age, loss)
+
+
+class _TransferCollector(Collector):
+    """The transfer-memory budget (server/budget.py), read at scrape time."""
+
+    def __init__(self, budget: TransferBudget):
+        self.budget = budget
+
+    def collect(self) -> Iterator[Metric]:
+        b = self.budget
+        for name, text, value in (
+            (
+                "adamd_transfer_budget_bytes",
+                "host bytes transfers in flight may hold at once (-1: no budget)",
+                -1 if b.capacity is None else b.capacity,
+            ),
+            (
+                "adamd_transfer_reserved_bytes",
+                "host bytes held by pulls and pushes in flight now",
+                b.reserved,
+            ),
+            (
+                "adamd_transfer_reserved_peak_bytes",
+                "most host bytes held by transfers at once since the daemon started",
+                b.peak,
+            ),
+            ("adamd_transfer_waiting", "transfers waiting for budget now", b.waiting),
+        ):
+            gauge = GaugeMetricFamily(name, text)
+            gauge.add_metric([], value)
+            yield gauge
+        waits = CounterMetricFamily(
+            "adamd_transfer_waits", "transfers that had to wait for budget (back-pressure)"
+        )
+        waits.add_metric([], b.waits)
+        yield waits

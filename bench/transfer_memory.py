@@ -1,0 +1,191 @@
+"""`python -m bench.transfer_memory`: the host memory concurrent pulls make a server hold, with and
+without the transfer budget (`--max-transfer-bytes`).
+
+For each server setting, a fresh `adamd serve` process (CPU) holds one model (default 25M fp32
+params in 8 tensors); once it is created the process's peak RSS is reset (`/proc/PID/clear_refs`),
+then C concurrent pulls (default 50, each on a channel of its own, as C clients would) read the
+whole model and discard it, as grpc.aio coroutines in this process. Reported: the server's peak RSS
+during the pulls minus its RSS before them, the budget's own peak reservation
+(`adamd_transfer_reserved_peak_bytes` from /metrics) and the wall time for all C pulls. Pulls in
+fp32 send the parameters themselves (the server holds only frames); pulls with
+`wire_dtype=bfloat16` make a converted copy per pull first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import httpx
+
+from adamd.client import Client
+from adamd.v1 import adamd_pb2 as pb
+
+from . import report
+from .common import adamd_server, free_port, make_tensors, parse_size, proc_status_kib, size_label
+
+MiB = 1 << 20
+PULL = "/adamd.v1.Optimizer/PullParams"
+MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
+async def _pulls(address: str, count: int, wire_dtype: int) -> tuple[int, float]:
+    """`count` concurrent pulls, each on its own channel; (pulls that failed, seconds)."""
+    request = pb.PullRequest(model="bench", wire_dtype=wire_dtype).SerializeToString()
+    options = [("grpc.max_receive_message_length", 64 * MiB)]
+
+    async def one() -> bool:
+        async with grpc.aio.insecure_channel(address, options=options) as ch:
+            call = ch.unary_stream(PULL)(request)
+            try:
+                async for _ in call:
+                    pass
+            except grpc.aio.AioRpcError as exc:
+                print(f"pull failed: {exc.code()} {exc.details()}", file=sys.stderr)
+                return False
+            return True
+
+    t0 = time.perf_counter()
+    ok = await asyncio.gather(*(one() for _ in range(count)))
+    return ok.count(False), time.perf_counter() - t0
+
+
+def _reserved_peak(http_port: int) -> int | None:
+    text = httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith("adamd_transfer_reserved_peak_bytes "):
+            return int(float(line.split()[1]))
+    return None
+
+
+def measure(
+    n: int, count: int, budget: str, wire_dtype: int, mmap_threshold: int | None = None
+) -> dict[str, Any]:
+    """One server, one burst. `mmap_threshold`: the server runs with MALLOC_MMAP_THRESHOLD_ set
+    (glibc then serves every larger allocation with its own mapping, returned when freed)."""
+    http_port = free_port()
+    args = ("--max-transfer-bytes", budget, "--http-port", str(http_port), "--no-shm")
+    saved = os.environ.get(MMAP_ENV)
+    if mmap_threshold is not None:
+        os.environ[MMAP_ENV] = str(mmap_threshold)  # inherited by the server process only
+    try:
+        return _measure(n, count, budget, wire_dtype, args, http_port) | {
+            "mmap_threshold": mmap_threshold
+        }
+    finally:
+        if saved is None:
+            os.environ.pop(MMAP_ENV, None)
+        else:
+            os.environ[MMAP_ENV] = saved
+
+
+def _measure(
+    n: int, count: int, budget: str, wire_dtype: int, args: tuple[str, ...], http_port: int
+) -> dict[str, Any]:
+    with adamd_server(args) as server:
+        with Client(server.address, transport="grpc") as c:
+            c.create_model("bench", make_tensors(n, seed=1), lr=1e-3)
+        time.sleep(1.0)
+        before = server.rss_bytes()
+        Path(f"/proc/{server.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+        failed, seconds = asyncio.run(_pulls(server.address, count, wire_dtype))
+        peak = proc_status_kib(server.pid, "VmHWM") * 1024
+        return {
+            "budget": budget,
+            "wire": "bf16" if wire_dtype else "fp32",
+            "added_mib": (peak - before) / MiB,
+            "before_mib": before / MiB,
+            "reserved_peak_mib": (_reserved_peak(http_port) or 0) / MiB,
+            "failed": failed,
+            "seconds": seconds,
+        }
+
+
+def _budget_label(budget: str) -> str:
+    if budget == "-1":
+        return "none (`-1`)"
+    if budget == "0":
+        return "default (a quarter of memory)"
+    return f"{int(budget) / MiB:.0f} MiB"
+
+
+def render(n: int, count: int, rows: list[dict[str, Any]], cmd: str, load: str) -> str:
+    lines = [
+        "## Transfer memory: concurrent pulls with and without a budget",
+        "",
+        f"`{cmd}`: one `adamd serve` (CPU) per row holding {size_label(n)} fp32 params"
+        f" ({n * 4 / MiB:.0f} MiB) in 8 tensors; {count} concurrent pulls of the whole model, each"
+        " on its own channel, read and discarded. *Added* is the server's peak RSS during the"
+        " pulls minus its RSS before them (VmHWM reset after the model was created); *reserved"
+        " peak* is the most the budget had granted at once (`adamd_transfer_reserved_peak_bytes`).",
+        f"Load average (1, 5, 15 min) at the end of the run: {load}.",
+        "",
+        "| --max-transfer-bytes | wire | MALLOC_MMAP_THRESHOLD_ | server RSS before, MiB |"
+        f" added, MiB | reserved peak, MiB | {count} pulls took, s | failed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        mmap = "-" if r["mmap_threshold"] is None else f"{r['mmap_threshold'] / MiB:g} MiB"
+        lines.append(
+            f"| {_budget_label(r['budget'])} | {r['wire']} | {mmap} | {r['before_mib']:.0f} |"
+            f" {r['added_mib']:+.0f} | {r['reserved_peak_mib']:.0f} | {r['seconds']:.1f} |"
+            f" {r['failed']} |"
+        )
+    lines += [
+        "",
+        "Without a budget every pull holds its frames (fp32: the parameters are sent as they"
+        " are) or its converted copy and frames (bf16) at once, so the memory grows with the"
+        " number of clients. With one, pulls that do not fit wait their turn (FIFO) and the"
+        " added memory stays near the budget. RSS also counts what the C allocator keeps after"
+        " a free: copies made on the worker threads are freed into glibc's per-thread arenas,"
+        " which keep them for reuse, so *added* can exceed the budget by a few times when pulls"
+        " convert (bf16). With `MALLOC_MMAP_THRESHOLD_` set in the server's environment, buffers"
+        " above it are mapped on their own and returned to the system when freed: *added* then"
+        " stays at the budget. Wall times are those of a shared 2-core machine under load.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.transfer_memory", description=__doc__.splitlines()[0]
+    )
+    p.add_argument("--size", default="25M", help="fp32 params (default 25M)")
+    p.add_argument("--pulls", type=int, default=50, help="concurrent pulls (default 50)")
+    p.add_argument(
+        "--budgets",
+        default="-1,134217728",
+        help="--max-transfer-bytes values to compare, comma-separated (default -1,134217728)",
+    )
+    p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report file")
+    p.add_argument("--no-report", action="store_true", help="print the section, write nothing")
+    args = p.parse_args(argv)
+    n = parse_size(args.size)
+    rows = []
+    budgets = [b.strip() for b in args.budgets.split(",")]
+    for wire in (0, pb.BFLOAT16):
+        runs = [(b, None) for b in budgets] + [(b, MiB) for b in budgets if b != "-1"]
+        for budget, mmap in runs:
+            row = measure(n, args.pulls, budget, wire, mmap)
+            print(row, flush=True)
+            rows.append(row)
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    cmd = "python -m bench.transfer_memory " + shlex.join(sys.argv[1:] if argv is None else argv)
+    body = render(n, args.pulls, rows, cmd.strip(), load)
+    print(body)
+    if not args.no_report:
+        old = args.out.read_text() if args.out.exists() else ""
+        args.out.write_text(report.put_section(old, "transfer-memory", body))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
