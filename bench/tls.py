@@ -94,7 +94,7 @@ def _trusting(ca: Path) -> grpc.ChannelCredentials:
 def render(n: int, reps: int, best: dict[str, dict[str, float]], load: str, cmd: str) -> str:
     gb = 4 * n / 1e9
     rows = [
-        f"| {op} | {gb / best['plain'][op]:.2f} | {gb / best['tls'][op]:.2f} "
+        f"| {op} | {gb / best['plain'][op]:.3g} | {gb / best['tls'][op]:.3g} "
         f"| {best['tls'][op] / best['plain'][op]:.2f}x |"
         for op in OPS
     ]

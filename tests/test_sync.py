@@ -61,38 +61,42 @@ def test_killed_worker_rounds_step_partial_after_the_timeout(
 ) -> None:
     """SIGKILL rank 2 mid-run: the policy is to step with the pushes received once the round
     timeout passes, marking the reply partial; the survivors finish the run."""
-    # The timeout also runs from the first push of the first round: it must outlast the other
-    # workers' start-up (torch's import takes seconds on a busy 2-core machine).
+    # The workers take their first step together, once all have started, so the round timeout
+    # measures rounds only (not torch's import on a busy machine).
     steps, stop_after, timeout_s = 5, 2, 4.0
     outs = {r: tmp_path / f"rank{r}.pt" for r in range(3)}
-    name = model_name
-    common = ("--steps", str(steps), "--round-timeout", str(timeout_s))
+    go = tmp_path / "go"
+    common = ("--steps", str(steps), "--round-timeout", str(timeout_s), "--start-when", str(go))
     procs = {
         r: workers.launch(
             r,
             3,
             daemon.grpc_address,
-            name,
+            model_name,
             outs[r],
             *common,
             *(("--stop-after", str(stop_after)) if r == 2 else ()),
         )
         for r in range(3)
     }
-    stopped = Path(str(outs[2]) + ".stopped")
-    deadline = time.monotonic() + 60
-    while not stopped.exists():
-        assert procs[2].poll() is None, procs[2].communicate()[0].decode()
-        assert time.monotonic() < deadline, "rank 2 never reached the kill point"
-        time.sleep(0.05)
-    os.kill(procs[2].pid, signal.SIGKILL)
-    killed_at = time.monotonic()
-    procs[2].communicate(timeout=10)  # reap it and close its pipe
-    assert procs[2].returncode == -signal.SIGKILL
-    survivors = {r: procs[r] for r in (0, 1)}
-    workers.finish(survivors, timeout=60)
-    elapsed = time.monotonic() - killed_at
-    model = daemon.registry.get(name)
+    try:
+        workers.start_together(procs, outs, go)
+        stopped = Path(str(outs[2]) + ".stopped")
+        deadline = time.monotonic() + 120
+        while not stopped.exists():
+            assert procs[2].poll() is None, procs[2].communicate()[0].decode()
+            assert time.monotonic() < deadline, "rank 2 never reached the kill point"
+            time.sleep(0.05)
+        os.kill(procs[2].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        procs[2].communicate(timeout=10)  # reap it and close its pipe
+        assert procs[2].returncode == -signal.SIGKILL
+        survivors = {r: procs[r] for r in (0, 1)}
+        workers.finish(survivors, timeout=60)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        workers.stop_all(procs)
+    model = daemon.registry.get(model_name)
     assert model.round_timeout_s == timeout_s
     assert model.version == steps
     server = {n: p.detach().clone() for n, p in model.params.items()}

@@ -120,6 +120,10 @@ def _train(args: argparse.Namespace) -> None:
         return
     # rank and world_size come from $RANK / $WORLD_SIZE, as under torchrun
     params, opt = _optimizer(args, mode=args.mode, round_timeout_s=args.round_timeout)
+    if args.start_when:  # start-up (torch's import) done: wait for the others, then go together
+        Path(args.out + ".ready").touch()
+        while not Path(args.start_when).exists():
+            time.sleep(0.01)
     results = []
     try:
         for step in range(args.steps):
@@ -155,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument(
         "--stop-after", type=int, default=-1, help="park before this step (to be killed)"
     )
+    p.add_argument("--start-when", default="", help="take the first step once this file exists")
     p.add_argument("--elastic", action="store_true", help="world_size='elastic', no rank")
     p.add_argument("--lease", type=float, default=0.0, help="elastic: lease_s")
     p.add_argument("--step-sleep", type=float, default=0.0, help="elastic: pause after a step")
@@ -202,6 +207,33 @@ def finish(procs: Mapping[Any, subprocess.Popen[bytes]], timeout: float) -> None
             failures.append(f"rank {rank} exited {proc.returncode}:\n{output.decode()}")
     if failures:
         raise AssertionError("\n".join(failures))
+
+
+def start_together(
+    procs: Mapping[int, subprocess.Popen[bytes]],
+    outs: Mapping[int, Path],
+    go: Path,
+    timeout: float = 180,
+) -> None:
+    """Once every worker launched with `--start-when go` is ready, let them all take their
+    first step (a round's timeout then measures the round, not a slow worker's start-up)."""
+    deadline = time.monotonic() + timeout
+    while not all(Path(str(out) + ".ready").exists() for out in outs.values()):
+        for rank, proc in procs.items():
+            assert proc.poll() is None, f"rank {rank} exited:\n{proc.communicate()[0].decode()}"
+        assert time.monotonic() < deadline, f"workers not ready in {timeout}s"
+        time.sleep(0.05)
+    go.touch()
+
+
+def stop_all(procs: Mapping[Any, subprocess.Popen[bytes]]) -> None:
+    """Kill whatever still runs and close the pipes (a failed test leaves nothing behind)."""
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def load(out: Path) -> dict[str, Any]:
