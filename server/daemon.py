@@ -70,6 +70,7 @@ class Daemon:
             self.ops,
             executor=self._workers,
             idle_s=config.stream_idle_s,
+            chunk_bytes=config.chunk_bytes,
             on_call=self.metrics.on_call,
         )
         address = f"{config.host}:{config.grpc_port}"

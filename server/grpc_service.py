@@ -36,6 +36,7 @@ from adamd.protocol.frames import (
     dtype_from_pb,
     identity,
     iter_frames,
+    reply_chunk_bytes,
     spec_of,
     to_wire,
 )
@@ -376,7 +377,8 @@ class OptimizerService:
         header = pb.PullHeader(
             version=version, tensors=[spec_of(n, t) for n, t in zip(names, tensors)]
         )
-        for frame in iter_frames(header.SerializeToString(), tensors, self.chunk_bytes):
+        chunk = reply_chunk_bytes(request.chunk_bytes, self.chunk_bytes)
+        for frame in iter_frames(header.SerializeToString(), tensors, chunk):
             yield frame
         consistent = model.read_consistent(seq)
         context.set_trailing_metadata((("adamd-consistent", "1" if consistent else "0"),))

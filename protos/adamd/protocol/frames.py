@@ -25,7 +25,11 @@ from .errors import ProtocolError
 # header, so every frame of a pull or a state fetch stays under the default limit.
 STOCK_MESSAGE_LIMIT = 4 << 20
 FRAME_HEADROOM = 64 << 10
-DEFAULT_CHUNK_BYTES = STOCK_MESSAGE_LIMIT - FRAME_HEADROOM
+MAX_CHUNK_BYTES = STOCK_MESSAGE_LIMIT - FRAME_HEADROOM
+MIN_CHUNK_BYTES = 64 << 10
+# Measured with bench/cpu_per_byte.py (25M params over loopback gRPC, BENCHMARKS.md): the largest
+# chunk costs the least CPU per byte on both ends (256 KiB costs 1.3-1.5x, 1 MiB 1.1-1.2x).
+DEFAULT_CHUNK_BYTES = MAX_CHUNK_BYTES
 # Largest message either side accepts: a chunk plus its header, with room for big headers.
 MAX_MESSAGE_BYTES = 64 << 20
 
@@ -191,6 +195,13 @@ def decode_frame(raw: bytes) -> Frame:
         else:
             raise ProtocolError(f"unsupported wire type {wire} in frame")
     return Frame(header, tensor, offset, data)
+
+
+def reply_chunk_bytes(asked: int, default: int) -> int:
+    """The chunk size of a reply stream: what the request asked (0: `default`), kept within
+    MIN_CHUNK_BYTES..MAX_CHUNK_BYTES and a whole number of 8-byte elements."""
+    n = min(max(asked or default, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
+    return n - n % 8
 
 
 def identity(b: bytes) -> bytes:
