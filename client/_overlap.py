@@ -7,11 +7,13 @@ backward produced them, cut into the client's chunks) while backward computes th
 queues what is left, ends the stream and waits for the reply, so by the end of backward most bytes
 are already on the server.
 
-The stream's end is what makes the server take the push. A stream that cannot be used (AMP found
-inf, a gradient accumulated again or changed in place after it was sent, a gradient that stayed
-None, hyperparameters edited between backward and step) is cancelled without that end, so the
-server discards it, and `step()` pushes everything as it would without overlap, under the same
-push id: a push is applied exactly once either way.
+The stream's end is what makes the server take the push. What is known only at the step (the
+loss of `step(closure)`, hyperparameter edits made after backward) rides on a closing header on
+the stream's last frame. A stream that cannot be used (AMP: GradScaler unscales at the step, or
+found inf; a gradient accumulated again or changed in place after it was sent; a gradient that
+stayed None) is cancelled without that end, so the server discards it, and `step()` pushes
+everything as it would without overlap, under the same push id: a push is applied exactly once
+either way. A server too old for closing headers refuses the stream, and the same fallback pushes.
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ class StreamingPush:
             item = self._queue.get()
             if item is _END:
                 return  # grpc ends the stream, unless the call was cancelled first
+            if isinstance(item, pb.PushHeader):  # the closing header, then the end
+                yield encode_frame(item.SerializeToString())
+                return
             if item.ready is not None:
                 item.ready.synchronize()
             raw = byte_view(to_wire(item.grad, self.wire_dtype))
@@ -87,8 +92,12 @@ class StreamingPush:
     def send(self, item: Queued) -> None:
         self._queue.put(item)
 
-    def finish(self, timeout: float | None = None) -> pb.PushReply:
-        self._queue.put(_END)
+    def finish(
+        self, closing: pb.PushHeader | None = None, timeout: float | None = None
+    ) -> pb.PushReply:
+        """End the stream (after `closing`, a header whose found_inf, loss, scalars and
+        hyperparameter edits replace the first one's) and wait for the reply."""
+        self._queue.put(_END if closing is None else closing)
         return self._future.result(timeout)
 
     def cancel(self) -> None:
@@ -124,9 +133,19 @@ class GradStreamer:
 
     def grad_ready(self, name: str, grad: torch.Tensor, opener: Any) -> None:
         """A parameter's gradient is final for this backward (post-accumulate-grad hook).
-        `opener()` makes the step's OpenPush (None: no overlap for this step)."""
+        `opener()` makes the step's OpenPush (None: no overlap for this step). Never raises
+        into backward: a failure here only means this step pushes without overlap."""
         if not self.enabled:
             return
+        try:
+            self._grad_ready(name, grad, opener)
+        except Exception as exc:
+            logger.debug("overlap: could not stream %s (%s)", name, exc)
+            with self._lock:
+                if self._open is not None and self._open.spoiled is None:
+                    self._spoil(self._open, f"streaming failed: {exc}")
+
+    def _grad_ready(self, name: str, grad: torch.Tensor, opener: Any) -> None:
         with self._lock:
             if self._open is None:
                 self._open = opener()
@@ -162,15 +181,9 @@ class GradStreamer:
         if op is not None:
             op.stream.cancel()
 
-    def usable(
-        self,
-        op: OpenPush,
-        grads: Mapping[str, torch.Tensor],
-        updates: Sequence[tuple[int, Mapping[str, Any]]],
-        loss: float | None,
-        same_value: Any,
-    ) -> str | None:
-        """Why `op` cannot carry this step's push, or None when it can."""
+    @staticmethod
+    def usable(op: OpenPush, grads: Mapping[str, torch.Tensor]) -> str | None:
+        """Why `op` cannot carry this step's gradients, or None when it can."""
         if op.spoiled is not None:
             return op.spoiled
         if set(grads) != set(op.names):
@@ -179,10 +192,6 @@ class GradStreamer:
             g = grads[op.names[index]]
             if g is not item.grad or g._version != item.version:
                 return "a gradient changed after backward (clipping, unscale_, accumulation)"
-        if loss is not None and loss != op.loss:
-            return "the loss is known only at the step"
-        if not _same_updates(updates, op.updates, same_value):
-            return "hyperparameters changed between backward and the step"
         return None
 
     def note(self, fallback: str | None) -> None:
@@ -203,7 +212,7 @@ class GradStreamer:
             )
 
 
-def _same_updates(
+def same_updates(
     a: Sequence[tuple[int, Mapping[str, Any]]],
     b: Sequence[tuple[int, Mapping[str, Any]]],
     same_value: Any,

@@ -24,11 +24,18 @@ import grpc
 import torch
 
 from adamd.protocol.frames import spec_of
-from adamd.protocol.hyper import ADAM_DEFAULTS, IMPLEMENTATION_KEYS, fused_refusal, same_value
+from adamd.protocol.hyper import (
+    ADAM_DEFAULTS,
+    IMPLEMENTATION_KEYS,
+    fused_refusal,
+    options_to_pb,
+    same_value,
+)
+from adamd.v1 import adamd_pb2 as pb
 
 from ._client import Client, push_result
 from ._exceptions import AdamdError, NotFound, StalePush
-from ._overlap import GradStreamer, OpenPush, Queued
+from ._overlap import GradStreamer, OpenPush, Queued, same_updates
 from ._tls import TLSConfig
 from ._types import ModelInfo, PushResult
 
@@ -201,8 +208,9 @@ class RemoteAdam(torch.optim.Optimizer):
     be used falls back to an ordinary push of everything (same push id, applied once): AMP with
     a GradScaler (it unscales at the step; a step that found inf is skipped as always), gradient
     accumulation (a gradient accumulated again after it was sent), gradients changed in place
-    after backward (clipping, `unscale_`), a parameter that requires grad left without one,
-    hyperparameters edited or a loss reported between backward and step. After two such steps
+    after backward (clipping, `unscale_`), a parameter that requires grad left without one. A
+    loss (`step(closure)`, `report_loss`) and hyperparameter edits known only at the step ride on
+    the stream's closing header. After two such steps
     in a row overlap turns itself off for this optimizer (logged once), so such loops cost
     nothing extra later. Same-host shared memory does not stream, so overlap does not apply there.
 
@@ -494,11 +502,11 @@ class RemoteAdam(torch.optim.Optimizer):
         push_id = None
         if op is not None:
             push_id = op.stream.header.push_id
-            why = self._streamer.usable(op, grads, updates, self._pending_loss, same_value)  # type: ignore[union-attr]
+            why = GradStreamer.usable(op, grads)
             if why is None and grad_scale is not None:
                 why = "GradScaler unscales the gradients at the step"
             if why is None and not skipped:
-                result = self._finish_streamed(op, grads)
+                result = self._finish_streamed(op, grads, updates)
                 if result is not None:
                     self._streamer.note(None)  # type: ignore[union-attr]
                     return result
@@ -523,15 +531,29 @@ class RemoteAdam(torch.optim.Optimizer):
         )
 
     def _finish_streamed(
-        self, op: OpenPush, grads: Mapping[str, torch.Tensor]
+        self,
+        op: OpenPush,
+        grads: Mapping[str, torch.Tensor],
+        updates: list[tuple[int, dict[str, Any]]],
     ) -> PushResult | None:
-        """Send the gradients backward did not hand over, end the stream, wait for the reply.
-        None when the stream failed (the caller pushes again under the same id)."""
+        """Send the gradients backward did not hand over, end the stream (with a closing header
+        when the loss or the hyperparameter edits are not what the opening one said), and wait
+        for the reply. None when the stream failed (the caller pushes again under the same id)."""
         for index, name in enumerate(op.names):
             if index not in op.queued:
                 op.stream.send(Queued.of(index, grads[name]))
+        loss = self._pending_loss
+        closing = None
+        if loss != op.loss or not same_updates(updates, op.updates, same_value):
+            closing = pb.PushHeader(
+                hyper_updates=[
+                    pb.GroupUpdate(group=i, options=options_to_pb(o)) for i, o in updates
+                ]
+            )
+            if loss is not None:
+                closing.loss = float(loss)
         try:
-            return push_result(op.stream.finish(self._client.timeout))
+            return push_result(op.stream.finish(closing, self._client.timeout))
         except grpc.RpcError as exc:
             logger.debug("model %s: the streamed push failed (%s); pushing again", self.model, exc)
             op.stream.cancel()

@@ -98,13 +98,23 @@ class _Stream:
         except Exception as exc:
             raise InvalidArgument(f"unreadable header: {exc}") from exc
 
-    async def receive(self, sink: TensorSink | None, first: Frame) -> None:
-        """Write the first frame's chunk and every later one into `sink` (None: drain)."""
+    async def receive(
+        self, sink: TensorSink | None, first: Frame, closing: bool = False
+    ) -> memoryview | None:
+        """Write the first frame's chunk and every later one into `sink` (None: drain).
+
+        With `closing` (pushes), the stream's last frame may carry a second header, a closing
+        one, which is returned (None when there was none)."""
         frame: Frame | None = first
+        trailer = None
         try:
             while frame is not None:
+                if trailer is not None:
+                    raise ProtocolError("a closing header must be on the stream's last frame")
                 if frame is not first and frame.header is not None:
-                    raise ProtocolError("only the first frame of a stream may carry a header")
+                    if not closing:
+                        raise ProtocolError("only the first frame of a stream may carry a header")
+                    trailer = frame.header
                 if sink is not None and frame.data.nbytes:
                     sink.write(frame.tensor, frame.offset, frame.data)
                 frame = await self.next_frame()
@@ -112,6 +122,7 @@ class _Stream:
                 sink.check_complete()
         except ProtocolError as exc:
             raise InvalidArgument(str(exc)) from exc
+        return trailer
 
 
 class OptimizerService:
@@ -328,7 +339,10 @@ class OptimizerService:
             self.ops.begin_push, header.model, meta, specs, header.session
         )
         try:
-            await self._until_cut(stream.receive(ticket.sink, first))
+            closing = await self._until_cut(stream.receive(ticket.sink, first, closing=True))
+            if closing is not None:
+                amend = convert.push_meta_from_pb(_parse(pb.PushHeader, bytes(closing)))
+                await self._run(self.ops.amend_push, model, ticket, amend)
         except BaseException:
             await self._run(model.abort_push, ticket)
             raise

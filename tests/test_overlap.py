@@ -156,8 +156,6 @@ def _fallback_run(
                     _backward(net, step, micro=1)
                 elif between == "clip":
                     torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm=0.01)
-                elif between == "lr":
-                    o.param_groups[0]["lr"] = LR * (step + 2)
                 o.step()
             _assert_equal(remote_net, local_net, step)
     assert daemon.registry.get(model_name).version == STEPS == opt.version
@@ -169,16 +167,12 @@ def _fallback_run(
     return opt
 
 
-@pytest.mark.parametrize("between", ["accumulate", "clip", "lr"])
+@pytest.mark.parametrize("between", ["accumulate", "clip"])
 def test_a_streamed_push_spoiled_before_the_step_falls_back_and_stays_exact(
     daemon: Daemon, model_name: str, caplog: pytest.LogCaptureFixture, between: str
 ) -> None:
     opt = _fallback_run(daemon, model_name, caplog, between)
-    want = {
-        "accumulate": "accumulated again",
-        "clip": "changed after backward",
-        "lr": "hyperparameters changed",
-    }[between]
+    want = {"accumulate": "accumulated again", "clip": "changed after backward"}[between]
     assert opt._streamer is not None and want in (opt._streamer.last_fallback or "")
     opt.close()
 
@@ -257,3 +251,71 @@ def test_a_streamed_push_cut_mid_flight_is_pushed_again_and_applied_once(
         finally:
             opt.close()
     assert model_version == 3
+
+
+def test_loss_and_lr_known_only_at_the_step_ride_on_the_closing_header(
+    daemon: Daemon, model_name: str
+) -> None:
+    """step(closure) (as Lightning calls it): backward runs inside step(), the loss is known
+    after the stream opened; an lr edited between backward and step: both reach the server
+    with the streamed push, and every step streams."""
+    remote_net, local_net = _net(), _net()
+    opt = _remote(remote_net, daemon, model_name)
+    ref = torch.optim.Adam(local_net.parameters(), lr=LR, fused=True)
+    losses = []
+    try:
+        for step in range(STEPS):
+            for net, o in ((remote_net, opt), (local_net, ref)):
+
+                def closure(
+                    net: torch.nn.Module = net, o: torch.optim.Optimizer = o, step: int = step
+                ) -> float:
+                    o.zero_grad()
+                    loss = _backward(net, step)
+                    o.param_groups[0]["lr"] = LR * (step + 2)  # after the stream opened
+                    return float(loss.detach())
+
+                loss = o.step(closure)
+            losses.append(loss)
+            _assert_equal(remote_net, local_net, step)
+        assert opt._streamer is not None and opt._streamer.streamed == STEPS
+        model = daemon.registry.get(model_name)
+        assert opt.client.describe(model_name).param_groups[0]["lr"] == LR * (STEPS + 1)
+        history = daemon.ops.stats.get(model).entries()
+        assert [e.loss for e in history] == losses
+    finally:
+        opt.close()
+
+
+def test_a_closing_header_must_end_the_stream_and_only_pushes_take_one(
+    daemon: Daemon, model_name: str
+) -> None:
+    import grpc
+
+    from adamd.client import Client
+    from adamd.protocol.frames import encode_frame, iter_frames, spec_of
+    from adamd.v1 import adamd_pb2 as pb
+
+    with Client(daemon.grpc_address, transport="grpc") as c:
+        c.create_model(model_name, {"w": torch.zeros(4)}, lr=0.5)
+        g = torch.ones(4)
+        header = pb.PushHeader(model=model_name, grads=[spec_of("w", g)], push_id="p1")
+        closing = pb.PushHeader(loss=2.5).SerializeToString()
+        body = list(iter_frames(header.SerializeToString(), [g]))
+        # A closing header followed by more frames: refused, nothing applied.
+        with pytest.raises(grpc.RpcError) as err:
+            c._push(iter([*body, encode_frame(closing), encode_frame(None, 0, 0, b"")]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert daemon.registry.get(model_name).version == 0
+        # Another stream's second header: refused as before.
+        add = pb.GroupHeader(model=model_name, group=pb.ParamGroup(params=["v"]))
+        add.params.append(spec_of("v", g))
+        frames = [*iter_frames(add.SerializeToString(), [g]), encode_frame(closing)]
+        with pytest.raises(grpc.RpcError) as err:
+            c._add_group(iter(frames))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # On the last frame: its loss is the push's.
+        reply = c._push(iter([*body, encode_frame(closing)]))
+        model = daemon.registry.get(model_name)
+        assert reply.applied and model.version == 1
+        assert daemon.ops.stats.get(model).entries()[-1].loss == 2.5
