@@ -266,9 +266,12 @@ class Client:
         return {"metadata": self._metadata, "timeout": self.timeout}
 
     def _upload(
-        self, header: bytes, tensors: Sequence[torch.Tensor]
+        self,
+        header: bytes,
+        tensors: Sequence[torch.Tensor],
+        wire_dtype: torch.dtype | None = None,
     ) -> Callable[[], Iterator[bytes]]:
-        return lambda: iter_frames(header, tensors, self.chunk_bytes)
+        return lambda: iter_frames(header, tensors, self.chunk_bytes, wire_dtype)
 
     # --- models ---------------------------------------------------------------------------------
 
@@ -428,8 +431,8 @@ class Client:
             tensors: list[torch.Tensor] = []
         else:
             session = None
-            tensors = [to_wire(grads[n], wire) for n in names]
-            specs = [spec_of(n, t) for n, t in zip(names, tensors)]
+            tensors = [grads[n] for n in names]  # converted chunk by chunk as they stream
+            specs = [spec_of(n, t, wire) for n, t in zip(names, tensors)]
         header = _push_header(
             model,
             specs,
@@ -442,7 +445,7 @@ class Client:
             version=version,
             loss=loss,
         )
-        frames = self._upload(header.SerializeToString(), tensors)
+        frames = self._upload(header.SerializeToString(), tensors, wire)
         try:
             r = self.call(lambda: self._push(frames(), **self._kw()))
         except SessionExpired:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from adamd.protocol.frames import byte_view, encode_frame, to_wire
+from adamd.protocol.frames import encode_frame, wire_chunks
 from adamd.v1 import adamd_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -85,9 +85,8 @@ class StreamingPush:
                 return
             if item.ready is not None:
                 item.ready.synchronize()
-            raw = byte_view(to_wire(item.grad, self.wire_dtype))
-            for start in range(0, raw.nbytes, self.chunk_bytes):
-                yield encode_frame(None, item.index, start, raw[start : start + self.chunk_bytes])
+            for start, chunk in wire_chunks(item.grad, self.wire_dtype, self.chunk_bytes):
+                yield encode_frame(None, item.index, start, chunk)
 
     def send(self, item: Queued) -> None:
         self._queue.put(item)

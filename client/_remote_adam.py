@@ -498,22 +498,25 @@ class RemoteAdam(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         skipped = found_inf is not None and bool(found_inf.item())
         updates = self._updates()
-        op = self._streamer.take() if self._streamer is not None else None
+        streamer = self._streamer
+        op = streamer.take() if streamer is not None else None
         push_id = None
-        if op is not None:
+        if streamer is not None and op is not None:
             push_id = op.stream.header.push_id
             why = GradStreamer.usable(op, grads)
             if why is None and grad_scale is not None:
                 why = "GradScaler unscales the gradients at the step"
             if why is None and not skipped:
                 result = self._finish_streamed(op, grads, updates)
+                # A stream that keeps failing (a server without closing headers, an idle
+                # deadline shorter than backward) stops overlap like any other fallback.
+                streamer.note(None if result is not None else "the streamed push failed")
                 if result is not None:
-                    self._streamer.note(None)  # type: ignore[union-attr]
                     return result
             else:
                 op.stream.cancel()
                 if not skipped:  # an overflow now and then is no reason to stop overlapping
-                    self._streamer.note(why)  # type: ignore[union-attr]
+                    streamer.note(why)
         if skipped:
             grads = {}
         elif grad_scale is not None:
