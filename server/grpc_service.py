@@ -389,10 +389,10 @@ class OptimizerService:
             return
         tensors = await self._run(model.host_copies, names, wire)
         header = pb.PullHeader(
-            version=version, tensors=[spec_of(n, t) for n, t in zip(names, tensors)]
+            version=version, tensors=[spec_of(n, t, wire) for n, t in zip(names, tensors)]
         )
         chunk = reply_chunk_bytes(request.chunk_bytes, self.chunk_bytes)
-        for frame in iter_frames(header.SerializeToString(), tensors, chunk):
+        for frame in iter_frames(header.SerializeToString(), tensors, chunk, wire):
             yield frame
         consistent = model.read_consistent(seq)
         context.set_trailing_metadata((("adamd-consistent", "1" if consistent else "0"),))
