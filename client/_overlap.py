@@ -180,6 +180,14 @@ class GradStreamer:
         if op is not None:
             op.stream.cancel()
 
+    def __del__(self) -> None:
+        # An optimizer dropped between backward and step: end its stream (grpc's request thread
+        # would otherwise wait on the queue for good).
+        try:
+            self.discard()
+        except Exception:
+            pass
+
     @staticmethod
     def usable(op: OpenPush, grads: Mapping[str, torch.Tensor]) -> str | None:
         """Why `op` cannot carry this step's gradients, or None when it can."""

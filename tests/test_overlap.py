@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,3 +320,44 @@ def test_a_closing_header_must_end_the_stream_and_only_pushes_take_one(
         model = daemon.registry.get(model_name)
         assert reply.applied and model.version == 1
         assert daemon.ops.stats.get(model).entries()[-1].loss == 2.5
+
+
+def test_a_server_restart_during_backward_is_survived_and_each_step_applied_once(
+    tmp_path: Path, model_name: str
+) -> None:
+    """The server stops (final snapshot) while a streamed push is open and comes back on the same
+    port from that snapshot: step() pushes again under the same id, applied once."""
+    from adamd.server import Daemon as D
+    from adamd.server import ServerConfig
+
+    def start(port: int) -> D:
+        config = ServerConfig(grpc_port=port, http_port=-1, data_dir=tmp_path, device="cpu")
+        return D(config).start()
+
+    daemon = start(0)
+    port = daemon.grpc_port
+    remote_net, local_net = _net(), _net()
+    opt = RemoteAdam(
+        remote_net.parameters(),
+        lr=LR,
+        server=f"127.0.0.1:{port}",
+        model=model_name,
+        transport="grpc",
+    )
+    ref = torch.optim.Adam(local_net.parameters(), lr=LR, fused=True)
+    try:
+        for step in range(3):
+            for net, o in ((remote_net, opt), (local_net, ref)):
+                o.zero_grad()
+                _backward(net, step)
+            if step == 1:
+                daemon.stop(grace=0.5)
+                daemon = start(port)
+            opt.step()
+            ref.step()
+            _assert_equal(remote_net, local_net, step)
+            assert daemon.registry.get(model_name).version == step + 1 == opt.version
+        assert opt._streamer is not None and opt._streamer.streamed == 2
+    finally:
+        opt.close()
+        daemon.stop(grace=0.5)
