@@ -78,7 +78,8 @@ def worker(address: str, args: argparse.Namespace) -> dict[str, Any]:
 def render(results: list[dict[str, Any]], command: str, args: argparse.Namespace) -> str:
     params = args.layers * (args.width * args.width + args.width)
     lines = [
-        "## Overlap: gradients streamed during backward (loopback gRPC, `--no-shm`)",
+        f"## Overlap: gradients streamed during backward ({'bf16' if args.bf16 else 'fp32'},"
+        " loopback gRPC, `--no-shm`)",
         "",
         f"`{command}` (MLP of {args.layers} x {args.width}x{args.width} Linear, {params / 1e6:.1f}M"
         f" params, batch {args.batch}, {'bf16' if args.bf16 else 'fp32'} on the wire; both"

@@ -28,7 +28,8 @@ FRAME_HEADROOM = 64 << 10
 MAX_CHUNK_BYTES = STOCK_MESSAGE_LIMIT - FRAME_HEADROOM
 MIN_CHUNK_BYTES = 64 << 10
 # Measured with bench/cpu_per_byte.py (25M params over loopback gRPC, BENCHMARKS.md): the largest
-# chunk costs the least CPU per byte on both ends (256 KiB costs 1.3-1.5x, 1 MiB 1.1-1.2x).
+# chunk costs the least CPU per byte on both ends (a 25M fp32 push: 256 KiB about 1.4x the CPU,
+# 1 MiB about 1.05-1.2x).
 DEFAULT_CHUNK_BYTES = MAX_CHUNK_BYTES
 # Largest message either side accepts: a chunk plus its header, with room for big headers.
 MAX_MESSAGE_BYTES = 64 << 20
