@@ -125,6 +125,7 @@ class GradStreamer:
         self.enabled = True
         self._lock = threading.Lock()
         self._open: OpenPush | None = None
+        self._declined = False  # the opener said no for this step: later hooks skip it too
         self._index: dict[str, int] = {}
         self.fallbacks = 0  # steps in a row that could not use their streamed push
         self.streamed = 0  # steps that did use it
@@ -146,9 +147,12 @@ class GradStreamer:
 
     def _grad_ready(self, name: str, grad: torch.Tensor, opener: Any) -> None:
         with self._lock:
+            if self._declined:
+                return
             if self._open is None:
                 self._open = opener()
                 if self._open is None:
+                    self._declined = True
                     return
                 self._index = {n: i for i, n in enumerate(self._open.names)}
             op = self._open
@@ -173,6 +177,7 @@ class GradStreamer:
         """The step's open push (and forget it: the next backward opens another)."""
         with self._lock:
             op, self._open = self._open, None
+            self._declined = False
             return op
 
     def discard(self) -> None:

@@ -361,3 +361,22 @@ def test_a_server_restart_during_backward_is_survived_and_each_step_applied_once
     finally:
         opt.close()
         daemon.stop(grace=0.5)
+
+
+def test_same_host_shared_memory_opens_no_stream(daemon: Daemon, model_name: str) -> None:
+    remote_net, local_net = _net(), _net()
+    opt = RemoteAdam(remote_net.parameters(), lr=LR, server=daemon.grpc_address, model=model_name)
+    ref = torch.optim.Adam(local_net.parameters(), lr=LR, fused=True)
+    try:
+        for step in range(3):
+            for net, o in ((remote_net, opt), (local_net, ref)):
+                o.zero_grad()
+                _backward(net, step)
+            assert opt._streamer is not None and opt._streamer._open is None
+            assert opt.client._session(model_name) is not None  # shared memory carries it
+            opt.step()
+            ref.step()
+            _assert_equal(remote_net, local_net, step)
+        assert opt._streamer.streamed == 0 and opt._streamer.fallbacks == 0
+    finally:
+        opt.close()
