@@ -203,7 +203,7 @@ class RemoteAdam(torch.optim.Optimizer):
     `chunk_bytes` (tensor bytes per gRPC frame, both ways), `overlap` (stream gradients to the
     server while backward still runs, over gRPC; see below).
 
-    Overlap (`overlap=True`, the default): each gradient's bytes leave as soon as backward has
+    Overlap (`overlap=True`; off by default): each gradient's bytes leave as soon as backward has
     produced it, and `step()` only sends what is left and waits. A step whose streamed push cannot
     be used falls back to an ordinary push of everything (same push id, applied once): AMP with
     a GradScaler (it unscales at the step; a step that found inf is skipped as always), gradient
@@ -213,6 +213,10 @@ class RemoteAdam(torch.optim.Optimizer):
     the stream's closing header. After two such steps
     in a row overlap turns itself off for this optimizer (logged once), so such loops cost
     nothing extra later. Same-host shared memory does not stream, so overlap does not apply there.
+    Changes are recognised by torch's version counter of each gradient: an in-place edit that
+    torch does not count (through `.data`, or `torch.distributed.all_reduce(p.grad)`) after
+    backward goes unseen, and the server would get the gradient as backward left it. That is why
+    overlap is opt-in: turn it on where nothing edits gradients that way between backward and step.
 
     Elastic (`world_size="elastic"`): workers join and leave at any time. Construction registers
     this worker (with `rank` or $RANK if given, else a rank the server assigns, in `self.rank`);
@@ -252,7 +256,7 @@ class RemoteAdam(torch.optim.Optimizer):
         round_timeout_s: float = 0.0,
         lease_s: float = 0.0,
         chunk_bytes: int | None = None,
-        overlap: bool = True,
+        overlap: bool = False,
     ):
         options: dict[str, Any] = (
             dict(  # torch.optim.Adam's order, so param_groups print and pack alike
@@ -504,8 +508,10 @@ class RemoteAdam(torch.optim.Optimizer):
         if streamer is not None and op is not None:
             push_id = op.stream.header.push_id
             why = GradStreamer.usable(op, grads)
-            if why is None and grad_scale is not None:
-                why = "GradScaler unscales the gradients at the step"
+            if why is None and found_inf is not None:
+                # GradScaler unscales here, or unscale_() did in place, which torch does not
+                # count as a change of the gradient (nor do edits through .data)
+                why = "GradScaler unscales the gradients after backward"
             if why is None and not skipped:
                 result = self._finish_streamed(op, grads, updates)
                 # A stream that keeps failing (a server without closing headers, an idle

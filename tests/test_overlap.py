@@ -21,6 +21,7 @@ from .test_exactly_once import proxy_to
 
 LR = 1e-2
 STEPS = 6
+SCALE = 1024.0
 
 
 def _net(seed: int = 0, unused: bool = False) -> torch.nn.Module:
@@ -33,11 +34,13 @@ def _net(seed: int = 0, unused: bool = False) -> torch.nn.Module:
     return net
 
 
-def _backward(net: torch.nn.Module, step: int, micro: int = 0) -> torch.Tensor:
+def _backward(
+    net: torch.nn.Module, step: int, micro: int = 0, scaler: torch.amp.GradScaler | None = None
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(100 * step + micro)
     x, y = torch.randn(8, 16, generator=g), torch.randn(8, 1, generator=g)
     loss = torch.nn.functional.mse_loss(net(x), y)
-    loss.backward()
+    (loss if scaler is None else scaler.scale(loss)).backward()
     return loss
 
 
@@ -53,7 +56,7 @@ def _remote(net: torch.nn.Module, daemon: Daemon, model: str, **kw: object) -> R
         server=daemon.grpc_address,
         model=model,
         transport="grpc",
-        **kw,  # type: ignore[arg-type]
+        **{"overlap": True, **kw},  # type: ignore[arg-type]
     )
 
 
@@ -82,9 +85,17 @@ def test_streamed_steps_match_local_fused_adam_bitwise(
         opt.close()
 
 
-def test_overlap_off_opens_no_stream(daemon: Daemon, model_name: str) -> None:
+def test_overlap_is_off_by_default_and_then_opens_no_stream(
+    daemon: Daemon, model_name: str
+) -> None:
     remote_net, local_net = _net(), _net()
-    opt = _remote(remote_net, daemon, model_name, overlap=False)
+    opt = RemoteAdam(
+        remote_net.parameters(),
+        lr=LR,
+        server=daemon.grpc_address,
+        model=model_name,
+        transport="grpc",
+    )
     ref = torch.optim.Adam(local_net.parameters(), lr=LR, fused=True)
     try:
         for step in range(3):
@@ -148,15 +159,22 @@ def _fallback_run(
     remote_net, local_net = _net(unused=unused), _net(unused=unused)
     opt = _remote(remote_net, daemon, model_name)
     ref = torch.optim.Adam(local_net.parameters(), lr=LR, fused=True)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=SCALE) for _ in range(2)]
     with caplog.at_level(logging.WARNING, logger="adamd.client._overlap"):
         for step in range(STEPS):
             for net, o in ((remote_net, opt), (local_net, ref)):
                 o.zero_grad()
-                _backward(net, step)
+                scaler = scalers[o is ref] if between == "unscale" else None
+                _backward(net, step, scaler=scaler)
                 if between == "accumulate":
                     _backward(net, step, micro=1)
                 elif between == "clip":
                     torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm=0.01)
+                elif scaler is not None:  # GradScaler.unscale_, which torch does not count
+                    scaler.unscale_(o)
+                    scaler.step(o)
+                    scaler.update()
+                    continue
                 o.step()
             _assert_equal(remote_net, local_net, step)
     assert daemon.registry.get(model_name).version == STEPS == opt.version
@@ -168,12 +186,16 @@ def _fallback_run(
     return opt
 
 
-@pytest.mark.parametrize("between", ["accumulate", "clip"])
+@pytest.mark.parametrize("between", ["accumulate", "clip", "unscale"])
 def test_a_streamed_push_spoiled_before_the_step_falls_back_and_stays_exact(
     daemon: Daemon, model_name: str, caplog: pytest.LogCaptureFixture, between: str
 ) -> None:
     opt = _fallback_run(daemon, model_name, caplog, between)
-    want = {"accumulate": "accumulated again", "clip": "changed after backward"}[between]
+    want = {
+        "accumulate": "accumulated again",
+        "clip": "changed after backward",
+        "unscale": "GradScaler",
+    }[between]
     assert opt._streamer is not None and want in (opt._streamer.last_fallback or "")
     opt.close()
 
@@ -235,6 +257,7 @@ def test_a_streamed_push_cut_mid_flight_is_pushed_again_and_applied_once(
             server=proxy.address,
             model=model_name,
             transport="grpc",
+            overlap=True,
         )
         try:
             for step in range(3):
@@ -343,6 +366,7 @@ def test_a_server_restart_during_backward_is_survived_and_each_step_applied_once
         server=f"127.0.0.1:{port}",
         model=model_name,
         transport="grpc",
+        overlap=True,
     )
     ref = torch.optim.Adam(local_net.parameters(), lr=LR, fused=True)
     try:
@@ -365,7 +389,9 @@ def test_a_server_restart_during_backward_is_survived_and_each_step_applied_once
 
 def test_same_host_shared_memory_opens_no_stream(daemon: Daemon, model_name: str) -> None:
     remote_net, local_net = _net(), _net()
-    opt = RemoteAdam(remote_net.parameters(), lr=LR, server=daemon.grpc_address, model=model_name)
+    opt = RemoteAdam(
+        remote_net.parameters(), lr=LR, server=daemon.grpc_address, model=model_name, overlap=True
+    )
     ref = torch.optim.Adam(local_net.parameters(), lr=LR, fused=True)
     try:
         for step in range(3):
