@@ -67,3 +67,14 @@ def test_serve_chunk_bytes_is_the_default_for_pulls_that_ask_none(model_name: st
 
 def test_the_allocator_thresholds_are_raised_at_import() -> None:
     assert tune_malloc() is True  # glibc here; client and server imports already set them
+
+
+def test_serve_chunk_bytes_outside_the_limits_is_refused_naming_the_field() -> None:
+    import pytest
+
+    from adamd.server.config import ConfigError, ServerConfig
+
+    for bad in (MIN_CHUNK_BYTES - 1, MAX_CHUNK_BYTES + 1):
+        with pytest.raises(ConfigError, match="chunk_bytes"):
+            ServerConfig(chunk_bytes=bad)
+    assert ServerConfig().chunk_bytes == MAX_CHUNK_BYTES
