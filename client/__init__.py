@@ -1,6 +1,8 @@
 """adamd's client: `Client` for push_grad / pull_params and the rest, and `RemoteAdam`, a drop-in
 torch.optim.Optimizer whose Adam runs on an adamd server."""
 
+from adamd.protocol.allocator import tune_malloc
+
 from ._client import Client
 from ._exceptions import (
     Aborted,
@@ -20,6 +22,8 @@ from ._exceptions import (
 from ._remote_adam import RemoteAdam
 from ._tls import TLSConfig
 from ._types import ModelInfo, PullResult, PushResult
+
+tune_malloc()  # reuse large buffers instead of mapping them afresh every step
 
 __all__ = [
     "Aborted",

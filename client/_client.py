@@ -19,6 +19,7 @@ import torch
 from adamd.protocol import ProtocolError
 from adamd.protocol.frames import (
     DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
     MAX_MESSAGE_BYTES,
     TensorSink,
     decode_frame,
@@ -41,6 +42,7 @@ from ._exceptions import (
     from_rpc_error,
     invalid_input,
 )
+from ._overlap import StreamingPush
 from ._shm import SameHostSession
 from ._tls import TLSConfig, channel_credentials
 from ._types import ModelInfo, PullResult, PushResult
@@ -96,6 +98,40 @@ def _transient(err: grpc.RpcError) -> grpc.StatusCode | None:
     return code
 
 
+def _push_header(
+    model: str,
+    specs: Sequence[pb.TensorSpec],
+    *,
+    rank: int = 0,
+    session: str = "",
+    push_id: str | None = None,
+    found_inf: bool = False,
+    scalars: Mapping[str, float] | None = None,
+    hyper_updates: Sequence[tuple[int, Mapping[str, Any]]] = (),
+    version: int | None = None,
+    loss: float | None = None,
+) -> pb.PushHeader:
+    header = pb.PushHeader(
+        model=model,
+        grads=specs,
+        rank=rank,
+        session=session,
+        push_id=push_id or uuid.uuid4().hex,
+        found_inf=found_inf,
+        scalars=dict(scalars or {}),
+        hyper_updates=[pb.GroupUpdate(group=i, options=options_to_pb(o)) for i, o in hyper_updates],
+    )
+    if version is not None:
+        header.version = version
+    if loss is not None:
+        header.loss = float(loss)
+    return header
+
+
+def push_result(r: pb.PushReply) -> PushResult:
+    return PushResult(r.version, r.applied, r.found_inf, r.contributors, r.duplicate, r.partial)
+
+
 class Client:
     """A connection to an adamd server.
 
@@ -122,7 +158,8 @@ class Client:
         send gradients and receive parameters in that dtype, halving the bytes; the server keeps
         float32 master weights and state. `transport`: "auto" moves tensors through shared memory
         when the server is on this host (and accepts), else gRPC streams; "grpc" always streams.
-        `tls`: None/False plaintext; True TLS trusting the system's CA store; a TLSConfig for a
+        `chunk_bytes`: tensor bytes per stream frame, both ways (pulls ask the server for it,
+        which keeps it within 64 KiB .. 4 MiB - 64 KiB). `tls`: None/False plaintext; True TLS trusting the system's CA store; a TLSConfig for a
         private CA and a client certificate (servers started with --tls-client-ca)."""
         if transport not in ("auto", "grpc"):
             raise ValueError(f"transport must be 'auto' or 'grpc', got {transport!r}")
@@ -245,9 +282,12 @@ class Client:
         return {"metadata": self._metadata, "timeout": self.timeout}
 
     def _upload(
-        self, header: bytes, tensors: Sequence[torch.Tensor]
+        self,
+        header: bytes,
+        tensors: Sequence[torch.Tensor],
+        wire_dtype: torch.dtype | None = None,
     ) -> Callable[[], Iterator[bytes]]:
-        return lambda: iter_frames(header, tensors, self.chunk_bytes)
+        return lambda: iter_frames(header, tensors, self.chunk_bytes, wire_dtype)
 
     # --- models ---------------------------------------------------------------------------------
 
@@ -407,25 +447,21 @@ class Client:
             tensors: list[torch.Tensor] = []
         else:
             session = None
-            tensors = [to_wire(grads[n], wire) for n in names]
-            specs = [spec_of(n, t) for n, t in zip(names, tensors)]
-        header = pb.PushHeader(
-            model=model,
-            grads=specs,
+            tensors = [grads[n] for n in names]  # converted chunk by chunk as they stream
+            specs = [spec_of(n, t, wire) for n, t in zip(names, tensors)]
+        header = _push_header(
+            model,
+            specs,
             rank=rank,
             session=session.id if session else "",
-            push_id=push_id or uuid.uuid4().hex,
+            push_id=push_id,
             found_inf=found_inf,
-            scalars=dict(scalars or {}),
-            hyper_updates=[
-                pb.GroupUpdate(group=i, options=options_to_pb(o)) for i, o in hyper_updates
-            ],
+            scalars=scalars,
+            hyper_updates=hyper_updates,
+            version=version,
+            loss=loss,
         )
-        if version is not None:
-            header.version = version
-        if loss is not None:
-            header.loss = float(loss)
-        frames = self._upload(header.SerializeToString(), tensors)
+        frames = self._upload(header.SerializeToString(), tensors, wire)
         try:
             r = self.call(lambda: self._push(frames(), **self._kw()))
         except SessionExpired:
@@ -450,7 +486,25 @@ class Client:
         finally:
             if session is not None:
                 session.busy.release()
-        return PushResult(r.version, r.applied, r.found_inf, r.contributors, r.duplicate, r.partial)
+        return push_result(r)
+
+    def open_push(
+        self,
+        model: str,
+        specs: Sequence[pb.TensorSpec],
+        *,
+        version: int | None = None,
+        rank: int = 0,
+        loss: float | None = None,
+        hyper_updates: Sequence[tuple[int, Mapping[str, Any]]] = (),
+    ) -> StreamingPush:
+        """A push stream whose header (these gradient specs) goes out now and whose gradients
+        follow as they are sent (StreamingPush.send); over gRPC, never shared memory. Used by
+        RemoteAdam(overlap=True); `finish()` gives the reply, `cancel()` leaves nothing applied."""
+        header = _push_header(
+            model, specs, rank=rank, version=version, loss=loss, hyper_updates=hyper_updates
+        )
+        return StreamingPush(self._push, header, self.wire_dtype, self.chunk_bytes, self._kw())
 
     def pull_params(
         self, model: str, names: Sequence[str] | None = None, **kwargs: Any
@@ -477,7 +531,12 @@ class Client:
         not newer. `wait_for_version`: block until the model reaches it (DeadlineExceeded after
         `wait_timeout`). The result is always one consistent version.
         """
-        req = pb.PullRequest(model=model, names=list(names or ()), wait_timeout_s=wait_timeout)
+        req = pb.PullRequest(
+            model=model,
+            names=list(names or ()),
+            wait_timeout_s=wait_timeout,
+            chunk_bytes=min(self.chunk_bytes, MAX_CHUNK_BYTES),
+        )
         if if_newer_than is not None:
             req.if_newer_than = if_newer_than
         if wait_for_version is not None:

@@ -14,17 +14,28 @@ import itertools
 import logging
 import os
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from copy import deepcopy
 from typing import Any
 
+import grpc
 import torch
 
-from adamd.protocol.hyper import ADAM_DEFAULTS, IMPLEMENTATION_KEYS, fused_refusal, same_value
+from adamd.protocol.frames import spec_of
+from adamd.protocol.hyper import (
+    ADAM_DEFAULTS,
+    IMPLEMENTATION_KEYS,
+    fused_refusal,
+    options_to_pb,
+    same_value,
+)
+from adamd.v1 import adamd_pb2 as pb
 
-from ._client import Client
+from ._client import Client, push_result
 from ._exceptions import AdamdError, NotFound, StalePush
+from ._overlap import GradStreamer, OpenPush, Queued, same_updates
 from ._tls import TLSConfig
 from ._types import ModelInfo, PushResult
 
@@ -188,7 +199,24 @@ class RemoteAdam(torch.optim.Optimizer):
     or "async"), `token`, `tls` (True, or a TLSConfig: see Client), `client` (an existing Client),
     `wire_dtype` (torch.bfloat16 / torch.float16 to halve the bytes on the wire), `transport`
     ("auto": shared memory when the server is on this host, else gRPC; "grpc": always gRPC),
-    `max_staleness`, `round_timeout_s` and `lease_s` (used when this worker creates the model).
+    `max_staleness`, `round_timeout_s` and `lease_s` (used when this worker creates the model),
+    `chunk_bytes` (tensor bytes per gRPC frame, both ways), `overlap` (stream gradients to the
+    server while backward still runs, over gRPC; see below).
+
+    Overlap (`overlap=True`; off by default): each gradient's bytes leave as soon as backward has
+    produced it, and `step()` only sends what is left and waits. A step whose streamed push cannot
+    be used falls back to an ordinary push of everything (same push id, applied once): AMP with
+    a GradScaler (it unscales at the step; a step that found inf is skipped as always), gradient
+    accumulation (a gradient accumulated again after it was sent), gradients changed in place
+    after backward (clipping, `unscale_`), a parameter that requires grad left without one. A
+    loss (`step(closure)`, `report_loss`) and hyperparameter edits known only at the step ride on
+    the stream's closing header. After two such steps
+    in a row overlap turns itself off for this optimizer (logged once), so such loops cost
+    nothing extra later. Same-host shared memory does not stream, so overlap does not apply there.
+    Changes are recognised by torch's version counter of each gradient: an in-place edit that
+    torch does not count (through `.data`, or `torch.distributed.all_reduce(p.grad)`) after
+    backward goes unseen, and the server would get the gradient as backward left it. That is why
+    overlap is opt-in: turn it on where nothing edits gradients that way between backward and step.
 
     Elastic (`world_size="elastic"`): workers join and leave at any time. Construction registers
     this worker (with `rank` or $RANK if given, else a rank the server assigns, in `self.rank`);
@@ -227,6 +255,8 @@ class RemoteAdam(torch.optim.Optimizer):
         max_staleness: int = 0,
         round_timeout_s: float = 0.0,
         lease_s: float = 0.0,
+        chunk_bytes: int | None = None,
+        overlap: bool = False,
     ):
         options: dict[str, Any] = (
             dict(  # torch.optim.Adam's order, so param_groups print and pack alike
@@ -266,12 +296,16 @@ class RemoteAdam(torch.optim.Optimizer):
         self._state_version: int | None = None  # version `state` was fetched at
         super().__init__(params, options)
         self.state: defaultdict[Any, Any] = _ServerState(self._fetch_state)
+        extra = {"chunk_bytes": chunk_bytes} if chunk_bytes is not None else {}
         self._client = client or Client(
-            server, token=token, wire_dtype=wire_dtype, transport=transport, tls=tls
+            server, token=token, wire_dtype=wire_dtype, transport=transport, tls=tls, **extra
         )
         self._owns_client = client is None
         self._connect(max_staleness, round_timeout_s, lease_s)
         self._synced = [self._options_of(g) for g in self.param_groups]
+        self._streamer: GradStreamer | None = GradStreamer() if overlap else None
+        self._hooks: dict[int, Any] = {}
+        self._hook_params(self._unique_params())
         self._ready = True
 
     def _connect(self, max_staleness: int, round_timeout_s: float, lease_s: float) -> None:
@@ -371,6 +405,7 @@ class RemoteAdam(torch.optim.Optimizer):
             raise
         self._synced.append(self._options_of(group))
         self._state_version = None
+        self._hook_params(group["params"])
 
     def _join(self, info: ModelInfo, local: dict[str, torch.Tensor]) -> None:
         """The model exists: the server's parameters and hyperparameters win."""
@@ -440,25 +475,8 @@ class RemoteAdam(torch.optim.Optimizer):
                         if refusal is not None:
                             raise RuntimeError(refusal)
                     grads[self._name_of(p)] = p.grad
-        found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler.step
-        grad_scale = getattr(self, "grad_scale", None)
-        skipped = found_inf is not None and bool(found_inf.item())
-        if skipped:
-            grads = {}
-        elif grad_scale is not None:
-            inv = grad_scale.double().reciprocal().float()
-            grads = {n: g.float() * inv.to(g.device) for n, g in grads.items()}
-        updates = self._updates()
         try:
-            result = self._client.push_grad(
-                self.model,
-                grads,
-                version=self.version,
-                rank=self.rank or 0,
-                loss=self._pending_loss,
-                found_inf=skipped,
-                hyper_updates=updates,
-            )
+            result = self._push(grads)
         except StalePush:
             # Nothing was applied. Pull the current parameters before raising, or every later
             # step would be computed from the same old version and refused again.
@@ -471,11 +489,128 @@ class RemoteAdam(torch.optim.Optimizer):
             self.last_result = None
             return loss
         self._pending_loss = None
-        for i, changed in updates:
+        for i, changed in self._updates():
             self._synced[i].update({k: _clone(v) for k, v in changed.items()})
         self.last_result = result
         self._pull_into(self._named_params())
         return loss
+
+    def _push(self, grads: dict[str, torch.Tensor]) -> PushResult:
+        """Push this step's gradients: by ending the push streamed during backward when it can
+        carry them, else as one push (under the streamed push's id, if there was one)."""
+        found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler.step
+        grad_scale = getattr(self, "grad_scale", None)
+        skipped = found_inf is not None and bool(found_inf.item())
+        updates = self._updates()
+        streamer = self._streamer
+        op = streamer.take() if streamer is not None else None
+        push_id = None
+        if streamer is not None and op is not None:
+            push_id = op.stream.header.push_id
+            why = GradStreamer.usable(op, grads)
+            if why is None and found_inf is not None:
+                # GradScaler unscales here, or unscale_() did in place, which torch does not
+                # count as a change of the gradient (nor do edits through .data)
+                why = "GradScaler unscales the gradients after backward"
+            if why is None and not skipped:
+                result = self._finish_streamed(op, grads, updates)
+                # A stream that keeps failing (a server without closing headers, an idle
+                # deadline shorter than backward) stops overlap like any other fallback.
+                streamer.note(None if result is not None else "the streamed push failed")
+                if result is not None:
+                    return result
+            else:
+                op.stream.cancel()
+                if not skipped:  # an overflow now and then is no reason to stop overlapping
+                    streamer.note(why)
+        if skipped:
+            grads = {}
+        elif grad_scale is not None:
+            inv = grad_scale.double().reciprocal().float()
+            grads = {n: g.float() * inv.to(g.device) for n, g in grads.items()}
+        return self._client.push_grad(
+            self.model,
+            grads,
+            version=self.version,
+            rank=self.rank or 0,
+            push_id=push_id,
+            loss=self._pending_loss,
+            found_inf=skipped,
+            hyper_updates=updates,
+        )
+
+    def _finish_streamed(
+        self,
+        op: OpenPush,
+        grads: Mapping[str, torch.Tensor],
+        updates: list[tuple[int, dict[str, Any]]],
+    ) -> PushResult | None:
+        """Send the gradients backward did not hand over, end the stream (with a closing header
+        when the loss or the hyperparameter edits are not what the opening one said), and wait
+        for the reply. None when the stream failed (the caller pushes again under the same id)."""
+        for index, name in enumerate(op.names):
+            if index not in op.queued:
+                op.stream.send(Queued.of(index, grads[name]))
+        loss = self._pending_loss
+        closing = None
+        if loss != op.loss or not same_updates(updates, op.updates, same_value):
+            closing = pb.PushHeader(
+                hyper_updates=[
+                    pb.GroupUpdate(group=i, options=options_to_pb(o)) for i, o in updates
+                ]
+            )
+            if loss is not None:
+                closing.loss = float(loss)
+        try:
+            return push_result(op.stream.finish(closing, self._client.timeout))
+        except grpc.RpcError as exc:
+            logger.debug("model %s: the streamed push failed (%s); pushing again", self.model, exc)
+            op.stream.cancel()
+            return None
+
+    def _open_push(self) -> OpenPush | None:
+        """The push this step's gradients stream into while backward runs (the first gradient's
+        hook opens it); None where it would not stream (same-host shared memory)."""
+        client = self._client
+        if client.wire_dtype is None and client._session(self.model) is not None:
+            return None
+        params = [p for p in self._unique_params() if p.requires_grad]
+        names = [self._name_of(p) for p in params]
+        specs = [spec_of(n, p, client.wire_dtype) for n, p in zip(names, params)]
+        updates = self._updates()
+        loss = self._pending_loss
+        stream = client.open_push(
+            self.model,
+            specs,
+            version=self.version,
+            rank=self.rank or 0,
+            loss=loss,
+            hyper_updates=updates,
+        )
+        return OpenPush(stream, names, updates, loss)
+
+    def _hook_params(self, params: Iterable[torch.Tensor]) -> None:
+        """Overlap: a post-accumulate-grad hook on each parameter hands its gradient over."""
+        if self._streamer is None:
+            return
+        ref = weakref.ref(self)
+        for p in params:
+            if id(p) in self._hooks or not p.requires_grad:
+                continue
+            name = self._name_of(p)
+
+            def hook(t: torch.Tensor, name: str = name) -> None:
+                opt = ref()
+                if opt is not None and opt._streamer is not None and t.grad is not None:
+                    opt._streamer.grad_ready(name, t.grad, opt._open_push)
+
+            self._hooks[id(p)] = p.register_post_accumulate_grad_hook(hook)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's zero_grad; a push streamed since the last step is dropped (never applied)."""
+        if getattr(self, "_streamer", None) is not None:
+            self._streamer.discard()  # type: ignore[union-attr]
+        super().zero_grad(set_to_none)
 
     # GradScaler hands us grad_scale / found_inf instead of skipping the step itself, so a
     # skipped step still reaches the server (a sync round must hear from every worker).
@@ -571,6 +706,8 @@ class RemoteAdam(torch.optim.Optimizer):
         state["_names"] = [self._names[id(p)] for p in self._unique_params()]
         state["_owns_client"] = False
         state["_registered"] = False  # a copy closing must not deregister this worker
+        state["_streamer"] = None  # hooks belong to these parameters: a copy does not overlap
+        state["_hooks"] = {}
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -587,6 +724,12 @@ class RemoteAdam(torch.optim.Optimizer):
     def close(self) -> None:
         """Elastic: leave the run (rounds stop waiting for this worker). Close the connection
         if this optimizer made it."""
+        if getattr(self, "_streamer", None) is not None:
+            self._streamer.discard()  # type: ignore[union-attr]
+            self._streamer = None
+        for handle in getattr(self, "_hooks", {}).values():
+            handle.remove()
+        self._hooks = {}
         if getattr(self, "_registered", False) and self.rank is not None:
             self._registered = False
             try:

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from adamd.protocol.allocator import tune_malloc
+
 if TYPE_CHECKING:
     from .config import ServerConfig
     from .daemon import Daemon
 
 __all__ = ["Daemon", "ServerConfig"]
+
+tune_malloc()  # reuse large buffers instead of mapping them afresh every step (see allocator)
 
 
 def __getattr__(name: str) -> Any:

@@ -62,6 +62,12 @@ def add_server_arguments(
         help="end a request stream that sends nothing for this many seconds (default 60)",
     )
     p.add_argument(
+        "--chunk-bytes",
+        type=int,
+        help="tensor bytes per frame of pull and state replies when the client asks none"
+        " (default 4128768 = 4 MiB - 64 KiB; 65536..4128768)",
+    )
+    p.add_argument(
         "--stats-every",
         type=int,
         help="step statistics (gradient/update norms) every N steps (default 0: auto, at most 2%%"
@@ -148,6 +154,7 @@ def config_from_args(args: argparse.Namespace, **extra: Any) -> ServerConfig:
             "max_staleness",
             "grpc_workers",
             "stream_idle_s",
+            "chunk_bytes",
             "snapshot_every_steps",
             "snapshot_every_s",
             "snapshot_keep",

@@ -24,6 +24,7 @@ class ServerConfig:
     token: str | None = None  # when set, every call but health must carry it
     grpc_workers: int = 8  # threads for torch work (checks, steps, copies); waits hold none
     stream_idle_s: float = 60.0  # a request stream silent this long is ended (DEADLINE_EXCEEDED)
+    chunk_bytes: int = (4 << 20) - (64 << 10)  # tensor bytes per reply frame when a pull names none
     round_timeout_s: float = 60.0  # default for sync rounds whose worker went missing
     max_staleness: int = 16  # default async staleness bound (versions)
     snapshot_every_steps: int = 0  # 0: off
@@ -77,6 +78,11 @@ class ServerConfig:
             ("http_port", -1 <= self.http_port <= 65535, "a port, 0-65535, or -1 (off)"),
             ("grpc_workers", self.grpc_workers >= 1, "at least 1"),
             ("stream_idle_s", 0 < self.stream_idle_s < float("inf"), "a positive number"),
+            (
+                "chunk_bytes",
+                (64 << 10) <= self.chunk_bytes <= (4 << 20) - (64 << 10),
+                "within 65536..4128768 (64 KiB .. 4 MiB - 64 KiB)",
+            ),
             ("round_timeout_s", self.round_timeout_s > 0, "positive"),
             ("max_staleness", self.max_staleness >= 0, "0 or more"),
             ("snapshot_every_steps", self.snapshot_every_steps >= 0, "0 (off) or more"),

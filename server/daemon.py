@@ -73,6 +73,7 @@ class Daemon:
             self.ops,
             executor=self._workers,
             idle_s=config.stream_idle_s,
+            chunk_bytes=config.chunk_bytes,
             on_call=self.metrics.on_call,
             budget=self.transfers,
         )

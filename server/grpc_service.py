@@ -37,6 +37,7 @@ from adamd.protocol.frames import (
     dtype_from_pb,
     identity,
     iter_frames,
+    reply_chunk_bytes,
     spec_of,
     to_wire,
     wire_dtype_of,
@@ -112,13 +113,23 @@ class _Stream:
         except Exception as exc:
             raise InvalidArgument(f"unreadable header: {exc}") from exc
 
-    async def receive(self, sink: TensorSink | None, first: Frame) -> None:
-        """Write the first frame's chunk and every later one into `sink` (None: drain)."""
+    async def receive(
+        self, sink: TensorSink | None, first: Frame, closing: bool = False
+    ) -> memoryview | None:
+        """Write the first frame's chunk and every later one into `sink` (None: drain).
+
+        With `closing` (pushes), the stream's last frame may carry a second header, a closing
+        one, which is returned (None when there was none)."""
         frame: Frame | None = first
+        trailer = None
         try:
             while frame is not None:
+                if trailer is not None:
+                    raise ProtocolError("a closing header must be on the stream's last frame")
                 if frame is not first and frame.header is not None:
-                    raise ProtocolError("only the first frame of a stream may carry a header")
+                    if not closing:
+                        raise ProtocolError("only the first frame of a stream may carry a header")
+                    trailer = frame.header
                 if sink is not None and frame.data.nbytes:
                     sink.write(frame.tensor, frame.offset, frame.data)
                 frame = await self.next_frame()
@@ -126,6 +137,7 @@ class _Stream:
                 sink.check_complete()
         except ProtocolError as exc:
             raise InvalidArgument(str(exc)) from exc
+        return trailer
 
 
 class OptimizerService:
@@ -389,7 +401,10 @@ class OptimizerService:
                 self.budget.release(held)
                 held = 0
             try:
-                await self._until_cut(stream.receive(ticket.sink, first))
+                closing = await self._until_cut(stream.receive(ticket.sink, first, closing=True))
+                if closing is not None:
+                    amend = convert.push_meta_from_pb(_parse(pb.PushHeader, bytes(closing)))
+                    await self._run(self.ops.amend_push, model, ticket, amend)
             except BaseException:
                 await self._run(model.abort_push, ticket)
                 raise
@@ -443,9 +458,10 @@ class OptimizerService:
         try:
             tensors = await self._run(model.host_copies, names, wire)
             header = pb.PullHeader(
-                version=version, tensors=[spec_of(n, t) for n, t in zip(names, tensors)]
+                version=version, tensors=[spec_of(n, t, wire) for n, t in zip(names, tensors)]
             )
-            for frame in iter_frames(header.SerializeToString(), tensors, self.chunk_bytes):
+            chunk = reply_chunk_bytes(request.chunk_bytes, self.chunk_bytes)
+            for frame in iter_frames(header.SerializeToString(), tensors, chunk, wire):
                 yield frame
             consistent = model.read_consistent(seq)
             context.set_trailing_metadata((("adamd-consistent", "1" if consistent else "0"),))
@@ -480,14 +496,15 @@ class OptimizerService:
 
     def _pull_bytes(self, model: HostedModel, names: list[str], wire: torch.dtype | None) -> int:
         """Host memory a pull holds: copies of the parameters where they are made (CUDA, a
-        conversion to the wire dtype, a non-contiguous tensor), and its frames in flight."""
+        non-contiguous tensor; on the CPU a narrower wire dtype is converted a chunk at a time
+        into one reused buffer), and its frames in flight."""
         copies = payload = 0
         for name in names:
             p = model.params[name]
             dtype = wire_dtype_of(p.dtype, wire)
             nbytes = p.numel() * dtype.itemsize
             payload += nbytes
-            if model.graphed is not None or dtype != p.dtype or not p.is_contiguous():
+            if model.graphed is not None or p.device.type != "cpu" or not p.is_contiguous():
                 copies += nbytes
         return copies + self._frames_bytes(payload)
 

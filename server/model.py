@@ -345,10 +345,16 @@ class HostedModel:
     def host_copies(
         self, names: Sequence[str], wire_dtype: torch.dtype | None = None
     ) -> list[torch.Tensor]:
-        """Parameters as contiguous host tensors ready for the wire (a pull): `to_wire` on the
-        CPU, copies on the model's stream on CUDA. Read under the seqlock, not the lock."""
+        """Parameters as host tensors ready for the wire (a pull): on the CPU the parameters
+        themselves (iter_frames converts a narrower wire dtype a chunk at a time as it streams),
+        copies on the model's stream on CUDA. Read under the seqlock, not the lock."""
         if self.graphed is None:
-            return [to_wire(self.params[n], wire_dtype) for n in names]
+            return [
+                self.params[n].detach()
+                if self.params[n].device.type == "cpu"
+                else to_wire(self.params[n], wire_dtype)
+                for n in names
+            ]
         with self.on_device():
             return [
                 self.host_copy(self.params[n], wire_dtype_of(self.params[n].dtype, wire_dtype))

@@ -9,6 +9,7 @@ event loop.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import time
 from collections.abc import Mapping, Sequence
@@ -237,6 +238,19 @@ class Operations:
                 )
             buffers = lambda names: same_host.grads(model, session, names)
         return model, model.begin_push(meta, specs, buffers)
+
+    @staticmethod
+    def amend_push(model: HostedModel, ticket: PushTicket, closing: PushMeta) -> None:
+        """A push's closing header (sent after its gradients): its found_inf, loss, scalars and
+        hyperparameter edits replace the opening header's; its other fields are ignored."""
+        model.groups.check(closing.hyper_updates)
+        ticket.meta = dataclasses.replace(
+            ticket.meta,
+            found_inf=closing.found_inf,
+            loss=closing.loss,
+            scalars=closing.scalars,
+            hyper_updates=closing.hyper_updates,
+        )
 
     def pushed(self, model: HostedModel) -> None:
         """A push's outcome is known: what follows a change (durable mode waits here)."""

@@ -56,6 +56,35 @@ def test_frames_round_trip_tensors_of_any_dtype() -> None:
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("wire", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [8, 24, 1 << 20])
+def test_chunked_conversion_sends_the_bytes_of_a_whole_conversion(
+    wire: torch.dtype, chunk: int
+) -> None:
+    """iter_frames with a wire dtype converts one chunk at a time into a reused buffer: the bytes
+    are those of Tensor.to(wire), also for non-contiguous tensors and a ragged last chunk;
+    complex tensors travel at full width."""
+    g = torch.Generator().manual_seed(0)
+    src = [
+        torch.randn(7, 5, generator=g) * 1e3,
+        torch.randn(6, 4, generator=g).t(),  # not contiguous
+        torch.randn(3, dtype=torch.complex64, generator=g),
+        torch.empty(0),
+    ]
+    want = [(t.to(wire) if t.is_floating_point() else t).contiguous() for t in src]
+    dst = [torch.empty(t.shape, dtype=t.dtype) for t in want]
+    sink = TensorSink(dst, [t.dtype for t in want])
+    for raw in iter_frames(b"h", src, chunk_bytes=chunk, wire_dtype=wire):
+        f = decode_frame(raw)
+        if f.data.nbytes:
+            sink.write(f.tensor, f.offset, f.data)
+    sink.check_complete()
+    for a, b in zip(want, dst):
+        assert a.dtype == b.dtype and torch.equal(
+            a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)
+        )
+
+
 @pytest.mark.parametrize("wire", [torch.float16, torch.bfloat16, torch.float64])
 def test_sink_converts_wire_dtype_into_float32(wire: torch.dtype) -> None:
     src = torch.randn(1000).to(wire)

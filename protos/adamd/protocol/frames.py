@@ -25,7 +25,12 @@ from .errors import ProtocolError
 # header, so every frame of a pull or a state fetch stays under the default limit.
 STOCK_MESSAGE_LIMIT = 4 << 20
 FRAME_HEADROOM = 64 << 10
-DEFAULT_CHUNK_BYTES = STOCK_MESSAGE_LIMIT - FRAME_HEADROOM
+MAX_CHUNK_BYTES = STOCK_MESSAGE_LIMIT - FRAME_HEADROOM
+MIN_CHUNK_BYTES = 64 << 10
+# Measured with bench/cpu_per_byte.py (25M params over loopback gRPC, BENCHMARKS.md): the largest
+# chunk costs the least CPU per byte on both ends (a 25M fp32 push: 256 KiB about 1.4x the CPU,
+# 1 MiB about 1.05-1.2x).
+DEFAULT_CHUNK_BYTES = MAX_CHUNK_BYTES
 # Largest message either side accepts: a chunk plus its header, with room for big headers.
 MAX_MESSAGE_BYTES = 64 << 20
 
@@ -184,6 +189,13 @@ def decode_frame(raw: bytes) -> Frame:
     return Frame(header, tensor, offset, data)
 
 
+def reply_chunk_bytes(asked: int, default: int) -> int:
+    """The chunk size of a reply stream: what the request asked (0: `default`), kept within
+    MIN_CHUNK_BYTES..MAX_CHUNK_BYTES and a whole number of 8-byte elements."""
+    n = min(max(asked or default, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
+    return n - n % 8
+
+
 def identity(b: bytes) -> bytes:
     return b
 
@@ -195,8 +207,10 @@ def iter_frames(
     header: bytes,
     tensors: Sequence[torch.Tensor],
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    wire_dtype: torch.dtype | None = None,
 ) -> Iterator[bytes]:
-    """The header frame, then every tensor cut into chunks. Tensors must be contiguous CPU tensors.
+    """The header frame, then every tensor cut into chunks, as `wire_dtype` where one is given
+    (see wire_chunks; without one, tensors must be contiguous CPU tensors).
 
     The header rides on the first chunk when both fit the headroom; a larger header travels in a
     frame of its own, so a frame is never much more than `chunk_bytes`."""
@@ -205,14 +219,36 @@ def iter_frames(
         yield encode_frame(header)
         header, first = b"", False
     for index, t in enumerate(tensors):
-        raw = byte_view(t)
-        for start in range(0, raw.nbytes, chunk_bytes):
-            yield encode_frame(
-                header if first else None, index, start, raw[start : start + chunk_bytes]
-            )
+        for start, chunk in wire_chunks(t, wire_dtype, chunk_bytes):
+            yield encode_frame(header if first else None, index, start, chunk)
             first = False
     if first:
         yield encode_frame(header)
+
+
+def wire_chunks(
+    t: torch.Tensor, wire_dtype: torch.dtype | None, chunk_bytes: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(byte offset, bytes) of `t` as it travels, `chunk_bytes` at a time.
+
+    A CPU tensor that travels narrower (bf16/fp16) is converted one chunk at a time into one
+    reused chunk-sized buffer, which stays in cache, instead of into a whole converted copy first:
+    one pass over the tensor's memory. Each chunk is valid only until the next one is asked for
+    (encode_frame copies it). Other tensors go through to_wire (a device tensor converts there)."""
+    wire = wire_dtype_of(t.dtype, wire_dtype)
+    if wire == t.dtype or t.device.type != "cpu" or not t.numel():
+        raw = byte_view(to_wire(t, wire_dtype))
+        for start in range(0, raw.nbytes, chunk_bytes):
+            yield start, raw[start : start + chunk_bytes]
+        return
+    flat = t.detach().reshape(-1)
+    per = max(chunk_bytes // wire.itemsize, 1)
+    buf = torch.empty(min(per, flat.numel()), dtype=wire)
+    view = byte_view(buf)
+    for i in range(0, flat.numel(), per):
+        n = min(per, flat.numel() - i)
+        buf[:n].copy_(flat[i : i + n])  # the rounding of Tensor.to: the same bits
+        yield i * wire.itemsize, view[: n * wire.itemsize]
 
 
 def to_wire(t: torch.Tensor, wire_dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -229,7 +229,7 @@ class PushReply(_message.Message):
     def __init__(self, version: _Optional[int] = ..., applied: bool = ..., found_inf: bool = ..., contributors: _Optional[int] = ..., duplicate: bool = ..., partial: bool = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("model", "names", "if_newer_than", "wait_for_version", "wait_timeout_s", "wire_dtype", "session")
+    __slots__ = ("model", "names", "if_newer_than", "wait_for_version", "wait_timeout_s", "wire_dtype", "session", "chunk_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
     IF_NEWER_THAN_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +237,7 @@ class PullRequest(_message.Message):
     WAIT_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     names: _containers.RepeatedScalarFieldContainer[str]
     if_newer_than: int
@@ -244,7 +245,8 @@ class PullRequest(_message.Message):
     wait_timeout_s: float
     wire_dtype: DType
     session: str
-    def __init__(self, model: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., if_newer_than: _Optional[int] = ..., wait_for_version: _Optional[int] = ..., wait_timeout_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., session: _Optional[str] = ...) -> None: ...
+    chunk_bytes: int
+    def __init__(self, model: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., if_newer_than: _Optional[int] = ..., wait_for_version: _Optional[int] = ..., wait_timeout_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., session: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("version", "tensors", "not_modified")

@@ -1,0 +1,237 @@
+"""Pushing gradients while backward still runs: RemoteAdam(overlap=True).
+
+RemoteAdam registers a post-accumulate-grad hook on every parameter. The first hook of a step
+opens a push stream whose header names every parameter that requires grad; each gradient, once
+backward has produced it, is queued and its bytes go out from grpc's request thread (in the order
+backward produced them, cut into the client's chunks) while backward computes the rest. `step()`
+queues what is left, ends the stream and waits for the reply, so by the end of backward most bytes
+are already on the server.
+
+The stream's end is what makes the server take the push. What is known only at the step (the
+loss of `step(closure)`, hyperparameter edits made after backward) rides on a closing header on
+the stream's last frame. A stream that cannot be used (AMP: GradScaler unscales at the step, or
+found inf; a gradient accumulated again or changed in place after it was sent; a gradient that
+stayed None) is cancelled without that end, so the server discards it, and `step()` pushes
+everything as it would without overlap, under the same push id: a push is applied exactly once
+either way. A server too old for closing headers refuses the stream, and the same fallback pushes.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from adamd.protocol.frames import encode_frame, wire_chunks
+from adamd.v1 import adamd_pb2 as pb
+
+logger = logging.getLogger(__name__)
+_END = object()
+# After this many steps in a row that could not use their streamed push, overlap turns itself
+# off for the optimizer (it would only send every gradient twice).
+MAX_FALLBACKS = 2
+
+
+@dataclass
+class Queued:
+    index: int
+    grad: torch.Tensor
+    version: int  # grad._version when queued: a later in-place change shows as another number
+    ready: Any = None  # a CUDA event recorded where backward produced the gradient
+
+    @classmethod
+    def of(cls, index: int, grad: torch.Tensor) -> Queued:
+        ready = None
+        if grad.device.type == "cuda":  # on the stream current here (backward's, in a hook)
+            ready = torch.cuda.Event()
+            ready.record()
+        return cls(index, grad, grad._version, ready)
+
+
+class StreamingPush:
+    """One push stream opened before its gradients are all known.
+
+    `send(i, grad)` queues gradient i (the header's order); grpc's request thread sends it.
+    `finish()` ends the stream and returns the reply (or raises grpc.RpcError); `cancel()` stops
+    it without ending it, so the server never applies it."""
+
+    def __init__(
+        self,
+        push: Any,  # the Client's PushGrad stream-unary callable
+        header: pb.PushHeader,
+        wire_dtype: torch.dtype | None,
+        chunk_bytes: int,
+        call_kw: Mapping[str, Any],
+    ):
+        self.header = header
+        self.wire_dtype = wire_dtype
+        self.chunk_bytes = chunk_bytes
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._future = push.future(self._frames(), **call_kw)
+
+    def _frames(self) -> Iterator[bytes]:
+        yield encode_frame(self.header.SerializeToString())
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return  # grpc ends the stream, unless the call was cancelled first
+            if isinstance(item, pb.PushHeader):  # the closing header, then the end
+                yield encode_frame(item.SerializeToString())
+                return
+            if item.ready is not None:
+                item.ready.synchronize()
+            for start, chunk in wire_chunks(item.grad, self.wire_dtype, self.chunk_bytes):
+                yield encode_frame(None, item.index, start, chunk)
+
+    def send(self, item: Queued) -> None:
+        self._queue.put(item)
+
+    def finish(
+        self, closing: pb.PushHeader | None = None, timeout: float | None = None
+    ) -> pb.PushReply:
+        """End the stream (after `closing`, a header whose found_inf, loss, scalars and
+        hyperparameter edits replace the first one's) and wait for the reply."""
+        self._queue.put(_END if closing is None else closing)
+        return self._future.result(timeout)
+
+    def cancel(self) -> None:
+        # Cancel first: grpc then never sends the stream's end, even if the request thread
+        # reaches _END while the cancellation is being processed.
+        self._future.cancel()
+        self._queue.put(_END)
+
+
+@dataclass
+class OpenPush:
+    """The streamed push of the current step, and what was queued for it."""
+
+    stream: StreamingPush
+    names: list[str]  # the header's, in order
+    updates: list[tuple[int, dict[str, Any]]]  # hyperparameter edits the header carries
+    loss: float | None
+    queued: dict[int, Queued] = field(default_factory=dict)
+    spoiled: str | None = None  # why this push cannot be used, once known
+
+
+class GradStreamer:
+    """RemoteAdam's side of overlap: hooks in, one OpenPush per step out."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self._lock = threading.Lock()
+        self._open: OpenPush | None = None
+        self._declined = False  # the opener said no for this step: later hooks skip it too
+        self._index: dict[str, int] = {}
+        self.fallbacks = 0  # steps in a row that could not use their streamed push
+        self.streamed = 0  # steps that did use it
+        self.last_fallback: str | None = None
+
+    def grad_ready(self, name: str, grad: torch.Tensor, opener: Any) -> None:
+        """A parameter's gradient is final for this backward (post-accumulate-grad hook).
+        `opener()` makes the step's OpenPush (None: no overlap for this step). Never raises
+        into backward: a failure here only means this step pushes without overlap."""
+        if not self.enabled:
+            return
+        try:
+            self._grad_ready(name, grad, opener)
+        except Exception as exc:
+            logger.debug("overlap: could not stream %s (%s)", name, exc)
+            with self._lock:
+                if self._open is not None and self._open.spoiled is None:
+                    self._spoil(self._open, f"streaming failed: {exc}")
+
+    def _grad_ready(self, name: str, grad: torch.Tensor, opener: Any) -> None:
+        with self._lock:
+            if self._declined:
+                return
+            if self._open is None:
+                self._open = opener()
+                if self._open is None:
+                    self._declined = True
+                    return
+                self._index = {n: i for i, n in enumerate(self._open.names)}
+            op = self._open
+            if op.spoiled is not None:
+                return
+            index = self._index.get(name)
+            if index is None:
+                return
+            if index in op.queued:
+                self._spoil(op, "a gradient accumulated again after it was sent")
+                return
+            item = Queued.of(index, grad)
+            op.queued[index] = item
+            op.stream.send(item)
+
+    @staticmethod
+    def _spoil(op: OpenPush, why: str) -> None:
+        op.spoiled = why
+        op.stream.cancel()  # stop sending bytes nobody will use
+
+    def take(self) -> OpenPush | None:
+        """The step's open push (and forget it: the next backward opens another)."""
+        with self._lock:
+            op, self._open = self._open, None
+            self._declined = False
+            return op
+
+    def discard(self) -> None:
+        op = self.take()
+        if op is not None:
+            op.stream.cancel()
+
+    def __del__(self) -> None:
+        # An optimizer dropped between backward and step: end its stream (grpc's request thread
+        # would otherwise wait on the queue for good).
+        try:
+            self.discard()
+        except Exception:
+            pass
+
+    @staticmethod
+    def usable(op: OpenPush, grads: Mapping[str, torch.Tensor]) -> str | None:
+        """Why `op` cannot carry this step's gradients, or None when it can."""
+        if op.spoiled is not None:
+            return op.spoiled
+        if set(grads) != set(op.names):
+            return "a parameter that requires grad has no gradient at the step"
+        for index, item in op.queued.items():
+            g = grads[op.names[index]]
+            if g is not item.grad or g._version != item.version:
+                return "a gradient changed after backward (clipping, unscale_, accumulation)"
+        return None
+
+    def note(self, fallback: str | None) -> None:
+        """Record one step's outcome; turn overlap off after MAX_FALLBACKS in a row."""
+        if fallback is None:
+            self.fallbacks = 0
+            self.streamed += 1
+            return
+        self.fallbacks += 1
+        self.last_fallback = fallback
+        if self.fallbacks >= MAX_FALLBACKS and self.enabled:
+            self.enabled = False
+            logger.warning(
+                "RemoteAdam overlap is off from now on: %d steps in a row could not use the"
+                " gradients streamed during backward (%s); pass overlap=False to silence this",
+                self.fallbacks,
+                fallback,
+            )
+
+
+def same_updates(
+    a: Sequence[tuple[int, Mapping[str, Any]]],
+    b: Sequence[tuple[int, Mapping[str, Any]]],
+    same_value: Any,
+) -> bool:
+    if [i for i, _ in a] != [i for i, _ in b]:
+        return False
+    for (_, x), (_, y) in zip(a, b):
+        if set(x) != set(y) or not all(same_value(x[k], y[k]) for k in x):
+            return False
+    return True
