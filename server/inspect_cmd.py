@@ -92,6 +92,12 @@ def models_table(data: Any) -> Table:
     return t
 
 
+def shard_line(shard: Any) -> str:
+    """Which shard of how many this server holds, of which layout, and over which servers."""
+    where = ", ".join(shard["servers"])
+    return f"{shard['index']} of {shard['of']} (layout {shard['layout_id']}): {where}"
+
+
 def model_tables(m: Any, params: Any, history: Any) -> list[Table]:
     head = Table(title=f"model {m['name']}", show_header=False)
     head.add_column("key", style="bold")
@@ -111,6 +117,9 @@ def model_tables(m: Any, params: Any, history: Any) -> list[Table]:
             ", ".join(f"rank {w['rank']}: lag {w['lag']}" for w in m["workers"]) or "none yet",
         ),
     ]
+    shard = m.get("shard")
+    if shard and "index" in shard:  # one shard of a model sharded over several servers
+        rows.insert(1, ("shard", shard_line(shard)))
     if m.get("elastic"):  # the live membership: who a round waits for, and for how long
         members = [f"rank {w['rank']}: lease {num(w['lease_left_s'])} s" for w in m["members"]]
         rows.insert(1, ("members", ", ".join(members) or "none registered"))
