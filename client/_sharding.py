@@ -16,7 +16,6 @@ lowest).
 
 from __future__ import annotations
 
-import functools
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,10 +28,12 @@ from adamd.v1 import adamd_pb2 as pb
 from ._client import Client
 from ._exceptions import (
     AdamdError,
+    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NonFiniteGradient,
     NotFound,
+    StalePush,
 )
 from ._layout import DEFAULT_SLICE_BYTES, Layout
 from ._types import ModelInfo, PullResult, PushResult
@@ -370,12 +371,26 @@ class ShardedClient(Client):
                     " (AMP: pass found_inf to skip the step)"
                 )
         pid = push_id or uuid.uuid4().hex
-        results = self._each(
-            lambda k, c: c.push_grad(
-                model, layout.shard_params(k, grads), push_id=pid, found_inf=found_inf, **kwargs
+        futures = {
+            k: self._pool.submit(
+                c.push_grad,
+                model,
+                layout.shard_params(k, grads),
+                push_id=pid,
+                found_inf=found_inf,
+                **kwargs,
             )
-        )
+            for k, c in enumerate(self.shards)
+        }
+        results, failure = _gather(futures)
+        sync = self._modes.get(model) != "async"
+        if failure is not None:
+            if sync and results and isinstance(failure[1], StalePush):
+                self._diverged(model, f"shard {failure[0]} refused the push ({failure[1]})")
+            self._raise(failure)
         rs = [results[k] for k in sorted(results)]
+        if sync and len({r.version for r in rs}) > 1:
+            self._diverged(model, "the shards stepped to different versions")
         return PushResult(
             version=min(r.version for r in rs),
             applied=all(r.applied for r in rs),
@@ -383,6 +398,29 @@ class ShardedClient(Client):
             contributors=min(r.contributors for r in rs),
             duplicate=all(r.duplicate for r in rs),
             partial=any(r.partial for r in rs),
+        )
+
+    def _diverged(self, model: str, what: str) -> NoReturn:
+        """Sync mode, a shard is not at the version the others are (it restarted from an older
+        snapshot): stop with the versions side by side rather than train a mixed model."""
+        versions: dict[int, int | str] = {}
+        for k, c in enumerate(self.shards):
+            try:
+                versions[k] = c.describe(model).version
+            except AdamdError as exc:
+                versions[k] = f"unknown ({type(exc).__name__})"
+        numbers = [v for v in versions.values() if isinstance(v, int)]
+        newest = max(numbers) if numbers else 0
+        behind = [
+            f"shard {k} ({self.servers[k]}) at version {v}"
+            for k, v in versions.items()
+            if v != newest
+        ]
+        raise FailedPrecondition(
+            f"model {model!r}: {what}; {', '.join(behind) or 'a shard'} behind the others at"
+            f" version {newest}: a shard restarted from an older snapshot. Training stops rather"
+            " than mix versions; run sharded models with --durable so a restarted shard loses"
+            " nothing, or restore every shard from one version"
         )
 
     def pull(  # type: ignore[override]
@@ -449,12 +487,18 @@ class ShardedClient(Client):
             behind = [k for k, v in versions.items() if v != target]
             if not behind:
                 return results
-            results.update(self._each(functools.partial(one, wait_for_version=target), behind))
-        raise AdamdError(
-            f"model {model!r}: the shards kept answering different versions"
-            f" ({ {k: r.version for k, r in results.items()} }); a shard may have restarted from"
-            " an older snapshot"
-        )
+            waited, failure = _gather(
+                {
+                    k: self._pool.submit(one, k, self.shards[k], wait_for_version=target)
+                    for k in behind
+                }
+            )
+            if failure is not None:
+                if isinstance(failure[1], DeadlineExceeded):
+                    self._diverged(model, f"a pull waited for every shard to reach {target}")
+                self._raise(failure)
+            results.update(waited)
+        self._diverged(model, "the shards kept answering different versions")
 
     @staticmethod
     def _assemble(
