@@ -421,20 +421,41 @@ def test_remote_adam_state_dict_and_new_groups_across_shards(
 # --- a shard that is down -----------------------------------------------------------------------
 
 
-def test_a_shard_that_is_down_fails_pushes_clearly_after_the_retry_deadline(
-    model_name: str,
+def test_a_shard_that_is_down_fails_pushes_clearly_and_the_same_push_completes_later(
+    model_name: str, tmp_path: Path
 ) -> None:
+    """A shard that is down: the push retries until the deadline, then Unavailable names the
+    shard. The other shards applied it; once the shard is back (durable: at its version), the
+    same push id applies it there and is a duplicate elsewhere, and the model is whole again."""
+    local = {n: t.clone() for n, t in _params().items()}
+    ref = torch.optim.Adam(list(local.values()), lr=0.1, fused=True)
     with contextlib.ExitStack() as stack:
-        ds = [stack.enter_context(running_daemon()) for _ in range(3)]
+        ds = [
+            stack.enter_context(running_daemon(durable=True, data_dir=tmp_path / f"d{k}"))
+            for k in range(3)
+        ]
         servers = [d.grpc_address for d in ds]
         with Client(servers, slice_bytes=SLICE, retry_timeout=2.0) as c:
             c.create_model(model_name, _params(), lr=0.1)
-            c.push_grad(model_name, _grads(0))
-            ds[1].stop(grace=0.5)
-            with pytest.raises(Unavailable, match=f"shard 1 \\({servers[1]}\\)"):
-                c.push_grad(model_name, _grads(1))
-            with pytest.raises(Unavailable, match="shard 1"):
-                c.pull_params(model_name)
+            for step in range(2):
+                g = _grads(step)
+                if step == 1:
+                    ds[1].stop(grace=0.5)
+                    with pytest.raises(Unavailable, match=f"shard 1 \\({servers[1]}\\)"):
+                        c.push_grad(model_name, g, version=step, push_id="p1")
+                    with pytest.raises(Unavailable, match="shard 1"):
+                        c.pull_params(model_name)
+                    port = int(servers[1].rsplit(":", 1)[1])
+                    stack.enter_context(
+                        running_daemon(durable=True, data_dir=tmp_path / "d1", grpc_port=port)
+                    )
+                r = c.push_grad(model_name, g, version=step, push_id=f"p{step}")
+                assert r.version == step + 1
+                for n, p in local.items():
+                    p.grad = g[n]
+                ref.step()
+            assert c.describe(model_name).shard_versions == (2, 2, 2)
+            _equal(c.pull_params(model_name), local)
 
 
 def _wait_started(server: Any, timeout: float = 180.0) -> str:
