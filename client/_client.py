@@ -30,6 +30,7 @@ from adamd.protocol.frames import (
     to_wire,
 )
 from adamd.protocol.hyper import options_from_pb, options_to_pb
+from adamd.protocol.layout import DEFAULT_SLICE_BYTES
 from adamd.protocol.shared_files import host_id
 from adamd.v1 import adamd_pb2 as pb
 
@@ -42,7 +43,6 @@ from ._exceptions import (
     from_rpc_error,
     invalid_input,
 )
-from ._layout import DEFAULT_SLICE_BYTES
 from ._shm import SameHostSession
 from ._tls import TLSConfig, channel_credentials
 from ._types import ModelInfo, PullResult, PushResult

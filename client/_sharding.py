@@ -3,7 +3,7 @@
 
 `Client("a:50051,b:50051,c:50051")` (or a list, the `adamd-{0..2}.adamd-headless:50051` form, or
 `ADAMD_SERVERS`) returns one of these. Each parameter lives on one shard, or, above
-`slice_bytes`, in row slices on several (`_layout.Layout`); every call fans out to the shards
+`slice_bytes`, in row slices on several (`adamd.protocol.layout`); every call fans out to the shards
 concurrently on a thread pool, each shard's transfer on its own connection (shared memory where
 that shard is on this host). The layout is recorded on every shard at creation; a client listing
 other servers, or another order, is refused. Sync mode: every push goes to every shard (an empty
@@ -23,6 +23,7 @@ from typing import Any, NoReturn, TypeVar
 
 import torch
 
+from adamd.protocol.layout import DEFAULT_SLICE_BYTES, Layout
 from adamd.v1 import adamd_pb2 as pb
 
 from ._client import Client
@@ -35,7 +36,6 @@ from ._exceptions import (
     NotFound,
     StalePush,
 )
-from ._layout import DEFAULT_SLICE_BYTES, Layout
 from ._types import ModelInfo, PullResult, PushResult
 
 T = TypeVar("T")

@@ -4,6 +4,7 @@ three real servers on loopback bitwise equal to a local fused Adam and to one se
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import threading
@@ -27,8 +28,8 @@ from adamd.client import (
     Unavailable,
 )
 from adamd.client._addresses import parse_servers
-from adamd.client._layout import Layout
 from adamd.client._sharding import ShardedClient
+from adamd.protocol.layout import Layout
 
 from .conftest import running_daemon
 
@@ -509,3 +510,59 @@ def test_a_shard_restarted_behind_the_others_stops_training_naming_it(tmp_path: 
             if s.proc is not None and s.proc.poll() is None:
                 s.proc.kill()
                 s.proc.wait()
+
+
+def test_snapshot_export_of_a_sharded_model_is_one_torch_checkpoint(
+    model_name: str, tmp_path: Path
+) -> None:
+    """`adamd snapshot export --shard DIR ...`: the newest version every shard holds, whole."""
+    from adamd.server.cli import main
+
+    local = {n: t.clone() for n, t in _params().items()}
+    ref = torch.optim.Adam(list(local.values()), lr=0.01, fused=True)
+    at: dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
+    dirs = [tmp_path / f"d{k}" for k in range(3)]
+    with contextlib.ExitStack() as stack:
+        ds = [stack.enter_context(running_daemon(data_dir=d)) for d in dirs]
+        with Client([d.grpc_address for d in ds], slice_bytes=SLICE) as c:
+            c.create_model(model_name, _params(), lr=0.01)
+            for step in range(4):
+                g = _grads(step)
+                c.push_grad(model_name, g)
+                for n, p in local.items():
+                    p.grad = g[n]
+                ref.step()
+                at[step + 1] = (
+                    {n: t.clone() for n, t in local.items()},
+                    copy.deepcopy(ref.state_dict()),
+                )
+                if step == 2:
+                    assert c.snapshot(model_name).version == 3
+    # Stopping wrote version 4 on every shard; shard 2 loses it: 3 is the newest in common.
+    (newest,) = [f for f in (dirs[2] / model_name).glob("snap-*-v4.json")]
+    args = ["snapshot", "export", model_name]
+    shards = [a for d in [dirs[2], dirs[0], dirs[1]] for a in ("--shard", str(d))]  # any order
+    for version in (4, 3):
+        if version == 3:
+            newest.unlink()
+        out = tmp_path / f"whole-{version}.pt"
+        assert main([*args, str(out), *shards]) == 0
+        ckpt = torch.load(out, weights_only=True)
+        params, state_dict = at[version]
+        _equal(ckpt["model"], params)
+        for i, entry in state_dict["state"].items():
+            for key, value in entry.items():
+                assert torch.equal(ckpt["optimizer"]["state"][i][key], value), (i, key)
+        # A local Adam loads it and steps on bitwise like the reference did.
+        resumed = {n: t.clone() for n, t in ckpt["model"].items()}
+        opt = torch.optim.Adam(list(resumed.values()), lr=0.01, fused=True)
+        opt.load_state_dict(ckpt["optimizer"])
+        if version == 3:
+            g = _grads(3)
+            for n, p in resumed.items():
+                p.grad = g[n]
+            opt.step()
+            _equal(resumed, at[4][0])
+    # Not every shard: refused, naming what is missing.
+    assert main([*args, str(tmp_path / "x.pt"), "--shard", str(dirs[0])]) == 1
+    assert not (tmp_path / "x.pt").exists()
