@@ -275,6 +275,10 @@ def test_layout_is_recorded_and_another_one_is_refused(
         assert shard["index"] == k and shard["of"] == 3 and shard["layout_id"] == layout_id
         assert shard["servers"] == servers and "emb" in shard["params_here"]
         assert [p[0] for p in shard["sliced"]["emb"]] == [0, 1, 2]
+        with urllib.request.urlopen(f"{d.http_url}/metrics", timeout=10) as resp:
+            metrics = resp.read().decode()
+        labels = f'layout="{layout_id}",model="{model_name}",shard="{k}",shards="3"'
+        assert f"adamd_model_shard{{{labels}}} {float(k)}" in metrics
 
 
 def test_a_failed_create_leaves_no_shard_behind(servers: list[str], model_name: str) -> None:
