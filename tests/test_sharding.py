@@ -281,6 +281,27 @@ def test_layout_is_recorded_and_another_one_is_refused(
         assert f"adamd_model_shard{{{labels}}} {float(k)}" in metrics
 
 
+def test_inspect_shows_the_shards_side_by_side_and_which_is_behind(
+    three: list[Daemon], servers: list[str], model_name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from adamd.server.cli import main
+
+    with Client(servers, slice_bytes=SLICE) as c:
+        c.create_model(model_name, _params(), lr=0.1)
+        c.push_grad(model_name, _grads(0))
+    with Client(servers[2]) as last:  # shard 2 alone steps once more: the others are behind
+        last.push_grad(model_name, {})
+    urls = ",".join(d.http_url or "" for d in three)
+    assert main(["inspect", "--http", urls, "--width", "200", model_name]) == 0
+    out = capsys.readouterr().out
+    assert f"model {model_name}: 3 shards" in out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 5}
+    for k in range(3):
+        cells = [c.strip() for c in rows[str(k)].split("│")[1:-1]]
+        assert cells[1] == three[k].http_url
+        assert cells[2:4] == (["2", "0"] if k == 2 else ["1", "1"])
+
+
 def test_a_failed_create_leaves_no_shard_behind(servers: list[str], model_name: str) -> None:
     with Client(servers[2]) as last:
         last.create_model(model_name, {"x": torch.zeros(2)})  # a plain model of that name
