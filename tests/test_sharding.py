@@ -591,3 +591,45 @@ def test_snapshot_export_of_a_sharded_model_is_one_torch_checkpoint(
     # Not every shard: refused, naming what is missing.
     assert main([*args, str(tmp_path / "x.pt"), "--shard", str(dirs[0])]) == 1
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_elastic_workers_over_three_shards_get_one_rank_everywhere(
+    servers: list[str], model_name: str
+) -> None:
+    nets = [_net(0), _net(0)]
+    clients = [Client(servers, slice_bytes=SLICE) for _ in nets]
+    opts = [
+        RemoteAdam(n.parameters(), lr=0.02, world_size="elastic", model=model_name, client=c)
+        for n, c in zip(nets, clients)
+    ]
+    assert [o.rank for o in opts] == [0, 1]  # the rank shard 0 assigned, registered everywhere
+
+    def train(i: int) -> None:
+        for step in range(3):
+            opts[i].zero_grad()
+            _loss(nets[i], step, i).backward()
+            opts[i].step()
+
+    threads = [threading.Thread(target=train, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    net = _net(0)
+    ref = torch.optim.Adam(net.parameters(), lr=0.02, fused=True)
+    for step in range(3):
+        grads = []
+        for rank in range(2):
+            net.zero_grad()
+            _loss(net, step, rank).backward()
+            grads.append([torch.clone(p.grad) for p in net.parameters() if p.grad is not None])
+        for p, g0, g1 in zip(net.parameters(), *grads):
+            p.grad = (g0 + g1) / 2
+        ref.step()
+    expected = {n: p.detach() for n, p in net.named_parameters()}
+    for n_ in nets:
+        _equal({n: p.detach() for n, p in n_.named_parameters()}, expected)
+    assert clients[0].describe(model_name).shard_versions == (3, 3, 3)
+    for o, c in zip(opts, clients):
+        o.close()  # leaves on every shard
+        c.close()
