@@ -127,6 +127,16 @@ def test_layout_record_round_trips_and_identifies_the_servers() -> None:
         Layout.from_record(json.dumps(doc))
 
 
+def test_a_transformer_with_a_large_embedding_spreads_evenly() -> None:
+    """GPT-2 small's shapes (a 154 MB token embedding) at the default 4 MiB slices: the shards'
+    bytes stay within a few percent of each other (bench/sharded.py reports the same rows)."""
+    from bench.sharded import balance
+
+    for row in balance([2, 4, 8]):
+        assert row["max_over_min"] < 1.05, row
+        assert row["sliced_tensors"] >= 1
+
+
 def test_too_few_tensors_for_the_shards_is_refused_clearly() -> None:
     with pytest.raises(ValueError, match="every shard needs at least one"):
         Layout.plan(["a", "b", "c"], _spec(w=(4,), b=(2,)), [["w", "b"]])
