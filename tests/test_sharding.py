@@ -345,8 +345,9 @@ def _loss(net: torch.nn.Module, step: int, rank: int) -> torch.Tensor:
     return torch.nn.functional.mse_loss(net(x), y)
 
 
-def _worker(servers: list[str], model: str, rank: int, steps: int, out: dict[int, Any]) -> None:
-    net = _net(0)
+def _worker(
+    net: torch.nn.Module, servers: list[str], model: str, rank: int, steps: int, out: dict[int, Any]
+) -> None:
     with Client(servers, slice_bytes=SLICE) as client:
         opt = RemoteAdam(
             net.parameters(), lr=0.02, world_size=2, rank=rank, model=model, client=client
@@ -365,8 +366,9 @@ def test_remote_adam_sync_workers_over_three_shards_match_local_adam_on_the_mean
 ) -> None:
     steps = 5
     out: dict[int, Any] = {}
+    nets = [_net(0) for _ in range(2)]  # here: torch.manual_seed is global, threads would race
     threads = [
-        threading.Thread(target=_worker, args=(servers, model_name, r, steps, out))
+        threading.Thread(target=_worker, args=(nets[r], servers, model_name, r, steps, out))
         for r in range(2)
     ]
     for t in threads:
