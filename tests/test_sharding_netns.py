@@ -2,7 +2,8 @@
 network namespace, and four training workers in another, joined by a bridge (veth pairs into a
 switch namespace). Sync training through the three shards is bitwise equal to a local fused Adam
 fed the mean gradient; in durable mode a shard killed with SIGKILL mid-run and restarted loses
-nothing and training goes on bitwise as if nothing happened.
+nothing and training goes on bitwise as if nothing happened; in periodic mode it comes back
+behind the others and every worker stops with an error naming it.
 
 Needs root (`ip netns add`); skipped with the reason where namespaces cannot be created.
 Namespaces are named `adsh<pid>...`, addresses are in 10.71.0.0/16, and both go at teardown.
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adamd.client import Client
+from adamd.client import Client, NotFound
 
 from . import workers
 
@@ -221,16 +222,46 @@ def test_durable_shard_killed_mid_run_loses_nothing(
     net: Net, cluster: list[ShardServer], tmp_path: Path
 ) -> None:
     procs = _train(net, cluster, tmp_path, STEPS, 0.1)
-    with Client(cluster[1].address) as shard1:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if shard1.describe("m").version >= 3:
-                    break
-            except Exception:
-                pass
-            assert time.monotonic() < deadline, "training did not reach version 3"
-            time.sleep(0.02)
+    with Client(cluster[1].address, retry_timeout=120) as shard1:
+        _wait_version(shard1, 3)
     cluster[1].kill()
     cluster[1].start()
     _check(cluster, procs, tmp_path, STEPS)
+
+
+@pytest.mark.parametrize("cluster", [("--snapshot-every-s=0",)], indirect=True)
+def test_periodic_shard_restarted_behind_stops_training_naming_it(
+    net: Net, cluster: list[ShardServer], tmp_path: Path
+) -> None:
+    """Without --durable, a shard killed mid-run comes back at its last snapshot, behind the
+    others: every worker stops with an error naming that shard and its version, and no shard
+    trains on from a mix of versions."""
+    procs = _train(net, cluster, tmp_path, 40, 0.2)
+    with Client(cluster[1].address, retry_timeout=120) as shard1:
+        _wait_version(shard1, 3)
+        saved = shard1.snapshot("m").version  # the version shard 1 will come back at
+        _wait_version(shard1, saved + 2)
+    cluster[1].kill()
+    cluster[1].start()
+    outputs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode != 0, out.decode()[-2000:]
+        outputs.append(out.decode())
+    behind = f"shard 1 ({cluster[1].address}) at version {saved}"
+    for text in outputs:
+        assert "FailedPrecondition" in text and behind in text, text[-3000:]
+    with Client(cluster[1].address) as shard1:
+        assert shard1.describe("m").version == saved  # it took no step from a mixed round
+
+
+def _wait_version(client: Client, version: int) -> None:
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if client.describe("m").version >= version:
+                return
+        except NotFound:
+            pass  # not created yet
+        assert time.monotonic() < deadline, f"training did not reach version {version}"
+        time.sleep(0.02)
