@@ -645,3 +645,47 @@ def test_elastic_workers_over_three_shards_get_one_rank_everywhere(
     for o, c in zip(opts, clients):
         o.close()  # leaves on every shard
         c.close()
+
+
+def test_groups_empty_on_some_shards_train_edit_and_survive_a_restart(
+    model_name: str, tmp_path: Path
+) -> None:
+    """A group whose parameters all live on one shard is an empty group on the others, so group
+    indices agree everywhere: edits, state and snapshots (restart and restore) work through it."""
+    p = {"emb": torch.randn(96, 8), "w": torch.randn(8, 5), "b": torch.randn(5)}
+    groups: list[dict[str, Any]] = [{"params": ["emb", "w"]}, {"params": ["b"], "lr": 0.5}]
+    local = {n: t.clone() for n, t in p.items()}
+    ref_groups: list[dict[str, Any]] = [
+        {"params": [local["emb"], local["w"]]},
+        {"params": [local["b"]], "lr": 0.5},
+    ]
+    ref = torch.optim.Adam(ref_groups, lr=0.01, fused=True)
+    dirs = [tmp_path / f"d{k}" for k in range(3)]
+    with contextlib.ExitStack() as stack:
+        ds = [stack.enter_context(running_daemon(data_dir=d)) for d in dirs]
+        servers = [d.grpc_address for d in ds]
+        with Client(servers, slice_bytes=SLICE) as c:
+            c.create_model(model_name, p, param_groups=groups, lr=0.01)
+            assert sum(1 for k in range(3) if "b" in c.layout(model_name).names_on(k)) == 1
+            c.set_hyperparams(model_name, group=1, lr=0.25)
+            ref.param_groups[1]["lr"] = 0.25
+            g = _grads(0)
+            g = {"emb": torch.randn(96, 8), "w": g["w"], "b": g["b"]}
+            c.push_grad(model_name, g)
+            for n, t in local.items():
+                t.grad = g[n]
+            ref.step()
+        for d in ds:
+            d.stop(grace=1.0)  # writes each shard's snapshot
+        for k, d in enumerate(dirs):
+            port = int(servers[k].rsplit(":", 1)[1])
+            stack.enter_context(running_daemon(data_dir=d, grpc_port=port))
+        with Client(servers, slice_bytes=SLICE) as c:
+            info = c.describe(model_name)
+            assert info.shard_versions == (1, 1, 1)
+            assert [g["params"] for g in info.param_groups] == [["emb", "w"], ["b"]]
+            assert info.param_groups[1]["lr"] == 0.25
+            _equal(c.pull_params(model_name), local)
+            state = c.get_state(model_name)
+            for n, t in local.items():
+                assert torch.equal(state["state"][n]["exp_avg_sq"], ref.state[t]["exp_avg_sq"])
