@@ -23,6 +23,7 @@ from typing import Any, NoReturn, TypeVar
 
 import torch
 
+from adamd.protocol.frames import DEFAULT_CHUNK_BYTES
 from adamd.protocol.layout import DEFAULT_SLICE_BYTES, Layout
 from adamd.v1 import adamd_pb2 as pb
 
@@ -77,7 +78,7 @@ class ShardedClient(Client):
         token: str | None = None,
         timeout: float | None = None,
         retry_timeout: float = 60.0,
-        chunk_bytes: int = 4 * (1 << 20) - (64 << 10),
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         wire_dtype: torch.dtype | None = None,
         transport: str = "auto",
         tls: Any = None,
