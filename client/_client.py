@@ -31,9 +31,11 @@ from adamd.protocol.frames import (
     to_wire,
 )
 from adamd.protocol.hyper import options_from_pb, options_to_pb
+from adamd.protocol.layout import DEFAULT_SLICE_BYTES
 from adamd.protocol.shared_files import host_id
 from adamd.v1 import adamd_pb2 as pb
 
+from ._addresses import parse_servers
 from ._exceptions import (
     AdamdError,
     InvalidArgument,
@@ -78,6 +80,7 @@ def _model_info(m: pb.ModelInfo) -> ModelInfo:
         skipped_steps=m.skipped_steps,
         elastic=m.elastic,
         lease_s=m.lease_s,
+        layout=m.layout,
     )
 
 
@@ -133,17 +136,30 @@ def push_result(r: pb.PushReply) -> PushResult:
 
 
 class Client:
-    """A connection to an adamd server.
+    """A connection to an adamd server, or to several holding one model in shards.
 
     >>> with Client("127.0.0.1:50051") as c:
     ...     c.create_model("m", {"w": torch.zeros(3)}, lr=0.1)
     ...     c.push_grad("m", {"w": torch.ones(3)})
     ...     c.pull_params("m")["w"]
+
+    `address`: "host:port"; several servers as a list, a comma-separated string or
+    "adamd-{0..3}.adamd-headless:50051" (a `ShardedClient` is returned, same calls); None:
+    $ADAMD_SERVERS, else 127.0.0.1:50051.
     """
+
+    sharded = False
+
+    def __new__(cls, address: str | Sequence[str] | None = None, **kwargs: Any) -> Client:
+        if cls is Client and len(parse_servers(address)) > 1:
+            from ._sharding import ShardedClient
+
+            return ShardedClient(address, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
-        address: str = "127.0.0.1:50051",
+        address: str | Sequence[str] | None = None,
         *,
         token: str | None = None,
         timeout: float | None = None,
@@ -152,6 +168,7 @@ class Client:
         wire_dtype: torch.dtype | None = None,
         transport: str = "auto",
         tls: bool | TLSConfig | None = None,
+        slice_bytes: int = DEFAULT_SLICE_BYTES,
     ):
         """`timeout`: per-call deadline (None: none). `retry_timeout`: how long transient failures
         are retried before Unavailable is raised. `wire_dtype` (torch.bfloat16 / torch.float16):
@@ -159,8 +176,15 @@ class Client:
         float32 master weights and state. `transport`: "auto" moves tensors through shared memory
         when the server is on this host (and accepts), else gRPC streams; "grpc" always streams.
         `chunk_bytes`: tensor bytes per stream frame, both ways (pulls ask the server for it,
-        which keeps it within 64 KiB .. 4 MiB - 64 KiB). `tls`: None/False plaintext; True TLS trusting the system's CA store; a TLSConfig for a
-        private CA and a client certificate (servers started with --tls-client-ca)."""
+        which keeps it within 64 KiB .. 4 MiB - 64 KiB). `tls`: None/False plaintext; True TLS
+        trusting the system's CA store; a TLSConfig for a private CA and a client certificate
+        (servers started with --tls-client-ca).
+        `slice_bytes` (several servers only): tensors larger than this are split along dim 0
+        over several shards (default 4 MiB)."""
+        servers = parse_servers(address)
+        if len(servers) > 1:
+            raise ValueError(f"{type(self).__name__} takes one server, got {servers}")
+        address = servers[0]
         if transport not in ("auto", "grpc"):
             raise ValueError(f"transport must be 'auto' or 'grpc', got {transport!r}")
         self.transport = transport
@@ -304,6 +328,7 @@ class Client:
         round_timeout_s: float = 0.0,
         lease_s: float = 0.0,
         exist_ok: bool = False,
+        layout: str = "",
         **adam_kwargs: Any,
     ) -> ModelInfo:
         """Create `model` with these parameters (their values initialize it) and Adam options.
@@ -339,6 +364,7 @@ class Client:
             elastic=elastic,
             lease_s=lease_s,
             exist_ok=exist_ok,
+            layout=layout,
         )
         frames = self._upload(cfg.SerializeToString(), tensors)
         return _model_info(self.call(lambda: self._create(frames(), **self._kw())))
@@ -393,6 +419,7 @@ class Client:
         params: Mapping[str, torch.Tensor],
         *,
         listed: Sequence[str] | None = None,
+        layout: str = "",
         **options: Any,
     ) -> ModelInfo:
         """torch's add_param_group: new parameters (values initialize them) in a new group.
@@ -404,6 +431,7 @@ class Client:
             model=model,
             group=_group_pb(list(listed) if listed is not None else names, options),
             params=[spec_of(n, t) for n, t in zip(names, tensors)],
+            layout=layout,
         )
         frames = self._upload(header.SerializeToString(), tensors)
         info = _model_info(self.call(lambda: self._add_group(frames(), **self._kw())))

@@ -16,7 +16,7 @@ import os
 import warnings
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from copy import deepcopy
 from typing import Any
 
@@ -193,7 +193,9 @@ def _rank(rank: int | None, world_size: int, mode: str) -> int:  # a fixed world
 class RemoteAdam(torch.optim.Optimizer):
     """torch.optim.Adam, computed on an adamd server.
 
-    Extra keyword arguments: `server` (host:port), `model` (name on the server), `world_size`
+    Extra keyword arguments: `server` (host:port; several servers shard the model: a list, a
+    comma-separated string or "adamd-{0..3}.adamd-headless:50051"; default $ADAMD_SERVERS, else
+    127.0.0.1:50051), `slice_bytes` (sharded: tensors above it are split), `model` (name on the server), `world_size`
     (workers per sync step; default: $WORLD_SIZE or 1; "elastic": whichever workers are
     registered, see below), `rank` (default: $RANK; required when world_size > 1), `mode` ("sync"
     or "async"), `token`, `tls` (True, or a TLSConfig: see Client), `client` (an existing Client),
@@ -242,7 +244,7 @@ class RemoteAdam(torch.optim.Optimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
-        server: str = "127.0.0.1:50051",
+        server: str | Sequence[str] | None = None,
         model: str = "default",
         world_size: int | str | None = None,
         rank: int | None = None,
@@ -257,6 +259,7 @@ class RemoteAdam(torch.optim.Optimizer):
         lease_s: float = 0.0,
         chunk_bytes: int | None = None,
         overlap: bool = False,
+        slice_bytes: int | None = None,
     ):
         options: dict[str, Any] = (
             dict(  # torch.optim.Adam's order, so param_groups print and pack alike
@@ -296,14 +299,20 @@ class RemoteAdam(torch.optim.Optimizer):
         self._state_version: int | None = None  # version `state` was fetched at
         super().__init__(params, options)
         self.state: defaultdict[Any, Any] = _ServerState(self._fetch_state)
-        extra = {"chunk_bytes": chunk_bytes} if chunk_bytes is not None else {}
+        extra: dict[str, Any] = {}
+        if chunk_bytes is not None:
+            extra["chunk_bytes"] = chunk_bytes
+        if slice_bytes is not None:
+            extra["slice_bytes"] = slice_bytes
         self._client = client or Client(
             server, token=token, wire_dtype=wire_dtype, transport=transport, tls=tls, **extra
         )
         self._owns_client = client is None
         self._connect(max_staleness, round_timeout_s, lease_s)
         self._synced = [self._options_of(g) for g in self.param_groups]
-        self._streamer: GradStreamer | None = GradStreamer() if overlap else None
+        # Overlap streams into one server; a sharded model pushes whole at step() (not yet).
+        streams = overlap and not self._client.sharded
+        self._streamer: GradStreamer | None = GradStreamer() if streams else None
         self._hooks: dict[int, Any] = {}
         self._hook_params(self._unique_params())
         self._ready = True
@@ -325,6 +334,11 @@ class RemoteAdam(torch.optim.Optimizer):
                 round_timeout_s=round_timeout_s,
                 lease_s=lease_s,
                 exist_ok=True,
+            )
+        if info.layout and not self._client.sharded:
+            raise ValueError(
+                f"model {self.model!r} on {self._client.address} is one shard of a model sharded"
+                " over several servers: pass server= all of them, in their order"
             )
         if info.elastic != self.elastic:
             raise ValueError(

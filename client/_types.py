@@ -23,6 +23,8 @@ class ModelInfo:
     skipped_steps: int = 0  # rounds skipped for non-finite gradients (found_inf)
     elastic: bool = False  # sync over whichever workers are registered (world_size is then 0)
     lease_s: float = 0.0  # elastic: how long a worker stays registered without pushing
+    layout: str = ""  # sharded: the layout record (JSON; "" for a model on one server)
+    shard_versions: tuple[int, ...] = ()  # sharded: each shard's version, in shard order
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,7 @@ def model_spec_from_pb(cfg: pb.ModelConfig) -> ModelSpec:
         elastic=cfg.elastic,
         lease_s=cfg.lease_s,
         exist_ok=cfg.exist_ok,
+        layout=cfg.layout,
     )
 
 
@@ -102,6 +103,7 @@ def model_info(model: HostedModel, created: bool = False) -> pb.ModelInfo:
         skipped_steps=model.skipped_steps,
         elastic=model.elastic,
         lease_s=model.lease_s,
+        layout=model.layout,
     )
 
 

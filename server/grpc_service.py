@@ -378,7 +378,9 @@ class OptimizerService:
         group = convert.group_from_pb(header.group)
         tensors = await self._run(self.ops.new_group_tensors, header.model, specs, group)
         await stream.receive(TensorSink(list(tensors.values()), [d for _, _, d in specs]), first)
-        model = await self._run(self.ops.add_param_group, header.model, tensors, group)
+        model = await self._run(
+            self.ops.add_param_group, header.model, tensors, group, header.layout
+        )
         return convert.model_info(model)
 
     # --- pushes and pulls -----------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""`adamd inspect [--http URL] [MODEL]`: the dashboard's information as terminal tables.
+"""`adamd inspect [--http URL[,URL...]] [MODEL]`: the dashboard's information as terminal tables
+(several URLs: a sharded model's shards side by side, with the shards behind marked).
 
 It reads the daemon's JSON API (the same routes the dashboard polls), so it works against any
 running daemon, local or remote, and needs nothing but the standard library and rich.
@@ -92,6 +93,12 @@ def models_table(data: Any) -> Table:
     return t
 
 
+def shard_line(shard: Any) -> str:
+    """Which shard of how many this server holds, of which layout, and over which servers."""
+    where = ", ".join(shard["servers"])
+    return f"{shard['index']} of {shard['of']} (layout {shard['layout_id']}): {where}"
+
+
 def model_tables(m: Any, params: Any, history: Any) -> list[Table]:
     head = Table(title=f"model {m['name']}", show_header=False)
     head.add_column("key", style="bold")
@@ -111,6 +118,9 @@ def model_tables(m: Any, params: Any, history: Any) -> list[Table]:
             ", ".join(f"rank {w['rank']}: lag {w['lag']}" for w in m["workers"]) or "none yet",
         ),
     ]
+    shard = m.get("shard")
+    if shard and "index" in shard:  # one shard of a model sharded over several servers
+        rows.insert(1, ("shard", shard_line(shard)))
     if m.get("elastic"):  # the live membership: who a round waits for, and for how long
         members = [f"rank {w['rank']}: lease {num(w['lease_left_s'])} s" for w in m["members"]]
         rows.insert(1, ("members", ", ".join(members) or "none registered"))
@@ -171,9 +181,51 @@ def model_tables(m: Any, params: Any, history: Any) -> list[Table]:
     return [head, groups, table, recent]
 
 
+def shards_table(model: str, views: list[tuple[str, Any]]) -> Table:
+    """One sharded model over several servers, side by side: each shard's part and version, and
+    which shards are behind the newest."""
+    newest = max(m["version"] for _, m in views)
+    table = Table(title=f"model {model}: {len(views)} shards")
+    for col in ("shard", "server", "version", "behind", "tensors here", "elements", "memory"):
+        table.add_column(col)
+    for base, m in views:
+        shard = m.get("shard") or {}
+        behind = newest - m["version"]
+        table.add_row(
+            str(shard.get("index", "?")),
+            base,
+            str(m["version"]),
+            f"[red]{behind}[/]" if behind else "0",
+            str(m["num_params"]),
+            f"{m['num_elements']:,}",
+            size(m["memory"]["total"]),
+        )
+    return table
+
+
+def run_shards(console: Console, bases: list[str], model: str | None) -> int:
+    """Several servers (a sharded model's shards): each listed, or the model side by side."""
+    try:
+        if model is None:
+            for base in bases:
+                console.print(base)
+                console.print(models_table(fetch(base, "/v1/models")))
+            return 0
+        name = urllib.parse.quote(model, safe="")
+        views = [(base, fetch(base, f"/v1/models/{name}")) for base in bases]
+    except InspectError as exc:
+        Console(stderr=True).print(f"[red]adamd inspect:[/] {exc}")
+        return 1
+    console.print(shards_table(model, views))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     console = Console(width=args.width)
-    base = args.http if "://" in args.http else "http://" + args.http
+    bases = [b if "://" in b else "http://" + b for b in args.http.split(",") if b.strip()]
+    if len(bases) > 1:
+        return run_shards(console, bases, args.model)
+    base = bases[0]
     try:
         if args.model is None:
             console.print(models_table(fetch(base, "/v1/models")))
@@ -200,7 +252,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--http",
         default=os.environ.get("ADAMD_HTTP_URL", DEFAULT_URL),
-        help=f"the daemon's HTTP address (default {DEFAULT_URL}, env ADAMD_HTTP_URL)",
+        help=f"the daemon's HTTP address (default {DEFAULT_URL}, env ADAMD_HTTP_URL); several,"
+        " comma-separated: the shards of a sharded model, side by side",
     )
     p.add_argument("--width", type=int, default=None, help="console width (default: terminal)")
     p.add_argument("model", nargs="?", help="a model to show in detail (default: list models)")

@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from .budget import TransferBudget
 from .model import HostedModel, StepRecord
 from .registry import ModelRegistry
+from .views import shard_view
 
 if TYPE_CHECKING:
     from .stats import StatsBook
@@ -200,6 +201,11 @@ class _ModelCollector(Collector):
         loss = GaugeMetricFamily(
             "adamd_model_loss", "last loss reported by workers", labels=["model"]
         )
+        shard = GaugeMetricFamily(
+            "adamd_model_shard",
+            "sharded models: this server's shard index (labels: shard, shards, layout id)",
+            labels=["model", "shard", "shards", "layout"],
+        )
         models = self.models.models()
         count.add_metric([], len(models))
         for m in models:
@@ -212,11 +218,15 @@ class _ModelCollector(Collector):
             for rank, (heard, pushed_from) in sorted(dict(m.last_heard).items()):
                 lag.add_metric([m.name, str(rank)], max(0, v - pushed_from - 1))
                 age.add_metric([m.name, str(rank)], max(0.0, now - heard))
+            view = shard_view(m.layout)
+            if view is not None and "index" in view:
+                labels = [m.name, str(view["index"]), str(view["of"]), str(view["layout_id"])]
+                shard.add_metric(labels, view["index"])
             if self.stats is not None:
                 last = self.stats.get(m).last_loss()
                 if last is not None:
                     loss.add_metric([m.name], last)
-        yield from (up, count, version, elements, memory, workers, lag, age, loss)
+        yield from (up, count, version, elements, memory, workers, lag, age, loss, shard)
 
 
 class _TransferCollector(Collector):

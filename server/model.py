@@ -91,6 +91,7 @@ class HostedModel:
             self.groups.append(group)
         self.version = 0
         self.skipped_steps = 0
+        self.layout = ""  # sharded: the layout record of the whole model, with this shard's index
         self.created_at = time.time()
         self.last_step_at: float | None = None
         # Called under the lock after an edit that is not a step (hyperparameters, a new param

@@ -160,10 +160,22 @@ class Operations:
         return {n: torch.empty(shape, dtype=dtype) for n, shape, dtype in specs}
 
     def add_param_group(
-        self, name: str, tensors: Mapping[str, torch.Tensor], group: Mapping[str, Any]
+        self,
+        name: str,
+        tensors: Mapping[str, torch.Tensor],
+        group: Mapping[str, Any],
+        layout: str = "",
     ) -> HostedModel:
+        """`layout`: a sharded model's layout record with the new group (kept with the group)."""
         model = self.registry.get(name)
+        if bool(layout) != bool(model.layout):
+            raise FailedPrecondition(
+                f"model {name!r} is {'sharded' if model.layout else 'not sharded'}: a new param"
+                " group must come from a client with the same servers"
+            )
         model.add_param_group({n: t.to(model.device) for n, t in tensors.items()}, group)
+        if layout:
+            model.layout = layout
         self._changed(model)
         return model
 

@@ -3,6 +3,7 @@ place), look up, list and delete. Placement (CPU or CUDA) is decided here once f
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class ModelSpec:
     elastic: bool = False  # sync over whichever workers are registered (world_size ignored)
     lease_s: float = 0.0  # elastic: registration lasts this long unrenewed (0: the default)
     exist_ok: bool = False
+    layout: str = ""  # sharded: the layout record this shard keeps (the client's JSON)
     wire_dtypes: Sequence[torch.dtype] = field(default_factory=list)
 
 
@@ -166,6 +168,7 @@ class ModelRegistry:
             elastic=spec.elastic,
             lease_s=spec.lease_s or DEFAULT_LEASE_S,
         )
+        model.layout = spec.layout
         with self._lock:
             existing = self._models.get(spec.name)
             if existing is not None:  # another client created it meanwhile
@@ -210,7 +213,14 @@ class ModelRegistry:
 
     @staticmethod
     def _check_same(existing: HostedModel, spec: ModelSpec) -> None:
-        """A client joining an existing model must agree on every parameter it names."""
+        """A client joining an existing model must agree on its shard layout (none, for a model
+        on one server) and every parameter it names."""
+        if existing.layout != spec.layout:
+            raise AlreadyExists(
+                f"model {spec.name!r} exists with another shard layout: {_layout_id(existing.layout)}"
+                f" there, {_layout_id(spec.layout)} here (another server list, server order,"
+                " slice_bytes or parameters); use the servers it was created with, or delete it"
+            )
         for n, shape, dtype in spec.params:
             p = existing.params.get(n)
             if p is None or tuple(p.shape) != tuple(shape) or p.dtype != dtype:
@@ -219,3 +229,13 @@ class ModelRegistry:
                     f"model {spec.name!r} exists with other parameters: {n!r} is {have} there,"
                     f" {[list(shape), str(dtype)]} here; delete it or use another name"
                 )
+
+
+def _layout_id(record: str) -> str:
+    """A layout record's id for messages ('unsharded' for none)."""
+    if not record:
+        return "unsharded"
+    try:
+        return f"layout {json.loads(record).get('id')!r}"
+    except (ValueError, AttributeError):
+        return "an unreadable layout"

@@ -23,6 +23,7 @@ from typing import Any
 from . import snapshot_format as fmt
 from . import snapshot_interop as interop
 from .config import ServerConfig
+from .shard_export import ShardExportError, merge, newest_common
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,14 @@ def register(subparsers: Any) -> None:
     ex.add_argument("out", type=Path, help="file to write: {'model': ..., 'optimizer': ...}")
     data_dir_arg(ex)
     ex.add_argument("--seq", type=int, help="this snapshot number instead of the newest valid")
+    ex.add_argument(
+        "--shard",
+        type=Path,
+        action="append",
+        metavar="DATA_DIR",
+        help="a sharded model: every shard's data dir (once each, any order); exports the newest"
+        " version all of them hold as one checkpoint of the whole model",
+    )
     ex.set_defaults(func=_export)
 
     im = sub.add_parser("import", help="create MODEL on a running server from a checkpoint")
@@ -90,7 +99,7 @@ def _one_line(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except (AdamdError, interop.CheckpointError, OSError) as exc:
+        except (AdamdError, interop.CheckpointError, ShardExportError, OSError) as exc:
             print(f"adamd snapshot {args.snapshot_command}: {exc}", file=sys.stderr)
             return 1
 
@@ -133,6 +142,8 @@ def _list(args: argparse.Namespace) -> int:
 
 @_one_line
 def _export(args: argparse.Namespace) -> int:
+    if args.shard:
+        return _export_sharded(args)
     model_dir = _data_dir(args) / args.model
     loaded = None
     if args.seq is not None:
@@ -152,6 +163,13 @@ def _export(args: argparse.Namespace) -> int:
             return 1
     interop.save_checkpoint(interop.to_torch_checkpoint(loaded), args.out)
     print(f"{args.model} version {loaded.manifest['version']} -> {args.out}")
+    return 0
+
+
+def _export_sharded(args: argparse.Namespace) -> int:
+    params, groups, state, version = merge(newest_common([d / args.model for d in args.shard]))
+    interop.save_checkpoint(interop.checkpoint_of(params, groups, state), args.out)
+    print(f"{args.model} version {version} ({len(args.shard)} shards) -> {args.out}")
     return 0
 
 

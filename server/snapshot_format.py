@@ -117,6 +117,7 @@ def capture(model: HostedModel, changes: int = 0) -> Capture:
             "round_timeout_s": model.round_timeout_s,
             "elastic": model.elastic,  # membership itself does not survive a restart
             "lease_s": model.lease_s,
+            "layout": model.layout,
             "params": [
                 {"name": n, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
                 for n, p in model.params.items()

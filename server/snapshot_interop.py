@@ -35,10 +35,17 @@ class CheckpointError(ValueError):
 
 
 def to_torch_checkpoint(loaded: fmt.Loaded) -> dict[str, Any]:
-    params = fmt.params_of(loaded)
-    groups = fmt.groups_of(loaded)
+    return checkpoint_of(fmt.params_of(loaded), fmt.groups_of(loaded), fmt.state_by_name(loaded))
+
+
+def checkpoint_of(
+    params: Mapping[str, torch.Tensor],
+    groups: list[dict[str, Any]],
+    by_name: Mapping[str, Mapping[str, torch.Tensor]],
+) -> dict[str, Any]:
+    """The torch checkpoint of a model's parameters, groups and Adam state keyed by name."""
     names = [g["params"] for g in groups]
-    state = state_io.by_index(fmt.state_by_name(loaded), state_io.index_order(names))
+    state = state_io.by_index(dict(by_name), state_io.index_order(names))
     effective = [
         adam_options.effective(
             {k: v for k, v in g.items() if k != "params"},
@@ -48,7 +55,7 @@ def to_torch_checkpoint(loaded: fmt.Loaded) -> dict[str, Any]:
         for g in groups
     ]
     param_groups = state_io.indexed_groups(effective, names)
-    return {"model": params, "optimizer": {"state": state, "param_groups": param_groups}}
+    return {"model": dict(params), "optimizer": {"state": state, "param_groups": param_groups}}
 
 
 def save_checkpoint(checkpoint: Mapping[str, Any], path: Path) -> None:

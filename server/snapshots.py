@@ -378,6 +378,7 @@ def build_model(loaded: fmt.Loaded, registry: ModelRegistry) -> HostedModel:
         elastic=m.get("elastic", False),  # older snapshots: not elastic
         lease_s=m.get("lease_s") or DEFAULT_LEASE_S,
     )
+    model.layout = m.get("layout", "")  # older snapshots: unsharded
     state = {
         name: {k: t if k == "step" else t.to(device) for k, t in entry.items()}
         for name, entry in fmt.state_by_name(loaded).items()

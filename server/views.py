@@ -4,6 +4,7 @@ so one answer never mixes two versions."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from importlib import metadata
@@ -45,6 +46,31 @@ def implementation(group: dict[str, Any]) -> str:
     return "for-loop"
 
 
+def shard_view(record: str) -> dict[str, Any] | None:
+    """A sharded model's layout as this server recorded it (None: the model is whole here)."""
+    if not record:
+        return None
+    try:
+        doc = json.loads(record)
+        index = int(doc["shard"])
+        here = [
+            p["name"]
+            for p in doc["params"]
+            if p["shard"] == index or any(part[0] == index for part in p["parts"] or ())
+        ]
+        return {
+            "index": index,
+            "of": len(doc["servers"]),
+            "layout_id": doc["id"],
+            "servers": doc["servers"],
+            "slice_bytes": doc["slice_bytes"],
+            "params_here": here,
+            "sliced": {p["name"]: p["parts"] for p in doc["params"] if p["parts"] is not None},
+        }
+    except (ValueError, KeyError, TypeError):
+        return {"error": "unreadable layout record"}
+
+
 def model_summary(model: HostedModel, stats: ModelStats, detail: bool = False) -> dict[str, Any]:
     """What /v1/models lists per model; `detail` adds param groups and workers."""
     memory = model.memory_bytes()
@@ -76,6 +102,7 @@ def model_summary(model: HostedModel, stats: ModelStats, detail: bool = False) -
             "last_loss": stats.last_loss(),
             "lr": [jsonable(g.get("lr")) for g in model.requested],
             "workers_heard": len(model.last_heard),
+            "shard": shard_view(model.layout),
         }
         if detail:
             out["max_staleness"] = model.max_staleness

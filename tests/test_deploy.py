@@ -6,6 +6,7 @@ No Docker engine or cluster runs here, so the StatefulSet's own command line is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -17,10 +18,12 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 import trustme
 import yaml
 
 from adamd.client import Client, TLSConfig, Unauthenticated, Unavailable
+from adamd.client._addresses import parse_servers
 from adamd.server.cli import build_parser
 from adamd.server.config import ServerConfig
 
@@ -153,3 +156,85 @@ def test_kustomize_builds(variant: str) -> None:
     assert kinds == ["Service", "Service", "StatefulSet"]
     if variant == "gpu":
         assert "--device=cuda" in built.stdout and "nvidia.com/gpu: 1" in built.stdout
+
+
+def _kustomize(variant: str) -> list[dict[str, Any]]:
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(DEPLOY / "k8s" / variant)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert built.returncode == 0, built.stderr
+    return [d for d in yaml.safe_load_all(built.stdout) if d]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_sharded_overlay_builds_and_every_pod_serves_its_shard(tmp_path: Path) -> None:
+    docs = _kustomize("sharded")
+    by_kind = {d["kind"]: d for d in docs}
+    assert sorted(d["kind"] for d in docs) == [
+        "ConfigMap",
+        "PodDisruptionBudget",
+        "Service",
+        "Service",
+        "StatefulSet",
+    ]
+    sts = by_kind["StatefulSet"]
+    spec, pod = sts["spec"], sts["spec"]["template"]["spec"]
+    labels = spec["selector"]["matchLabels"]
+    replicas = spec["replicas"]
+    assert replicas > 1 and spec["podManagementPolicy"] == "Parallel"
+    assert [t["metadata"]["name"] for t in spec["volumeClaimTemplates"]] == ["data"]  # per pod
+    (anti,) = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert anti["topologyKey"] == "kubernetes.io/hostname"
+    assert anti["labelSelector"]["matchLabels"] == labels
+    pdb = by_kind["PodDisruptionBudget"]["spec"]
+    assert pdb["selector"]["matchLabels"] == labels and pdb["maxUnavailable"] == 1
+    # The workers' address form names every ordinal of this StatefulSet, in order.
+    container = pod["containers"][0]
+    flags = _flags(container["args"])
+    assert "--durable" in flags
+    servers = parse_servers(by_kind["ConfigMap"]["data"]["ADAMD_SERVERS"])
+    port = flags["--grpc-port"]
+    headless = spec["serviceName"]
+    name = sts["metadata"]["name"]
+    assert servers == [f"{name}-{i}.{headless}:{port}" for i in range(replicas)]
+    # Every pod's command line as a real process (ports and paths made local), probed as the
+    # kubelet would, then one model sharded over all of them.
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    secret = _tls_secret(tmp_path / "tls")
+    addresses = []
+    with contextlib.ExitStack() as stack:
+        for i in range(replicas):
+            local = {
+                "--host": "127.0.0.1",
+                "--grpc-port": "0",
+                "--http-port": "0",
+                "--data-dir": str(tmp_path / f"data{i}"),
+                "--token-file": str(token),
+                "--tls-cert": str(secret / "tls.crt"),
+                "--tls-key": str(secret / "tls.key"),
+            }
+            args = [f"{k}={local.get(k, v)}" if v else k for k, v in flags.items()]
+            (tmp_path / f"pod{i}").mkdir()
+            _, grpc_address, http_url, _ = stack.enter_context(
+                serve(*args, tmp=tmp_path / f"pod{i}")
+            )
+            trusting = ssl.create_default_context(cafile=str(secret / "ca.crt"))
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                url = f"https://{http_url.split('://')[1]}{container[probe]['httpGet']['path']}"
+                deadline = time.monotonic() + 30
+                while httpx.get(url, timeout=5, verify=trusting).status_code != 200:
+                    assert time.monotonic() < deadline, f"pod {i}: {probe} {url} never answered"
+                    time.sleep(0.2)
+            addresses.append(grpc_address)
+        tls = TLSConfig(ca=secret / "ca.crt")
+        with Client(addresses, token="s3cret", tls=tls, slice_bytes=1024) as c:
+            params = {"emb": torch.randn(64, 16), "w": torch.randn(8, 8), "b": torch.zeros(8)}
+            c.create_model("m", params, lr=0.1)
+            c.push_grad("m", {n: torch.ones_like(t) for n, t in params.items()})
+            info = c.describe("m")
+            assert info.shard_versions == (1,) * replicas
+            assert all(c.layout("m").names_on(k) for k in range(replicas))

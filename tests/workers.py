@@ -118,8 +118,14 @@ def _train(args: argparse.Namespace) -> None:
     if args.elastic:
         _train_elastic(args)
         return
-    # rank and world_size come from $RANK / $WORLD_SIZE, as under torchrun
-    params, opt = _optimizer(args, mode=args.mode, round_timeout_s=args.round_timeout)
+    # rank and world_size come from $RANK / $WORLD_SIZE, as under torchrun; several servers:
+    # tensors above --slice-bytes are split
+    params, opt = _optimizer(
+        args,
+        mode=args.mode,
+        round_timeout_s=args.round_timeout,
+        slice_bytes=args.slice_bytes or None,
+    )
     if args.start_when:  # start-up (torch's import) done: wait for the others, then go together
         Path(args.out + ".ready").touch()
         while not Path(args.start_when).exists():
@@ -136,6 +142,7 @@ def _train(args: argparse.Namespace) -> None:
             opt.step()
             assert opt.last_result is not None
             results.append(dataclasses.asdict(opt.last_result))
+            time.sleep(args.step_sleep)
         out = {
             "rank": opt.rank,
             "world_size": opt.world_size,
@@ -162,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--start-when", default="", help="take the first step once this file exists")
     p.add_argument("--elastic", action="store_true", help="world_size='elastic', no rank")
     p.add_argument("--lease", type=float, default=0.0, help="elastic: lease_s")
-    p.add_argument("--step-sleep", type=float, default=0.0, help="elastic: pause after a step")
+    p.add_argument("--step-sleep", type=float, default=0.0, help="pause after each step")
+    p.add_argument("--slice-bytes", type=int, default=0, help="sharded: RemoteAdam slice_bytes")
     p.add_argument("--die-after", type=int, default=-1, help="elastic: exit after N steps")
     p.add_argument("--until", default="", help="elastic: stop once this file exists")
     _train(p.parse_args(argv))
@@ -172,10 +180,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def launch(
-    rank: int | None, world_size: int, address: str, model: str, out: Path, *extra: str
+    rank: int | None,
+    world_size: int,
+    address: str,
+    model: str,
+    out: Path,
+    *extra: str,
+    prefix: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
     """Start one worker as torchrun would: RANK / WORLD_SIZE in its environment (rank None:
-    neither, for elastic workers)."""
+    neither, for elastic workers). `prefix`: a command to run it under (`ip netns exec NS`)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     if rank is not None:
         env.update(RANK=str(rank), WORLD_SIZE=str(world_size))
@@ -184,7 +198,7 @@ def launch(
         "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         "OMP_NUM_THREADS": "1",
     }
-    cmd = [sys.executable, "-m", "tests.workers", address, model, str(out), *extra]
+    cmd = [*prefix, sys.executable, "-m", "tests.workers", address, model, str(out), *extra]
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )

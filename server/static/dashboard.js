@@ -115,6 +115,8 @@ function renderDetail(m) {
     tile("memory", Fmt.bytes(mem.total), `state ${Fmt.bytes(mem.optimizer_state)}`),
     tile("workers", m.mode === "sync" ? `${m.workers.length}/${m.world_size}` : `${m.workers.length}`,
       m.workers.length ? `max lag ${Math.max(...m.workers.map((w) => w.lag))}` : "none heard yet"),
+    ...(m.shard && m.shard.servers ? [tile("shard", `${m.shard.index} of ${m.shard.of}`,
+      esc(`layout ${m.shard.layout_id}: ${m.shard.params_here.length} tensors here, of ${m.shard.servers.join(", ")}`))] : []),
     ...(m.elastic ? [tile("members", m.members.length, m.members.length
       ? m.members.map((w) => `rank ${w.rank}: lease ${Fmt.num(w.lease_left_s)} s`).join(", ")
       : `lease ${Fmt.num(m.lease_s)} s, none registered`)] : []),

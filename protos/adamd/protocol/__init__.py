@@ -4,6 +4,8 @@
 - `hyper`: param-group options (lr, betas, ...) to and from the wire, torch.optim.Adam's defaults
   and which keys choose an implementation rather than the maths.
 - `shared_files`: the byte layout of the same-host shared-memory files.
+- `layout`: where each parameter of a model sharded over several servers lives, and the layout
+  record every shard keeps (the client plans it; servers show it and snapshot export reads it).
 - `errors`: `ProtocolError`, the one exception the codecs raise.
 
 The message types themselves are generated from protos/adamd/v1/adamd.proto into `adamd.v1`.

@@ -89,7 +89,7 @@ class ParamGroup(_message.Message):
     def __init__(self, params: _Optional[_Iterable[str]] = ..., options: _Optional[_Mapping[str, HyperValue]] = ...) -> None: ...
 
 class ModelConfig(_message.Message):
-    __slots__ = ("model", "params", "groups", "world_size", "mode", "max_staleness", "round_timeout_s", "exist_ok", "elastic", "lease_s")
+    __slots__ = ("model", "params", "groups", "world_size", "mode", "max_staleness", "round_timeout_s", "exist_ok", "elastic", "lease_s", "layout")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class ModelConfig(_message.Message):
     EXIST_OK_FIELD_NUMBER: _ClassVar[int]
     ELASTIC_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     model: str
     params: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     groups: _containers.RepeatedCompositeFieldContainer[ParamGroup]
@@ -110,7 +111,8 @@ class ModelConfig(_message.Message):
     exist_ok: bool
     elastic: bool
     lease_s: float
-    def __init__(self, model: _Optional[str] = ..., params: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ..., world_size: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., max_staleness: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., exist_ok: bool = ..., elastic: bool = ..., lease_s: _Optional[float] = ...) -> None: ...
+    layout: str
+    def __init__(self, model: _Optional[str] = ..., params: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ..., world_size: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., max_staleness: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., exist_ok: bool = ..., elastic: bool = ..., lease_s: _Optional[float] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class CreateFrame(_message.Message):
     __slots__ = ("header", "tensor", "offset", "data")
@@ -125,7 +127,7 @@ class CreateFrame(_message.Message):
     def __init__(self, header: _Optional[_Union[ModelConfig, _Mapping]] = ..., tensor: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "version", "mode", "world_size", "device", "params", "groups", "max_staleness", "round_timeout_s", "created", "skipped_steps", "elastic", "lease_s")
+    __slots__ = ("model", "version", "mode", "world_size", "device", "params", "groups", "max_staleness", "round_timeout_s", "created", "skipped_steps", "elastic", "lease_s", "layout")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +141,7 @@ class ModelInfo(_message.Message):
     SKIPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
     ELASTIC_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     mode: Mode
@@ -152,7 +155,8 @@ class ModelInfo(_message.Message):
     skipped_steps: int
     elastic: bool
     lease_s: float
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., world_size: _Optional[int] = ..., device: _Optional[str] = ..., params: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ..., max_staleness: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., created: bool = ..., skipped_steps: _Optional[int] = ..., elastic: bool = ..., lease_s: _Optional[float] = ...) -> None: ...
+    layout: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., world_size: _Optional[int] = ..., device: _Optional[str] = ..., params: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ..., max_staleness: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., created: bool = ..., skipped_steps: _Optional[int] = ..., elastic: bool = ..., lease_s: _Optional[float] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class GroupUpdate(_message.Message):
     __slots__ = ("group", "options")
@@ -318,14 +322,16 @@ class StateFrame(_message.Message):
     def __init__(self, header: _Optional[_Union[StateHeader, _Mapping]] = ..., tensor: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class GroupHeader(_message.Message):
-    __slots__ = ("model", "group", "params")
+    __slots__ = ("model", "group", "params", "layout")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
     model: str
     group: ParamGroup
     params: _containers.RepeatedCompositeFieldContainer[TensorSpec]
-    def __init__(self, model: _Optional[str] = ..., group: _Optional[_Union[ParamGroup, _Mapping]] = ..., params: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+    layout: str
+    def __init__(self, model: _Optional[str] = ..., group: _Optional[_Union[ParamGroup, _Mapping]] = ..., params: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., layout: _Optional[str] = ...) -> None: ...
 
 class GroupFrame(_message.Message):
     __slots__ = ("header", "tensor", "offset", "data")
