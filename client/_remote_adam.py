@@ -173,6 +173,17 @@ def _env_rank() -> int | None:
     return int(os.environ["RANK"]) if "RANK" in os.environ else None
 
 
+def _world(
+    world_size: int | str | None, rank: int | None, mode: str
+) -> tuple[bool, int, int | None]:
+    """(elastic, world size, rank): a fixed world from the arguments or torchrun's variables;
+    an elastic one has size 0 and a rank the server assigns at construction (None)."""
+    if world_size == "elastic":
+        return True, 0, rank if rank is not None else _env_rank()
+    size = int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", 1))
+    return False, size, _rank(rank, size, mode)
+
+
 def _rank(rank: int | None, world_size: int, mode: str) -> int:  # a fixed world_size
     """This worker's rank: `rank`, else $RANK; required once there are several workers, since
     every worker silently taking rank 0 only shows up later, as DuplicatePush in a sync round."""
@@ -278,16 +289,7 @@ class RemoteAdam(torch.optim.Optimizer):
         )
         params = _checked_like_torch(params, options)
         self.model = model
-        self.elastic = world_size == "elastic"
-        self.world_size = (
-            0
-            if self.elastic
-            else int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", 1))
-        )
-        if self.elastic:  # None: the server assigns one at construction
-            self.rank: int | None = rank if rank is not None else _env_rank()
-        else:
-            self.rank = _rank(rank, self.world_size, mode)
+        self.elastic, self.world_size, self.rank = _world(world_size, rank, mode)
         self.mode = mode
         self.version = 0
         self.last_result: PushResult | None = None
@@ -299,11 +301,8 @@ class RemoteAdam(torch.optim.Optimizer):
         self._state_version: int | None = None  # version `state` was fetched at
         super().__init__(params, options)
         self.state: defaultdict[Any, Any] = _ServerState(self._fetch_state)
-        extra: dict[str, Any] = {}
-        if chunk_bytes is not None:
-            extra["chunk_bytes"] = chunk_bytes
-        if slice_bytes is not None:
-            extra["slice_bytes"] = slice_bytes
+        sizes = (("chunk_bytes", chunk_bytes), ("slice_bytes", slice_bytes))
+        extra = {key: value for key, value in sizes if value is not None}
         self._client = client or Client(
             server, token=token, wire_dtype=wire_dtype, transport=transport, tls=tls, **extra
         )
