@@ -473,7 +473,9 @@ def test_a_shard_that_is_down_fails_pushes_clearly_and_the_same_push_completes_l
             for k in range(3)
         ]
         servers = [d.grpc_address for d in ds]
-        with Client(servers, slice_bytes=SLICE, retry_timeout=2.0) as c:
+        # The retry window outlasts the channel's reconnect backoff (at most 2 s, +20% jitter),
+        # so the push after the restart finds the shard back.
+        with Client(servers, slice_bytes=SLICE, retry_timeout=5.0) as c:
             c.create_model(model_name, _params(), lr=0.1)
             for step in range(2):
                 g = _grads(step)
