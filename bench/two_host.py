@@ -565,12 +565,12 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
         "reps": args.reps or (2 if quick else 5),
         "warmup": args.warmup or (1 if quick else 5),
         "train": {
-            "dim": args.lm_dim or (32 if quick else 320),
+            "dim": args.lm_dim or (32 if quick else 256),
             "layers": args.lm_layers or (1 if quick else 6),
             "heads": 4 if quick else 8,
             "batch": args.batch or (2 if quick else 4),
-            "context": 32 if quick else 128,
-            "steps": args.train_steps or (2 if quick else 15),
+            "context": args.context or (32 if quick else 64),
+            "steps": args.train_steps or (2 if quick else 10),
             "block": 5,
         },
     }
@@ -587,10 +587,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tensors", type=int, default=4, help="tensors they are split into (4)")
     p.add_argument("--reps", type=int, help="timed step repetitions, best kept (default 5)")
     p.add_argument("--warmup", type=int, help="warm-up calls / steps per contender (default 5)")
-    p.add_argument("--lm-dim", type=int, help="LM width (default 320)")
+    p.add_argument("--lm-dim", type=int, help="LM width (default 256)")
     p.add_argument("--lm-layers", type=int, help="LM layers (default 6)")
-    p.add_argument("--batch", type=int, help="LM batch size (default 4; context 128)")
-    p.add_argument("--train-steps", type=int, help="measured steps per contender (default 15)")
+    p.add_argument("--batch", type=int, help="LM batch size (default 4)")
+    p.add_argument("--context", type=int, help="LM context, characters (default 64)")
+    p.add_argument("--train-steps", type=int, help="measured steps per contender (default 10)")
     p.add_argument("--timeout", type=float, default=1500, help="seconds per variant (1500)")
     p.add_argument("--out", type=Path, help="report file (default BENCHMARKS.md; --quick: none)")
     p.add_argument("--no-report", action="store_true", help="print the section, write nothing")
