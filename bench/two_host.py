@@ -224,6 +224,8 @@ def run_variant(variant: Variant, cfg: dict[str, Any], timeout: float) -> dict[s
             for line in worker.log.read_text().splitlines():
                 if line.startswith("{"):
                     result = json.loads(line)
+                elif line.startswith("[worker]"):
+                    print(f"[two_host] {variant.name} {line}", file=sys.stderr, flush=True)
             if worker.proc.returncode != 0 or result is None:
                 raise RuntimeError(
                     f"{variant.name}: the worker failed ({worker.proc.returncode}):\n"
@@ -407,7 +409,7 @@ def _measure_train(cfg: dict[str, Any]) -> dict[str, Any]:
         if keep:
             rec[name]["step"].append(t2 - t0)
             rec[name]["after_backward"].append(t2 - t1)
-        rec[name]["loss"].append(float(loss))
+        rec[name]["loss"].append(float(loss.detach()))
 
     for name in contenders:  # warm-up: connections, buffers, the first steps on both ends
         for i in range(warmup):
@@ -428,10 +430,11 @@ def _worker_main(cfg: dict[str, Any]) -> int:
     wait_for_channel(cfg["adamd"], timeout=120)
     _rpc_init(1)
     result: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
-    if "step" in cfg["what"]:
-        result["step"] = _measure_step(cfg)
-    if "train" in cfg["what"]:
-        result["train"] = _measure_train(cfg)
+    for what, measure in (("step", _measure_step), ("train", _measure_train)):
+        if what in cfg["what"]:
+            t0 = time.perf_counter()
+            result[what] = measure(cfg)
+            print(f"[worker] {what}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     rpc.shutdown()
     print(json.dumps(result), flush=True)
     return 0
@@ -448,6 +451,7 @@ class Run:
     command: str
     wall_s: float
     load: str
+    load_start: str = ""
     errors: list[str] = field(default_factory=list)
 
 
@@ -483,10 +487,12 @@ def _train_table(run: Run) -> list[str]:
             continue
         c = tr["contenders"]
         mean = {k: statistics.fmean(c[k]["step"]) for k in CONTENDERS_TRAIN}
+        med = {k: statistics.median(c[k]["step"]) for k in CONTENDERS_TRAIN}
         after = {k: statistics.fmean(c[k]["after_backward"]) for k in CONTENDERS_TRAIN}
         base = mean["local fused Adam"]
-        cells = [_ms(base)] + [
-            f"{_ms(mean[k])} ({(mean[k] / base - 1) * 100:+.0f}%)" for k in CONTENDERS_TRAIN[1:]
+        cells = [f"{_ms(base)} [{_ms(med['local fused Adam'])}]"] + [
+            f"{_ms(mean[k])} ({(mean[k] / base - 1) * 100:+.0f}%) [{_ms(med[k])}]"
+            for k in CONTENDERS_TRAIN[1:]
         ]
         cells.append(" / ".join(_ms(after[k]) for k in CONTENDERS_TRAIN))
         lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
@@ -505,12 +511,13 @@ def _train_desc(run: Run) -> str:
     }
     spread = max(losses.values()) - min(losses.values())
     return (
-        f"Training: a {size_label(tr['params'])}-param char-level transformer LM ({tr['layers']}"
+        f"Training: a {tr['params'] / 1e6:.1f}M-param char-level transformer LM ({tr['layers']}"
         f" pre-norm TransformerEncoder layers, dim {tr['dim']}, {tr['heads']} heads), batch"
         f" {tr['batch']}x{tr['context']} on examples/data/sonnets.txt; {run.cfg['warmup']} warm-up"
         f" steps per contender, then {tr['steps']} measured steps each, contenders taking turns in"
-        f" blocks of {tr['block']}; mean step time (zero grad + forward + backward + step) and its"
-        f" overhead over the local fused Adam. Last losses of all contenders agree within"
+        f" blocks of {tr['block']}; mean step time (zero grad + forward + backward + step), its"
+        f" overhead over the local fused Adam's mean, and the median step time in square brackets"
+        f" (less disturbed by other work on the machine). Last losses of all contenders agree within"
         f" {spread:.3f} (same data, same initial model)."
     )
 
@@ -531,7 +538,7 @@ def render(run: Run) -> str:
         " work: the figures are noisy, compare them side by side within a row.",
         "",
         f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['ram']}, {mach['os']};"
-        f" load average at the end (1, 5, 15 min): {run.load}",
+        f" load average (1, 5, 15 min) at the start: {run.load_start}, at the end: {run.load}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in ver.items()),
     ]
     if step:
@@ -553,6 +560,10 @@ def render(run: Run) -> str:
 
 
 # --- command line ---------------------------------------------------------------------------
+
+
+def _load() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
@@ -618,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [VARIANTS[v] for v in args.variants.split(",")]
     cmd = "python -m bench.two_host " + shlex.join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
+    load_start = _load()
     results: dict[str, dict[str, Any]] = {}
     errors: list[str] = []
     with _sigterm_raises(), _run_lock():
@@ -628,8 +640,8 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as e:
                 errors.append(str(e).splitlines()[0])
                 print(e, file=sys.stderr)
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    run = Run(variants, results, cfg, cmd.strip(), time.perf_counter() - t0, load, errors)
+    run = Run(variants, results, cfg, cmd.strip(), time.perf_counter() - t0, _load(), load_start)
+    run.errors = errors
     body = render(run)
     print(body)
     print(json.dumps({"results": results}))
