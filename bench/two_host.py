@@ -522,6 +522,46 @@ def _train_desc(run: Run) -> str:
     )
 
 
+# Issue 13's targets, as ratios in one run: step time / torch RPC's, per variant (None: no target).
+STEP_TARGETS = {
+    "adamd fp32": {"mtu1500": 1.0, "10gbe": 1.0},
+    "adamd bf16": {"mtu1500": 0.7, "10gbe": 0.6},
+}
+TRAIN_TARGETS = {"adamd fp32": 0.15, "adamd bf16": 0.10}  # overhead over local fused Adam, at most
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**NOT met**"
+
+
+def target_lines(run: Run) -> list[str]:
+    """Each target of issue 13 this run measured, met or not, with the figure."""
+    lines = []
+    for v in run.variants:
+        r = run.results.get(v.name, {})
+        if "step" in r:
+            best = {k: t["best"] for k, t in r["step"]["times"].items()}
+            for k, limits in STEP_TARGETS.items():
+                if v.name in limits:
+                    x = best[k] / best["torch RPC"]
+                    lines.append(
+                        f"- {_verdict(x <= limits[v.name])}: {v.name} RemoteAdam.step() {k[6:]}"
+                        f" <= {limits[v.name]:.1f}x torch RPC: {x:.2f}x"
+                    )
+        if "train" in r:
+            c = r["train"]["contenders"]
+            mean = {k: statistics.fmean(c[k]["step"]) for k in CONTENDERS_TRAIN}
+            over = {k: mean[k] / mean["local fused Adam"] - 1 for k in mean}
+            for k, limit in TRAIN_TARGETS.items():
+                ok = over[k] <= limit and (k != "adamd bf16" or over[k] < over["torch RPC"])
+                also = f", and below torch RPC's ({over['torch RPC']:+.0%})" if "bf16" in k else ""
+                lines.append(
+                    f"- {_verdict(ok)}: {v.name} training overhead {k[6:]} <= +{limit:.0%}{also}:"
+                    f" {over[k]:+.0%}"
+                )
+    return lines
+
+
 def render(run: Run) -> str:
     mach, ver = report.machine_info(), report.versions()
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -554,6 +594,9 @@ def render(run: Run) -> str:
         ]
     if any("train" in r for r in run.results.values()):
         md += ["", _train_desc(run), "", *_train_table(run)]
+    if targets := target_lines(run):
+        md += ["", "Targets of issue 13 in this run (ratios of one noisy run; see above):", ""]
+        md += targets
     if run.errors:
         md += ["", "Errors during the run:", "", *[f"- {e}" for e in run.errors]]
     return "\n".join(md)
