@@ -20,9 +20,9 @@ Measurements (`--what`):
   examples/data/sonnets.txt) trained with a local fused Adam, RemoteAdam fp32 and bf16 across the
   namespaces, and the torch RPC peer across the namespaces (the worker sends the gradients, copies
   the returned parameters into the model). Each contender has its own copy of one initial model and
-  sees the same batches; contenders take turns in blocks of steps. Reported: mean step time (zero
-  grad + forward + backward + optimizer step), its overhead over the local fused Adam, and the mean
-  time from the end of backward to the end of the step.
+  sees the same batches; contenders take turns in blocks of `--train-block` steps. Reported: mean
+  step time (zero grad + forward + backward + optimizer step), its overhead over the local fused
+  Adam, the median step time, and the mean time from the end of backward to the end of the step.
 
 Namespaces, veth and qdiscs are named `adxh-*` on 10.72.0.0/24, created per variant and removed
 afterwards (also on Ctrl-C, SIGTERM and errors). Needs root (`ip netns add`); without it the script
@@ -625,7 +625,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
             "batch": args.batch or (2 if quick else 4),
             "context": args.context or (32 if quick else 64),
             "steps": args.train_steps or (2 if quick else 10),
-            "block": 5,
+            "block": args.train_block,
         },
     }
 
@@ -646,6 +646,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="LM batch size (default 4)")
     p.add_argument("--context", type=int, help="LM context, characters (default 64)")
     p.add_argument("--train-steps", type=int, help="measured steps per contender (default 10)")
+    p.add_argument(
+        "--train-block", type=int, default=2, help="steps per turn, contenders alternating (2)"
+    )
     p.add_argument("--timeout", type=float, default=1500, help="seconds per variant (1500)")
     p.add_argument("--out", type=Path, help="report file (default BENCHMARKS.md; --quick: none)")
     p.add_argument("--no-report", action="store_true", help="print the section, write nothing")
