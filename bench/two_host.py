@@ -619,12 +619,12 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
         "reps": args.reps or (2 if quick else 5),
         "warmup": args.warmup or (1 if quick else 5),
         "train": {
-            "dim": args.lm_dim or (32 if quick else 256),
+            "dim": args.lm_dim or (32 if quick else 320),
             "layers": args.lm_layers or (1 if quick else 6),
             "heads": 4 if quick else 8,
             "batch": args.batch or (2 if quick else 4),
-            "context": args.context or (32 if quick else 64),
-            "steps": args.train_steps or (2 if quick else 10),
+            "context": args.context or (32 if quick else 128),
+            "steps": args.train_steps or (2 if quick else 16),
             "block": args.train_block,
         },
     }
@@ -641,11 +641,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tensors", type=int, default=4, help="tensors they are split into (4)")
     p.add_argument("--reps", type=int, help="timed step repetitions, best kept (default 5)")
     p.add_argument("--warmup", type=int, help="warm-up calls / steps per contender (default 5)")
-    p.add_argument("--lm-dim", type=int, help="LM width (default 256)")
+    p.add_argument("--lm-dim", type=int, help="LM width (default 320)")
     p.add_argument("--lm-layers", type=int, help="LM layers (default 6)")
     p.add_argument("--batch", type=int, help="LM batch size (default 4)")
-    p.add_argument("--context", type=int, help="LM context, characters (default 64)")
-    p.add_argument("--train-steps", type=int, help="measured steps per contender (default 10)")
+    p.add_argument("--context", type=int, help="LM context, characters (default 128)")
+    p.add_argument("--train-steps", type=int, help="measured steps per contender (default 16)")
     p.add_argument(
         "--train-block", type=int, default=2, help="steps per turn, contenders alternating (2)"
     )
