@@ -145,6 +145,8 @@ def test_two_host_quick(tmp_path: Path) -> None:
     assert re.search(
         r"^\| 10gbe \| \d+ \(\d+\) \| \d+ \(\d+\) \| \d+ \(\d+\) \| [\d.]+x \|", text, re.M
     )
-    assert re.search(r"^\| 10gbe \| \d+ \[\d+\] \| \d+ \([+-]\d+%\) \[\d+\] \|", text, re.M)
+    assert re.search(
+        r"^\| 10gbe \| adamd bf16 \| \d+ \| \d+ \| \d+ \| [+-]\d+% \| [+-]\d+% \|", text, re.M
+    )
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert two_host.SERVER_NS not in netns and two_host.WORKER_NS not in netns
