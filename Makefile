@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: setup demo test test-fast lint bench gpu-check protos browser clean
+.PHONY: setup demo test test-fast lint bench bench-two-host gpu-check protos browser clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,10 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m bench
+
+# Across two network namespaces (needs root): adamd vs torch RPC over a veth pair, plain and tc-shaped.
+bench-two-host: setup
+	$(PY) -m bench.two_host
 
 # On a CUDA machine: the GPU tests and the GPU benchmark rows (figures into BENCHMARKS.md). No
 # venv needed there (the project's .venv holds a CPU-only torch): python3 with torch, grpcio,

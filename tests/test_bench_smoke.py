@@ -110,3 +110,43 @@ def test_tls_cost_writes_its_section(tmp_path: Path) -> None:
     )
     assert [r[0] for r in rows] == ["push (transport)", "push (full)", "pull"]
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+
+
+def test_two_host_quick(tmp_path: Path) -> None:
+    """bench.two_host on tiny sizes across a network-namespace pair (tc-shaped, the 10gbe variant):
+    a step row and a training row with figures for every contender, in its own report section, and
+    no namespace left behind."""
+    from bench import two_host
+
+    problem = two_host.namespace_problem()
+    if problem:
+        pytest.skip(f"cannot make network namespaces here: {problem}")
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# report\n")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.two_host",
+            "--quick",
+            "--variants",
+            "10gbe",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
+    text = out.read_text()
+    (block,) = report.kept_sections(text)
+    assert block.startswith("<!-- begin two-host -->") and "Errors during the run" not in block
+    assert re.search(
+        r"^\| 10gbe \| \d+ \(\d+\) \| \d+ \(\d+\) \| \d+ \(\d+\) \| [\d.]+x \|", text, re.M
+    )
+    assert re.search(
+        r"^\| 10gbe \| adamd bf16 \| \d+ \| \d+ \| \d+ \| [+-]\d+% \| [+-]\d+% \|", text, re.M
+    )
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert two_host.SERVER_NS not in netns and two_host.WORKER_NS not in netns

@@ -1,0 +1,715 @@
+"""`python -m bench.two_host`: adamd across two hosts, against PyTorch's RPC parameter server.
+
+Two Linux network namespaces joined by a veth pair stand in for two hosts: the server namespace
+(`adxh-s`, 10.72.0.1) runs `adamd serve --no-shm` and the torch RPC parameter server (TensorPipe
+limited to TCP: `_transports=["uv"], _channels=["basic"]`, what it uses between hosts); the worker
+namespace (`adxh-w`, 10.72.0.2) runs one worker process that measures every contender, interleaved
+rep by rep, so all of them see the same moments of a noisy machine. Variants (`--variants`):
+
+- `mtu1500`: plain veth, MTU 1500.
+- `10gbe`: the same with `tc qdisc ... root tbf rate 10gbit` on both ends (emulated 10 GbE).
+- `jumbo`: plain veth, MTU 9000 (not run by default).
+
+Measurements (`--what`):
+
+- `step`: RemoteAdam.step() round trip (push + server Adam + pull into the local parameters) at
+  `--step-size` fp32 params (default 25M) in `--tensors` tensors (default 4),
+  `transport="grpc"`, wire fp32 and bf16; the torch RPC peer's push + fused Adam + pull (one
+  `rpc_sync`) on the same tensors. Best of `--reps` after `--warmup` calls of each.
+- `train`: a character-level transformer LM (torch.nn.TransformerEncoder, pre-norm, causal; on
+  examples/data/sonnets.txt) trained with a local fused Adam, RemoteAdam fp32 and bf16 across the
+  namespaces, and the torch RPC peer across the namespaces (the worker sends the gradients, copies
+  the returned parameters into the model). Each contender has its own copy of one initial model and
+  sees the same batches; contenders take turns in blocks of `--train-block` steps. Reported: mean
+  step time (zero grad + forward + backward + optimizer step), its overhead over the local fused
+  Adam, the median step time, and the mean time from the end of backward to the end of the step.
+
+Namespaces, veth and qdiscs are named `adxh-*` on 10.72.0.0/24, created per variant and removed
+afterwards (also on Ctrl-C, SIGTERM and errors). Needs root (`ip netns add`); without it the script
+exits with a message. `--quick` is a smoke run (small sizes, 2 reps, no report unless `--out`).
+Figures go into their own section of BENCHMARKS.md ("two-host"), which `python -m bench` keeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import fcntl
+import json
+import os
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import report
+from .common import parse_size, python_subprocess_env, shapes_for, size_label
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = ROOT / "examples" / "data" / "sonnets.txt"
+SERVER_NS, WORKER_NS = "adxh-s", "adxh-w"
+SERVER_IF, WORKER_IF = "adxh-vs", "adxh-vw"
+SERVER_IP, WORKER_IP = "10.72.0.1", "10.72.0.2"
+ADAMD_PORT, RPC_PORT = 50051, 29533
+LOCK = Path(tempfile.gettempdir()) / "adxh-two-host.lock"
+SECTION = "two-host"
+TBF_10GBE = "rate 10gbit burst 5mb latency 10ms"  # burst >= rate / HZ (5 MB at HZ=250)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    mtu: int
+    tbf: str | None  # `tc qdisc add dev X root tbf <this>` on both ends, or none
+    label: str
+
+
+VARIANTS = {
+    "mtu1500": Variant("mtu1500", 1500, None, "veth, MTU 1500"),
+    "10gbe": Variant("10gbe", 1500, TBF_10GBE, f"veth, MTU 1500, `tbf {TBF_10GBE}` both ends"),
+    "jumbo": Variant("jumbo", 9000, None, "veth, MTU 9000"),
+}
+CONTENDERS_STEP = ("adamd fp32", "adamd bf16", "torch RPC")
+CONTENDERS_TRAIN = ("local fused Adam", "adamd fp32", "adamd bf16", "torch RPC")
+
+
+# --- namespaces -----------------------------------------------------------------------------
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+def namespace_problem() -> str | None:
+    """Why this machine cannot make the namespace pair (None: it can)."""
+    if shutil.which("ip") is None or shutil.which("tc") is None:
+        return "`ip` and `tc` (iproute2) are needed"
+    probe = f"adxh-p{os.getpid()}"
+    done = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if done.returncode != 0:
+        return f"`ip netns add` is not permitted here ({done.stderr.strip() or 'no message'})"
+    _ip("netns", "del", probe, check=False)
+    return None
+
+
+def _remove_namespaces() -> None:
+    for ns in (SERVER_NS, WORKER_NS):  # deleting a namespace deletes its end of the veth pair
+        if ns in _ip("netns", "list", check=False).stdout.split():
+            _ip("netns", "del", ns, check=False)
+
+
+@contextlib.contextmanager
+def _run_lock() -> Iterator[None]:
+    """One two-host run at a time on this machine (they share the namespace names)."""
+    with open(LOCK, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("waiting for another bench.two_host run to finish...", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+@contextlib.contextmanager
+def namespace_pair(variant: Variant) -> Iterator[None]:
+    """The two namespaces joined by a veth pair, shaped as `variant` says; removed on exit."""
+    _remove_namespaces()  # left by a run that was killed with SIGKILL
+    try:
+        for ns in (SERVER_NS, WORKER_NS):
+            _ip("netns", "add", ns)
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("link", "add", SERVER_IF, "netns", SERVER_NS, "type", "veth",
+            "peer", "name", WORKER_IF, "netns", WORKER_NS)  # fmt: skip
+        for ns, dev, addr in ((SERVER_NS, SERVER_IF, SERVER_IP), (WORKER_NS, WORKER_IF, WORKER_IP)):
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "mtu", str(variant.mtu), "up")
+            if variant.tbf:
+                subprocess.run(
+                    ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                     *variant.tbf.split()],
+                    check=True, capture_output=True, text=True,
+                )  # fmt: skip
+        yield
+    finally:
+        _remove_namespaces()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so every `finally` (processes, namespaces) runs."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Proc:
+    name: str
+    proc: subprocess.Popen[str]
+    log: Path
+
+    def tail(self, n: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+
+@contextlib.contextmanager
+def _in_ns(ns: str, name: str, argv: list[str], tmp: Path, ifname: str) -> Iterator[_Proc]:
+    """`argv` started in namespace `ns` (output to a log file), stopped on exit."""
+    env = python_subprocess_env()
+    # torch RPC: TensorPipe and its Gloo group listen on this namespace's veth end (the host name
+    # resolves to an address outside the namespace)
+    env["TP_SOCKET_IFNAME"] = env["GLOO_SOCKET_IFNAME"] = ifname
+    log = tmp / f"{name}.log"
+    with open(log, "w") as logf:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *argv], stdout=logf, stderr=subprocess.STDOUT,
+            text=True, env=env, cwd=ROOT,
+        )  # fmt: skip
+    try:
+        yield _Proc(name, proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def run_variant(variant: Variant, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Namespaces up, servers in one and the measuring worker in the other; its JSON result."""
+    py = sys.executable
+    with namespace_pair(variant), tempfile.TemporaryDirectory(prefix="adxh-bench-") as tmp_s:
+        tmp = Path(tmp_s)
+        serve = [py, "-m", "adamd.server.cli", "serve", "--no-shm", "--host", SERVER_IP,
+                 "--grpc-port", str(ADAMD_PORT), "--http-port", "-1", "--device", "cpu",
+                 "--data-dir", str(tmp / "data"), "--snapshot-every-s", "0"]  # fmt: skip
+        me = [py, "-m", "bench.two_host"]
+        with (
+            _in_ns(SERVER_NS, "adamd", serve, tmp, SERVER_IF) as adamd,
+            _in_ns(SERVER_NS, "rpc-ps", [*me, "--role", "rpc-ps"], tmp, SERVER_IF) as ps,
+            _in_ns(WORKER_NS, "worker", [*me, "--role", "worker", json.dumps(cfg)], tmp,
+                   WORKER_IF) as worker,
+        ):  # fmt: skip
+            try:
+                worker.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"{variant.name}: the worker ran past {timeout:.0f} s") from None
+            result = None
+            for line in worker.log.read_text().splitlines():
+                if line.startswith("{"):
+                    result = json.loads(line)
+                elif line.startswith("[worker]"):
+                    print(f"[two_host] {variant.name} {line}", file=sys.stderr, flush=True)
+            if worker.proc.returncode != 0 or result is None:
+                raise RuntimeError(
+                    f"{variant.name}: the worker failed ({worker.proc.returncode}):\n"
+                    f"{worker.tail()}\n--- adamd serve:\n{adamd.tail()}\n--- rpc ps:\n{ps.tail()}"
+                )
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                ps.proc.wait(timeout=30)  # rpc.shutdown() on both sides
+            return dict(result)
+
+
+# --- the torch RPC parameter server (runs in the server namespace) --------------------------
+
+
+_PS: dict[str, tuple[list[torch.Tensor], torch.optim.Optimizer]] = {}
+
+
+def _ps_setup(name: str, params: list[torch.Tensor], lr: float = 1e-3) -> None:
+    ps: list[torch.Tensor] = [nn.Parameter(p.clone()) for p in params]
+    _PS[name] = (ps, torch.optim.Adam(ps, lr=lr, fused=True))
+
+
+def _ps_setup_zeros(name: str, shapes: list[tuple[int, ...]]) -> None:
+    _ps_setup(name, [torch.zeros(s) for s in shapes])
+
+
+def _ps_drop(name: str) -> None:
+    _PS.pop(name, None)
+
+
+def _ps_push_pull(name: str, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One gradient push, a fused Adam step, the fresh parameters back: one RemoteAdam.step()."""
+    params, opt = _PS[name]
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    return [p.detach() for p in params]
+
+
+def _rpc_init(rank: int) -> None:
+    import torch.distributed.rpc as rpc
+
+    os.environ.update(MASTER_ADDR=SERVER_IP, MASTER_PORT=str(RPC_PORT))
+    opts = rpc.TensorPipeRpcBackendOptions(
+        num_worker_threads=4, rpc_timeout=300, _transports=["uv"], _channels=["basic"]
+    )
+    rpc.init_rpc("ps" if rank == 0 else "worker", rank=rank, world_size=2, rpc_backend_options=opts)
+
+
+def _rpc_ps_main() -> int:
+    import torch.distributed.rpc as rpc
+
+    _rpc_init(0)
+    rpc.shutdown()  # serves until the worker shuts down too
+    return 0
+
+
+# --- the worker (runs in the worker namespace) ----------------------------------------------
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, Any]:
+    """Warm-up calls of each, then `reps` rounds calling each once; best and median seconds."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: {"best": min(v), "median": statistics.median(v), "all": v} for k, v in times.items()}
+
+
+def _measure_step(cfg: dict[str, Any]) -> dict[str, Any]:
+    import torch.distributed.rpc as rpc
+
+    from adamd.client import RemoteAdam
+
+    shapes = shapes_for(cfg["step_n"], cfg["tensors"])
+    g = torch.Generator().manual_seed(0)
+    fns: dict[str, Callable[[], object]] = {}
+    opts = []
+    for label, wire in (("adamd fp32", None), ("adamd bf16", torch.bfloat16)):
+        params = [nn.Parameter(torch.zeros(s)) for s in shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * 1e-3
+        opt = RemoteAdam(params, lr=1e-3, server=cfg["adamd"], model=f"step-{label[-4:]}",
+                         transport="grpc", wire_dtype=wire)  # fmt: skip
+        opts.append(opt)
+        fns[label] = opt.step
+    rpc.rpc_sync("ps", _ps_setup_zeros, args=("step", shapes))
+    grads = [torch.randn(s, generator=g) * 1e-3 for s in shapes]
+    fns["torch RPC"] = partial(rpc.rpc_sync, "ps", _ps_push_pull, args=("step", grads))
+    out = _interleaved(fns, cfg["reps"], cfg["warmup"])
+    rpc.rpc_sync("ps", _ps_drop, args=("step",))
+    for opt in opts:
+        opt.close()
+    return {"n": cfg["step_n"], "tensors": cfg["tensors"], "times": out}
+
+
+class CharLM(nn.Module):
+    """A character-level transformer LM: embeddings, a pre-norm causal TransformerEncoder, a head."""
+
+    def __init__(self, vocab: int, dim: int, layers: int, heads: int, context: int):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(context, dim)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab)
+        self.mask: torch.Tensor
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        x = self.tok(idx) + self.pos(torch.arange(t))
+        x = self.encoder(x, mask=self.mask[:t, :t], is_causal=True)
+        return self.head(self.norm(x))
+
+
+def _batches(count: int, batch: int, context: int) -> tuple[int, list[torch.Tensor]]:
+    text = TEXT.read_text()
+    vocab = sorted(set(text))
+    data = torch.tensor([vocab.index(c) for c in text])
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, len(data) - context - 1, (count, batch), generator=g)
+    return len(vocab), [torch.stack([data[s : s + context + 1] for s in row]) for row in starts]
+
+
+def _train_steppers(cfg: dict[str, Any], base: CharLM) -> dict[str, tuple[CharLM, Any]]:
+    """Each contender: its own copy of `base` and a step function."""
+    import torch.distributed.rpc as rpc
+
+    from adamd.client import RemoteAdam
+
+    lr = 3e-4
+    out: dict[str, tuple[CharLM, Any]] = {}
+    local = copy.deepcopy(base)
+    out["local fused Adam"] = (local, torch.optim.Adam(local.parameters(), lr=lr, fused=True).step)
+    for label, wire in (("adamd fp32", None), ("adamd bf16", torch.bfloat16)):
+        m = copy.deepcopy(base)
+        opt = RemoteAdam(m.parameters(), lr=lr, server=cfg["adamd"], model=f"lm-{label[-4:]}",
+                         transport="grpc", wire_dtype=wire)  # fmt: skip
+        out[label] = (m, opt.step)
+    m = copy.deepcopy(base)
+    params = list(m.parameters())
+    rpc.rpc_sync("ps", _ps_setup, args=("lm", [p.detach() for p in params], lr))
+
+    @torch.no_grad()
+    def rpc_step() -> None:
+        fresh = rpc.rpc_sync("ps", _ps_push_pull, args=("lm", [p.grad for p in params]))
+        for p, q in zip(params, fresh):
+            p.copy_(q)
+
+    out["torch RPC"] = (m, rpc_step)
+    return out
+
+
+def _measure_train(cfg: dict[str, Any]) -> dict[str, Any]:
+    t = cfg["train"]
+    warmup, steps, block = cfg["warmup"], t["steps"], t["block"]
+    vocab, batches = _batches(warmup + steps, t["batch"], t["context"])
+    torch.manual_seed(0)
+    base = CharLM(vocab, t["dim"], t["layers"], t["heads"], t["context"])
+    contenders = _train_steppers(cfg, base)
+    rec: dict[str, dict[str, list[float]]] = {
+        k: {"step": [], "after_backward": [], "loss": []} for k in contenders
+    }
+
+    def one(name: str, i: int, keep: bool) -> None:
+        model, step = contenders[name]
+        x, y = batches[i][:, :-1], batches[i][:, 1:]
+        t0 = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        t1 = time.perf_counter()
+        step()
+        t2 = time.perf_counter()
+        if keep:
+            rec[name]["step"].append(t2 - t0)
+            rec[name]["after_backward"].append(t2 - t1)
+        rec[name]["loss"].append(float(loss.detach()))
+
+    for name in contenders:  # warm-up: connections, buffers, the first steps on both ends
+        for i in range(warmup):
+            one(name, i, keep=False)
+    for first in range(warmup, warmup + steps, block):
+        for name in contenders:
+            for i in range(first, min(first + block, warmup + steps)):
+                one(name, i, keep=True)
+    params = sum(p.numel() for p in base.parameters())
+    return {"params": params, **t, "contenders": rec}
+
+
+def _worker_main(cfg: dict[str, Any]) -> int:
+    import torch.distributed.rpc as rpc
+
+    from .common import wait_for_channel
+
+    wait_for_channel(cfg["adamd"], timeout=120)
+    _rpc_init(1)
+    result: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
+    for what, measure in (("step", _measure_step), ("train", _measure_train)):
+        if what in cfg["what"]:
+            t0 = time.perf_counter()
+            result[what] = measure(cfg)
+            print(f"[worker] {what}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    rpc.shutdown()
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    variants: list[Variant]
+    results: dict[str, dict[str, Any]]
+    cfg: dict[str, Any]
+    command: str
+    wall_s: float
+    load: str
+    load_start: str = ""
+    errors: list[str] = field(default_factory=list)
+
+
+def _ms(s: float | None) -> str:
+    return "—" if s is None else f"{s * 1e3:.0f}"
+
+
+def _step_table(run: Run) -> list[str]:
+    head = "| variant | adamd fp32 ms | adamd bf16 ms | torch RPC ms | fp32 / RPC | bf16 / RPC |"
+    lines = [head, "| --- | --- | --- | --- | --- | --- |"]
+    for v in run.variants:
+        st = run.results.get(v.name, {}).get("step")
+        if not st:
+            continue
+        t = st["times"]
+        best = {k: t[k]["best"] for k in CONTENDERS_STEP}
+        med = {k: t[k]["median"] for k in CONTENDERS_STEP}
+        cells = [f"{_ms(best[k])} ({_ms(med[k])})" for k in CONTENDERS_STEP]
+        ratios = [f"{best[k] / best['torch RPC']:.2f}x" for k in CONTENDERS_STEP[:2]]
+        lines.append(f"| {v.name} | " + " | ".join(cells + ratios) + " |")
+    return lines
+
+
+def _train_table(run: Run) -> list[str]:
+    """One row per variant and contender: mean, median and best step time, the overhead of the
+    mean and of the best over the local fused Adam's, and the end-of-backward-to-end-of-step time."""
+    head = (
+        "| variant | contender | mean step ms | median ms | best ms | overhead (mean) |"
+        " overhead (best) | end of backward to end of step, mean ms (best) |"
+    )
+    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for v in run.variants:
+        tr = run.results.get(v.name, {}).get("train")
+        if not tr:
+            continue
+        c = tr["contenders"]
+        mean = {k: statistics.fmean(c[k]["step"]) for k in CONTENDERS_TRAIN}
+        best = {k: min(c[k]["step"]) for k in CONTENDERS_TRAIN}
+        local = "local fused Adam"
+        for k in CONTENDERS_TRAIN:
+            after = c[k]["after_backward"]
+            over = (
+                ["—", "—"]
+                if k == local
+                else [f"{mean[k] / mean[local] - 1:+.0%}", f"{best[k] / best[local] - 1:+.0%}"]
+            )
+            cells = [v.name, k, _ms(mean[k]), _ms(statistics.median(c[k]["step"])), _ms(best[k])]
+            cells += [*over, f"{_ms(statistics.fmean(after))} ({_ms(min(after))})"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _train_desc(run: Run) -> str:
+    tr = next((r["train"] for r in run.results.values() if "train" in r), None)
+    if not tr:
+        return ""
+    losses = {
+        f"{v.name} {k}": r["train"]["contenders"][k]["loss"][-1]
+        for v in run.variants
+        if (r := run.results.get(v.name)) and "train" in r
+        for k in CONTENDERS_TRAIN
+    }
+    spread = max(losses.values()) - min(losses.values())
+    return (
+        f"Training: a {tr['params'] / 1e6:.1f}M-param char-level transformer LM ({tr['layers']}"
+        f" pre-norm TransformerEncoder layers, dim {tr['dim']}, {tr['heads']} heads), batch"
+        f" {tr['batch']}x{tr['context']} on examples/data/sonnets.txt; {run.cfg['warmup']} warm-up"
+        f" steps per contender, then {tr['steps']} measured steps each, contenders taking turns in"
+        f" blocks of {tr['block']}; mean step time (zero grad + forward + backward + step), its"
+        f" overhead over the local fused Adam's mean; median and best (minimum) step times, and the"
+        f" overhead of the best, are less disturbed by other work on the machine. Last losses of all contenders agree within"
+        f" {spread:.3f} (same data, same initial model)."
+    )
+
+
+# Issue 13's targets, as ratios in one run: step time / torch RPC's, per variant (None: no target).
+STEP_TARGETS = {
+    "adamd fp32": {"mtu1500": 1.0, "10gbe": 1.0},
+    "adamd bf16": {"mtu1500": 0.7, "10gbe": 0.6},
+}
+TRAIN_TARGETS = {"adamd fp32": 0.15, "adamd bf16": 0.10}  # overhead over local fused Adam, at most
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**NOT met**"
+
+
+def target_lines(run: Run) -> list[str]:
+    """Each target of issue 13 this run measured, met or not, with the figure."""
+    lines = []
+    for v in run.variants:
+        r = run.results.get(v.name, {})
+        if "step" in r:
+            best = {k: t["best"] for k, t in r["step"]["times"].items()}
+            for k, limits in STEP_TARGETS.items():
+                if v.name in limits:
+                    x = best[k] / best["torch RPC"]
+                    lines.append(
+                        f"- {_verdict(x <= limits[v.name])}: {v.name} RemoteAdam.step() {k[6:]}"
+                        f" <= {limits[v.name]:.1f}x torch RPC: {x:.2f}x"
+                    )
+        if "train" in r:
+            c = r["train"]["contenders"]
+            mean = {k: statistics.fmean(c[k]["step"]) for k in CONTENDERS_TRAIN}
+            over = {k: mean[k] / mean["local fused Adam"] - 1 for k in mean}
+            best = {k: min(c[k]["step"]) for k in CONTENDERS_TRAIN}
+            over_best = {k: best[k] / best["local fused Adam"] - 1 for k in best}
+            for k, limit in TRAIN_TARGETS.items():
+                # judged on the best steps: the means swing with the other work on the machine
+                x, rpc_x = over_best[k], over_best["torch RPC"]
+                ok = x <= limit and (k != "adamd bf16" or x < rpc_x)
+                also = f", and below torch RPC's ({rpc_x:+.0%})" if "bf16" in k else ""
+                lines.append(
+                    f"- {_verdict(ok)}: {v.name} training overhead {k[6:]} <= +{limit:.0%}{also}:"
+                    f" {x:+.0%} on the best steps ({over[k]:+.0%} on the means, torch RPC"
+                    f" {over['torch RPC']:+.0%})"
+                )
+    return lines
+
+
+def render(run: Run) -> str:
+    mach, ver = report.machine_info(), report.versions()
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    step = next((r["step"] for r in run.results.values() if "step" in r), None)
+    md = [
+        "## Two hosts (network namespaces)",
+        "",
+        f"`{run.command}` on {now} ({run.wall_s:.0f} s). Two network namespaces joined by a veth"
+        " pair: `adamd serve --no-shm` and the torch RPC parameter server (TensorPipe, TCP only:"
+        ' `_transports=["uv"], _channels=["basic"]`) in one, the measuring worker in the other'
+        ' (`transport="grpc"`). Variants: '
+        + "; ".join(f"**{v.name}**: {v.label}" for v in run.variants)
+        + ". All contenders in one run, interleaved, on a 2-core machine shared with other"
+        " work: the figures are noisy, compare them side by side within a row.",
+        "",
+        f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['ram']}, {mach['os']};"
+        f" load average (1, 5, 15 min) at the start: {run.load_start}, at the end: {run.load}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in ver.items()),
+    ]
+    if step:
+        md += [
+            "",
+            f"RemoteAdam.step() round trip (push + server Adam + pull into the local parameters),"
+            f" {size_label(step['n'])} fp32 params in {step['tensors']} tensors; torch RPC: one"
+            f" `rpc_sync` sending the gradients, fused Adam, parameters back. Best of"
+            f" {run.cfg['reps']} after {run.cfg['warmup']} warm-up calls of each (median in"
+            " brackets); ratios of the best times (< 1: adamd faster).",
+            "",
+            *_step_table(run),
+        ]
+    if any("train" in r for r in run.results.values()):
+        md += ["", _train_desc(run), "", *_train_table(run)]
+    if targets := target_lines(run):
+        md += ["", "Targets of issue 13 in this run (ratios of one noisy run; see above):", ""]
+        md += targets
+    if run.errors:
+        md += ["", "Errors during the run:", "", *[f"- {e}" for e in run.errors]]
+    return "\n".join(md)
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def _load() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    quick = args.quick
+    return {
+        "adamd": f"{SERVER_IP}:{ADAMD_PORT}",
+        "what": args.what.split(","),
+        "step_n": parse_size(args.step_size or ("200k" if quick else "25M")),
+        "tensors": args.tensors,
+        "reps": args.reps or (2 if quick else 5),
+        "warmup": args.warmup or (1 if quick else 5),
+        "train": {
+            "dim": args.lm_dim or (32 if quick else 320),
+            "layers": args.lm_layers or (1 if quick else 6),
+            "heads": 4 if quick else 8,
+            "batch": args.batch or (2 if quick else 4),
+            "context": args.context or (32 if quick else 128),
+            "steps": args.train_steps or (2 if quick else 16),
+            "block": args.train_block,
+        },
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.two_host", description=__doc__.splitlines()[0]
+    )
+    p.add_argument("--variants", default="mtu1500,10gbe", help=f"of {','.join(VARIANTS)}")
+    p.add_argument("--what", default="step,train", help="step, train, or both (default)")
+    p.add_argument("--quick", action="store_true", help="smoke run: small sizes, 2 reps")
+    p.add_argument("--step-size", help="fp32 params of the step round trip (default 25M)")
+    p.add_argument("--tensors", type=int, default=4, help="tensors they are split into (4)")
+    p.add_argument("--reps", type=int, help="timed step repetitions, best kept (default 5)")
+    p.add_argument("--warmup", type=int, help="warm-up calls / steps per contender (default 5)")
+    p.add_argument("--lm-dim", type=int, help="LM width (default 320)")
+    p.add_argument("--lm-layers", type=int, help="LM layers (default 6)")
+    p.add_argument("--batch", type=int, help="LM batch size (default 4)")
+    p.add_argument("--context", type=int, help="LM context, characters (default 128)")
+    p.add_argument("--train-steps", type=int, help="measured steps per contender (default 16)")
+    p.add_argument(
+        "--train-block", type=int, default=2, help="steps per turn, contenders alternating (2)"
+    )
+    p.add_argument("--timeout", type=float, default=1500, help="seconds per variant (1500)")
+    p.add_argument("--out", type=Path, help="report file (default BENCHMARKS.md; --quick: none)")
+    p.add_argument("--no-report", action="store_true", help="print the section, write nothing")
+    p.add_argument("--role", help=argparse.SUPPRESS)
+    p.add_argument("role_arg", nargs="?", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.role == "rpc-ps":
+        return _rpc_ps_main()
+    if args.role == "worker":
+        return _worker_main(json.loads(args.role_arg))
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    if set(args.what.split(",")) - {"step", "train"}:
+        raise SystemExit("--what takes step, train or step,train")
+    problem = namespace_problem()
+    if problem:
+        raise SystemExit(f"bench.two_host needs two network namespaces: {problem} (run as root)")
+    cfg = _config(args)
+    variants = [VARIANTS[v] for v in args.variants.split(",")]
+    cmd = "python -m bench.two_host " + shlex.join(sys.argv[1:] if argv is None else argv)
+    t0 = time.perf_counter()
+    load_start = _load()
+    results: dict[str, dict[str, Any]] = {}
+    errors: list[str] = []
+    with _sigterm_raises(), _run_lock():
+        for v in variants:
+            print(f"[two_host] {v.name}: {v.label}", file=sys.stderr, flush=True)
+            try:
+                results[v.name] = run_variant(v, cfg, args.timeout)
+            except RuntimeError as e:
+                errors.append(str(e).splitlines()[0])
+                print(e, file=sys.stderr)
+    run = Run(variants, results, cfg, cmd.strip(), time.perf_counter() - t0, _load(), load_start)
+    run.errors = errors
+    body = render(run)
+    print(body)
+    print(json.dumps({"results": results}))
+    out = args.out or (None if args.quick else Path("BENCHMARKS.md"))
+    if out is not None and not args.no_report:
+        old = out.read_text() if out.exists() else ""
+        out.write_text(report.put_section(old, SECTION, body))
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    # Run through the imported module, so the RPC functions pickle as bench.two_host.* on both ends.
+    from bench.two_host import main as _main
+
+    sys.exit(_main())
