@@ -141,15 +141,14 @@ def render(n: int, count: int, rows: list[dict[str, Any]], cmd: str, load: str) 
         )
     lines += [
         "",
-        "Without a budget every pull holds its frames (fp32: the parameters are sent as they"
-        " are) or its converted copy and frames (bf16) at once, so the memory grows with the"
-        " number of clients. With one, pulls that do not fit wait their turn (FIFO) and the"
-        " added memory stays near the budget. RSS also counts what the C allocator keeps after"
-        " a free: copies made on the worker threads are freed into glibc's per-thread arenas,"
-        " which keep them for reuse, so *added* can exceed the budget by a few times when pulls"
-        " convert (bf16). With `MALLOC_MMAP_THRESHOLD_` set in the server's environment, buffers"
-        " above it are mapped on their own and returned to the system when freed: *added* then"
-        " stays at the budget. Wall times are those of a shared 2-core machine under load.",
+        "Without a budget every pull holds its frames at once (on the CPU the parameters are"
+        " sent as they are; a bf16 pull converts one chunk at a time into a buffer of its own),"
+        " so the memory grows with the number of clients. With one, pulls that do not fit wait"
+        " their turn (FIFO) and the added memory stays near the budget. RSS also counts what"
+        " the C allocator keeps after a free (the server raises glibc's mmap and trim"
+        " thresholds at start, so freed buffers stay with the process for reuse); setting"
+        " `MALLOC_MMAP_THRESHOLD_` in its environment changes little since. Wall times are"
+        " those of a 2-core machine.",
     ]
     return "\n".join(lines)
 
