@@ -137,7 +137,8 @@ def add_limit_arguments(p: argparse.ArgumentParser) -> None:
         "--max-transfer-bytes",
         type=int,
         help="host bytes all pulls and pushes in flight may hold at once; more wait their turn"
-        " (default 0: a quarter of memory, at least 1 GiB; -1: no budget)",
+        " (default 0: a quarter of memory, at least 1 GiB, grown to fit the largest single"
+        " need; -1: no budget)",
     )
 
 

@@ -10,11 +10,14 @@ clients. A waiting pull has read nothing yet; a waiting push has not read its st
 control holds its sender.
 
 * A single transfer larger than the whole budget could never run: refused up front
-  (LimitExceeded, RESOURCE_EXHAUSTED).
+  (LimitExceeded, RESOURCE_EXHAUSTED) when the budget was set (`--max-transfer-bytes N`). The
+  automatic budget (the default) grows to fit it instead: it bounds how many transfers run at
+  once, and never refuses a model that fits the machine, as a server without a budget would not.
 * A wait is bounded by the stream-idle deadline (`--stream-idle-s`) and by the call's own
   deadline; past it the call answers UNAVAILABLE, which clients retry with backoff.
 * A sync round holds world_size staging buffers until its last rank arrives, so a sync model
-  whose round (plus one pull) cannot fit is refused at create and at join (`check_round`).
+  whose round (plus one pull) cannot fit is refused at create and at join (`check_round`); the
+  automatic budget grows to hold it.
 
 The budget lives on the gRPC event loop: reserve and release are called from that loop only.
 """
@@ -23,9 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import os
 
 from .errors import LimitExceeded, Unavailable
+
+logger = logging.getLogger(__name__)
 
 AUTO_SHARE = 4  # auto: a quarter of the memory this process may use
 MIN_AUTO = 1 << 30  # ... but at least 1 GiB
@@ -52,10 +58,12 @@ def auto_budget() -> int:
 
 class TransferBudget:
     """A byte budget granted in FIFO order. `capacity` None: no budget (every reserve succeeds
-    at once, but reserved bytes and their peak are still counted)."""
+    at once, but reserved bytes and their peak are still counted). `grows`: the automatic
+    budget, raised to fit any single need (a transfer, a sync round) instead of refusing it."""
 
-    def __init__(self, capacity: int | None):
+    def __init__(self, capacity: int | None, grows: bool = False):
         self.capacity = capacity
+        self.grows = grows
         self.reserved = 0  # bytes held by transfers now
         self.peak = 0  # most bytes held at once since start
         self.waits = 0  # transfers that had to wait for budget, since start
@@ -67,7 +75,13 @@ class TransferBudget:
         return len(self._waiters)
 
     def check(self, what: str, nbytes: int) -> None:
-        """Refuse a transfer that could never fit."""
+        """Refuse a transfer that could never fit (the automatic budget grows to fit it)."""
+        if self.capacity is not None and nbytes > self.capacity and self.grows:
+            logger.info(
+                "transfer budget grows from %d to %d bytes to fit %s", self.capacity, nbytes, what
+            )
+            self.capacity = nbytes
+            self._wake()
         if self.capacity is not None and nbytes > self.capacity:
             raise LimitExceeded(
                 f"{what} needs {nbytes} bytes of transfer memory; this server lets all transfers"

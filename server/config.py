@@ -45,7 +45,8 @@ class ServerConfig:
     max_message_bytes: int = Limits.max_message_bytes  # one gRPC message, either way
     max_stream_bytes: int = Limits.max_stream_bytes  # one request stream; 0: 4 x model + message
     # Host memory all transfers in flight may hold at once (server/budget.py); 0: auto (a
-    # quarter of the memory the process may use, at least 1 GiB); -1: no budget.
+    # quarter of the memory the process may use, at least 1 GiB, grown to fit the largest single
+    # transfer or sync round); -1: no budget.
     max_transfer_bytes: int = 0
 
     @classmethod

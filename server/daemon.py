@@ -47,7 +47,9 @@ class Daemon:
         # Inspection: step history/norms and Prometheus metrics, fed by step observers and calls.
         self.stats = StatsBook(self.registry, every=config.stats_every)
         # Host memory of pulls and pushes in flight, granted in turn on the gRPC loop.
-        self.transfers = TransferBudget(config.transfer_budget)
+        self.transfers = TransferBudget(
+            config.transfer_budget, grows=config.max_transfer_bytes == 0
+        )
         self.metrics = Metrics(self.registry, self.stats, self.transfers)
         self.extensions: list[Any] = []  # things with start()/stop(), stopped in reverse
         # Same-host fast path: shared-memory parameters and per-session gradient files.

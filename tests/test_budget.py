@@ -242,3 +242,31 @@ def test_budget_grants_in_arrival_order_and_bounds_the_wait() -> None:
         assert b.reserved == 0
 
     asyncio.run(scenario())
+
+
+def test_the_automatic_budget_grows_to_fit_a_single_need_a_set_one_refuses() -> None:
+    """The default budget bounds how many transfers run at once but refuses nothing a server
+    without a budget would run: a transfer or sync round larger than it raises it instead."""
+
+    async def scenario() -> None:
+        auto = TransferBudget(10, grows=True)
+        assert await auto.reserve("a big pull", 25, 1.0) is False  # grown, granted at once
+        assert auto.capacity == 25 and auto.reserved == 25
+        waiting = asyncio.ensure_future(auto.reserve("a small pull", 5, 5.0))
+        await asyncio.sleep(0.05)
+        assert not waiting.done(), "still bounded: the grown budget is full"
+        auto.release(25)
+        assert await waiting is True
+        auto.release(5)
+        auto.check("a sync round", 40)
+        assert auto.capacity == 40
+        fixed = TransferBudget(10)
+        with pytest.raises(ServerLimitExceeded, match="--max-transfer-bytes"):
+            await fixed.reserve("a big pull", 25, 1.0)
+        assert fixed.capacity == 10 and fixed.reserved == 0
+
+    asyncio.run(scenario())
+    with running_daemon(shm=False) as d:  # the default is the automatic budget
+        assert d.transfers.grows and d.transfers.capacity is not None
+    with running_daemon(shm=False, max_transfer_bytes=3 * MiB) as d:
+        assert not d.transfers.grows
