@@ -164,7 +164,7 @@ class Client:
         token: str | None = None,
         timeout: float | None = None,
         retry_timeout: float = 60.0,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int | None = None,
         wire_dtype: torch.dtype | None = None,
         transport: str = "auto",
         tls: bool | TLSConfig | None = None,
@@ -176,7 +176,8 @@ class Client:
         float32 master weights and state. `transport`: "auto" moves tensors through shared memory
         when the server is on this host (and accepts), else gRPC streams; "grpc" always streams.
         `chunk_bytes`: tensor bytes per stream frame, both ways (pulls ask the server for it,
-        which keeps it within 64 KiB .. 4 MiB - 64 KiB). `tls`: None/False plaintext; True TLS
+        which keeps it within 64 KiB .. 4 MiB - 64 KiB); None: 4 MiB - 64 KiB for pushes, the
+        server's --chunk-bytes for pulls. `tls`: None/False plaintext; True TLS
         trusting the system's CA store; a TLSConfig for a private CA and a client certificate
         (servers started with --tls-client-ca).
         `slice_bytes` (several servers only): tensors larger than this are split along dim 0
@@ -189,6 +190,9 @@ class Client:
             raise ValueError(f"transport must be 'auto' or 'grpc', got {transport!r}")
         self.transport = transport
         self._sessions: dict[str, SameHostSession | None] = {}
+        # Pulls ask for a chunk size only when one is given (0: the server's --chunk-bytes).
+        self._pull_chunk = 0 if chunk_bytes is None else min(chunk_bytes, MAX_CHUNK_BYTES)
+        chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
         if chunk_bytes < 8 or chunk_bytes > MAX_MESSAGE_BYTES - (1 << 20):
             raise ValueError(f"chunk_bytes must be in 8..{MAX_MESSAGE_BYTES - (1 << 20)}")
         chunk_bytes -= chunk_bytes % 8  # whole elements of every dtype in every chunk
@@ -563,7 +567,7 @@ class Client:
             model=model,
             names=list(names or ()),
             wait_timeout_s=wait_timeout,
-            chunk_bytes=min(self.chunk_bytes, MAX_CHUNK_BYTES),
+            chunk_bytes=self._pull_chunk,
         )
         if if_newer_than is not None:
             req.if_newer_than = if_newer_than

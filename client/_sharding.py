@@ -23,7 +23,6 @@ from typing import Any, NoReturn, TypeVar
 
 import torch
 
-from adamd.protocol.frames import DEFAULT_CHUNK_BYTES
 from adamd.protocol.layout import DEFAULT_SLICE_BYTES, Layout
 from adamd.v1 import adamd_pb2 as pb
 
@@ -78,7 +77,7 @@ class ShardedClient(Client):
         token: str | None = None,
         timeout: float | None = None,
         retry_timeout: float = 60.0,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int | None = None,
         wire_dtype: torch.dtype | None = None,
         transport: str = "auto",
         tls: Any = None,

@@ -454,7 +454,8 @@ class OptimizerService:
             header = pb.PullHeader(version=version, not_modified=True)
             yield pb.PullFrame(header=header).SerializeToString()
             return
-        held = self._pull_bytes(model, names, wire)
+        chunk = reply_chunk_bytes(request.chunk_bytes, self.chunk_bytes)
+        held = self._pull_bytes(model, names, wire, chunk)
         if await self._until_cut(self.budget.reserve("the pull", held, self.idle_s)):
             seq, version = await self._run(model.read_begin)  # waited: read what is there now
         try:
@@ -462,7 +463,6 @@ class OptimizerService:
             header = pb.PullHeader(
                 version=version, tensors=[spec_of(n, t, wire) for n, t in zip(names, tensors)]
             )
-            chunk = reply_chunk_bytes(request.chunk_bytes, self.chunk_bytes)
             for frame in iter_frames(header.SerializeToString(), tensors, chunk, wire):
                 yield frame
             consistent = model.read_consistent(seq)
@@ -491,12 +491,15 @@ class OptimizerService:
         except NotFound:
             return None
 
-    def _frames_bytes(self, payload: int) -> int:
-        """Reply frames grpc may hold at once for a reply of `payload` bytes."""
-        frame = self.chunk_bytes + FRAME_HEADROOM
+    def _frames_bytes(self, payload: int, chunk: int | None = None) -> int:
+        """Reply frames grpc may hold at once for a reply of `payload` bytes in `chunk`-byte
+        frames (default: the server's --chunk-bytes)."""
+        frame = (chunk or self.chunk_bytes) + FRAME_HEADROOM
         return min(payload + FRAME_HEADROOM, FRAMES_IN_FLIGHT * frame)
 
-    def _pull_bytes(self, model: HostedModel, names: list[str], wire: torch.dtype | None) -> int:
+    def _pull_bytes(
+        self, model: HostedModel, names: list[str], wire: torch.dtype | None, chunk: int
+    ) -> int:
         """Host memory a pull holds: copies of the parameters where they are made (CUDA, a
         non-contiguous tensor; on the CPU a narrower wire dtype is converted a chunk at a time
         into one reused buffer), and its frames in flight."""
@@ -508,7 +511,7 @@ class OptimizerService:
             payload += nbytes
             if model.graphed is not None or p.device.type != "cpu" or not p.is_contiguous():
                 copies += nbytes
-        return copies + self._frames_bytes(payload)
+        return copies + self._frames_bytes(payload, chunk)
 
     def _state_bytes(self, model: HostedModel) -> int:
         """GetState copies every state tensor (two per stepped parameter, three with amsgrad),

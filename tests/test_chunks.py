@@ -63,6 +63,10 @@ def test_serve_chunk_bytes_is_the_default_for_pulls_that_ask_none(model_name: st
         sizes = _frame_sizes(c, model_name, 0)
         assert {s for s, _ in sizes[:-1]} == {128 << 10}
         assert {s for s, _ in _frame_sizes(c, model_name, 1 << 20)[:-1]} == {1 << 20}
+        # A client given no chunk_bytes asks none, so the server's setting applies to it.
+        assert c._pull_chunk == 0 and c.chunk_bytes == MAX_CHUNK_BYTES
+        with Client(d.grpc_address, chunk_bytes=1 << 20) as asking:
+            assert asking._pull_chunk == 1 << 20
 
 
 def test_the_allocator_thresholds_are_raised_at_import() -> None:
