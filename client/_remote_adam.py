@@ -34,7 +34,7 @@ from adamd.protocol.hyper import (
 from adamd.v1 import adamd_pb2 as pb
 
 from ._client import Client, push_result
-from ._exceptions import AdamdError, NotFound, StalePush
+from ._exceptions import AdamdError, NotFound, StalePush, from_rpc_error
 from ._overlap import GradStreamer, OpenPush, Queued, same_updates
 from ._tls import TLSConfig
 from ._types import ModelInfo, PushResult
@@ -74,6 +74,18 @@ def _clone(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_clone(v) for v in value)
     return value
+
+
+# A streamed push refused with one of these is refused for good (a stale or duplicate rank, a
+# model gone, a limit, a bad token): raised as a push would raise it. Anything
+# else (connection loss, a deadline, a server without closing headers) pushes again whole.
+_DEFINITIVE = (
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+)
 
 
 class _ServerState(defaultdict):  # type: ignore[type-arg]
@@ -577,7 +589,12 @@ class RemoteAdam(torch.optim.Optimizer):
         try:
             return push_result(op.stream.finish(closing, self._client.timeout))
         except grpc.RpcError as exc:
+            op.stream.cancel()
+            if exc.code() in _DEFINITIVE:  # the server's answer: pushing again would repeat it
+                raise from_rpc_error(exc) from None
             logger.debug("model %s: the streamed push failed (%s); pushing again", self.model, exc)
+            return None
+        except grpc.FutureTimeoutError:
             op.stream.cancel()
             return None
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adamd.client import RemoteAdam
+from adamd.client import RemoteAdam, StalePush
 from adamd.server import Daemon
 
 from .test_exactly_once import proxy_to
@@ -406,3 +406,36 @@ def test_same_host_shared_memory_opens_no_stream(daemon: Daemon, model_name: str
         assert opt._streamer.streamed == 0 and opt._streamer.fallbacks == 0
     finally:
         opt.close()
+
+
+def test_a_streamed_push_the_server_refuses_for_good_is_not_pushed_again(
+    daemon: Daemon, model_name: str
+) -> None:
+    """Async, max_staleness 1: B's gradients stream while another worker steps twice, so the
+    server answers B's streamed push StalePush. That answer stands (B pulls the fresh parameters
+    and raises it, as without overlap); the whole gradient is not uploaded a second time."""
+
+    def pushes(outcome: str) -> float:
+        labels = {"method": "PushGrad", "outcome": outcome}
+        return daemon.metrics.registry.get_sample_value("adamd_rpc_calls_total", labels) or 0.0
+
+    net_a, net_b = _net(), _net()
+    a = _remote(net_a, daemon, model_name, mode="async", max_staleness=1)
+    b = _remote(net_b, daemon, model_name, mode="async", max_staleness=1)
+    try:
+        b.zero_grad()
+        _backward(net_b, 0)  # streams a push from version 0
+        for step in range(2):
+            a.zero_grad()
+            _backward(net_a, step)
+            a.step()
+        stale, ok = pushes("StalePush"), pushes("OK")
+        with pytest.raises(StalePush):
+            b.step()
+        assert b.version == 2  # caught up for its next step
+        assert pushes("StalePush") == stale + 1 and pushes("OK") == ok  # one upload, refused
+        for p, q in zip(net_a.parameters(), net_b.parameters()):
+            assert torch.equal(p, q)  # B now holds the server's parameters, as A does
+    finally:
+        a.close()
+        b.close()
