@@ -169,8 +169,10 @@ class HostedModel:
         return self.groups.names()
 
     def add_param_group(
-        self, new_params: Mapping[str, torch.Tensor], group: Mapping[str, Any]
+        self, new_params: Mapping[str, torch.Tensor], group: Mapping[str, Any], layout: str = ""
     ) -> None:
+        """`layout`: a sharded model's new layout record, set with the group (one snapshot never
+        holds the group without it)."""
         with self._lock:
             clash = [n for n in new_params if n in self.params]
             if clash:
@@ -182,6 +184,8 @@ class HostedModel:
                 for n in new_params:
                     del self.params[n]
                 raise
+            if layout:
+                self.layout = layout
             if self.graphed is not None:
                 self.graphed.invalidate()
             self._edited()

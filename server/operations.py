@@ -173,9 +173,7 @@ class Operations:
                 f"model {name!r} is {'sharded' if model.layout else 'not sharded'}: a new param"
                 " group must come from a client with the same servers"
             )
-        model.add_param_group({n: t.to(model.device) for n, t in tensors.items()}, group)
-        if layout:
-            model.layout = layout
+        model.add_param_group({n: t.to(model.device) for n, t in tensors.items()}, group, layout)
         self._changed(model)
         return model
 
