@@ -23,6 +23,7 @@ from typing import Any, NoReturn, TypeVar
 
 import torch
 
+from adamd.protocol.frames import wire_dtype_of
 from adamd.protocol.layout import DEFAULT_SLICE_BYTES, Layout
 from adamd.v1 import adamd_pb2 as pb
 
@@ -63,6 +64,17 @@ def _gather(
         except BaseException as exc:
             failure = failure or (k, exc)
     return out, failure
+
+
+def _finite_on_the_wire(g: torch.Tensor, wire_dtype: torch.dtype | None) -> bool:
+    """Whether `g` stays finite as it travels: a float16 wire turns values past 65504 into inf,
+    which the shard holding them would refuse while the others applied the push."""
+    if not (g.is_floating_point() or g.is_complex()):
+        return True
+    wire = wire_dtype_of(g.dtype, wire_dtype)
+    if wire != g.dtype and wire.is_floating_point:
+        g = g.to(wire)
+    return bool(torch.isfinite(g).all())
 
 
 class ShardedClient(Client):
@@ -364,11 +376,10 @@ class ShardedClient(Client):
                 raise InvalidArgument(
                     f"gradient {name!r} has shape {list(g.shape)}, the parameter {list(place.shape)}"
                 )
-            finite_type = g.is_floating_point() or g.is_complex()
-            if not found_inf and finite_type and not bool(torch.isfinite(g).all()):
+            if not found_inf and not _finite_on_the_wire(g, self.wire_dtype):
                 raise NonFiniteGradient(
-                    f"gradient {name!r} holds inf or nan; nothing was applied"
-                    " (AMP: pass found_inf to skip the step)"
+                    f"gradient {name!r} holds inf or nan (as it travels: {self.wire_dtype});"
+                    " nothing was applied (AMP: pass found_inf to skip the step)"
                 )
         pid = push_id or uuid.uuid4().hex
         futures = {

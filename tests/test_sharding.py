@@ -238,6 +238,12 @@ def test_bad_input_changes_no_shard(servers: list[str], model_name: str) -> None
             c.push_grad(model_name, bad)
         with pytest.raises(InvalidArgument, match="shape"):
             c.push_grad(model_name, {**_grads(1), "emb": torch.zeros(95, 8)})
+    with Client(servers, slice_bytes=SLICE, wire_dtype=torch.float16) as half:
+        big = _grads(1)
+        big["emb"][95, 7] = 1e5  # finite in float32, inf as float16 on the wire
+        with pytest.raises(NonFiniteGradient, match="float16"):
+            half.push_grad(model_name, big)
+    with Client(servers, slice_bytes=SLICE) as c:
         with pytest.raises(NotFound, match="nope"):
             c.push_grad(model_name, {"nope": torch.zeros(1)})
         with pytest.raises(InvalidArgument, match="shape"):
