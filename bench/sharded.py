@@ -29,6 +29,7 @@ import torch
 from adamd.protocol.layout import DEFAULT_SLICE_BYTES, Layout
 
 from .common import parse_size
+from .netns import Switch
 
 ROOT = Path(__file__).resolve().parent.parent
 ANALYSIS = """
@@ -90,91 +91,15 @@ def _worker(
 # --- the network -------------------------------------------------------------------------------
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
-class Net:
-    def __init__(self) -> None:
-        self.tag = f"adsh{os.getpid() % 100000}"
-        self.subnet = 1 + (os.getpid() + 7) % 250
-        self.switch = f"{self.tag}sw"
-        self.namespaces = [self.switch]
-        _ip("netns", "add", self.switch)
-        _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
-        _ip("-n", self.switch, "link", "set", "br0", "up")
-
-    def host(self, name: str, host: int) -> tuple[str, str]:
-        """A namespace on the switch: (its name, its address)."""
-        ns, inside, outside = f"{self.tag}{name}", f"{self.tag}{name}a", f"{self.tag}{name}b"
-        address = f"10.71.{self.subnet}.{host}"
-        _ip("netns", "add", ns)
-        self.namespaces.append(ns)
-        _ip(
-            "link",
-            "add",
-            inside,
-            "netns",
-            ns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            outside,
-            "netns",
-            self.switch,
-        )
-        _ip("-n", ns, "addr", "add", f"{address}/24", "dev", inside)
-        for where, dev in ((ns, inside), (self.switch, outside), (ns, "lo")):
-            _ip("-n", where, "link", "set", dev, "up")
-        _ip("-n", self.switch, "link", "set", outside, "master", "br0")
-        return ns, address
-
-    def shape(self, name: str, rate: str | None) -> None:
-        """Limit host `name`'s link both ways to `rate` (None: unlimited)."""
-        for where, dev in (
-            (f"{self.tag}{name}", f"{self.tag}{name}a"),
-            (self.switch, f"{self.tag}{name}b"),
-        ):
-            subprocess.run(
-                ["ip", "netns", "exec", where, "tc", "qdisc", "del", "dev", dev, "root"],
-                capture_output=True,
-                timeout=30,
-            )
-            if rate:
-                _ip(
-                    "netns",
-                    "exec",
-                    where,
-                    "tc",
-                    "qdisc",
-                    "add",
-                    "dev",
-                    dev,
-                    "root",
-                    "tbf",
-                    "rate",
-                    rate,
-                    "burst",
-                    "256kb",
-                    "latency",
-                    "100ms",
-                )
-
-    def close(self) -> None:
-        for ns in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-
-
 # --- the measurement ---------------------------------------------------------------------------
 
 
 def _start_servers(
-    net: Net, count: int, tmp: Path
+    net: Switch, count: int, tmp: Path
 ) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
     procs, addresses, logs = [], [], []
     for k in range(count):
-        ns, address = net.host(f"s{k}", 10 + k)
+        ns, address = net.host(f"s{k}", 10 + k), net.address(10 + k)
         log = tmp / f"server{k}.log"
         logs.append(log)
         with open(log, "wb") as out:
@@ -303,12 +228,12 @@ def balance(shards: Sequence[int], slice_bytes: int = DEFAULT_SLICE_BYTES) -> li
 def run(rate: str, n: int, steps: int, world: int, counts: Sequence[int], slice_bytes: int) -> dict:
     import tempfile
 
-    net = Net()
+    net = Switch.create(f"adsh{os.getpid() % 100000}", 1 + (os.getpid() + 7) % 250)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         with tempfile.TemporaryDirectory(prefix="adamd-bench-shard-") as tmp:
             procs, addresses = _start_servers(net, max(counts), Path(tmp))
-            worker_ns, _ = net.host("w", 100)
+            worker_ns = net.host("w", 100)
             results: dict[str, list] = {}
             for label, limit in ((f"throttled {rate}", rate), ("unthrottled", None)):
                 for k in range(max(counts)):

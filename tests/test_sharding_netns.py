@@ -17,13 +17,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 
 from adamd.client import Client, NotFound
+from bench.netns import Switch
 
 from . import workers
 
@@ -35,87 +35,19 @@ SLICE = 2048  # bytes: workers.SHAPES' "w" (6 KiB) is split over 3 shards, "v" (
 PORT = 50051
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
-@dataclass
-class Net:
-    """A switch namespace with a bridge; host namespaces (and the test's own root namespace)
-    plugged into it, each with one address in 10.71.<subnet>.0/24."""
-
-    tag: str
-    subnet: int
-    namespaces: list[str] = field(default_factory=list)
-    root_link: str = ""
-
-    @property
-    def switch(self) -> str:
-        return f"{self.tag}sw"
-
-    def address(self, host: int) -> str:
-        return f"10.71.{self.subnet}.{host}"
-
-    def host(self, name: str, host: int) -> str:
-        """A new namespace plugged into the switch with address `host`; its name."""
-        ns = f"{self.tag}{name}"
-        _ip("netns", "add", ns)
-        self.namespaces.append(ns)
-        self._plug(f"{self.tag}{name}a", f"{self.tag}{name}b", host, ns)
-        _ip("-n", ns, "link", "set", "lo", "up")
-        return ns
-
-    def _plug(self, inside: str, outside: str, host: int, ns: str | None) -> None:
-        where = ["netns", ns] if ns else []
-        _ip(
-            "link",
-            "add",
-            inside,
-            *where,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            outside,
-            "netns",
-            self.switch,
-        )
-        pre = ["-n", ns] if ns else []
-        _ip(*pre, "addr", "add", f"{self.address(host)}/24", "dev", inside)
-        _ip(*pre, "link", "set", inside, "up")
-        _ip("-n", self.switch, "link", "set", outside, "master", "br0")
-        _ip("-n", self.switch, "link", "set", outside, "up")
-
-    def plug_root(self, host: int) -> None:
-        """The test process's own namespace on the switch too, to watch and check the shards."""
-        self.root_link = f"{self.tag}ra"
-        self._plug(self.root_link, f"{self.tag}rb", host, None)
-
-    def teardown(self) -> None:
-        if self.root_link:
-            subprocess.run(["ip", "link", "del", self.root_link], capture_output=True, timeout=30)
-        for ns in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-
-
 @pytest.fixture
-def net() -> Iterator[Net]:
+def net() -> Iterator[Switch]:
     if shutil.which("ip") is None:
         pytest.skip("needs iproute2's `ip` to build network namespaces")
-    tag = f"adsh{os.getpid() % 100000}"
-    n = Net(tag, 1 + os.getpid() % 250)
     try:
-        _ip("netns", "add", n.switch)
+        n = Switch.create(f"adsh{os.getpid() % 100000}", 1 + os.getpid() % 250)
     except (subprocess.CalledProcessError, PermissionError) as exc:
         err = getattr(exc, "stderr", b"") or b""
         pytest.skip(f"cannot create a network namespace (needs root): {err.decode().strip()}")
-    n.namespaces.append(n.switch)
     try:
-        _ip("-n", n.switch, "link", "add", "br0", "type", "bridge")
-        _ip("-n", n.switch, "link", "set", "br0", "up")
         yield n
     finally:
-        n.teardown()
+        n.close()
 
 
 class ShardServer:
@@ -163,7 +95,7 @@ class ShardServer:
 
 @pytest.fixture
 def cluster(
-    net: Net, tmp_path: Path, request: pytest.FixtureRequest
+    net: Switch, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[list[ShardServer]]:
     flags: tuple[str, ...] = getattr(request, "param", ())
     servers = []
@@ -180,7 +112,7 @@ def cluster(
             s.stop()
 
 
-def _train(net: Net, servers: list[ShardServer], tmp: Path, steps: int, sleep: float) -> list:
+def _train(net: Switch, servers: list[ShardServer], tmp: Path, steps: int, sleep: float) -> list:
     ns = net.host("w", 100)
     address = ",".join(s.address for s in servers)
     outs = [tmp / f"rank{r}.pt" for r in range(WORLD)]
@@ -211,7 +143,7 @@ def _check(servers: list[ShardServer], procs: list, tmp: Path, steps: int) -> No
 
 
 def test_sync_workers_train_through_three_shards_on_three_hosts(
-    net: Net, cluster: list[ShardServer], tmp_path: Path
+    net: Switch, cluster: list[ShardServer], tmp_path: Path
 ) -> None:
     procs = _train(net, cluster, tmp_path, STEPS, 0.0)
     _check(cluster, procs, tmp_path, STEPS)
@@ -219,7 +151,7 @@ def test_sync_workers_train_through_three_shards_on_three_hosts(
 
 @pytest.mark.parametrize("cluster", [("--durable",)], indirect=True)
 def test_durable_shard_killed_mid_run_loses_nothing(
-    net: Net, cluster: list[ShardServer], tmp_path: Path
+    net: Switch, cluster: list[ShardServer], tmp_path: Path
 ) -> None:
     procs = _train(net, cluster, tmp_path, STEPS, 0.1)
     with Client(cluster[1].address, retry_timeout=120) as shard1:
@@ -231,7 +163,7 @@ def test_durable_shard_killed_mid_run_loses_nothing(
 
 @pytest.mark.parametrize("cluster", [("--snapshot-every-s=0",)], indirect=True)
 def test_periodic_shard_restarted_behind_stops_training_naming_it(
-    net: Net, cluster: list[ShardServer], tmp_path: Path
+    net: Switch, cluster: list[ShardServer], tmp_path: Path
 ) -> None:
     """Without --durable, a shard killed mid-run comes back at its last snapshot, behind the
     others: every worker stops with an error naming that shard and its version, and no shard
