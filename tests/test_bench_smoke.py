@@ -150,3 +150,27 @@ def test_two_host_quick(tmp_path: Path) -> None:
     )
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert two_host.SERVER_NS not in netns and two_host.WORKER_NS not in netns
+
+
+def test_sharded_quick() -> None:
+    """bench.sharded on tiny sizes: 1 and 2 servers on their own network hosts, tc-limited and
+    not, a row with figures for each, and no namespace left behind."""
+    from bench import two_host
+
+    problem = two_host.namespace_problem()
+    if problem:
+        pytest.skip(f"cannot make network namespaces here: {problem}")
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.sharded", "--params", "200k", "--steps", "1"]
+        + ["--servers", "1,2", "--workers", "2", "--rate", "100mbit"],
+        cwd=ROOT,
+        check=True,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
+    rows = re.findall(r"^\| ([12]) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", done.stdout, re.M)
+    assert [r[0] for r in rows] == ["1", "2", "1", "2"], done.stdout  # throttled, then not
+    assert all(float(r[2]) > 0 for r in rows)
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "adsh" not in left, left
