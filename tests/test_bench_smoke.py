@@ -160,9 +160,9 @@ def test_sharded_quick() -> None:
     problem = two_host.namespace_problem()
     if problem:
         pytest.skip(f"cannot make network namespaces here: {problem}")
+    tiny = ["--params", "200k", "--steps", "1", "--servers", "1,2", "--workers", "2"]
     done = subprocess.run(
-        [sys.executable, "-m", "bench.sharded", "--params", "200k", "--steps", "1"]
-        + ["--servers", "1,2", "--workers", "2", "--rate", "100mbit"],
+        [sys.executable, "-m", "bench.sharded", *tiny, "--rate", "100mbit"],
         cwd=ROOT,
         check=True,
         timeout=300,
