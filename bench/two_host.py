@@ -84,7 +84,14 @@ VARIANTS = {
     "10gbe": Variant("10gbe", 1500, TBF_10GBE, f"veth, MTU 1500, `tbf {TBF_10GBE}` both ends"),
     "jumbo": Variant("jumbo", 9000, None, "veth, MTU 9000"),
 }
-CONTENDERS_STEP = ("adamd fp32", "adamd bf16", "torch RPC")
+# adamd's default transport across hosts is the bulk-data channel; gRPC streams for comparison.
+CONTENDERS_STEP = (
+    "adamd fp32",
+    "adamd bf16",
+    "adamd gRPC fp32",
+    "adamd gRPC bf16",
+    "torch RPC",
+)
 CONTENDERS_TRAIN = (
     "local fused Adam",
     "adamd fp32",
@@ -315,12 +322,15 @@ def _measure_step(cfg: dict[str, Any]) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     fns: dict[str, Callable[[], object]] = {}
     opts = []
-    for label, wire in (("adamd fp32", None), ("adamd bf16", torch.bfloat16)):
+    for label in CONTENDERS_STEP[:-1]:
+        wire = torch.bfloat16 if "bf16" in label else None
+        transport = "grpc" if "gRPC" in label else "auto"
         params = [nn.Parameter(torch.zeros(s)) for s in shapes]
         for p in params:
             p.grad = torch.randn(p.shape, generator=g) * 1e-3
-        opt = RemoteAdam(params, lr=1e-3, server=cfg["adamd"], model=f"step-{label[-4:]}",
-                         transport="grpc", wire_dtype=wire)  # fmt: skip
+        opt = RemoteAdam(params, lr=1e-3, server=cfg["adamd"],
+                         model="step-" + label[6:].replace(" ", "-"), transport=transport,
+                         wire_dtype=wire)  # fmt: skip
         opts.append(opt)
         fns[label] = opt.step
     rpc.rpc_sync("ps", _ps_setup_zeros, args=("step", shapes))
@@ -379,7 +389,7 @@ def _train_steppers(cfg: dict[str, Any], base: CharLM) -> dict[str, tuple[CharLM
         m = copy.deepcopy(base)
         wire = torch.bfloat16 if "bf16" in label else None
         opt = RemoteAdam(m.parameters(), lr=lr, server=cfg["adamd"],
-                         model="lm-" + label[6:].replace(" ", "-"), transport="grpc",
+                         model="lm-" + label[6:].replace(" ", "-"), transport="auto",
                          wire_dtype=wire, overlap="overlap" in label)  # fmt: skip
         out[label] = (m, opt.step)
     m = copy.deepcopy(base)
@@ -471,8 +481,10 @@ def _ms(s: float | None) -> str:
 
 
 def _step_table(run: Run) -> list[str]:
-    head = "| variant | adamd fp32 ms | adamd bf16 ms | torch RPC ms | fp32 / RPC | bf16 / RPC |"
-    lines = [head, "| --- | --- | --- | --- | --- | --- |"]
+    adamd = CONTENDERS_STEP[:-1]
+    head = "| variant | " + " | ".join(f"{k} ms" for k in CONTENDERS_STEP) + " | "
+    head += " | ".join(f"{k[6:]} / RPC" for k in adamd) + " |"
+    lines = [head, "|" + " --- |" * (1 + len(CONTENDERS_STEP) + len(adamd))]
     for v in run.variants:
         st = run.results.get(v.name, {}).get("step")
         if not st:
@@ -481,7 +493,7 @@ def _step_table(run: Run) -> list[str]:
         best = {k: t[k]["best"] for k in CONTENDERS_STEP}
         med = {k: t[k]["median"] for k in CONTENDERS_STEP}
         cells = [f"{_ms(best[k])} ({_ms(med[k])})" for k in CONTENDERS_STEP]
-        ratios = [f"{best[k] / best['torch RPC']:.2f}x" for k in CONTENDERS_STEP[:2]]
+        ratios = [f"{best[k] / best['torch RPC']:.2f}x" for k in adamd]
         lines.append(f"| {v.name} | " + " | ".join(cells + ratios) + " |")
     return lines
 
@@ -597,8 +609,9 @@ def render(run: Run) -> str:
         "",
         f"`{run.command}` on {now} ({run.wall_s:.0f} s). Two network namespaces joined by a veth"
         " pair: `adamd serve --no-shm` and the torch RPC parameter server (TensorPipe, TCP only:"
-        ' `_transports=["uv"], _channels=["basic"]`) in one, the measuring worker in the other'
-        ' (`transport="grpc"`). Variants: '
+        ' `_transports=["uv"], _channels=["basic"]`) in one, the measuring worker in the other.'
+        ' adamd contenders use the bulk-data channel (the default across hosts), "gRPC" ones'
+        ' `transport="grpc"`. Variants: '
         + "; ".join(f"**{v.name}**: {v.label}" for v in run.variants)
         + ". All contenders in one run, interleaved, on a 2-core machine shared with other"
         " work: the figures are noisy, compare them side by side within a row.",

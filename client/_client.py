@@ -36,6 +36,7 @@ from adamd.protocol.shared_files import host_id
 from adamd.v1 import adamd_pb2 as pb
 
 from ._addresses import parse_servers
+from ._bulk import BulkChannel, Unreachable
 from ._exceptions import (
     AdamdError,
     InvalidArgument,
@@ -44,9 +45,9 @@ from ._exceptions import (
     from_rpc_error,
     invalid_input,
 )
-from ._overlap import StreamingPush
+from ._overlap import BulkStreamingPush, StreamingPush
 from ._shm import SameHostSession
-from ._tls import TLSConfig, channel_credentials
+from ._tls import TLSConfig, channel_credentials, socket_context
 from ._types import ModelInfo, PullResult, PushResult
 
 T = TypeVar("T")
@@ -63,6 +64,16 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
+
+
+def _host_of(address: str) -> str:
+    """The host part of "host:port" / "[v6]:port" ("" for other target forms: no bulk channel)."""
+    if "://" in address or address.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        return ""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return ""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 def _model_info(m: pb.ModelInfo) -> ModelInfo:
@@ -131,6 +142,42 @@ def _push_header(
     return header
 
 
+def _pull_targets(
+    header: pb.PullHeader, out: Mapping[str, torch.Tensor] | None
+) -> tuple[TensorSink, dict[str, tuple[torch.Tensor | None, torch.Tensor, bool]]]:
+    """Where a pull's tensors land: `out`'s tensors themselves where they are contiguous CPU
+    tensors, else new ones (copied into `out` by _pull_result)."""
+    targets, finals = [], {}
+    for s in header.tensors:
+        shape, dtype = shape_of(s), dtype_from_pb(s.dtype)
+        dst = out.get(s.name) if out is not None else None
+        if dst is not None and tuple(dst.shape) != shape:
+            raise InvalidArgument(
+                f"out[{s.name!r}] has shape {list(dst.shape)}, server sent {list(shape)}"
+            )
+        direct = dst is not None and dst.device.type == "cpu" and dst.is_contiguous()
+        if dst is not None and direct:
+            buf = dst.detach()
+        else:
+            buf = torch.empty(shape, dtype=dst.dtype if dst is not None else dtype)
+        targets.append(buf)
+        finals[s.name] = (dst, buf, direct)
+    return TensorSink(targets, [dtype_from_pb(s.dtype) for s in header.tensors]), finals
+
+
+def _pull_result(
+    header: pb.PullHeader, finals: Mapping[str, tuple[torch.Tensor | None, torch.Tensor, bool]]
+) -> PullResult:
+    params = {}
+    with torch.no_grad():
+        for s in header.tensors:
+            dst, buf, direct = finals[s.name]
+            if dst is not None and not direct:
+                dst.copy_(buf)
+            params[s.name] = dst if dst is not None else buf
+    return PullResult(header.version, params)
+
+
 def push_result(r: pb.PushReply) -> PushResult:
     return PushResult(r.version, r.applied, r.found_inf, r.contributors, r.duplicate, r.partial)
 
@@ -186,8 +233,8 @@ class Client:
         if len(servers) > 1:
             raise ValueError(f"{type(self).__name__} takes one server, got {servers}")
         address = servers[0]
-        if transport not in ("auto", "grpc"):
-            raise ValueError(f"transport must be 'auto' or 'grpc', got {transport!r}")
+        if transport not in ("auto", "bulk", "grpc"):
+            raise ValueError(f"transport must be 'auto', 'bulk' or 'grpc', got {transport!r}")
         self.transport = transport
         self._sessions: dict[str, SameHostSession | None] = {}
         # Pulls ask for a chunk size only when one is given (0: the server's --chunk-bytes).
@@ -229,6 +276,7 @@ class Client:
         self._detach = ch.unary_unary(_SERVICE + "Detach", ser, pb.DetachReply.FromString)
         self._join = ch.unary_unary(_SERVICE + "Join", ser, pb.JoinReply.FromString)
         self._leave = ch.unary_unary(_SERVICE + "Leave", ser, pb.LeaveReply.FromString)
+        self._bulk = self._bulk_of(address, tls) if transport != "grpc" else None
 
     # --- plumbing -------------------------------------------------------------------------------
 
@@ -239,6 +287,8 @@ class Client:
     def close(self) -> None:
         for model in list(self._sessions):
             self._drop_session(model)
+        if self._bulk is not None:
+            self._bulk.close()
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -267,8 +317,30 @@ class Client:
 
     # --- same-host sessions ---------------------------------------------------------------------
 
+    def _bulk_of(self, address: str, tls: bool | TLSConfig | None) -> BulkChannel | None:
+        """The bulk-data channel to the server at `address` (None: a target form without a
+        host, such as unix:)."""
+        host = _host_of(address)
+        if not host:
+            return None
+        ask = self._channel.unary_unary(
+            _SERVICE + "OpenBulk", lambda m: m.SerializeToString(), pb.OpenBulkReply.FromString
+        )
+        return BulkChannel(
+            host,
+            lambda: ask(pb.OpenBulkRequest(), metadata=self._metadata, timeout=10),
+            socket_context(tls) if tls else None,
+            self.timeout,
+        )
+
+    def _bulk_channel(self) -> BulkChannel | None:
+        """The bulk-data channel when it may be tried now; None: gRPC."""
+        if self._bulk is None or not self._bulk.usable():
+            return None
+        return self._bulk
+
     def _session(self, model: str) -> SameHostSession | None:
-        """This model's shared-memory session, attached on first use; None means gRPC."""
+        """This model's shared-memory session, attached on first use; None means the network."""
         if self.transport != "auto":
             return None
         if model not in self._sessions:
@@ -493,9 +565,8 @@ class Client:
             version=version,
             loss=loss,
         )
-        frames = self._upload(header.SerializeToString(), tensors, wire)
         try:
-            r = self.call(lambda: self._push(frames(), **self._kw()))
+            r = self.call(lambda: self._push_once(header, tensors, wire, session is None))
         except SessionExpired:
             if session is None:
                 raise
@@ -520,6 +591,89 @@ class Client:
                 session.busy.release()
         return push_result(r)
 
+    def _push_once(
+        self,
+        header: pb.PushHeader,
+        tensors: Sequence[torch.Tensor],
+        wire: torch.dtype | None,
+        network: bool,
+    ) -> pb.PushReply:
+        """One try of a push: over the bulk-data channel where it may be used (`network`: the
+        push is not in a same-host session's file), else as a gRPC stream."""
+        bulk = self._bulk_channel() if network else None
+        if bulk is not None:
+            try:
+                return bulk.push(header, tensors, wire, self.chunk_bytes)
+            except Unreachable:
+                pass  # gRPC, now and for a while (BulkChannel.turn_off)
+        return self._push(self._upload(header.SerializeToString(), tensors, wire)(), **self._kw())
+
+    @invalid_input()
+    def step(
+        self,
+        model: str,
+        grads: Mapping[str, torch.Tensor],
+        out: Mapping[str, torch.Tensor],
+        *,
+        version: int | None = None,
+        rank: int = 0,
+        push_id: str | None = None,
+        loss: float | None = None,
+        scalars: Mapping[str, float] | None = None,
+        found_inf: bool = False,
+        hyper_updates: Sequence[tuple[int, Mapping[str, Any]]] = (),
+        wire_dtype: torch.dtype | None = None,
+    ) -> tuple[PushResult, PullResult]:
+        """`push_grad`, then `pull(out=out)` of `out`'s parameters (what RemoteAdam.step does).
+
+        Over the bulk-data channel this is one exchange in which each parameter comes back as
+        soon as the server's step has updated it, so the step hides behind the transfer;
+        elsewhere (shared memory, gRPC) it is the two calls."""
+        wire = wire_dtype or self.wire_dtype
+        names = list(out)
+        push_kw: dict[str, Any] = dict(
+            version=version,
+            rank=rank,
+            push_id=push_id,
+            loss=loss,
+            scalars=scalars,
+            found_inf=found_inf,
+            hyper_updates=hyper_updates,
+        )
+        on_host = wire is None and self._session(model) is not None
+        if self._bulk_channel() is None or on_host:
+            pushed = self.push_grad(model, grads, wire_dtype=wire_dtype, **push_kw)
+            return pushed, self.pull(model, names, out=out, wire_dtype=wire_dtype)
+        tensors = list(grads.values())
+        specs = [spec_of(n, t, wire) for n, t in grads.items()]
+        push_kw["push_id"] = push_id or uuid.uuid4().hex
+        header = _push_header(model, specs, **push_kw)
+        request = pb.PullRequest(model=model, names=names, chunk_bytes=self._pull_chunk)
+        if wire is not None:
+            request.wire_dtype = spec_of("", torch.empty(0, dtype=wire)).dtype
+        finals: dict[str, tuple[torch.Tensor | None, torch.Tensor, bool]] = {}
+
+        def targets(pulled: pb.PullHeader) -> TensorSink:
+            sink, made = _pull_targets(pulled, out)
+            finals.update(made)
+            return sink
+
+        frames = self._upload(header.SerializeToString(), tensors, wire)
+
+        def attempt() -> tuple[pb.PushReply, pb.PullHeader | None, bool]:
+            bulk = self._bulk_channel()
+            if bulk is not None:
+                try:
+                    return bulk.step(header, tensors, request, targets, self.chunk_bytes)
+                except Unreachable:
+                    pass  # gRPC, now and for a while (BulkChannel.turn_off)
+            return self._push(frames(), **self._kw()), None, False
+
+        reply, pulled, consistent = self.call(attempt)
+        if pulled is not None and consistent:
+            return push_result(reply), _pull_result(pulled, finals)
+        return push_result(reply), self.pull(model, names, out=out, wire_dtype=wire_dtype)
+
     def open_push(
         self,
         model: str,
@@ -529,13 +683,17 @@ class Client:
         rank: int = 0,
         loss: float | None = None,
         hyper_updates: Sequence[tuple[int, Mapping[str, Any]]] = (),
-    ) -> StreamingPush:
+    ) -> StreamingPush | BulkStreamingPush:
         """A push stream whose header (these gradient specs) goes out now and whose gradients
-        follow as they are sent (StreamingPush.send); over gRPC, never shared memory. Used by
+        follow as they are sent (StreamingPush.send); over the bulk-data channel or gRPC, never
+        shared memory. Used by
         RemoteAdam(overlap=True); `finish()` gives the reply, `cancel()` leaves nothing applied."""
         header = _push_header(
             model, specs, rank=rank, version=version, loss=loss, hyper_updates=hyper_updates
         )
+        bulk = self._bulk_channel()
+        if bulk is not None:
+            return BulkStreamingPush(bulk, header, self.wire_dtype, self.chunk_bytes)
         return StreamingPush(self._push, header, self.wire_dtype, self.chunk_bytes, self._kw())
 
     def pull_params(
@@ -616,6 +774,12 @@ class Client:
     def _pull_once(
         self, req: pb.PullRequest, out: Mapping[str, torch.Tensor] | None
     ) -> PullResult | None:
+        bulk = self._bulk_channel()
+        if bulk is not None:
+            try:
+                return self._pull_bulk(bulk, req, out)
+            except Unreachable:
+                pass  # gRPC, now and for a while (BulkChannel.turn_off)
         call = self._pull(req, **self._kw())
         frames = iter(call)
         try:
@@ -625,23 +789,7 @@ class Client:
             header = pb.PullHeader.FromString(bytes(first.header))
             if header.not_modified:
                 return PullResult(header.version, {}, True)
-            names = [s.name for s in header.tensors]
-            targets, finals = [], {}
-            for s in header.tensors:
-                shape, dtype = shape_of(s), dtype_from_pb(s.dtype)
-                dst = out.get(s.name) if out is not None else None
-                if dst is not None and tuple(dst.shape) != shape:
-                    raise InvalidArgument(
-                        f"out[{s.name!r}] has shape {list(dst.shape)}, server sent {list(shape)}"
-                    )
-                direct = dst is not None and dst.device.type == "cpu" and dst.is_contiguous()
-                if dst is not None and direct:
-                    buf = dst.detach()
-                else:
-                    buf = torch.empty(shape, dtype=dst.dtype if dst is not None else dtype)
-                targets.append(buf)
-                finals[s.name] = (dst, buf, direct)
-            sink = TensorSink(targets, [dtype_from_pb(s.dtype) for s in header.tensors])
+            sink, finals = _pull_targets(header, out)
             if first.data.nbytes:
                 sink.write(first.tensor, first.offset, first.data)
             for raw in frames:
@@ -652,16 +800,22 @@ class Client:
             call.cancel()
             raise AdamdError(f"malformed pull reply: {exc}") from exc
         consistent = dict(call.trailing_metadata() or ()).get("adamd-consistent", "1") == "1"
-        if not consistent:
-            return None
-        params = {}
-        with torch.no_grad():
-            for name in names:
-                dst, buf, direct = finals[name]
-                if dst is not None and not direct:
-                    dst.copy_(buf)
-                params[name] = dst if dst is not None else buf
-        return PullResult(header.version, params)
+        return _pull_result(header, finals) if consistent else None
+
+    def _pull_bulk(
+        self, bulk: BulkChannel, req: pb.PullRequest, out: Mapping[str, torch.Tensor] | None
+    ) -> PullResult | None:
+        finals: dict[str, tuple[torch.Tensor | None, torch.Tensor, bool]] = {}
+
+        def targets(header: pb.PullHeader) -> TensorSink:
+            sink, made = _pull_targets(header, out)
+            finals.update(made)
+            return sink
+
+        header, consistent = bulk.pull(req, targets)
+        if header.not_modified:
+            return PullResult(header.version, {}, True)
+        return _pull_result(header, finals) if consistent else None
 
     # --- optimizer state ------------------------------------------------------------------------
 

@@ -18,17 +18,25 @@ either way. A server too old for closing headers refuses the stream, and the sam
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
+import socket
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 import torch
 
+from adamd.protocol.bulk import DONE, END, PUSH, FrameSocket
 from adamd.protocol.frames import encode_frame, wire_chunks
 from adamd.v1 import adamd_pb2 as pb
+
+from ._bulk import BulkChannel, BulkError, Unreachable, answer
 
 logger = logging.getLogger(__name__)
 _END = object()
@@ -106,11 +114,77 @@ class StreamingPush:
         self._queue.put(_END)
 
 
+class BulkStreamingPush:
+    """StreamingPush over the bulk-data channel: a thread of its own sends the queued gradients
+    on one connection (a hook only queues, as with gRPC); `cancel()` closes the connection, so
+    the server never applies the push."""
+
+    def __init__(
+        self,
+        channel: BulkChannel,
+        header: pb.PushHeader,
+        wire_dtype: torch.dtype | None,
+        chunk_bytes: int,
+    ):
+        self.header = header
+        self.wire_dtype = wire_dtype
+        self.chunk_bytes = chunk_bytes
+        self._channel = channel
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._reply: Future[pb.PushReply] = Future()
+        self._conn: FrameSocket | None = None
+        self._cancelled = False
+        threading.Thread(target=self._run, name="adamd-overlap", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            with self._channel.connection() as conn:
+                self._conn = conn
+                if self._cancelled:
+                    raise ConnectionAbortedError("the streamed push was cancelled")
+                conn.send(PUSH, self.header.SerializeToString())
+                while True:
+                    item = self._queue.get()
+                    if item is _END or isinstance(item, pb.PushHeader):
+                        closing = item if isinstance(item, pb.PushHeader) else None
+                        conn.send(END, closing.SerializeToString() if closing else b"")
+                        reply = pb.PushReply.FromString(answer(conn, DONE).header)
+                        break
+                    if item.ready is not None:
+                        item.ready.synchronize()
+                    conn.send_tensor(item.index, item.grad, self.wire_dtype, self.chunk_bytes)
+            self._reply.set_result(reply)
+        except Unreachable as exc:
+            self._reply.set_exception(BulkError(grpc.StatusCode.UNAVAILABLE, str(exc)))
+        except BaseException as exc:
+            self._reply.set_exception(exc)
+
+    def send(self, item: Queued) -> None:
+        self._queue.put(item)
+
+    def finish(
+        self, closing: pb.PushHeader | None = None, timeout: float | None = None
+    ) -> pb.PushReply:
+        self._queue.put(_END if closing is None else closing)
+        try:
+            return self._reply.result(timeout)
+        except FutureTimeout:
+            raise grpc.FutureTimeoutError() from None
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        conn = self._conn
+        if conn is not None:  # the sending thread fails at once and drops the connection
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+        self._queue.put(_END)
+
+
 @dataclass
 class OpenPush:
     """The streamed push of the current step, and what was queued for it."""
 
-    stream: StreamingPush
+    stream: StreamingPush | BulkStreamingPush
     names: list[str]  # the header's, in order
     updates: list[tuple[int, dict[str, Any]]]  # hyperparameter edits the header carries
     loss: float | None

@@ -37,7 +37,7 @@ from ._client import Client, push_result
 from ._exceptions import AdamdError, NotFound, StalePush, from_rpc_error
 from ._overlap import GradStreamer, OpenPush, Queued, same_updates
 from ._tls import TLSConfig
-from ._types import ModelInfo, PushResult
+from ._types import ModelInfo, PullResult, PushResult
 
 _STATE_ORDER = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 logger = logging.getLogger(__name__)
@@ -501,7 +501,7 @@ class RemoteAdam(torch.optim.Optimizer):
                             raise RuntimeError(refusal)
                     grads[self._name_of(p)] = p.grad
         try:
-            result = self._push(grads)
+            result, pulled = self._push(grads)
         except StalePush:
             # Nothing was applied. Pull the current parameters before raising, or every later
             # step would be computed from the same old version and refused again.
@@ -517,12 +517,16 @@ class RemoteAdam(torch.optim.Optimizer):
         for i, changed in self._updates():
             self._synced[i].update({k: _clone(v) for k, v in changed.items()})
         self.last_result = result
-        self._pull_into(self._named_params())
+        if pulled is None:
+            self._pull_into(self._named_params())
+        else:
+            self.version = pulled.version
         return loss
 
-    def _push(self, grads: dict[str, torch.Tensor]) -> PushResult:
+    def _push(self, grads: dict[str, torch.Tensor]) -> tuple[PushResult, PullResult | None]:
         """Push this step's gradients: by ending the push streamed during backward when it can
-        carry them, else as one push (under the streamed push's id, if there was one)."""
+        carry them, else as one push (under the streamed push's id, if there was one) that
+        brings the new parameters back with it (Client.step; None: pull them next)."""
         found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler.step
         grad_scale = getattr(self, "grad_scale", None)
         skipped = found_inf is not None and bool(found_inf.item())
@@ -543,7 +547,7 @@ class RemoteAdam(torch.optim.Optimizer):
                 # deadline shorter than backward) stops overlap like any other fallback.
                 streamer.note(None if result is not None else "the streamed push failed")
                 if result is not None:
-                    return result
+                    return result, None
             else:
                 op.stream.cancel()
                 if not skipped:  # an overflow now and then is no reason to stop overlapping
@@ -553,9 +557,10 @@ class RemoteAdam(torch.optim.Optimizer):
         elif grad_scale is not None:
             inv = grad_scale.double().reciprocal().float()
             grads = {n: g.float() * inv.to(g.device) for n, g in grads.items()}
-        return self._client.push_grad(
+        return self._client.step(
             self.model,
             grads,
+            self._named_params(),
             version=self.version,
             rank=self.rank or 0,
             push_id=push_id,

@@ -434,6 +434,19 @@ class ShardedClient(Client):
             " nothing, or restore every shard from one version"
         )
 
+    def step(  # type: ignore[override]
+        self,
+        model: str,
+        grads: Mapping[str, torch.Tensor],
+        out: Mapping[str, torch.Tensor],
+        *,
+        wire_dtype: torch.dtype | None = None,
+        **push: Any,
+    ) -> tuple[PushResult, PullResult]:
+        """push_grad, then pull(out=out): one push id over every shard, then one version."""
+        pushed = self.push_grad(model, grads, wire_dtype=wire_dtype, **push)
+        return pushed, self.pull(model, list(out), out=out, wire_dtype=wire_dtype)
+
     def pull(  # type: ignore[override]
         self,
         model: str,

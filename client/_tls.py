@@ -41,6 +41,18 @@ def channel_credentials(tls: bool | TLSConfig) -> grpc.ChannelCredentials:
     )
 
 
+def socket_context(tls: bool | TLSConfig) -> ssl.SSLContext:
+    """The same trust and client certificate for a plain TLS socket (the bulk-data channel)."""
+    config = TLSConfig() if tls is True else tls
+    if not isinstance(config, TLSConfig):
+        raise TypeError(f"tls must be True, False, None or a TLSConfig, got {tls!r}")
+    ca = _read(config.ca) if config.ca is not None else None
+    context = ssl.create_default_context(cadata=ca.decode() if ca is not None else None)
+    if config.cert is not None:
+        context.load_cert_chain(config.cert, config.key)
+    return context
+
+
 def _read(path: str | Path) -> bytes:
     return Path(path).read_bytes()
 

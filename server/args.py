@@ -78,7 +78,16 @@ def add_server_arguments(
         dest="shm",
         action="store_false",
         default=None,
-        help="do not offer same-host clients the shared-memory fast path (they stream over gRPC)",
+        help="do not offer same-host clients the shared-memory fast path (they use the network:"
+        " the bulk-data channel, or gRPC)",
+    )
+    p.add_argument(
+        "--bulk-port",
+        type=int,
+        help="port of the bulk-data channel: pushes and pulls over a plain socket (TLS with"
+        " --tls-cert), without gRPC's copies; clients ask for it over gRPC and fall back to"
+        " gRPC when it cannot be reached (default: the gRPC port + 1, a free port when that is"
+        " 0; 0: a free port; -1: off)",
     )
     add_tls_arguments(p)
     add_limit_arguments(p)
@@ -162,6 +171,7 @@ def config_from_args(args: argparse.Namespace, **extra: Any) -> ServerConfig:
             "durable",
             "stats_every",
             "shm",
+            "bulk_port",
             "tls_cert",
             "tls_key",
             "tls_client_ca",

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .budget import TransferBudget
+from .bulk import BulkServer
 from .config import ServerConfig
 from .errors import StartupError
 from .grpc_server import GrpcServer
@@ -91,12 +92,37 @@ class Daemon:
             self._workers.shutdown(wait=False)
             raise StartupError(f"cannot serve gRPC on {address}: {exc}") from None
         self.grpc_port = self._grpc.port
+        # The bulk-data channel: the same pushes and pulls on a plain socket beside gRPC.
+        self.bulk = self._bind_bulk(config)
         self.ops.facts.grpc_address = self.grpc_address
         self._http_server: Any = None
         self._http_thread: threading.Thread | None = None
         self.http_port: int | None = None
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
+
+    def _bind_bulk(self, config: ServerConfig) -> BulkServer | None:
+        if config.bulk_bind_port is None:
+            return None
+        tls = self.tls.ssl_context() if self.tls else None
+        try:
+            try:
+                bulk = BulkServer(self.service, config.host, config.bulk_bind_port, tls=tls)
+            except OSError:
+                if config.bulk_port is not None:
+                    raise
+                # The default (gRPC's port + 1) is taken: any free port serves as well, clients
+                # learn it over gRPC.
+                bulk = BulkServer(self.service, config.host, 0, tls=tls)
+        except OSError as exc:
+            self._grpc.stop(0)
+            self._workers.shutdown(wait=False)
+            raise StartupError(
+                f"cannot serve the bulk-data channel on {config.host}:{config.bulk_bind_port}:"
+                f" {exc.strerror} (--bulk-port; -1 turns it off)"
+            ) from None
+        self.service.bulk_tickets = bulk.open
+        return bulk
 
     @property
     def grpc_address(self) -> str:
@@ -116,6 +142,8 @@ class Daemon:
             for ext in self.extensions:
                 ext.start()
             self._grpc.start()
+            if self.bulk is not None:
+                self.bulk.start(self._grpc.loop)
             self.ops.facts.ready = True
             if self.config.http_port >= 0:
                 self._start_http()
@@ -123,10 +151,11 @@ class Daemon:
             self.stop(grace=0)  # whatever did start
             raise
         logger.info(
-            "adamd serving gRPC on %s and HTTP on %s (device %s)",
+            "adamd serving gRPC on %s and HTTP on %s (device %s; bulk-data channel: %s)",
             self.grpc_address,
             self.http_url or "(off)",
             self.device,
+            f"port {self.bulk.port}" if self.bulk is not None else "off",
         )
         return self
 
@@ -174,7 +203,10 @@ class Daemon:
             return
         self._stopped.set()
         self.ops.facts.ready = False
+        t0 = time.monotonic()
         self._grpc.stop(grace)
+        if self.bulk is not None:
+            self.bulk.stop(max(grace - (time.monotonic() - t0), 0.0))
         self._workers.shutdown(wait=True)
         if self._http_server is not None:
             self._http_server.should_exit = True

@@ -67,7 +67,7 @@ class GrpcServer:
         credentials: grpc.ServerCredentials | None = None,
     ):
         """`credentials`: TLS (server/tls.py); the port then speaks TLS only."""
-        self._loop = _shared_loop()
+        self._loop = self.loop = _shared_loop()
         self._stopped = False
         self._service = service
         self._server, self.port, self._health = self._call(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -140,6 +141,21 @@ class _Stream:
         return trailer
 
 
+@dataclasses.dataclass
+class PullPlan:
+    model: HostedModel
+    names: list[str]
+    tensors: list[torch.Tensor] | None  # None: not modified since the client's version
+    wire: torch.dtype | None
+    chunk: int  # bytes per frame where tensors are cut into chunks
+    seq: int
+    version: int
+
+    def consistent(self) -> bool:
+        """No step ran since the parameters were read (on the CPU they are sent as they are)."""
+        return self.model.read_consistent(self.seq)
+
+
 class OptimizerService:
     def __init__(
         self,
@@ -164,6 +180,8 @@ class OptimizerService:
         # still waiting answer UNAVAILABLE themselves (retried by clients) instead of being
         # cancelled by grpc, whose status for a cancelled call differs across versions.
         self._cut = asyncio.Event()
+        # The bulk-data channel's tickets (server/bulk.py: BulkServer.open), when it is on.
+        self.bulk_tickets: Callable[[], pb.OpenBulkReply] | None = None
 
     def cut(self) -> None:
         """End, with UNAVAILABLE, the waits of calls still in flight (on the server's loop)."""
@@ -246,6 +264,7 @@ class OptimizerService:
                 "Detach": unary(self.detach, pb.DetachRequest),
                 "Join": unary(self.join, pb.JoinRequest),
                 "Leave": unary(self.leave, pb.LeaveRequest),
+                "OpenBulk": unary(self.open_bulk, pb.OpenBulkRequest),
             },
         )
 
@@ -387,6 +406,17 @@ class OptimizerService:
 
     async def push_grad(self, stream: _Stream, context: Any) -> pb.PushReply:
         header, first = await stream.header(pb.PushHeader)
+        return await self.push(header, lambda sink: stream.receive(sink, first, closing=True))
+
+    async def push(
+        self,
+        header: pb.PushHeader,
+        receive: Callable[[TensorSink | None], Awaitable[bytes | memoryview | None]],
+        on_stepped: Callable[[list[str]], None] | None = None,
+    ) -> pb.PushReply:
+        """One push, whatever carries it: `receive(sink)` writes the gradient's bytes into `sink`
+        (None: drains them) and returns the closing header, if one came (gRPC: the stream's last
+        frame; the bulk channel: its END frame). `on_stepped`: see PushTicket.on_stepped."""
         meta = convert.push_meta_from_pb(header)
         specs = convert.specs_from_pb(header.grads)
         # Its staging buffer (a whole gradient set), held until the step used it. Same-host
@@ -402,8 +432,9 @@ class OptimizerService:
             if ticket.grads is None:  # a duplicate or a retry joining its first copy
                 self.budget.release(held)
                 held = 0
+            ticket.on_stepped = on_stepped
             try:
-                closing = await self._until_cut(stream.receive(ticket.sink, first, closing=True))
+                closing = await self._until_cut(receive(ticket.sink))
                 if closing is not None:
                     amend = convert.push_meta_from_pb(_parse(pb.PushHeader, bytes(closing)))
                     await self._run(self.ops.amend_push, model, ticket, amend)
@@ -434,6 +465,28 @@ class OptimizerService:
                 deadline = await self._run(pending.expire) or deadline
 
     async def pull_params(self, request: pb.PullRequest, context: Any) -> AsyncIterator[bytes]:
+        async with self.pull(request) as plan:
+            if plan.tensors is None:
+                header = pb.PullHeader(version=plan.version, not_modified=True)
+                yield pb.PullFrame(header=header).SerializeToString()
+                return
+            header = pb.PullHeader(
+                version=plan.version,
+                tensors=[spec_of(n, t, plan.wire) for n, t in zip(plan.names, plan.tensors)],
+            )
+            for frame in iter_frames(
+                header.SerializeToString(), plan.tensors, plan.chunk, plan.wire
+            ):
+                yield frame
+            consistent = plan.consistent()
+            context.set_trailing_metadata((("adamd-consistent", "1" if consistent else "0"),))
+
+    @contextlib.asynccontextmanager
+    async def pull(self, request: pb.PullRequest) -> AsyncIterator[PullPlan]:
+        """What a pull sends, whatever carries it: waits for the version asked, checks the
+        request, reserves the pull's transfer memory (given back on leaving the block) and
+        reads the parameters (under the seqlock: `plan.consistent()` after sending says whether
+        a step ran meanwhile). `plan.tensors` is None when the client's copy is current."""
         model = self.ops.model(request.model)
         if request.HasField("wait_for_version"):
             await self._until_cut(
@@ -450,23 +503,16 @@ class OptimizerService:
         if wire is not None and not wire.is_floating_point:
             raise InvalidArgument("wire_dtype must be a float dtype")
         seq, version = await self._run(model.read_begin)
-        if request.HasField("if_newer_than") and version <= request.if_newer_than:
-            header = pb.PullHeader(version=version, not_modified=True)
-            yield pb.PullFrame(header=header).SerializeToString()
-            return
         chunk = reply_chunk_bytes(request.chunk_bytes, self.chunk_bytes)
+        if request.HasField("if_newer_than") and version <= request.if_newer_than:
+            yield PullPlan(model, names, None, wire, chunk, seq, version)
+            return
         held = self._pull_bytes(model, names, wire, chunk)
         if await self._until_cut(self.budget.reserve("the pull", held, self.idle_s)):
             seq, version = await self._run(model.read_begin)  # waited: read what is there now
         try:
             tensors = await self._run(model.host_copies, names, wire)
-            header = pb.PullHeader(
-                version=version, tensors=[spec_of(n, t, wire) for n, t in zip(names, tensors)]
-            )
-            for frame in iter_frames(header.SerializeToString(), tensors, chunk, wire):
-                yield frame
-            consistent = model.read_consistent(seq)
-            context.set_trailing_metadata((("adamd-consistent", "1" if consistent else "0"),))
+            yield PullPlan(model, names, tensors, wire, chunk, seq, version)
         finally:  # also when the client went away or stopped reading (the idle deadline)
             tensors = []
             self.budget.release(held)
@@ -619,6 +665,11 @@ class OptimizerService:
 
     async def detach(self, request: pb.DetachRequest, context: Any) -> pb.DetachReply:
         return await self._run(self.ops.detach, request)
+
+    async def open_bulk(self, request: pb.OpenBulkRequest, context: Any) -> pb.OpenBulkReply:
+        if self.bulk_tickets is None:
+            return pb.OpenBulkReply(accepted=False, reason="the bulk-data channel is off")
+        return self.bulk_tickets()
 
 
 def _staging_bytes(sizes: Any) -> int:

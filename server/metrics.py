@@ -53,28 +53,33 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.rpc_calls = Counter(
-            "adamd_rpc_calls", "gRPC calls handled", ["method", "outcome"], registry=r
+            "adamd_rpc_calls",
+            "calls handled (gRPC and the bulk-data channel)",
+            ["method", "outcome"],
+            registry=r,
         )
         self.rpc_seconds = Histogram(
             "adamd_rpc_duration_seconds",
-            "gRPC call latency, first byte in to last byte out",
+            "call latency, first byte in to last byte out",
             ["method"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.bytes_in = Counter(
             "adamd_received_bytes",
-            "request bytes received over gRPC (not same-host shared memory)",
+            "request bytes received over gRPC and the bulk-data channel (not shared memory)",
             ["method"],
             registry=r,
         )
         self.bytes_out = Counter(
             "adamd_sent_bytes",
-            "reply bytes sent over gRPC (not same-host shared memory)",
+            "reply bytes sent over gRPC and the bulk-data channel (not shared memory)",
             ["method"],
             registry=r,
         )
-        self.pushes = Counter("adamd_pushes", "gradient pushes (PushGrad calls)", registry=r)
+        self.pushes = Counter(
+            "adamd_pushes", "gradient pushes (PushGrad calls and bulk-channel steps)", registry=r
+        )
         self.rejected = Counter(
             "adamd_pushes_rejected",
             "gradient pushes refused, by reason (the error kind)",
@@ -82,7 +87,7 @@ class Metrics:
             registry=r,
         )
         self.pulls = Counter(
-            "adamd_pulls", "parameter pulls over gRPC (PullParams calls)", registry=r
+            "adamd_pulls", "parameter pulls (PullParams calls and bulk-channel steps)", registry=r
         )
         self.push_seconds = Histogram(
             "adamd_push_duration_seconds",
@@ -121,19 +126,20 @@ class Metrics:
     def on_call(
         self, method: str, outcome: str, seconds: float, bytes_in: int, bytes_out: int
     ) -> None:
-        """RpcHooks.on_call: once per gRPC call, after it finished (or failed)."""
+        """RpcHooks.on_call: once per call (gRPC, or the bulk-data channel's PushGrad,
+        PullParams and Step: a push and a pull in one exchange), after it finished or failed."""
         self.rpc_calls.labels(method, outcome).inc()
         self.rpc_seconds.labels(method).observe(seconds)
         if bytes_in:
             self.bytes_in.labels(method).inc(bytes_in)
         if bytes_out:
             self.bytes_out.labels(method).inc(bytes_out)
-        if method == "PushGrad":
+        if method in ("PushGrad", "Step"):
             self.pushes.inc()
             self.push_seconds.observe(seconds)
             if outcome != OK:
                 self.rejected.labels(outcome).inc()
-        elif method == "PullParams":
+        if method in ("PullParams", "Step"):
             self.pulls.inc()
             self.pull_seconds.observe(seconds)
 

@@ -46,6 +46,11 @@ from .rounds import ASYNC, SYNC, Rounds, check_settings
 from .staging import StagingPool
 from .versions import VersionWaits
 
+# A step whose parameters stream back as they are stepped (the bulk channel's STEP) runs in
+# buckets: at least this many bytes of parameters each, and about at most this many buckets.
+MIN_STEP_BUCKET_BYTES = 8 << 20
+MAX_STEP_BUCKETS = 16
+
 __all__ = [
     "ASYNC",
     "SYNC",
@@ -257,7 +262,8 @@ class HostedModel:
             undo = self.groups.apply_all([t.meta.hyper_updates for t in closed.tickets])
         try:
             if not closed.found_inf:
-                self._step(closed.grads)
+                hooks = [t.on_stepped for t in closed.tickets if t.on_stepped is not None]
+                self._step(closed.grads, hooks)
         except Exception:
             with self.on_device():
                 undo()
@@ -267,18 +273,38 @@ class HostedModel:
 
     # --- the step and the seqlock --------------------------------------------------------------
 
-    def _step(self, grads: Mapping[str, torch.Tensor]) -> None:
-        """One torch.optim.Adam step with these gradients (params not named get no step)."""
+    def _step(
+        self,
+        grads: Mapping[str, torch.Tensor],
+        hooks: Sequence[Callable[[list[str]], None]] = (),
+    ) -> None:
+        """One torch.optim.Adam step with these gradients (params not named get no step).
+
+        `hooks` (the bulk channel's STEP requests): on the CPU the step then runs a bucket of
+        parameters at a time, and each hook hears of each bucket as soon as its parameters hold
+        their new values, so they stream back while later buckets step. Adam is elementwise per
+        parameter: the bits are those of one whole step."""
         if self.closed:
             raise NotFound(f"no model named {self.name!r} (it was deleted)")
         on_device = self._to_device(grads)
         self._begin_write()
         try:
-            for name, p in self.params.items():
-                p.grad = on_device.get(name)
             if self.graphed is not None:
+                for name, p in self.params.items():
+                    p.grad = on_device.get(name)
                 self.graphed.run(frozenset(on_device))  # eager, or a captured graph's replay
+            elif hooks and self.device.type == "cpu":
+                for bucket in self._step_buckets(on_device):
+                    for name in bucket:
+                        self.params[name].grad = on_device[name]
+                    self.optimizer.step()
+                    for name in bucket:
+                        self.params[name].grad = None
+                    for hook in hooks:
+                        hook(bucket)
             else:
+                for name, p in self.params.items():
+                    p.grad = on_device.get(name)
                 self.optimizer.step()
             self.version += 1
         finally:
@@ -287,6 +313,22 @@ class HostedModel:
             self._end_write()
         self.last_step_at = time.time()
         self._version_waits.wake(self.version)
+
+    def _step_buckets(self, grads: Mapping[str, torch.Tensor]) -> list[list[str]]:
+        """The stepped parameters in model order, cut into at most about MAX_STEP_BUCKETS
+        buckets of at least MIN_STEP_BUCKET_BYTES (each bucket's step walks every parameter of
+        its groups in Python: a few large buckets, not one per tensor of a large model)."""
+        stepped = [(n, p.numel() * p.element_size()) for n, p in self.params.items() if n in grads]
+        limit = max(MIN_STEP_BUCKET_BYTES, sum(b for _, b in stepped) // MAX_STEP_BUCKETS)
+        buckets: list[list[str]] = [[]]
+        size = 0
+        for name, nbytes in stepped:
+            if size >= limit:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(name)
+            size += nbytes
+        return [b for b in buckets if b]
 
     def _to_device(self, grads: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         if self.device.type == "cpu":

@@ -74,6 +74,9 @@ class PushTicket:
     joined: Future[PushResult] | None = None  # the same push id is in a round now: its outcome
     outcome: Future[PushResult] = field(default_factory=Future)  # this push's, once it is decided
     superseded: bool = False  # a retry of the same id took over while this copy still streamed
+    # The bulk channel's STEP: told of each bucket of parameters as soon as the step has updated
+    # it (called under the model lock, mid-step: it must only hand the names on).
+    on_stepped: Callable[[list[str]], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,15 @@ class TLSFiles:
             require_client_auth=self.client_ca_pem is not None,
         )
 
+    def ssl_context(self) -> ssl.SSLContext:
+        """The server side of TLS on a plain socket (the bulk-data channel)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, self.key)
+        if self.client_ca is not None:
+            context.load_verify_locations(cafile=self.client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
     def uvicorn_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"ssl_certfile": str(self.cert), "ssl_keyfile": str(self.key)}
         if self.client_ca is not None:

@@ -67,6 +67,7 @@ def test_the_manifest_command_line_serves_answers_its_probes_and_requires_its_to
     local = {
         "--host": "127.0.0.1",
         "--grpc-port": "0",
+        "--bulk-port": "0",
         "--http-port": "0",
         "--data-dir": str(tmp_path / "data"),
         "--token-file": str(token),
@@ -109,7 +110,11 @@ def test_ports_volumes_and_services_agree_with_the_command_line() -> None:
     c = _container()
     flags = _flags(c["args"])
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": int(flags["--grpc-port"]), "http": int(flags["--http-port"])}
+    assert ports == {
+        "grpc": int(flags["--grpc-port"]),
+        "bulk": int(flags["--bulk-port"]),
+        "http": int(flags["--http-port"]),
+    }
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"]["port"] in ports
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
@@ -139,7 +144,10 @@ def test_the_image_entrypoint_and_exposed_ports_match_the_cli() -> None:
     build_parser().parse_args(command[1:])  # every flag exists (argparse exits otherwise)
     (exposed,) = re.findall(r"^EXPOSE (.*)$", dockerfile, re.M)
     defaults = ServerConfig()
-    assert sorted(map(int, exposed.split())) == sorted([defaults.grpc_port, defaults.http_port])
+    bulk = defaults.bulk_bind_port
+    assert sorted(map(int, exposed.split())) == sorted(
+        [defaults.grpc_port, bulk, defaults.http_port]
+    )
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
@@ -211,6 +219,7 @@ def test_sharded_overlay_builds_and_every_pod_serves_its_shard(tmp_path: Path) -
             local = {
                 "--host": "127.0.0.1",
                 "--grpc-port": "0",
+                "--bulk-port": "0",
                 "--http-port": "0",
                 "--data-dir": str(tmp_path / f"data{i}"),
                 "--token-file": str(token),

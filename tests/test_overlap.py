@@ -50,23 +50,24 @@ def _assert_equal(a: torch.nn.Module, b: torch.nn.Module, step: int) -> None:
 
 
 def _remote(net: torch.nn.Module, daemon: Daemon, model: str, **kw: object) -> RemoteAdam:
+    """gRPC streams unless `transport="bulk"` (the bulk-data channel) is given."""
     return RemoteAdam(
         net.parameters(),
         lr=LR,
         server=daemon.grpc_address,
         model=model,
-        transport="grpc",
-        **{"overlap": True, **kw},  # type: ignore[arg-type]
+        **{"overlap": True, "transport": "grpc", **kw},  # type: ignore[arg-type]
     )
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize("set_to_none", [True, False])
+@pytest.mark.parametrize("transport", ["grpc", "bulk"])
 def test_streamed_steps_match_local_fused_adam_bitwise(
-    daemon: Daemon, model_name: str, mode: str, set_to_none: bool
+    daemon: Daemon, model_name: str, mode: str, set_to_none: bool, transport: str
 ) -> None:
     remote_net, local_net = _net(), _net()
-    opt = _remote(remote_net, daemon, model_name, mode=mode)
+    opt = _remote(remote_net, daemon, model_name, mode=mode, transport=transport)
     ref = torch.optim.Adam(local_net.parameters(), lr=LR, fused=True)
     try:
         for step in range(STEPS):
@@ -81,6 +82,8 @@ def test_streamed_steps_match_local_fused_adam_bitwise(
             _assert_equal(remote_net, local_net, step)
         assert opt._streamer.streamed == STEPS and opt._streamer.fallbacks == 0
         assert daemon.registry.get(model_name).version == STEPS == opt.version
+        bulk = opt._client._bulk  # the channel's connection stays open for the next step
+        assert (bulk is not None and len(bulk._idle) == 1) == (transport == "bulk")
     finally:
         opt.close()
 
@@ -209,13 +212,14 @@ def test_a_parameter_left_without_gradient_falls_back(
     opt.close()
 
 
+@pytest.mark.parametrize("transport", ["grpc", "bulk"])
 def test_grad_scaler_overflow_discards_the_stream_and_skips_the_step(
-    daemon: Daemon, model_name: str
+    daemon: Daemon, model_name: str, transport: str
 ) -> None:
     """An overflowing step's stream is cancelled (nothing applied, version kept); overflows do
     not count against overlap; the clean GradScaler steps fall back (unscaled at the step)."""
     remote_net, local_net = _net(), _net()
-    opt = _remote(remote_net, daemon, model_name)
+    opt = _remote(remote_net, daemon, model_name, transport=transport)
     ref = torch.optim.Adam(local_net.parameters(), lr=LR, fused=True)
     scalers = [torch.amp.GradScaler("cpu", growth_interval=2) for _ in range(2)]
     model = daemon.registry.get(model_name)

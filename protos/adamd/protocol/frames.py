@@ -290,6 +290,27 @@ class TensorSink:
         self._views: list[np.ndarray | None] = [None] * len(self.targets)
 
     def write(self, index: int, offset: int, data: memoryview) -> None:
+        n = data.nbytes
+        view = self.direct_view(index, offset, n)
+        if view is not None:
+            view[:] = np.frombuffer(data, dtype=np.uint8)
+        else:
+            wire = self.wire_dtypes[index]
+            self._convert_into(self.targets[index], wire, offset // wire.itemsize, data)
+        self.advance(index, offset + n)
+
+    def converts(self, index: int) -> bool:
+        """Whether tensor `index` arrives as another dtype than its target's."""
+        if not 0 <= index < len(self.targets):
+            raise ProtocolError(
+                f"chunk names tensor {index}, but the stream declared {len(self.targets)}"
+            )
+        return self.wire_dtypes[index] != self.targets[index].dtype
+
+    def direct_view(self, index: int, offset: int, n: int) -> np.ndarray | None:
+        """Check a chunk of `n` bytes of tensor `index` at byte `offset`; where it needs no
+        conversion, the target's bytes it fills (a receiver may read straight into them, then
+        calls `advance`); None where it converts (pass the bytes to `write`)."""
         if not 0 <= index < len(self.targets):
             raise ProtocolError(
                 f"chunk names tensor {index}, but the stream declared {len(self.targets)}"
@@ -299,7 +320,6 @@ class TensorSink:
                 f"chunk of tensor {index} at byte {offset}, expected byte {self._received[index]}"
                 " (chunks missing, repeated or out of order)"
             )
-        n = data.nbytes
         end = offset + n
         if end > self._wire_nbytes[index]:
             raise ProtocolError(
@@ -313,15 +333,18 @@ class TensorSink:
             raise ProtocolError(
                 f"tensor {index} travels as {wire} into {target.dtype}: complex only into complex"
             )
-        if wire == target.dtype:
-            view = self._views[index]
-            if view is None:
-                view = self._views[index] = byte_view(target)
-            view[offset:end] = np.frombuffer(data, dtype=np.uint8)
-        else:
-            self._convert_into(target, wire, offset // wire.itemsize, data)
+        if wire != target.dtype:
+            return None
+        view = self._views[index]
+        if view is None:
+            view = self._views[index] = byte_view(target)
+        return view[offset:end]
+
+    def advance(self, index: int, end: int) -> None:
+        """Tensor `index` holds its bytes up to `end` (after a checked chunk was written)."""
+        grew = end > self._received[index]
         self._received[index] = end
-        if n and end == self._wire_nbytes[index] and self.on_complete is not None:
+        if grew and end == self._wire_nbytes[index] and self.on_complete is not None:
             self.on_complete(index)
 
     @staticmethod
@@ -329,6 +352,10 @@ class TensorSink:
         target: torch.Tensor, wire: torch.dtype, start: int, data: memoryview
     ) -> None:
         flat = target.reshape(-1)
+        if not data.readonly:  # torch's vectorized conversion (it refuses read-only buffers)
+            values = torch.frombuffer(data, dtype=wire)
+            flat[start : start + values.numel()].copy_(values)
+            return
         if wire == torch.bfloat16 and target.dtype == torch.float32:
             # bfloat16 is the top half of a float32: widen the bits in place, no temporaries.
             src = np.frombuffer(data, dtype=np.uint16)

@@ -464,3 +464,37 @@ class LeaveReply(_message.Message):
     LEFT_FIELD_NUMBER: _ClassVar[int]
     left: bool
     def __init__(self, left: bool = ...) -> None: ...
+
+class OpenBulkRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class OpenBulkReply(_message.Message):
+    __slots__ = ("accepted", "reason", "port", "ticket")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    port: int
+    ticket: bytes
+    def __init__(self, accepted: bool = ..., reason: _Optional[str] = ..., port: _Optional[int] = ..., ticket: _Optional[bytes] = ...) -> None: ...
+
+class BulkStep(_message.Message):
+    __slots__ = ("push", "pull")
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    push: PushHeader
+    pull: PullRequest
+    def __init__(self, push: _Optional[_Union[PushHeader, _Mapping]] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ...) -> None: ...
+
+class BulkError(_message.Message):
+    __slots__ = ("code", "kind", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    kind: str
+    message: str
+    def __init__(self, code: _Optional[int] = ..., kind: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...

@@ -109,6 +109,11 @@ class OptimizerStub(object):
                 request_serializer=adamd_dot_v1_dot_adamd__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=adamd_dot_v1_dot_adamd__pb2.LeaveReply.FromString,
                 _registered_method=True)
+        self.OpenBulk = channel.unary_unary(
+                '/adamd.v1.Optimizer/OpenBulk',
+                request_serializer=adamd_dot_v1_dot_adamd__pb2.OpenBulkRequest.SerializeToString,
+                response_deserializer=adamd_dot_v1_dot_adamd__pb2.OpenBulkReply.FromString,
+                _registered_method=True)
 
 
 class OptimizerServicer(object):
@@ -217,6 +222,15 @@ class OptimizerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenBulk(self, request, context):
+        """Bulk-data channel: a port and a one-use ticket for pushes and pulls over a plain socket
+        (adamd.protocol.bulk), which moves tensor bytes without gRPC's copies. Authorized like every
+        call; the socket speaks TLS when this port does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OptimizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -294,6 +308,11 @@ def add_OptimizerServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=adamd_dot_v1_dot_adamd__pb2.LeaveRequest.FromString,
                     response_serializer=adamd_dot_v1_dot_adamd__pb2.LeaveReply.SerializeToString,
+            ),
+            'OpenBulk': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenBulk,
+                    request_deserializer=adamd_dot_v1_dot_adamd__pb2.OpenBulkRequest.FromString,
+                    response_serializer=adamd_dot_v1_dot_adamd__pb2.OpenBulkReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -701,6 +720,33 @@ class Optimizer(object):
             '/adamd.v1.Optimizer/Leave',
             adamd_dot_v1_dot_adamd__pb2.LeaveRequest.SerializeToString,
             adamd_dot_v1_dot_adamd__pb2.LeaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenBulk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adamd.v1.Optimizer/OpenBulk',
+            adamd_dot_v1_dot_adamd__pb2.OpenBulkRequest.SerializeToString,
+            adamd_dot_v1_dot_adamd__pb2.OpenBulkReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,267 @@
+"""The bulk-data channel's client side (adamd.protocol.bulk): pushes and pulls over plain sockets.
+
+A Client asks the server for the channel over gRPC on its first push or pull (`OpenBulk`, which
+carries the Client's token like every call), connects to the host it reached gRPC at, on the port
+the server names (TLS when the Client uses TLS, trusting the same CA and presenting the same client
+certificate), and keeps the connection for later calls (one per thread calling at once). Gradients
+go out of tensor memory and parameters land in their destination tensors with no copy but the
+kernel's.
+
+gRPC stays the fallback: a server that offers no channel, a port that cannot be reached (a
+firewall, a proxy in between) or a first request that breaks turns the channel off for a minute
+and the call goes over gRPC at once. Failures the server answers come back as `BulkError`, shaped
+like grpc.RpcError, so Client.call retries them (pushes under the same push id: exactly once) and
+raises them as it does gRPC's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import NoReturn
+
+import grpc
+import torch
+
+from adamd.protocol import ProtocolError
+from adamd.protocol.bulk import (
+    DATA,
+    DONE,
+    END,
+    FAIL,
+    HEAD,
+    HELO,
+    PULL,
+    PUSH,
+    STEP,
+    FrameSocket,
+    Prefix,
+)
+from adamd.protocol.frames import TensorSink, dtype_from_pb
+from adamd.v1 import adamd_pb2 as pb
+
+CONNECT_S = 5.0  # to connect and hand over the ticket, or the channel is unreachable
+OFF_S = 60.0  # how long a channel that could not be used stays off before it is tried again
+MAX_IDLE = 4  # connections kept for later calls
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+class BulkError(grpc.RpcError):
+    """A bulk request's failure, with a gRPC call's status code, details and error kind."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, kind: str = ""):
+        super().__init__(details)
+        self._code, self._details, self._kind = code, details, kind
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("adamd-error", self._kind),) if self._kind else ()
+
+
+class Unreachable(Exception):
+    """The channel cannot be used from here (declined, or its port cannot be reached)."""
+
+
+class BulkChannel:
+    def __init__(
+        self,
+        host: str,
+        open_bulk: Callable[[], pb.OpenBulkReply],
+        tls: ssl.SSLContext | None,
+        timeout: float | None,
+    ):
+        """`host`: where gRPC was reached (the channel is on the same host); `open_bulk` asks
+        for a ticket over gRPC; `timeout`: per-call deadline (None: none; dead peers are found
+        by TCP keepalive)."""
+        self.host = host
+        self._open = open_bulk
+        self._tls = tls
+        self._timeout = timeout
+        self._idle: list[FrameSocket] = []
+        self._lock = threading.Lock()
+        self._off_until = 0.0
+        self.off_reason = ""
+
+    def usable(self) -> bool:
+        return time.monotonic() >= self._off_until
+
+    def turn_off(self, reason: str, for_s: float = OFF_S) -> None:
+        self.off_reason = reason
+        self._off_until = time.monotonic() + for_s
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    # --- connections ----------------------------------------------------------------------------
+
+    def _connect(self) -> FrameSocket:
+        try:
+            reply = self._open()
+        except grpc.RpcError as err:
+            code = err.code() if hasattr(err, "code") else None
+            if code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED):
+                self.turn_off(f"the server offers no bulk-data channel ({code})", float("inf"))
+                raise Unreachable(self.off_reason) from None
+            raise  # unavailable, unauthenticated, ...: what gRPC would answer too
+        if not reply.accepted:
+            self.turn_off(f"the server declined: {reply.reason}")
+            raise Unreachable(self.off_reason)
+        try:
+            sock = socket.create_connection((self.host, reply.port), timeout=CONNECT_S)
+        except OSError as exc:
+            self.turn_off(f"{self.host}:{reply.port} cannot be reached: {exc}")
+            raise Unreachable(self.off_reason) from None
+        try:
+            _keepalive(sock)
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+            conn = FrameSocket(sock, CONNECT_S)
+            conn.send(HELO, reply.ticket)
+            sock.settimeout(self._timeout)
+        except (OSError, ssl.SSLError) as exc:
+            sock.close()
+            self.turn_off(f"{self.host}:{reply.port}: {exc}")
+            raise Unreachable(self.off_reason) from None
+        return conn
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[FrameSocket]:
+        """A connection for one request (kept for the next when the request went through);
+        connection failures leave as BulkError(UNAVAILABLE), retried by Client.call."""
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        fresh = conn is None
+        if conn is None:
+            conn = self._connect()
+        done = False
+        try:
+            yield conn
+            done = True
+        except (OSError, ssl.SSLError, ProtocolError) as exc:
+            if fresh:  # the server closed a new connection: its ticket or TLS did not pass
+                self.turn_off(f"a new bulk connection to {self.host} broke: {exc}")
+            raise BulkError(
+                grpc.StatusCode.UNAVAILABLE, f"bulk connection to {self.host} lost: {exc}"
+            ) from None
+        finally:
+            if done:
+                with self._lock:
+                    if len(self._idle) < MAX_IDLE:
+                        self._idle.append(conn)
+                        conn = None
+            if conn is not None:
+                conn.close()
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def push(
+        self,
+        header: pb.PushHeader,
+        tensors: Sequence[torch.Tensor],
+        wire_dtype: torch.dtype | None,
+        chunk_bytes: int,
+    ) -> pb.PushReply:
+        with self.connection() as conn:
+            conn.send(PUSH, header.SerializeToString())
+            conn.send_tensors(tensors, wire_dtype, chunk_bytes)
+            conn.send(END)
+            frame = answer(conn, DONE)
+            return pb.PushReply.FromString(frame.header)
+
+    def pull(
+        self,
+        request: pb.PullRequest,
+        targets: Callable[[pb.PullHeader], TensorSink],
+    ) -> tuple[pb.PullHeader, bool]:
+        """Send `request`; the reply's data goes into the sink `targets(header)` makes.
+        Returns the header and whether the bytes are one version."""
+        with self.connection() as conn:
+            conn.send(PULL, request.SerializeToString())
+            header, consistent, _ = _receive_pull(conn, targets)
+            return header, consistent
+
+    def step(
+        self,
+        header: pb.PushHeader,
+        tensors: Sequence[torch.Tensor],
+        request: pb.PullRequest,
+        targets: Callable[[pb.PullHeader], TensorSink],
+        chunk_bytes: int,
+    ) -> tuple[pb.PushReply, pb.PullHeader, bool]:
+        """A push and then a pull in one exchange (STEP): the push's reply, the pull's header,
+        and whether its bytes are one version."""
+        wire = dtype_from_pb(request.wire_dtype) if request.wire_dtype else None
+        with self.connection() as conn:
+            conn.send(STEP, pb.BulkStep(push=header, pull=request).SerializeToString())
+            conn.send_tensors(tensors, wire, chunk_bytes)
+            conn.send(END)
+            pulled, consistent, end = _receive_pull(conn, targets)
+            return pb.PushReply.FromString(end), pulled, consistent
+
+
+def _receive_pull(
+    conn: FrameSocket, targets: Callable[[pb.PullHeader], TensorSink]
+) -> tuple[pb.PullHeader, bool, bytes]:
+    """HEAD, DATA frames into `targets(header)`, END: (header, consistent, END's header)."""
+    try:
+        return _read_pull(conn, targets)
+    except BaseException:
+        conn.settle()
+        raise
+
+
+def _read_pull(
+    conn: FrameSocket, targets: Callable[[pb.PullHeader], TensorSink]
+) -> tuple[pb.PullHeader, bool, bytes]:
+    header = pb.PullHeader.FromString(answer(conn, HEAD).header)
+    sink = None if header.not_modified else targets(header)
+    while True:
+        frame = conn.recv()
+        if frame.kind == END:
+            break
+        if frame.kind == FAIL:
+            answer_fail(frame)
+        if frame.kind != DATA:
+            raise ProtocolError(f"a {frame.kind!r} frame inside a pull reply")
+        conn.recv_data(frame, sink)
+    conn.flush()
+    if sink is not None:
+        sink.check_complete()
+    return header, frame.tensor == 1, frame.header
+
+
+def answer(conn: FrameSocket, want: bytes) -> Prefix:
+    """The reply frame of a request: `want`, or FAIL raised as a BulkError."""
+    frame = conn.recv()
+    if frame.kind == FAIL:
+        answer_fail(frame)
+    if frame.kind != want or frame.nbytes:
+        raise ProtocolError(f"expected a {want!r} frame, got {frame.kind!r}")
+    return frame
+
+
+def answer_fail(frame: Prefix) -> NoReturn:
+    error = pb.BulkError.FromString(frame.header)
+    code = _CODES.get(error.code, grpc.StatusCode.UNKNOWN)
+    raise BulkError(code, error.message, error.kind)  # the connection is not used again
+
+
+def _keepalive(sock: socket.socket) -> None:
+    """Find a peer that went away without a word (as gRPC's keepalive does) within ~1 min."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
