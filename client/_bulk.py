@@ -150,7 +150,8 @@ class BulkChannel:
             yield conn
             done = True
         except (OSError, ssl.SSLError, ProtocolError) as exc:
-            if fresh:  # the server closed a new connection: its ticket or TLS did not pass
+            if fresh and not conn.aborted:  # the server closed a new connection: its ticket
+                # or TLS did not pass
                 self.turn_off(f"a new bulk connection to {self.host} broke: {exc}")
             raise BulkError(
                 grpc.StatusCode.UNAVAILABLE, f"bulk connection to {self.host} lost: {exc}"

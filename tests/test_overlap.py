@@ -244,6 +244,8 @@ def test_grad_scaler_overflow_discards_the_stream_and_skips_the_step(
         streamer = opt._streamer
         assert streamer is not None and streamer.streamed == 0
         assert "GradScaler" in (streamer.last_fallback or "")
+        bulk = opt._client._bulk  # a cancelled stream is no reason to leave the channel
+        assert transport == "grpc" or (bulk is not None and bulk.off_reason == "")
     finally:
         opt.close()
 

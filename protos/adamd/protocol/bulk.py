@@ -98,6 +98,7 @@ class FrameSocket:
         self._pending: deque[tuple[Future[None], int]] = deque()  # conversions in flight
         self.bytes_in = 0
         self.bytes_out = 0
+        self.aborted = False  # closed on purpose (a cancelled request): its errors are expected
 
     def close(self) -> None:
         try:
