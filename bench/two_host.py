@@ -13,13 +13,15 @@ rep by rep, so all of them see the same moments of a noisy machine. Variants (`-
 Measurements (`--what`):
 
 - `step`: RemoteAdam.step() round trip (push + server Adam + pull into the local parameters) at
-  `--step-size` fp32 params (default 25M) in `--tensors` tensors (default 4),
-  `transport="grpc"`, wire fp32 and bf16; the torch RPC peer's push + fused Adam + pull (one
-  `rpc_sync`) on the same tensors. Best of `--reps` after `--warmup` calls of each.
+  `--step-size` fp32 params (default 25M) in `--tensors` tensors (default 4), wire fp32 and
+  bf16, over the bulk-data channel (the default across hosts: one STEP exchange) and over gRPC
+  streams (`transport="grpc"`); the torch RPC peer's push + fused Adam + pull (one `rpc_sync`) on
+  the same tensors. Best of `--reps` after `--warmup` calls of each.
 - `train`: a character-level transformer LM (torch.nn.TransformerEncoder, pre-norm, causal; on
-  examples/data/sonnets.txt) trained with a local fused Adam, RemoteAdam fp32 and bf16 across the
-  namespaces, and the torch RPC peer across the namespaces (the worker sends the gradients, copies
-  the returned parameters into the model). Each contender has its own copy of one initial model and
+  examples/data/sonnets.txt) trained with a local fused Adam; RemoteAdam on the same host (a
+  second `adamd serve` in the worker's namespace: shared memory); RemoteAdam fp32 and bf16 across
+  the namespaces, with and without overlap; and the torch RPC peer across the namespaces (the
+  worker sends the gradients, copies the returned parameters into the model). Each contender has its own copy of one initial model and
   sees the same batches; contenders take turns in blocks of `--train-block` steps. Reported: mean
   step time (zero grad + forward + backward + optimizer step), its overhead over the local fused
   Adam, the median step time, and the mean time from the end of backward to the end of the step.
@@ -66,6 +68,7 @@ SERVER_NS, WORKER_NS = "adxh-s", "adxh-w"
 SERVER_IF, WORKER_IF = "adxh-vs", "adxh-vw"
 SERVER_IP, WORKER_IP = "10.72.0.1", "10.72.0.2"
 ADAMD_PORT, RPC_PORT = 50051, 29533
+LOCAL_PORT = 50061  # a second adamd serve in the worker's namespace: the same-host contender
 LOCK = Path(tempfile.gettempdir()) / "adxh-two-host.lock"
 SECTION = "two-host"
 TBF_10GBE = "rate 10gbit burst 5mb latency 10ms"  # burst >= rate / HZ (5 MB at HZ=250)
@@ -94,6 +97,7 @@ CONTENDERS_STEP = (
 )
 CONTENDERS_TRAIN = (
     "local fused Adam",
+    "adamd same host",
     "adamd fp32",
     "adamd bf16",
     "adamd fp32 overlap",
@@ -223,9 +227,13 @@ def run_variant(variant: Variant, cfg: dict[str, Any], timeout: float) -> dict[s
         serve = [py, "-m", "adamd.server.cli", "serve", "--no-shm", "--host", SERVER_IP,
                  "--grpc-port", str(ADAMD_PORT), "--http-port", "-1", "--device", "cpu",
                  "--data-dir", str(tmp / "data"), "--snapshot-every-s", "0"]  # fmt: skip
+        local = [py, "-m", "adamd.server.cli", "serve", "--host", "127.0.0.1",
+                 "--grpc-port", str(LOCAL_PORT), "--http-port", "-1", "--device", "cpu",
+                 "--data-dir", str(tmp / "local"), "--snapshot-every-s", "0"]  # fmt: skip
         me = [py, "-m", "bench.two_host"]
         with (
             _in_ns(SERVER_NS, "adamd", serve, tmp, SERVER_IF) as adamd,
+            _in_ns(WORKER_NS, "adamd-local", local, tmp, WORKER_IF),
             _in_ns(SERVER_NS, "rpc-ps", [*me, "--role", "rpc-ps"], tmp, SERVER_IF) as ps,
             _in_ns(WORKER_NS, "worker", [*me, "--role", "worker", json.dumps(cfg)], tmp,
                    WORKER_IF) as worker,
@@ -388,7 +396,8 @@ def _train_steppers(cfg: dict[str, Any], base: CharLM) -> dict[str, tuple[CharLM
             continue
         m = copy.deepcopy(base)
         wire = torch.bfloat16 if "bf16" in label else None
-        opt = RemoteAdam(m.parameters(), lr=lr, server=cfg["adamd"],
+        server = cfg["adamd_local"] if "same host" in label else cfg["adamd"]
+        opt = RemoteAdam(m.parameters(), lr=lr, server=server,
                          model="lm-" + label[6:].replace(" ", "-"), transport="auto",
                          wire_dtype=wire, overlap="overlap" in label)  # fmt: skip
         out[label] = (m, opt.step)
@@ -449,6 +458,7 @@ def _worker_main(cfg: dict[str, Any]) -> int:
     from .common import wait_for_channel
 
     wait_for_channel(cfg["adamd"], timeout=120)
+    wait_for_channel(cfg["adamd_local"], timeout=120)
     _rpc_init(1)
     result: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
     for what, measure in (("step", _measure_step), ("train", _measure_train)):
@@ -556,6 +566,7 @@ STEP_TARGETS = {
     "adamd bf16": {"mtu1500": 0.7, "10gbe": 0.6},
 }
 TRAIN_TARGETS = {
+    "adamd same host": 0.03,
     "adamd fp32": 0.15,
     "adamd bf16": 0.10,
     "adamd fp32 overlap": 0.15,
@@ -652,6 +663,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     quick = args.quick
     return {
         "adamd": f"{SERVER_IP}:{ADAMD_PORT}",
+        "adamd_local": f"127.0.0.1:{LOCAL_PORT}",
         "what": args.what.split(","),
         "step_n": parse_size(args.step_size or ("200k" if quick else "25M")),
         "tensors": args.tensors,

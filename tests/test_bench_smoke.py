@@ -143,7 +143,7 @@ def test_two_host_quick(tmp_path: Path) -> None:
     (block,) = report.kept_sections(text)
     assert block.startswith("<!-- begin two-host -->") and "Errors during the run" not in block
     assert re.search(
-        r"^\| 10gbe \| \d+ \(\d+\) \| \d+ \(\d+\) \| \d+ \(\d+\) \| [\d.]+x \|", text, re.M
+        rf"^\| 10gbe \| (\d+ \(\d+\) \| ){{{len(two_host.CONTENDERS_STEP)}}}[\d.]+x \|", text, re.M
     )
     assert re.search(
         r"^\| 10gbe \| adamd bf16 \| \d+ \| \d+ \| \d+ \| [+-]\d+% \| [+-]\d+% \|", text, re.M
