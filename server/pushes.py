@@ -58,7 +58,10 @@ class StepRecord:
     scalars: Mapping[str, float]
     grads: Mapping[
         str, torch.Tensor
-    ]  # the averaged gradients the step used (valid only during the callback)
+    ]  # the averaged gradients the step used (valid only during the callback and `later`)
+    # Work an observer leaves for after the pushes are answered (statistics): run at once, lock
+    # still held and `grads` still valid, but no longer in the way of the replies.
+    later: list[Callable[[], None]] = field(default_factory=list)
 
 
 @dataclass

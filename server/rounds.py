@@ -362,10 +362,19 @@ class Rounds:
         for t in tickets:
             if t.meta.push_id:
                 self.ledger.record(t.meta.push_id, result)
-        self._observe(closed, result, time.perf_counter() - t0)
-        self._end(rnd, tickets, result=result)
+        record = self._observe(closed, result, time.perf_counter() - t0)
+        try:
+            self._end(rnd, tickets, result=result, release=False)
+        finally:
+            for work in record.later:  # statistics: after the replies, before the buffers go
+                try:
+                    work()
+                except Exception:
+                    logger.exception("deferred observer work of model %s failed", self.name)
+            for t in tickets:
+                self._release(t)
 
-    def _observe(self, closed: ClosedRound, result: PushResult, seconds: float) -> None:
+    def _observe(self, closed: ClosedRound, result: PushResult, seconds: float) -> StepRecord:
         """After the step and the ledger: note who was heard from, then tell observers."""
         record = StepRecord(
             model=self.name,
@@ -388,6 +397,7 @@ class Rounds:
                 observer(record)
             except Exception:
                 logger.exception("observer of model %s failed", self.name)
+        return record
 
     def _end(
         self,
@@ -396,10 +406,13 @@ class Rounds:
         *,
         result: PushResult | None = None,
         error: BaseException | None = None,
+        release: bool = True,
     ) -> None:
-        """Release the round's buffers and decide its pushes with `result` or `error`. Lock held."""
-        for t in tickets:
-            self._release(t)
+        """Release the round's buffers (unless the caller still needs them) and decide its
+        pushes with `result` or `error`. Lock held."""
+        if release:
+            for t in tickets:
+                self._release(t)
         if self._current is rnd:
             self._current = None
         failed = None

@@ -5,7 +5,8 @@ step, under the model lock, on the step path. So the observer does as little as 
 
 * every step: a few Python scalars (lr per group, loss, step time, workers, their lag) appended to
   a bounded deque;
-* on a stats step: the gradient norm (one batched `torch._foreach_norm` over the averaged
+* on a stats step, once the step's pushes are answered (StepRecord.later, still under the lock,
+  so it delays the next step of the model, not this one's replies): the gradient norm (one batched `torch._foreach_norm` over the averaged
   gradients) and the update norm, recomputed from the Adam state the step just wrote
   (lr / (1 - beta1^t) * exp_avg / (sqrt(exp_avg_sq / (1 - beta2^t)) + eps), plus the decoupled
   weight decay term), one tensor at a time, so no copy of the parameters is ever kept. Results stay
@@ -168,6 +169,7 @@ class ModelStats:
         self.history: deque[StepEntry] = deque(maxlen=history_len)
         self.last = _Last()
         self._lock = threading.Lock()  # history and `last` between observer and readers
+        self._computing = threading.Lock()  # held from a stats step's end until its norms exist
         self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # for update norms
         self._last_cost = 0.0  # seconds the latest stats step spent on norms
         self._last_at = 0.0  # perf_counter when it ran
@@ -196,17 +198,26 @@ class ModelStats:
             scalars=dict(record.scalars),
             lag=lag,
         )
-        last = None
         if record.applied and self._due(record.version):
-            t0 = time.perf_counter()
-            with model.on_device():
-                entry.norms, last = self._norms_of_step(record)
-            self._last_at = time.perf_counter()
-            self._last_cost = self._last_at - t0
+            # The norms run once the pushes are answered (StepRecord.later): readers wait for
+            # them (`_computing`), the workers do not.
+            self._computing.acquire()
+            record.later.append(lambda: self._norms_later(record, entry))
         with self._lock:
             self.history.append(entry)
-            if last is not None:
+
+    def _norms_later(self, record: StepRecord, entry: StepEntry) -> None:
+        try:
+            t0 = time.perf_counter()
+            with self.model.on_device():
+                norms, last = self._norms_of_step(record)
+            self._last_at = time.perf_counter()
+            self._last_cost = self._last_at - t0
+            with self._lock:
+                entry.norms = norms
                 self.last = last
+        finally:
+            self._computing.release()
 
     def _norms_of_step(self, record: StepRecord) -> tuple[tuple[torch.Tensor, torch.Tensor], _Last]:
         names = list(record.grads)
@@ -274,6 +285,8 @@ class ModelStats:
     # --- reads (any thread) --------------------------------------------------------------------
 
     def entries(self, since: int | None = None, limit: int | None = None) -> list[StepEntry]:
+        with self._computing:  # a step already answered has its norms
+            pass
         with self.model.on_device(), self._lock:  # norms still on the device are read here
             items = list(self.history)
             if since is not None:
