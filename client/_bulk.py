@@ -107,14 +107,17 @@ class BulkChannel:
     # --- connections ----------------------------------------------------------------------------
 
     def _connect(self) -> FrameSocket:
+        """A new connection past its handshake (the server answers HELO once it took the
+        ticket); Unreachable, and gRPC for a while, when that does not happen within CONNECT_S."""
         try:
             reply = self._open()
         except grpc.RpcError as err:
             code = err.code() if hasattr(err, "code") else None
-            if code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED):
-                self.turn_off(f"the server offers no bulk-data channel ({code})", float("inf"))
-                raise Unreachable(self.off_reason) from None
-            raise  # unavailable, unauthenticated, ...: what gRPC would answer too
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED):
+                raise  # what any gRPC call would meet now: retried, or raised
+            forever = code == grpc.StatusCode.UNIMPLEMENTED  # a server without the channel
+            self.turn_off(f"OpenBulk failed: {code}", float("inf") if forever else OFF_S)
+            raise Unreachable(self.off_reason) from None
         if not reply.accepted:
             self.turn_off(f"the server declined: {reply.reason}")
             raise Unreachable(self.off_reason)
@@ -129,30 +132,37 @@ class BulkChannel:
                 sock = self._tls.wrap_socket(sock, server_hostname=self.host)
             conn = FrameSocket(sock, CONNECT_S)
             conn.send(HELO, reply.ticket)
+            answer(conn, HELO)
             sock.settimeout(self._timeout)
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ssl.SSLError, ProtocolError, BulkError) as exc:
             sock.close()
-            self.turn_off(f"{self.host}:{reply.port}: {exc}")
+            self.turn_off(f"{self.host}:{reply.port}: no handshake ({exc})")
             raise Unreachable(self.off_reason) from None
         return conn
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[FrameSocket]:
-        """A connection for one request (kept for the next when the request went through);
-        connection failures leave as BulkError(UNAVAILABLE), retried by Client.call."""
+        """A connection for one request (kept for the next when the request went through).
+        A connection that breaks leaves as BulkError(UNAVAILABLE), retried by Client.call; a
+        reply that does not arrive within the Client's `timeout` as DEADLINE_EXCEEDED, and one
+        that does not decode as INTERNAL (AdamdError), as gRPC's would."""
         with self._lock:
             conn = self._idle.pop() if self._idle else None
-        fresh = conn is None
         if conn is None:
             conn = self._connect()
         done = False
         try:
             yield conn
             done = True
-        except (OSError, ssl.SSLError, ProtocolError) as exc:
-            if fresh and not conn.aborted:  # the server closed a new connection: its ticket
-                # or TLS did not pass
-                self.turn_off(f"a new bulk connection to {self.host} broke: {exc}")
+        except TimeoutError as exc:
+            raise BulkError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"no reply from {self.host} in time: {exc}"
+            ) from None
+        except ProtocolError as exc:
+            raise BulkError(
+                grpc.StatusCode.INTERNAL, f"malformed reply from {self.host}: {exc}"
+            ) from None
+        except (OSError, ssl.SSLError) as exc:
             raise BulkError(
                 grpc.StatusCode.UNAVAILABLE, f"bulk connection to {self.host} lost: {exc}"
             ) from None

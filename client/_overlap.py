@@ -141,7 +141,6 @@ class BulkStreamingPush:
             with self._channel.connection() as conn:
                 self._conn = conn
                 if self._cancelled:
-                    conn.aborted = True
                     raise ConnectionAbortedError("the streamed push was cancelled")
                 conn.send(PUSH, self.header.SerializeToString())
                 while True:
@@ -176,7 +175,6 @@ class BulkStreamingPush:
         self._cancelled = True
         conn = self._conn
         if conn is not None:  # the sending thread fails at once and drops the connection
-            conn.aborted = True
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_RDWR)
         self._queue.put(_END)

@@ -85,9 +85,9 @@ def add_server_arguments(
         "--bulk-port",
         type=int,
         help="port of the bulk-data channel: pushes and pulls over a plain socket (TLS with"
-        " --tls-cert), without gRPC's copies; clients ask for it over gRPC and fall back to"
-        " gRPC when it cannot be reached (default: the gRPC port + 1, a free port when that is"
-        " 0; 0: a free port; -1: off)",
+        " --tls-cert), without gRPC's copies; clients learn it over gRPC and fall back to gRPC"
+        " when it cannot be reached (default 0: a free port; behind a firewall choose one and"
+        " open it; -1: off)",
     )
     add_tls_arguments(p)
     add_limit_arguments(p)

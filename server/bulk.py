@@ -24,7 +24,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -34,10 +34,13 @@ from adamd.protocol.bulk import (
     END,
     FAIL,
     HEAD,
+    HELO,
+    MORE,
     PULL,
     PUSH,
     STEP,
     TICKET_BYTES,
+    Closed,
     FrameSocket,
     Prefix,
     check_ticket,
@@ -45,7 +48,7 @@ from adamd.protocol.bulk import (
 from adamd.protocol.frames import TensorSink, spec_of
 from adamd.v1 import adamd_pb2 as pb
 
-from .errors import InvalidArgument, ServerError
+from .errors import DeadlineExceeded, InvalidArgument, ServerError
 from .grpc_service import OptimizerService, PullPlan
 
 logger = logging.getLogger(__name__)
@@ -53,10 +56,12 @@ T = TypeVar("T")
 
 TICKET_S = 30.0  # a ticket not used within this is void
 MAX_TICKETS = 4096  # tickets outstanding at once (more: OpenBulk answers not accepted)
-HANDSHAKE_S = 10.0  # TLS handshake and HELO, or the connection is closed
+HANDSHAKE_S = 10.0  # TLS handshake and HELO in all, or the connection is shut
 KEEPALIVE_S = 600.0  # a connection without a request this long is closed (clients reconnect)
-IO_THREADS = 16  # requests moving bytes at once; more wait their turn on the loop
+IO_THREADS = 16  # frames being read or written at once; waits between frames hold none
 HANDSHAKE_THREADS = 4  # so connections that stall in their handshake cannot hold the I/O threads
+MAX_CONNECTIONS = 1024  # open at once; more are closed at accept (clients fall back to gRPC)
+MAX_HANDSHAKES = 64  # connections not past HELO yet; more are closed at accept
 
 
 class Tickets:
@@ -114,6 +119,7 @@ class BulkServer:
         self._sockets: set[socket.socket] = set()
         self._connections: set[asyncio.Task[None]] = set()
         self._busy: dict[asyncio.Task[Any], socket.socket] = {}  # requests in flight
+        self._handshaking = 0
         self._closing = False
 
     # --- gRPC's side: tickets -------------------------------------------------------------------
@@ -178,20 +184,21 @@ class BulkServer:
             if self._closing:
                 raw.close()
                 return
+            if len(self._connections) >= MAX_CONNECTIONS or self._handshaking >= MAX_HANDSHAKES:
+                raw.close()  # the client's HELO goes unanswered: it falls back to gRPC
+                continue
             task = loop.create_task(self._serve(raw))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
 
     async def _serve(self, raw: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
         self._sockets.add(raw)
         conn: FrameSocket | None = None
         try:
-            conn = ready = await loop.run_in_executor(self._handshakes, self._handshake, raw)
-            if ready.sock is not raw:
-                self._sockets.discard(raw)
-                self._sockets.add(ready.sock)
-            while not self._closing and await self._readable(ready):
+            conn = ready = await self._handshake(raw)
+            self._sockets.discard(raw)
+            self._sockets.add(ready.sock)
+            while not self._closing and await self._readable(ready, KEEPALIVE_S):
                 task = asyncio.current_task()
                 assert task is not None
                 self._busy[task] = ready.sock
@@ -206,26 +213,54 @@ class BulkServer:
         except Exception:
             logger.exception("bulk connection failed")
         finally:
-            sock = conn.sock if conn is not None else raw
-            self._sockets.discard(sock)
             self._sockets.discard(raw)
+            if conn is not None:
+                self._sockets.discard(conn.sock)
+                conn.close()  # its socket and its conversion thread
             with contextlib.suppress(OSError):
-                sock.close()
+                raw.close()
 
-    def _handshake(self, raw: socket.socket) -> FrameSocket:
-        """I/O thread: TLS (when on) and HELO with a valid ticket, within HANDSHAKE_S."""
+    async def _handshake(self, raw: socket.socket) -> FrameSocket:
+        """TLS (when on) and HELO with a valid ticket, answered HELO, within HANDSHAKE_S in all:
+        a watchdog on the loop shuts the socket at the deadline, so a peer that trickles bytes
+        cannot hold a handshake thread past it."""
+        loop = asyncio.get_running_loop()
+        guard = raw.dup()  # the same socket, for the watchdog (TLS takes `raw`'s descriptor)
+        watchdog = loop.call_later(HANDSHAKE_S, _shutdown, guard)
+        self._handshaking += 1
+        try:
+            return await loop.run_in_executor(self._handshakes, self._greet, raw)
+        finally:
+            self._handshaking -= 1
+            watchdog.cancel()
+            guard.close()
+
+    def _greet(self, raw: socket.socket) -> FrameSocket:
+        """Handshake thread: see _handshake."""
         raw.setblocking(True)
         raw.settimeout(HANDSHAKE_S)
-        sock = self.tls.wrap_socket(raw, server_side=True) if self.tls is not None else raw
+        sock = raw
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            try:
+                sock.do_handshake()
+            except BaseException:
+                sock.close()
+                raise
         conn = FrameSocket(sock, HANDSHAKE_S)
-        if not self.tickets.redeem(check_ticket(conn.recv(max_header=TICKET_BYTES))):
-            raise ProtocolError("a bulk connection with an unknown or expired ticket")
-        sock.settimeout(self.service.idle_s)
+        try:
+            if not self.tickets.redeem(check_ticket(conn.recv(max_header=TICKET_BYTES))):
+                raise ProtocolError("a bulk connection with an unknown or expired ticket")
+            conn.send(HELO)  # the client knows now that this connection serves it
+            sock.settimeout(self.service.idle_s)
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
-    async def _readable(self, conn: FrameSocket) -> bool:
-        """Wait, holding no thread, until the next request starts arriving; False when the
-        connection stayed quiet for KEEPALIVE_S."""
+    async def _readable(self, conn: FrameSocket, timeout: float) -> bool:
+        """Wait, holding no thread, until the connection has bytes to read; False when it
+        stayed quiet for `timeout` seconds."""
         sock = conn.sock
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True
@@ -238,7 +273,7 @@ class BulkServer:
 
         loop.add_reader(sock.fileno(), wake)
         try:
-            await asyncio.wait_for(ready, KEEPALIVE_S)
+            await asyncio.wait_for(ready, timeout)
             return True
         except asyncio.TimeoutError:
             return False
@@ -265,7 +300,12 @@ class BulkServer:
         t0, in0, out0 = time.perf_counter(), conn.bytes_in, conn.bytes_out
         method, outcome = "Bulk", "OK"
         try:
-            frame = await self._io_call(conn, conn.recv)
+            try:
+                frame = await self._io_call(conn, conn.recv, self.service.limits.max_message_bytes)
+            except Closed:
+                if conn.bytes_in == in0:
+                    return False  # the client closed an idle connection: no call at all
+                raise
             method = {PUSH: "PushGrad", PULL: "PullParams", STEP: "Step"}.get(frame.kind, method)
             if frame.kind == PUSH:
                 await self._push(conn, frame)
@@ -293,7 +333,7 @@ class BulkServer:
             return False
         finally:
             on_call = self.service.on_call
-            if on_call is not None:
+            if on_call is not None and conn.bytes_in != in0:
                 n_in, n_out = conn.bytes_in - in0, conn.bytes_out - out0
                 on_call(method, outcome, time.perf_counter() - t0, n_in, n_out)
 
@@ -310,19 +350,39 @@ class BulkServer:
                 return
             left -= n
 
+    def _receiver(
+        self, conn: FrameSocket, first: Prefix
+    ) -> Callable[[TensorSink | None], Awaitable[bytes | None]]:
+        """A push's `receive` (OptimizerService.push): its frames into the sink, one frame per
+        I/O call; between frames the loop waits for bytes, holding no thread (a push streamed
+        during backward may pause for as long as backward runs), up to --stream-idle-s."""
+        limits, idle_s = self.service.limits, self.service.idle_s
+
+        async def receive(sink: TensorSink | None) -> bytes | None:
+            reader = conn.request(first, sink, limits.stream_bytes)
+            try:
+                out = await self._io_call(conn, reader.next)
+                while out is MORE:
+                    if not await self._readable(conn, idle_s):
+                        raise DeadlineExceeded(
+                            f"no frame for {idle_s:g}s: the request was ended"
+                            " (server --stream-idle-s)"
+                        )
+                    out = await self._io_call(conn, reader.next, limits.max_message_bytes)
+                return out  # type: ignore[return-value]
+            except BaseException as exc:
+                reader.settle()  # no conversion writes into the sink after this returns
+                if isinstance(exc, ProtocolError):
+                    raise InvalidArgument(str(exc)) from exc
+                raise
+
+        return receive
+
     async def _push(self, conn: FrameSocket, first: Prefix) -> None:
         header = _parse(pb.PushHeader, first.header)
         if first.nbytes:
             raise InvalidArgument("a PUSH frame carries no data")
-        limit = self.service.limits.stream_bytes
-
-        async def receive(sink: TensorSink | None) -> bytes | None:
-            try:
-                return await self._io_call(conn, conn.recv_request, first, sink, limit)
-            except ProtocolError as exc:
-                raise InvalidArgument(str(exc)) from exc
-
-        reply = await self.service.push(header, receive)
+        reply = await self.service.push(header, self._receiver(conn, first))
         await self._io_call(conn, conn.send, DONE, reply.SerializeToString())
 
     async def _step(self, conn: FrameSocket, first: Prefix) -> None:
@@ -335,18 +395,12 @@ class BulkServer:
         if request.HasField("if_newer_than") or request.HasField("wait_for_version"):
             raise InvalidArgument("a STEP's pull takes no if_newer_than or wait_for_version")
         request.model = header.model
-        limit = self.service.limits.stream_bytes
-
-        async def receive(sink: TensorSink | None) -> bytes | None:
-            try:
-                return await self._io_call(conn, conn.recv_request, first, sink, limit)
-            except ProtocolError as exc:
-                raise InvalidArgument(str(exc)) from exc
-
-        model = self.service.ops.model(header.model)
+        receive = self._receiver(conn, first)
+        model, _, _ = self.service.check_pull(request)  # refused before the push, if at all
         if model.graphed is None and model.device.type == "cpu":
-            # The pull's checks and transfer memory first; its tensors are the live parameters.
-            async with self.service.pull(request) as plan:
+            # The tensors are the live parameters, sent from their own memory (conversions go
+            # through the connection's two buffers): no transfer memory to reserve for them.
+            async with self.service.pull(request, reserve=False) as plan:
                 sender = _StepSender(conn, plan, self._io)
                 try:
                     reply = await self.service.push(header, receive, sender.notify)
@@ -402,14 +456,24 @@ class _StepSender:
         self.drain: Future[None] | None = None
         self.sent: set[str] = set()
         self.seq_after = 0
+        self._lock = threading.Lock()
+        self._stopped = False  # the request is over: a late step (a round closed after a
+        # cut) must not start sending
 
     def notify(self, names: list[str]) -> None:
         model = self.plan.model
-        if self.drain is None:
-            self.queue.put(model.version + 1)  # the version this step makes: HEAD
-            self.drain = self.io.submit(self._drain)
-        self.seq_after = model.write_seq + 1  # the seqlock once this step's write ends
-        self.queue.put([n for n in names if n in self.index])
+        with self._lock:
+            if self._stopped:
+                return
+            try:
+                if self.drain is None:
+                    self.queue.put(model.version + 1)  # the version this step makes: HEAD
+                    self.drain = self.io.submit(self._drain)
+            except RuntimeError:  # the I/O pool is shut (the server is stopping): send later
+                self._stopped = True
+                return
+            self.seq_after = model.write_seq + 1  # the seqlock once this step's write ends
+            self.queue.put([n for n in names if n in self.index])
 
     def _drain(self) -> None:
         while (item := self.queue.get()) is not None:
@@ -426,10 +490,13 @@ class _StepSender:
         self.sent.add(name)
 
     async def stop(self) -> None:
-        """Wait until every queued bucket is sent (the loop holds no thread meanwhile)."""
-        if self.drain is not None:
+        """No more buckets; wait until every queued one is sent (holding no thread)."""
+        with self._lock:
+            self._stopped = True
+            drain = self.drain
+        if drain is not None:
             self.queue.put(None)
-            await asyncio.wrap_future(self.drain)
+            await asyncio.wrap_future(drain)
 
     def finish(self, reply: pb.PushReply) -> None:
         """I/O thread, after the push and stop(): the rest, and END."""

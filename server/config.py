@@ -34,9 +34,9 @@ class ServerConfig:
     stats_every: int = 0  # step statistics every N steps; 0: auto (at most 2% of the time); <0: off
     shm: bool = True  # offer the same-host shared-memory fast path
     # The bulk-data channel (server/bulk.py): pushes and pulls over a plain socket on this port,
-    # next to gRPC. None: the gRPC port + 1 (a free one when gRPC's is 0); 0 picks a free one;
-    # -1 turns it off (clients then stream over gRPC).
-    bulk_port: int | None = None
+    # next to gRPC (clients learn it over gRPC). 0 picks a free one; -1 turns it off (clients
+    # then stream over gRPC).
+    bulk_port: int = 0
     # TLS for gRPC and HTTP alike (server/tls.py); cert and key together or neither:
     tls_cert: Path | None = None  # the server's certificate chain, PEM
     tls_key: Path | None = None  # its private key, PEM
@@ -81,11 +81,7 @@ class ServerConfig:
         checks = [
             ("grpc_port", 0 <= self.grpc_port <= 65535, "a port, 0-65535"),
             ("http_port", -1 <= self.http_port <= 65535, "a port, 0-65535, or -1 (off)"),
-            (
-                "bulk_port",
-                self.bulk_port is None or -1 <= self.bulk_port <= 65535,
-                "a port, 0-65535, or -1 (off)",
-            ),
+            ("bulk_port", -1 <= self.bulk_port <= 65535, "a port, 0-65535, or -1 (off)"),
             ("grpc_workers", self.grpc_workers >= 1, "at least 1"),
             ("stream_idle_s", 0 < self.stream_idle_s < float("inf"), "a positive number"),
             (
@@ -122,13 +118,6 @@ class ServerConfig:
                 "the token must be printable ASCII without spaces or line breaks"
                 f" ({len(self.token)} characters given)"
             )
-
-    @property
-    def bulk_bind_port(self) -> int | None:
-        """The port the bulk-data channel binds (0: a free one); None: the channel is off."""
-        if self.bulk_port is None:
-            return self.grpc_port + 1 if 0 < self.grpc_port < 65535 else 0
-        return None if self.bulk_port == -1 else self.bulk_port
 
     @property
     def transfer_budget(self) -> int | None:

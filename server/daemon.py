@@ -102,23 +102,16 @@ class Daemon:
         self._stop_requested = threading.Event()
 
     def _bind_bulk(self, config: ServerConfig) -> BulkServer | None:
-        if config.bulk_bind_port is None:
+        if config.bulk_port < 0:
             return None
         tls = self.tls.ssl_context() if self.tls else None
         try:
-            try:
-                bulk = BulkServer(self.service, config.host, config.bulk_bind_port, tls=tls)
-            except OSError:
-                if config.bulk_port is not None:
-                    raise
-                # The default (gRPC's port + 1) is taken: any free port serves as well, clients
-                # learn it over gRPC.
-                bulk = BulkServer(self.service, config.host, 0, tls=tls)
+            bulk = BulkServer(self.service, config.host, config.bulk_port, tls=tls)
         except OSError as exc:
             self._grpc.stop(0)
             self._workers.shutdown(wait=False)
             raise StartupError(
-                f"cannot serve the bulk-data channel on {config.host}:{config.bulk_bind_port}:"
+                f"cannot serve the bulk-data channel on {config.host}:{config.bulk_port}:"
                 f" {exc.strerror} (--bulk-port; -1 turns it off)"
             ) from None
         self.service.bulk_tickets = bulk.open

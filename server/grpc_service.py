@@ -481,17 +481,11 @@ class OptimizerService:
             consistent = plan.consistent()
             context.set_trailing_metadata((("adamd-consistent", "1" if consistent else "0"),))
 
-    @contextlib.asynccontextmanager
-    async def pull(self, request: pb.PullRequest) -> AsyncIterator[PullPlan]:
-        """What a pull sends, whatever carries it: waits for the version asked, checks the
-        request, reserves the pull's transfer memory (given back on leaving the block) and
-        reads the parameters (under the seqlock: `plan.consistent()` after sending says whether
-        a step ran meanwhile). `plan.tensors` is None when the client's copy is current."""
+    def check_pull(
+        self, request: pb.PullRequest
+    ) -> tuple[HostedModel, list[str], torch.dtype | None]:
+        """A pull request's model, parameter names and wire dtype, or the error it gets."""
         model = self.ops.model(request.model)
-        if request.HasField("wait_for_version"):
-            await self._until_cut(
-                self._wait_for_version(model, request.wait_for_version, request.wait_timeout_s)
-            )
         names = list(request.names) or list(model.params)
         missing = [n for n in names if n not in model.params]
         if missing:
@@ -502,13 +496,27 @@ class OptimizerService:
             raise InvalidArgument(f"wire_dtype: {exc}") from exc
         if wire is not None and not wire.is_floating_point:
             raise InvalidArgument("wire_dtype must be a float dtype")
+        return model, names, wire
+
+    @contextlib.asynccontextmanager
+    async def pull(self, request: pb.PullRequest, reserve: bool = True) -> AsyncIterator[PullPlan]:
+        """What a pull sends, whatever carries it: checks the request, waits for the version
+        asked, reserves the pull's transfer memory (given back on leaving the block; `reserve`
+        False: the caller sends from the parameters' own memory and buffers of its own) and
+        reads the parameters (under the seqlock: `plan.consistent()` after sending says whether
+        a step ran meanwhile). `plan.tensors` is None when the client's copy is current."""
+        model, names, wire = self.check_pull(request)
+        if request.HasField("wait_for_version"):
+            await self._until_cut(
+                self._wait_for_version(model, request.wait_for_version, request.wait_timeout_s)
+            )
         seq, version = await self._run(model.read_begin)
         chunk = reply_chunk_bytes(request.chunk_bytes, self.chunk_bytes)
         if request.HasField("if_newer_than") and version <= request.if_newer_than:
             yield PullPlan(model, names, None, wire, chunk, seq, version)
             return
-        held = self._pull_bytes(model, names, wire, chunk)
-        if await self._until_cut(self.budget.reserve("the pull", held, self.idle_s)):
+        held = self._pull_bytes(model, names, wire, chunk) if reserve else 0
+        if held and await self._until_cut(self.budget.reserve("the pull", held, self.idle_s)):
             seq, version = await self._run(model.read_begin)  # waited: read what is there now
         try:
             tensors = await self._run(model.host_copies, names, wire)

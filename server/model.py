@@ -301,7 +301,10 @@ class HostedModel:
                     for name in bucket:
                         self.params[name].grad = None
                     for hook in hooks:
-                        hook(bucket)
+                        try:  # a hook only hands names on; whatever it does, the step goes on
+                            hook(bucket)
+                        except Exception:
+                            logger.exception("model %s: a step hook failed", self.name)
             else:
                 for name, p in self.params.items():
                     p.grad = on_device.get(name)

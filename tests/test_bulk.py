@@ -262,6 +262,7 @@ def _raw(daemon: Daemon) -> FrameSocket:
     ticket = daemon.bulk.open().ticket
     conn = FrameSocket(socket.create_connection(("127.0.0.1", daemon.bulk.port), timeout=10), 10)
     conn.send(HELO, ticket)
+    assert conn.recv().kind == HELO  # the server took the ticket
     return conn
 
 
@@ -443,3 +444,71 @@ def test_a_sync_round_of_steps_streams_to_every_rank(net_daemon: Daemon, model_n
     )
     want = net_daemon.registry.get(model_name).params["w"]
     assert torch.equal(r0.params["w"], want)
+
+
+def test_a_handshake_that_trickles_is_shut_at_its_deadline(
+    monkeypatch: pytest.MonkeyPatch, model_name: str
+) -> None:
+    """A peer sending its HELO a byte at a time holds a handshake thread only until the
+    deadline, however often it sends; clients meanwhile are served."""
+    from adamd.server import bulk
+
+    monkeypatch.setattr(bulk, "HANDSHAKE_S", 1.0)
+    with running_daemon(shm=False, http_port=-1) as d:
+        assert d.bulk is not None
+        tricklers = [socket.create_connection(("127.0.0.1", d.bulk.port)) for _ in range(8)]
+        t0 = time.monotonic()
+        closed: set[int] = set()
+        while len(closed) < len(tricklers) and time.monotonic() - t0 < 8:
+            for i, s in enumerate(tricklers):
+                if i in closed:
+                    continue
+                try:
+                    s.send(b"H")
+                except OSError:
+                    closed.add(i)
+            time.sleep(0.1)
+        assert len(closed) == len(tricklers) and time.monotonic() - t0 < 5
+        with Client(d.grpc_address) as c:  # served all along
+            c.create_model(model_name, {"w": torch.zeros(10)}, lr=0.1)
+            assert c.push_grad(model_name, {"w": torch.ones(10)}).version == 1
+            assert c._bulk is not None and not c._bulk.off_reason
+        for s in tricklers:
+            s.close()
+
+
+def test_sync_steps_fit_the_budget_a_sync_round_is_allowed(model_name: str) -> None:
+    """Two ranks stepping (STEP) under the smallest budget their round may have: a step's pull
+    sends from the parameters themselves and holds no transfer memory while its push waits."""
+    n = 1 << 20  # 4 MiB of fp32
+    frames = (4 << 20) + (64 << 10)  # one reply's frames in flight, as the round check counts
+    with running_daemon(
+        shm=False, http_port=-1, max_transfer_bytes=2 * (4 << 20) + frames + 4096
+    ) as d:
+        with Client(d.grpc_address) as c:
+            c.create_model(model_name, {"w": torch.zeros(n)}, lr=0.1, world_size=2)
+        got: dict[int, PushResult] = {}
+
+        def worker(rank: int) -> None:
+            with Client(d.grpc_address, retry_timeout=5) as c:
+                got[rank], _ = c.step(
+                    model_name, {"w": torch.ones(n)}, {"w": torch.empty(n)}, rank=rank
+                )
+
+        threads = [threading.Thread(target=worker, args=(r,)) for r in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert got[0].version == got[1].version == 1 and got[0].contributors == 2
+
+
+def test_a_client_deadline_is_not_a_broken_channel(net_daemon: Daemon, model_name: str) -> None:
+    with Client(net_daemon.grpc_address) as c:
+        c.create_model(model_name, {"w": torch.zeros(10)}, lr=0.1, world_size=2)
+    with Client(net_daemon.grpc_address, timeout=0.5) as c:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):  # rank 1 never comes: DeadlineExceeded, not retried
+            c.push_grad(model_name, {"w": torch.ones(10)}, rank=0)
+        assert time.monotonic() - t0 < 5
+        assert c._bulk is not None and c._bulk.off_reason == ""

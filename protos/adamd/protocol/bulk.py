@@ -9,8 +9,9 @@ memory. On this channel a sender hands tensor memory to `socket.sendall` and a r
 A client asks for the channel over gRPC (`OpenBulk`, authorized like every other call: token,
 client certificate) and gets a port and a one-use ticket. It connects to the host it reached gRPC
 at, on that port (TLS when the gRPC port speaks TLS: same certificate, same client-certificate
-rule), sends HELO with the ticket in its header, and then makes requests one at a time. The server
-refuses a connection without a valid ticket by closing it.
+rule), sends HELO with the ticket in its header, waits for the server's HELO (the ticket was
+taken) and then makes requests one at a time. The server refuses a connection without a valid
+ticket by closing it.
 
 Everything on the connection is a frame, as on gRPC streams (adamd.v1's frame messages): a fixed
 prefix
@@ -41,7 +42,7 @@ from __future__ import annotations
 import socket
 import struct
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -98,7 +99,6 @@ class FrameSocket:
         self._pending: deque[tuple[Future[None], int]] = deque()  # conversions in flight
         self.bytes_in = 0
         self.bytes_out = 0
-        self.aborted = False  # closed on purpose (a cancelled request): its errors are expected
 
     def close(self) -> None:
         try:
@@ -182,10 +182,16 @@ class FrameSocket:
                 buffers[b][:n].copy_(flat[i : i + n])
                 view = byte_view(buffers[b])[: n * wire.itemsize]
                 sending[b] = helper.submit(self.send, DATA, b"", index, i * wire.itemsize, view)
-        finally:
+        finally:  # never leave a send running behind an error
+            errors = []
             for f in sending:
                 if f is not None:
-                    f.result()
+                    try:
+                        f.result()
+                    except Exception as exc:
+                        errors.append(exc)
+            if errors:
+                raise errors[0]
 
     def send_tensors(
         self,
@@ -213,6 +219,8 @@ class FrameSocket:
         kind, hlen, tensor, offset, nbytes = PREFIX.unpack(self._prefix)
         if kind not in KINDS:
             raise ProtocolError(f"not an adamd bulk frame (kind {bytes(kind)!r})")
+        if kind == DATA and hlen:
+            raise ProtocolError("a DATA frame carries no header")
         if hlen > max_header:
             raise ProtocolError(f"a frame header of {hlen} bytes (at most {max_header})")
         header = bytearray(hlen)
@@ -234,8 +242,8 @@ class FrameSocket:
     def recv_data(self, frame: Prefix, sink: TensorSink | None) -> None:
         """A DATA frame's bytes into `sink`, straight into the target where no conversion is
         needed (checked first: a chunk that does not fit its tensor is refused before a byte is
-        read); else through a scratch buffer, converted on the helper thread (see `flush`).
-        None drains them."""
+        read); else read into a scratch buffer and converted on the helper thread, where
+        `sink.write` checks each piece before writing it (see `flush`). None drains them."""
         if sink is None:
             self.discard(frame.nbytes)
             return
@@ -286,48 +294,59 @@ class FrameSocket:
             self._scratch = np.empty(CONVERT_CHUNK_BYTES, dtype=np.uint8)
         return self._scratch
 
-    def recv_request(
-        self,
-        first: Prefix,
-        sink: TensorSink | None,
-        max_bytes: int,
-        on_frame: Callable[[], None] | None = None,
-    ) -> bytes | None:
-        """The DATA frames of a request opened by `first` (its data too, if any) into `sink`,
-        through its END; returns END's header (a push's closing header), None when it has none.
-        More than `max_bytes` in all is a ProtocolError."""
+    def request(self, first: Prefix, sink: TensorSink | None, max_bytes: int) -> RequestReader:
+        """The reader of the request `first` opened: see RequestReader."""
+        return RequestReader(self, first, sink, max_bytes)
+
+
+MORE = object()  # RequestReader.next: the request goes on
+
+
+class RequestReader:
+    """The DATA frames of a request into `sink` (None drains them), through its END, one frame
+    per `next()` call, so a server can wait for the next frame without holding a thread.
+
+    `next()` returns MORE, or at END its header (a push's closing header; None when it has none).
+    More than `max_bytes` in all, or a frame a request cannot hold, is a ProtocolError. After any
+    error call `settle()` (conversions may still be writing into the sink's tensors)."""
+
+    def __init__(self, conn: FrameSocket, first: Prefix, sink: TensorSink | None, max_bytes: int):
+        self.conn, self.sink, self.max_bytes = conn, sink, max_bytes
+        self.total = PREFIX.size + len(first.header)
+        self._first: Prefix | None = first
+
+    def next(self, max_header: int = MAX_HEADER_BYTES) -> object:
+        frame = self._first
+        if frame is None:
+            frame = self.conn.recv(max_header)
+            self.total += PREFIX.size + len(frame.header)
+            if frame.kind == END:
+                if frame.nbytes:
+                    raise ProtocolError("an END frame carries no data")
+                self.conn.flush()
+                return frame.header or None
+            if frame.kind != DATA:
+                raise ProtocolError(f"a {frame.kind.decode()} frame inside a request")
+        self._first = None
+        self.total += frame.nbytes
+        if self.total > self.max_bytes:
+            raise ProtocolError(f"the request passed {self.max_bytes} bytes")
+        if frame.nbytes:
+            self.conn.recv_data(frame, self.sink)
+        return MORE
+
+    def read_all(self) -> bytes | None:
+        """Every frame through END (a blocking read of the whole request)."""
         try:
-            return self._recv_request(first, sink, max_bytes, on_frame)
+            while (out := self.next()) is MORE:
+                pass
+            return out  # type: ignore[return-value]
         except BaseException:
             self.settle()
             raise
 
-    def _recv_request(
-        self,
-        first: Prefix,
-        sink: TensorSink | None,
-        max_bytes: int,
-        on_frame: Callable[[], None] | None,
-    ) -> bytes | None:
-        frame, total = first, 0
-        while True:
-            if frame is not first and frame.kind == END:
-                if frame.nbytes:
-                    raise ProtocolError("an END frame carries no data")
-                self.flush()
-                return frame.header or None
-            if frame is not first and frame.kind != DATA:
-                raise ProtocolError(f"a {frame.kind.decode()} frame inside a request")
-            if frame is not first and frame.header:
-                raise ProtocolError("a DATA frame carries no header")
-            total += PREFIX.size + len(frame.header) + frame.nbytes
-            if total > max_bytes:
-                raise ProtocolError(f"the request passed {max_bytes} bytes")
-            if frame.nbytes:
-                self.recv_data(frame, sink)
-            if on_frame is not None:
-                on_frame()
-            frame = self.recv(max_header=MAX_HEADER_BYTES)
+    def settle(self) -> None:
+        self.conn.settle()
 
 
 def check_ticket(frame: Prefix) -> bytes:
