@@ -227,12 +227,14 @@ class BulkServer:
         loop = asyncio.get_running_loop()
         guard = raw.dup()  # the same socket, for the watchdog (TLS takes `raw`'s descriptor)
         watchdog = loop.call_later(HANDSHAKE_S, _shutdown, guard)
+        self._sockets.add(guard)  # and for stop()
         self._handshaking += 1
         try:
             return await loop.run_in_executor(self._handshakes, self._greet, raw)
         finally:
             self._handshaking -= 1
             watchdog.cancel()
+            self._sockets.discard(guard)
             guard.close()
 
     def _greet(self, raw: socket.socket) -> FrameSocket:
