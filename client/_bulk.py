@@ -21,6 +21,7 @@ import socket
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
@@ -88,6 +89,10 @@ class BulkChannel:
         self._timeout = timeout
         self._idle: list[FrameSocket] = []
         self._lock = threading.Lock()
+        # A Client dropped without close() closes its idle connections when collected (even in
+        # a reference cycle: the finalizer, not the garbage, holds the list), as a gRPC channel
+        # does, instead of leaving sockets to the collector's ResourceWarning.
+        self._finalizer = weakref.finalize(self, _close_all, self._idle)
         self._off_until = 0.0
         self.off_reason = ""
 
@@ -100,9 +105,7 @@ class BulkChannel:
 
     def close(self) -> None:
         with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
+            self._finalizer()
 
     # --- connections ----------------------------------------------------------------------------
 
@@ -267,6 +270,11 @@ def answer_fail(frame: Prefix) -> NoReturn:
     error = pb.BulkError.FromString(frame.header)
     code = _CODES.get(error.code, grpc.StatusCode.UNKNOWN)
     raise BulkError(code, error.message, error.kind)  # the connection is not used again
+
+
+def _close_all(conns: list[FrameSocket]) -> None:
+    while conns:
+        conns.pop().close()
 
 
 def _keepalive(sock: socket.socket) -> None:

@@ -165,6 +165,8 @@ class BulkServer:
                 await asyncio.wait(pending, timeout=1.0)
         for sock in list(self._sockets):
             _shutdown(sock)
+        if self._connections:  # their sockets are shut: they end now, before the pools do
+            await asyncio.wait(set(self._connections), timeout=2.0)
 
     # --- connections ----------------------------------------------------------------------------
 
@@ -199,6 +201,8 @@ class BulkServer:
             self._sockets.discard(raw)
             self._sockets.add(ready.sock)
             while not self._closing and await self._readable(ready, KEEPALIVE_S):
+                if self._closing:
+                    break
                 task = asyncio.current_task()
                 assert task is not None
                 self._busy[task] = ready.sock

@@ -113,6 +113,14 @@ class FrameSocket:
             self._helper = ThreadPoolExecutor(1, thread_name_prefix="adamd-bulk-convert")
         return self._helper
 
+    def __del__(self) -> None:
+        # A Client dropped without close() (a RemoteAdam left to the garbage collector) closes
+        # its idle connections here, as a gRPC channel would, without socket's ResourceWarning.
+        try:
+            self.close()
+        except Exception:
+            pass
+
     def __enter__(self) -> FrameSocket:
         return self
 
