@@ -20,8 +20,10 @@ Measurements (`--what`):
 - `train`: a character-level transformer LM (torch.nn.TransformerEncoder, pre-norm, causal; on
   examples/data/sonnets.txt) trained with a local fused Adam; RemoteAdam on the same host (a
   second `adamd serve` in the worker's namespace: shared memory); RemoteAdam fp32 and bf16 across
-  the namespaces, with and without overlap; and the torch RPC peer across the namespaces (the
-  worker sends the gradients, copies the returned parameters into the model). Each contender has its own copy of one initial model and
+  the namespaces, with and without overlap, and fp32 against a third `adamd serve` beside the first
+  with step statistics off (`--stats-every -1`: on 2 shared cores the server's statistics take CPU
+  from the worker, though they no longer delay the reply); and the torch RPC peer across the
+  namespaces (the worker sends the gradients, copies the returned parameters into the model). Each contender has its own copy of one initial model and
   sees the same batches; contenders take turns in blocks of `--train-block` steps. Reported: mean
   step time (zero grad + forward + backward + optimizer step), its overhead over the local fused
   Adam, the median step time, and the mean time from the end of backward to the end of the step.
@@ -69,6 +71,7 @@ SERVER_IF, WORKER_IF = "adxh-vs", "adxh-vw"
 SERVER_IP, WORKER_IP = "10.72.0.1", "10.72.0.2"
 ADAMD_PORT, RPC_PORT = 50051, 29533
 LOCAL_PORT = 50061  # a second adamd serve in the worker's namespace: the same-host contender
+NOSTATS_PORT = 50071  # a third, beside the first, with step statistics off (--stats-every -1)
 LOCK = Path(tempfile.gettempdir()) / "adxh-two-host.lock"
 SECTION = "two-host"
 TBF_10GBE = "rate 10gbit burst 5mb latency 10ms"  # burst >= rate / HZ (5 MB at HZ=250)
@@ -99,6 +102,7 @@ CONTENDERS_TRAIN = (
     "local fused Adam",
     "adamd same host",
     "adamd fp32",
+    "adamd fp32 no stats",
     "adamd bf16",
     "adamd fp32 overlap",
     "adamd bf16 overlap",
@@ -230,9 +234,12 @@ def run_variant(variant: Variant, cfg: dict[str, Any], timeout: float) -> dict[s
         local = [py, "-m", "adamd.server.cli", "serve", "--host", "127.0.0.1",
                  "--grpc-port", str(LOCAL_PORT), "--http-port", "-1", "--device", "cpu",
                  "--data-dir", str(tmp / "local"), "--snapshot-every-s", "0"]  # fmt: skip
+        nostats = [*serve, "--stats-every", "-1", "--data-dir", str(tmp / "nostats")]
+        nostats[nostats.index("--grpc-port") + 1] = str(NOSTATS_PORT)
         me = [py, "-m", "bench.two_host"]
         with (
             _in_ns(SERVER_NS, "adamd", serve, tmp, SERVER_IF) as adamd,
+            _in_ns(SERVER_NS, "adamd-nostats", nostats, tmp, SERVER_IF),
             _in_ns(WORKER_NS, "adamd-local", local, tmp, WORKER_IF),
             _in_ns(SERVER_NS, "rpc-ps", [*me, "--role", "rpc-ps"], tmp, SERVER_IF) as ps,
             _in_ns(WORKER_NS, "worker", [*me, "--role", "worker", json.dumps(cfg)], tmp,
@@ -396,7 +403,11 @@ def _train_steppers(cfg: dict[str, Any], base: CharLM) -> dict[str, tuple[CharLM
             continue
         m = copy.deepcopy(base)
         wire = torch.bfloat16 if "bf16" in label else None
-        server = cfg["adamd_local"] if "same host" in label else cfg["adamd"]
+        server = cfg["adamd"]
+        if "same host" in label:
+            server = cfg["adamd_local"]
+        elif "no stats" in label:
+            server = cfg["adamd_nostats"]
         opt = RemoteAdam(m.parameters(), lr=lr, server=server,
                          model="lm-" + label[6:].replace(" ", "-"), transport="auto",
                          wire_dtype=wire, overlap="overlap" in label)  # fmt: skip
@@ -459,6 +470,7 @@ def _worker_main(cfg: dict[str, Any]) -> int:
 
     wait_for_channel(cfg["adamd"], timeout=120)
     wait_for_channel(cfg["adamd_local"], timeout=120)
+    wait_for_channel(cfg["adamd_nostats"], timeout=120)
     _rpc_init(1)
     result: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
     for what, measure in (("step", _measure_step), ("train", _measure_train)):
@@ -664,6 +676,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "adamd": f"{SERVER_IP}:{ADAMD_PORT}",
         "adamd_local": f"127.0.0.1:{LOCAL_PORT}",
+        "adamd_nostats": f"{SERVER_IP}:{NOSTATS_PORT}",
         "what": args.what.split(","),
         "step_n": parse_size(args.step_size or ("200k" if quick else "25M")),
         "tensors": args.tensors,
