@@ -359,22 +359,23 @@ class BulkServer:
     def _receiver(
         self, conn: FrameSocket, first: Prefix
     ) -> Callable[[TensorSink | None], Awaitable[bytes | None]]:
-        """A push's `receive` (OptimizerService.push): its frames into the sink, one frame per
-        I/O call; between frames the loop waits for bytes, holding no thread (a push streamed
-        during backward may pause for as long as backward runs), up to --stream-idle-s."""
+        """A push's `receive` (OptimizerService.push): its frames into the sink, an I/O call
+        reading for as long as bytes keep coming; when the client pauses (a push streamed during
+        backward waits for backward) the loop waits for more, holding no thread, up to
+        --stream-idle-s."""
         limits, idle_s = self.service.limits, self.service.idle_s
 
         async def receive(sink: TensorSink | None) -> bytes | None:
             reader = conn.request(first, sink, limits.stream_bytes)
             try:
-                out = await self._io_call(conn, reader.next)
+                out = await self._io_call(conn, reader.next_ready, limits.max_message_bytes)
                 while out is MORE:
                     if not await self._readable(conn, idle_s):
                         raise DeadlineExceeded(
                             f"no frame for {idle_s:g}s: the request was ended"
                             " (server --stream-idle-s)"
                         )
-                    out = await self._io_call(conn, reader.next, limits.max_message_bytes)
+                    out = await self._io_call(conn, reader.next_ready, limits.max_message_bytes)
                 return out  # type: ignore[return-value]
             except BaseException as exc:
                 reader.settle()  # no conversion writes into the sink after this returns

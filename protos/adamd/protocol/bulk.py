@@ -39,6 +39,7 @@ connection; neither side uses that connection again.
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 from collections import deque
@@ -236,6 +237,15 @@ class FrameSocket:
             self._recv_exact(memoryview(header))
         return Prefix(kind, bytes(header), tensor, offset, nbytes)
 
+    def readable_now(self) -> bool:
+        """Whether a read would find bytes at once (TLS: decrypted ones count too)."""
+        pending = getattr(self.sock, "pending", None)
+        if pending is not None and pending():
+            return True
+        poll = select.poll()
+        poll.register(self.sock, select.POLLIN)
+        return bool(poll.poll(0))
+
     def recv_into(self, view: np.ndarray | memoryview) -> None:
         self._recv_exact(memoryview(view).cast("B"))  # type: ignore[arg-type]
 
@@ -342,6 +352,14 @@ class RequestReader:
         if frame.nbytes:
             self.conn.recv_data(frame, self.sink)
         return MORE
+
+    def next_ready(self, max_header: int = MAX_HEADER_BYTES) -> object:
+        """Frames for as long as bytes are already waiting (one call instead of a wake-up per
+        frame when they stream back to back); MORE once the peer pauses, or END's header."""
+        while (out := self.next(max_header)) is MORE:
+            if not self.conn.readable_now():
+                return MORE
+        return out
 
     def read_all(self) -> bytes | None:
         """Every frame through END (a blocking read of the whole request)."""
