@@ -87,7 +87,7 @@ def remote_adam_variants() -> dict[str, dict[str, Any]]:
 
 def client_transports() -> dict[str, dict[str, Any]]:
     """Client kwargs for the gRPC path and, if the Client has a transport switch, its default."""
-    if "transport" in inspect.signature(Client).parameters:
+    if "transport" in inspect.signature(Client.__init__).parameters:
         return {"grpc": {"transport": "grpc"}, "default": {}}
     return {"grpc": {}}
 
