@@ -221,7 +221,9 @@ class Client:
         are retried before Unavailable is raised. `wire_dtype` (torch.bfloat16 / torch.float16):
         send gradients and receive parameters in that dtype, halving the bytes; the server keeps
         float32 master weights and state. `transport`: "auto" moves tensors through shared memory
-        when the server is on this host (and accepts), else gRPC streams; "grpc" always streams.
+        when the server is on this host (and accepts), else over the bulk-data channel (a plain
+        socket negotiated over gRPC), else as gRPC streams; "bulk": the channel even on this
+        host, else gRPC streams; "grpc": gRPC streams only.
         `chunk_bytes`: tensor bytes per stream frame, both ways (pulls ask the server for it,
         which keeps it within 64 KiB .. 4 MiB - 64 KiB); None: 4 MiB - 64 KiB for pushes, the
         server's --chunk-bytes for pulls. `tls`: None/False plaintext; True TLS

@@ -223,10 +223,11 @@ class RemoteAdam(torch.optim.Optimizer):
     registered, see below), `rank` (default: $RANK; required when world_size > 1), `mode` ("sync"
     or "async"), `token`, `tls` (True, or a TLSConfig: see Client), `client` (an existing Client),
     `wire_dtype` (torch.bfloat16 / torch.float16 to halve the bytes on the wire), `transport`
-    ("auto": shared memory when the server is on this host, else gRPC; "grpc": always gRPC),
-    `max_staleness`, `round_timeout_s` and `lease_s` (used when this worker creates the model),
-    `chunk_bytes` (tensor bytes per gRPC frame, both ways), `overlap` (stream gradients to the
-    server while backward still runs, over gRPC; see below).
+    ("auto": shared memory when the server is on this host, else the bulk-data channel, else
+    gRPC; "bulk": the channel, else gRPC; "grpc": always gRPC), `max_staleness`,
+    `round_timeout_s` and `lease_s` (used when this worker creates the model), `chunk_bytes`
+    (tensor bytes per gRPC frame, both ways), `overlap` (stream gradients to the server while
+    backward still runs, over the channel or gRPC; see below).
 
     Overlap (`overlap=True`; off by default): each gradient's bytes leave as soon as backward has
     produced it, and `step()` only sends what is left and waits. A step whose streamed push cannot
