@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -170,18 +171,23 @@ def adamd_server(
                 raise RuntimeError(f"adamd serve did not start:\n{log.read_text()}") from None
             yield server
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
             # Our server is gone: whatever it left in /dev/shm is garbage holding RAM. Count it
             # (a finding for the report) and remove it, so later measurements are not starved.
             leftovers = server.shm_files()
             server.leftover_shm = len(leftovers)
             for f in leftovers:
                 f.unlink(missing_ok=True)
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 15) -> None:
+    """SIGTERM, up to `timeout` seconds for it to end, then SIGKILL."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def python_subprocess_env() -> dict[str, str]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from .common import free_port, python_subprocess_env, wait_for_channel
+from .common import free_port, python_subprocess_env, stop_process, wait_for_channel
 
 CHUNK = 4 << 20
 _OPTS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
@@ -98,12 +98,7 @@ def raw_server() -> Iterator[RawClient]:
         with grpc.insecure_channel(address, options=_OPTS) as ch:
             yield RawClient(ch)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=10)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import report
-from .common import parse_size, python_subprocess_env, shapes_for, size_label
+from .common import parse_size, python_subprocess_env, shapes_for, size_label, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT / "examples" / "data" / "sonnets.txt"
@@ -215,12 +215,7 @@ def _in_ns(ns: str, name: str, argv: list[str], tmp: Path, ifname: str) -> Itera
         yield _Proc(name, proc, log)
     finally:
         if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
 
 
 def run_variant(variant: Variant, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from adamd.protocol.frames import (
     TensorSink,
     decode_frame,
     dtype_from_pb,
+    dtype_to_pb,
     identity,
     iter_frames,
     shape_of,
@@ -652,15 +653,13 @@ class Client:
         header = _push_header(model, specs, **push_kw)
         request = pb.PullRequest(model=model, names=names, chunk_bytes=self._pull_chunk)
         if wire is not None:
-            request.wire_dtype = spec_of("", torch.empty(0, dtype=wire)).dtype
+            request.wire_dtype = dtype_to_pb(wire)
         finals: dict[str, tuple[torch.Tensor | None, torch.Tensor, bool]] = {}
 
         def targets(pulled: pb.PullHeader) -> TensorSink:
             sink, made = _pull_targets(pulled, out)
             finals.update(made)
             return sink
-
-        frames = self._upload(header.SerializeToString(), tensors, wire)
 
         def attempt() -> tuple[pb.PushReply, pb.PullHeader | None, bool]:
             bulk = self._bulk_channel()
@@ -669,7 +668,7 @@ class Client:
                     return bulk.step(header, tensors, request, targets, self.chunk_bytes)
                 except Unreachable:
                     pass  # gRPC, now and for a while (BulkChannel.turn_off)
-            return self._push(frames(), **self._kw()), None, False
+            return self._push_once(header, tensors, wire, network=False), None, False
 
         reply, pulled, consistent = self.call(attempt)
         if pulled is not None and consistent:
@@ -740,7 +739,7 @@ class Client:
             if shared is not None:
                 return shared
         if wire is not None:
-            req.wire_dtype = spec_of("", torch.empty(0, dtype=wire)).dtype
+            req.wire_dtype = dtype_to_pb(wire)
         for _ in range(8):
             result = self.call(lambda: self._pull_once(req, out))
             if result is not None:

@@ -49,7 +49,7 @@ from adamd.protocol.frames import TensorSink, spec_of
 from adamd.v1 import adamd_pb2 as pb
 
 from .errors import DeadlineExceeded, InvalidArgument, ServerError
-from .grpc_service import OptimizerService, PullPlan
+from .grpc_service import OptimizerService, PullPlan, as_server_error, parse_request
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -321,21 +321,17 @@ class BulkServer:
                 await self._pull(conn, frame)
             else:
                 raise InvalidArgument(
-                    f"a bulk request starts with PUSH or PULL, not {frame.kind!r}"
+                    f"a bulk request starts with PUSH, PULL or STEP, not {frame.kind!r}"
                 )
             return True
         except (OSError, ssl.SSLError):
             outcome = "broken"
             return False
         except Exception as exc:
-            if isinstance(exc, ProtocolError):
-                exc = InvalidArgument(str(exc))
-            if not isinstance(exc, ServerError):
-                logger.error("bulk request failed", exc_info=exc)
-                exc = ServerError(f"internal error: {type(exc).__name__}: {exc}")
-            outcome = exc.kind
+            error = as_server_error(exc, "bulk request")
+            outcome = error.kind
             with contextlib.suppress(OSError, ssl.SSLError):
-                await self._io_call(conn, self._fail, conn, exc)
+                await self._io_call(conn, self._fail, conn, error)
             return False
         finally:
             on_call = self.service.on_call
@@ -386,7 +382,7 @@ class BulkServer:
         return receive
 
     async def _push(self, conn: FrameSocket, first: Prefix) -> None:
-        header = _parse(pb.PushHeader, first.header)
+        header = parse_request(pb.PushHeader, first.header)
         if first.nbytes:
             raise InvalidArgument("a PUSH frame carries no data")
         reply = await self.service.push(header, self._receiver(conn, first))
@@ -395,7 +391,7 @@ class BulkServer:
     async def _step(self, conn: FrameSocket, first: Prefix) -> None:
         """A push, then the parameters in the same exchange. On a CPU model each bucket of
         parameters goes out as soon as the step has updated it (_StepSender)."""
-        step = _parse(pb.BulkStep, first.header)
+        step = parse_request(pb.BulkStep, first.header)
         if first.nbytes:
             raise InvalidArgument("a STEP frame carries no data")
         header, request = step.push, step.pull
@@ -420,7 +416,7 @@ class BulkServer:
             await self._io_call(conn, _send_pull, conn, plan, reply)
 
     async def _pull(self, conn: FrameSocket, first: Prefix) -> None:
-        request = _parse(pb.PullRequest, first.header)
+        request = parse_request(pb.PullRequest, first.header)
         if first.nbytes:
             raise InvalidArgument("a PULL frame carries no data")
         async with self.service.pull(request) as plan:
@@ -517,15 +513,6 @@ class _StepSender:
             if name not in self.sent:
                 self._send(name)
         self.conn.send(END, reply.SerializeToString(), int(model.read_consistent(seq)))
-
-
-def _parse(cls: Any, raw: bytes) -> Any:
-    try:
-        return cls.FromString(raw)
-    except Exception as exc:
-        raise InvalidArgument(
-            f"the request is not a valid {cls.DESCRIPTOR.full_name}: {exc}"
-        ) from None
 
 
 def _shutdown(sock: socket.socket) -> None:

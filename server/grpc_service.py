@@ -219,11 +219,7 @@ class OptimizerService:
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException) -> str:
         """Answer the call with `exc` (anything not ours is INTERNAL); returns its kind."""
-        if isinstance(exc, ProtocolError):
-            exc = InvalidArgument(str(exc))
-        if not isinstance(exc, ServerError):
-            logger.error("gRPC call failed", exc_info=exc)
-            exc = ServerError(f"internal error: {type(exc).__name__}: {exc}")
+        exc = as_server_error(exc, "gRPC call")
         context.set_trailing_metadata((("adamd-error", exc.kind),))
         await context.abort(exc.code, _clip(str(exc)))
         return exc.kind  # not reached: abort raises
@@ -278,7 +274,9 @@ class OptimizerService:
     def _unary(
         self, fn: Callable[..., Awaitable[Any]], req_cls: Any
     ) -> Callable[..., Awaitable[Any]]:
-        return self._one_reply(fn, lambda raw: (lambda: _parse(req_cls, raw), lambda: len(raw)))
+        return self._one_reply(
+            fn, lambda raw: (lambda: parse_request(req_cls, raw), lambda: len(raw))
+        )
 
     def _stream_in(self, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         def open_stream(
@@ -328,7 +326,7 @@ class OptimizerService:
             frames: AsyncIterator[bytes] | None = None
             try:
                 self._authorize(context)
-                frames = fn(_parse(req_cls, raw), context)
+                frames = fn(parse_request(req_cls, raw), context)
                 async for frame in frames:
                     await self._write(context, frame)
                     sent += len(frame)
@@ -436,7 +434,7 @@ class OptimizerService:
             try:
                 closing = await self._until_cut(receive(ticket.sink))
                 if closing is not None:
-                    amend = convert.push_meta_from_pb(_parse(pb.PushHeader, bytes(closing)))
+                    amend = convert.push_meta_from_pb(parse_request(pb.PushHeader, bytes(closing)))
                     await self._run(self.ops.amend_push, model, ticket, amend)
             except BaseException:
                 await self._run(model.abort_push, ticket)
@@ -693,13 +691,25 @@ def _clip(message: str, limit: int = 2000) -> str:
     return f"{message[: limit - 40]}... ({len(message)} characters in all)"
 
 
-def _parse(req_cls: Any, raw: bytes) -> Any:
+def parse_request(req_cls: Any, raw: bytes) -> Any:
+    """`raw` as a `req_cls` message; bytes that are not one are the caller's INVALID_ARGUMENT."""
     try:
         return req_cls.FromString(raw)
     except Exception as exc:  # protobuf's DecodeError, or a RuntimeWarning-free ValueError
         raise InvalidArgument(
             f"the request is not a valid {req_cls.DESCRIPTOR.full_name}: {exc}"
         ) from None
+
+
+def as_server_error(exc: BaseException, what: str) -> ServerError:
+    """`exc` as a caller is answered: a ProtocolError is INVALID_ARGUMENT, anything that is not a
+    ServerError is INTERNAL (and logged as `what` failing)."""
+    if isinstance(exc, ProtocolError):
+        return InvalidArgument(str(exc))
+    if not isinstance(exc, ServerError):
+        logger.error("%s failed", what, exc_info=exc)
+        return ServerError(f"internal error: {type(exc).__name__}: {exc}")
+    return exc
 
 
 def _kind(exc: BaseException) -> str:

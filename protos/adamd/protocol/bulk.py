@@ -361,16 +361,6 @@ class RequestReader:
                 return MORE
         return out
 
-    def read_all(self) -> bytes | None:
-        """Every frame through END (a blocking read of the whole request)."""
-        try:
-            while (out := self.next()) is MORE:
-                pass
-            return out  # type: ignore[return-value]
-        except BaseException:
-            self.settle()
-            raise
-
     def settle(self) -> None:
         self.conn.settle()
 
