@@ -116,7 +116,7 @@ def _copy_bandwidth() -> float:
 def _bench(n_params: int) -> dict[str, Any]:
     import torch
 
-    from adamd.server.model import HostedModel
+    from adamd.server.core.model import HostedModel
 
     dev = torch.device("cuda")
     parts = 4

@@ -20,7 +20,7 @@ import torch
 
 from adamd.client import Client
 from adamd.server import Daemon, ServerConfig
-from adamd.server import snapshot_format as fmt
+from adamd.server.storage import format as fmt
 
 
 def _params(n: int) -> dict[str, torch.Tensor]:

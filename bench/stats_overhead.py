@@ -3,7 +3,7 @@
 Drives a HostedModel directly (no networking, so only the step path is timed): each push writes
 gradients into the model's staging buffers, then `finish_push` is timed, which checks them, steps
 torch's fused Adam and runs the step observers. It compares a model with no observers against one
-with `adamd.server.stats.ModelStats` at stats_every 1, 10 and 0 (auto: a 2% time budget), on
+with `adamd.server.core.stats.ModelStats` at stats_every 1, 10 and 0 (auto: a 2% time budget), on
 several model layouts. Figures are mean step times (the cost of a stats step is amortized).
 
     .venv/bin/python -m bench.stats_overhead [--device cpu|cuda] [--steps N]
@@ -18,8 +18,8 @@ import time
 import numpy as np
 import torch
 
-from adamd.server.model import HostedModel, PushMeta
-from adamd.server.stats import ModelStats
+from adamd.server.core.model import HostedModel, PushMeta
+from adamd.server.core.stats import ModelStats
 
 LAYOUTS: dict[str, list[tuple[int, ...]]] = {  # name -> shapes
     "demo 4.3k params, 4 tensors": [(128, 32), (128,), (1, 128), (1,)],

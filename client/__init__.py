@@ -1,10 +1,8 @@
 """adamd's client: `Client` for push_grad / pull_params and the rest, and `RemoteAdam`, a drop-in
 torch.optim.Optimizer whose Adam runs on an adamd server."""
 
-from adamd.protocol.allocator import tune_malloc
-
-from ._client import Client
-from ._exceptions import (
+from adamd.client._client import Client
+from adamd.client._exceptions import (
     Aborted,
     AdamdError,
     AlreadyExists,
@@ -19,9 +17,10 @@ from ._exceptions import (
     Unauthenticated,
     Unavailable,
 )
-from ._remote_adam import RemoteAdam
-from ._tls import TLSConfig
-from ._types import ModelInfo, PullResult, PushResult
+from adamd.client._remote_adam import RemoteAdam
+from adamd.client._tls import TLSConfig
+from adamd.client._types import ModelInfo, PullResult, PushResult
+from adamd.protocol.allocator import tune_malloc
 
 tune_malloc()  # reuse large buffers instead of mapping them afresh every step
 

@@ -16,6 +16,20 @@ from typing import Any, TypeVar
 import grpc
 import torch
 
+from adamd.client._addresses import parse_servers
+from adamd.client._exceptions import (
+    AdamdError,
+    InvalidArgument,
+    SessionExpired,
+    Unavailable,
+    from_rpc_error,
+    invalid_input,
+)
+from adamd.client._overlap import BulkStreamingPush, StreamingPush
+from adamd.client._tls import TLSConfig, channel_credentials, socket_context
+from adamd.client._transport.bulk import BulkChannel, Unreachable
+from adamd.client._transport.shm import SameHostSession
+from adamd.client._types import ModelInfo, PullResult, PushResult
 from adamd.protocol import ProtocolError
 from adamd.protocol.frames import (
     DEFAULT_CHUNK_BYTES,
@@ -35,21 +49,6 @@ from adamd.protocol.hyper import options_from_pb, options_to_pb
 from adamd.protocol.layout import DEFAULT_SLICE_BYTES
 from adamd.protocol.shared_files import host_id
 from adamd.v1 import adamd_pb2 as pb
-
-from ._addresses import parse_servers
-from ._bulk import BulkChannel, Unreachable
-from ._exceptions import (
-    AdamdError,
-    InvalidArgument,
-    SessionExpired,
-    Unavailable,
-    from_rpc_error,
-    invalid_input,
-)
-from ._overlap import BulkStreamingPush, StreamingPush
-from ._shm import SameHostSession
-from ._tls import TLSConfig, channel_credentials, socket_context
-from ._types import ModelInfo, PullResult, PushResult
 
 T = TypeVar("T")
 _SERVICE = "/adamd.v1.Optimizer/"
@@ -200,7 +199,7 @@ class Client:
 
     def __new__(cls, address: str | Sequence[str] | None = None, **kwargs: Any) -> Client:
         if cls is Client and len(parse_servers(address)) > 1:
-            from ._sharding import ShardedClient
+            from adamd.client._sharding import ShardedClient
 
             return ShardedClient(address, **kwargs)
         return super().__new__(cls)
@@ -235,7 +234,7 @@ class Client:
         servers = parse_servers(address)
         if len(servers) > 1:
             raise ValueError(f"{type(self).__name__} takes one server, got {servers}")
-        address = servers[0]
+        target = servers[0]
         if transport not in ("auto", "bulk", "grpc"):
             raise ValueError(f"transport must be 'auto', 'bulk' or 'grpc', got {transport!r}")
         self.transport = transport
@@ -246,7 +245,7 @@ class Client:
         if chunk_bytes < 8 or chunk_bytes > MAX_MESSAGE_BYTES - (1 << 20):
             raise ValueError(f"chunk_bytes must be in 8..{MAX_MESSAGE_BYTES - (1 << 20)}")
         chunk_bytes -= chunk_bytes % 8  # whole elements of every dtype in every chunk
-        self.address = address
+        self.address = target
         self.timeout = timeout
         self.retry_timeout = retry_timeout
         self.chunk_bytes = chunk_bytes
@@ -254,9 +253,9 @@ class Client:
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.tls = bool(tls)
         self._channel = (
-            grpc.secure_channel(address, channel_credentials(tls), options=CHANNEL_OPTIONS)
+            grpc.secure_channel(target, channel_credentials(tls), options=CHANNEL_OPTIONS)
             if tls
-            else grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            else grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         )
         ser = lambda m: m.SerializeToString()
         ch = self._channel
@@ -279,7 +278,7 @@ class Client:
         self._detach = ch.unary_unary(_SERVICE + "Detach", ser, pb.DetachReply.FromString)
         self._join = ch.unary_unary(_SERVICE + "Join", ser, pb.JoinReply.FromString)
         self._leave = ch.unary_unary(_SERVICE + "Leave", ser, pb.LeaveReply.FromString)
-        self._bulk = self._bulk_of(address, tls) if transport != "grpc" else None
+        self._bulk = self._bulk_of(target, tls) if transport != "grpc" else None
 
     # --- plumbing -------------------------------------------------------------------------------
 

@@ -32,11 +32,10 @@ from typing import Any
 import grpc
 import torch
 
+from adamd.client._transport.bulk import BulkChannel, BulkError, Unreachable, answer
 from adamd.protocol.bulk import DONE, END, PUSH, FrameSocket
 from adamd.protocol.frames import encode_frame, wire_chunks
 from adamd.v1 import adamd_pb2 as pb
-
-from ._bulk import BulkChannel, BulkError, Unreachable, answer
 
 logger = logging.getLogger(__name__)
 _END = object()

@@ -23,6 +23,11 @@ from typing import Any
 import grpc
 import torch
 
+from adamd.client._client import Client, push_result
+from adamd.client._exceptions import AdamdError, NotFound, StalePush, from_rpc_error
+from adamd.client._overlap import GradStreamer, OpenPush, Queued, same_updates
+from adamd.client._tls import TLSConfig
+from adamd.client._types import ModelInfo, PullResult, PushResult
 from adamd.protocol.frames import spec_of
 from adamd.protocol.hyper import (
     ADAM_DEFAULTS,
@@ -32,12 +37,6 @@ from adamd.protocol.hyper import (
     same_value,
 )
 from adamd.v1 import adamd_pb2 as pb
-
-from ._client import Client, push_result
-from ._exceptions import AdamdError, NotFound, StalePush, from_rpc_error
-from ._overlap import GradStreamer, OpenPush, Queued, same_updates
-from ._tls import TLSConfig
-from ._types import ModelInfo, PullResult, PushResult
 
 _STATE_ORDER = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 logger = logging.getLogger(__name__)

@@ -23,12 +23,8 @@ from typing import Any, NoReturn, TypeVar
 
 import torch
 
-from adamd.protocol.frames import wire_dtype_of
-from adamd.protocol.layout import DEFAULT_SLICE_BYTES, Layout
-from adamd.v1 import adamd_pb2 as pb
-
-from ._client import Client
-from ._exceptions import (
+from adamd.client._client import Client
+from adamd.client._exceptions import (
     AdamdError,
     DeadlineExceeded,
     FailedPrecondition,
@@ -37,7 +33,10 @@ from ._exceptions import (
     NotFound,
     StalePush,
 )
-from ._types import ModelInfo, PullResult, PushResult
+from adamd.client._types import ModelInfo, PullResult, PushResult
+from adamd.protocol.frames import wire_dtype_of
+from adamd.protocol.layout import DEFAULT_SLICE_BYTES, Layout
+from adamd.v1 import adamd_pb2 as pb
 
 T = TypeVar("T")
 _WAIT_ROUNDS = 4  # pulls re-asked of shards behind, before giving up on one version
@@ -97,7 +96,7 @@ class ShardedClient(Client):
     ):
         if "shards" in self.__dict__:  # Client.__new__ built it already; Python calls again
             return
-        from ._addresses import parse_servers
+        from adamd.client._addresses import parse_servers
 
         servers = parse_servers(address)
         if slice_bytes < 1:
@@ -121,7 +120,7 @@ class ShardedClient(Client):
         self.wire_dtype = wire_dtype
         self.transport = transport
         self.tls = bool(tls)
-        self._sessions = {}
+        self._sessions: dict[str, Any] = {}
         self._layouts: dict[str, Layout] = {}
         self._modes: dict[str, str] = {}
         self._pool = ThreadPoolExecutor(len(servers), thread_name_prefix="adamd-shard")

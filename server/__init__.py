@@ -1,6 +1,6 @@
 """adamd's server: the model registry and optimizer core, its gRPC and HTTP adapters, and the CLI.
 
-`Daemon` and `ServerConfig` are imported on first use, so the core (`adamd.server.model`,
+`Daemon` and `ServerConfig` are imported on first use, so the core (`adamd.server.core.model`,
 `registry`, `cuda_step`, ...) imports without the daemon's extras (prometheus-client, the gRPC
 health and reflection services): the GPU tests of the core run on machines that lack them.
 """
@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 from adamd.protocol.allocator import tune_malloc
 
 if TYPE_CHECKING:
-    from .config import ServerConfig
-    from .daemon import Daemon
+    from adamd.server.cli.daemon import Daemon
+    from adamd.server.config import ServerConfig
 
 __all__ = ["Daemon", "ServerConfig"]
 
@@ -22,11 +22,11 @@ tune_malloc()  # reuse large buffers instead of mapping them afresh every step (
 
 def __getattr__(name: str) -> Any:
     if name == "Daemon":
-        from .daemon import Daemon
+        from adamd.server.cli.daemon import Daemon
 
         return Daemon
     if name == "ServerConfig":
-        from .config import ServerConfig
+        from adamd.server.config import ServerConfig
 
         return ServerConfig
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

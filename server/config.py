@@ -7,11 +7,23 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from .budget import auto_budget
-from .limits import Limits
+from adamd.server.core.budget import auto_budget
+from adamd.server.core.limits import Limits
+
+# Host names that reach only this machine: binding one of these needs no token or TLS.
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def adamd_version() -> str:
+    """The installed package's version ("unknown" from a source tree never installed)."""
+    try:
+        return metadata.version("adamd")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass(frozen=True)
@@ -33,22 +45,22 @@ class ServerConfig:
     durable: bool = False  # acknowledge a push only once its step is on disk
     stats_every: int = 0  # step statistics every N steps; 0: auto (at most 2% of the time); <0: off
     shm: bool = True  # offer the same-host shared-memory fast path
-    # The bulk-data channel (server/bulk.py): pushes and pulls over a plain socket on this port,
+    # The bulk-data channel (server/transport/bulk.py): pushes and pulls over a plain socket on this port,
     # next to gRPC (clients learn it over gRPC). 0 picks a free one; -1 turns it off (clients
     # then stream over gRPC).
     bulk_port: int = 0
-    # TLS for gRPC and HTTP alike (server/tls.py); cert and key together or neither:
+    # TLS for gRPC and HTTP alike (server/transport/tls.py); cert and key together or neither:
     tls_cert: Path | None = None  # the server's certificate chain, PEM
     tls_key: Path | None = None  # its private key, PEM
     tls_client_ca: Path | None = None  # require client certificates signed by this CA (mTLS)
-    # Limits on what one caller may ask (server/limits.py; refused before any allocation):
+    # Limits on what one caller may ask (server/core/limits.py; refused before any allocation):
     max_model_bytes: int = Limits.max_model_bytes  # parameter bytes per model
     max_tensors: int = Limits.max_tensors  # tensors declared in one request
     max_name_bytes: int = Limits.max_name_bytes  # one parameter name, UTF-8 bytes
     max_push_id_bytes: int = Limits.max_push_id_bytes  # one push id, UTF-8 bytes
     max_message_bytes: int = Limits.max_message_bytes  # one gRPC message, either way
     max_stream_bytes: int = Limits.max_stream_bytes  # one request stream; 0: 4 x model + message
-    # Host memory all transfers in flight may hold at once (server/budget.py); 0: auto (a
+    # Host memory all transfers in flight may hold at once (server/core/budget.py); 0: auto (a
     # quarter of the memory the process may use, at least 1 GiB, grown to fit the largest single
     # transfer or sync round); -1: no budget.
     max_transfer_bytes: int = 0

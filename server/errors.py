@@ -47,7 +47,7 @@ class NonFiniteGradient(InvalidArgument):
 
 
 class LimitExceeded(InvalidArgument):
-    """A request larger than the server's limits (server/limits.py), refused before allocating."""
+    """A request larger than the server's limits (server/core/limits.py), refused before allocating."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     http_status = 413
@@ -97,7 +97,7 @@ class DeadlineExceeded(ServerError):
 
 class Unavailable(ServerError):
     """The server is stopping and could not finish this call within its grace period, or the
-    call waited too long for transfer memory (server/budget.py); nothing of it took effect unless
+    call waited too long for transfer memory (server/core/budget.py); nothing of it took effect unless
     a retry (same push id) is told it was a duplicate."""
 
     code = grpc.StatusCode.UNAVAILABLE

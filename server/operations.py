@@ -14,30 +14,39 @@ import hmac
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from adamd.v1 import adamd_pb2 as pb
-
-from .errors import (
+from adamd.server.config import adamd_version
+from adamd.server.core.limits import Limits, tensor_bytes
+from adamd.server.core.model import HostedModel, PushMeta, PushTicket
+from adamd.server.core.registry import ModelRegistry, ModelSpec, PendingModel
+from adamd.server.errors import (
     FailedPrecondition,
     InvalidArgument,
     LimitExceeded,
     SessionExpired,
     Unauthenticated,
 )
-from .limits import Limits, tensor_bytes
-from .model import HostedModel, PushMeta, PushTicket
-from .registry import ModelRegistry, ModelSpec, PendingModel
+from adamd.v1 import adamd_pb2 as pb
 
 if TYPE_CHECKING:
-    from .metrics import Metrics
-    from .same_host import SameHost
-    from .snapshots import SnapshotManager
-    from .stats import StatsBook
+    from adamd.server.core.stats import StatsBook
+    from adamd.server.storage.snapshots import SnapshotManager
 
 TensorSpecs = Sequence[tuple[str, tuple[int, ...], torch.dtype]]
+
+
+class SameHostSessions(Protocol):
+    """The same-host shared-memory sessions (`transport.same_host.SameHost`) as this layer uses
+    them: where a session's pushed gradients lie, and the Attach/Detach calls."""
+
+    def grads(self, model: HostedModel, session: str, names: list[str]) -> list[torch.Tensor]: ...
+
+    def attach(self, req: pb.AttachRequest) -> pb.AttachReply: ...
+
+    def detach(self, req: pb.DetachRequest) -> pb.DetachReply: ...
 
 
 @dataclass
@@ -59,9 +68,8 @@ class Operations:
         token: str | None = None,
         durable: bool = False,
         stats: StatsBook | None = None,
-        metrics: Metrics | None = None,
         snapshots: SnapshotManager | None = None,
-        same_host: SameHost | None = None,
+        same_host: SameHostSessions | None = None,
         limits: Limits | None = None,
     ):
         self.registry = registry
@@ -69,7 +77,6 @@ class Operations:
         self.token = token
         self.durable = durable
         self.stats = stats
-        self.metrics = metrics
         self.snapshots = snapshots
         self.same_host = same_host
         self.facts = ServerFacts(device=registry.device, started_at=time.time())
@@ -97,8 +104,6 @@ class Operations:
         return self.registry.models()
 
     def server_info(self) -> dict[str, Any]:
-        from .views import adamd_version
-
         return {
             "version": adamd_version(),
             "device": str(self.facts.device),

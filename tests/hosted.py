@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from adamd.server.model import HostedModel, PendingPush, PushMeta, PushTicket
+from adamd.server.core.model import HostedModel, PendingPush, PushMeta, PushTicket
 
 CPU = torch.device("cpu")
 

@@ -1,10 +1,23 @@
-"""The shape of the code, checked: which side may import what, no import cycles in the server,
-no function too long to read. Parsed from the source, nothing imported."""
+"""The shape of the code, checked: which side and which layer may import what, no import cycles
+in the server, no function too long to read. Parsed from the source (every module of every
+subpackage), nothing imported.
+
+The server's layers (README, Architecture):
+  core/       models, Adam, pushes, rounds, staging, limits: no networking, no `adamd.v1`
+  cuda/       the CUDA step, used by the core
+  storage/    snapshots on disk, over the core
+  operations  (with errors, config) every operation once, over core and storage
+  transport/  gRPC, the bulk-data channel, same-host memory: adapters over the operations layer
+  http/       FastAPI, views, metrics: an adapter over the operations layer
+  cli/        the command line and the daemon that wires everything together
+"""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {
@@ -13,52 +26,145 @@ PACKAGES = {
     "adamd.protocol": ROOT / "protos/adamd/protocol",
 }
 MAX_FUNCTION_LINES = 80
+S = "adamd.server"
+
+# Layer -> the server modules it must not import (by prefix). Everything else is allowed.
+FORBIDDEN = {
+    f"{S}.core": [f"{S}.transport", f"{S}.http", f"{S}.cli", f"{S}.storage", f"{S}.operations"],
+    f"{S}.cuda": [f"{S}.transport", f"{S}.http", f"{S}.cli", f"{S}.storage", f"{S}.operations"],
+    f"{S}.storage": [f"{S}.transport", f"{S}.http", f"{S}.cli", f"{S}.operations"],
+    f"{S}.operations": [f"{S}.transport", f"{S}.http", f"{S}.cli"],
+    f"{S}.errors": [f"{S}.core", f"{S}.transport", f"{S}.http", f"{S}.cli", f"{S}.storage"],
+    f"{S}.config": [f"{S}.transport", f"{S}.http", f"{S}.cli", f"{S}.storage", f"{S}.operations"],
+    f"{S}.transport": [f"{S}.http", f"{S}.cli"],
+    f"{S}.http": [f"{S}.transport", f"{S}.cli"],
+}
+# The transports, each apart from the others (tls is the settings they share).
+TRANSPORTS = {
+    "grpc": [
+        f"{S}.transport.grpc_service",
+        f"{S}.transport.grpc_server",
+        f"{S}.transport.grpc_convert",
+    ],
+    "bulk": [f"{S}.transport.bulk"],
+    "same_host": [f"{S}.transport.same_host"],
+}
+# Edges still to remove: the bulk channel reuses the gRPC servicer's data plane.
+KNOWN = {f"{S}.transport.bulk -> {S}.transport.grpc_service"}
 
 
 def _modules(package: str) -> dict[str, ast.Module]:
+    """Every module of `package` and its subpackages, by dotted name."""
     folder = PACKAGES[package]
-    return {
-        f"{package}.{f.stem}" if f.stem != "__init__" else package: ast.parse(f.read_text())
-        for f in sorted(folder.glob("*.py"))
-    }
+    found = {}
+    for f in sorted(folder.rglob("*.py")):
+        parts = list(f.relative_to(folder).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join([package, *parts])] = ast.parse(f.read_text())
+    return found
 
 
-def _imports(package: str, tree: ast.Module) -> set[str]:
-    """Every module named by an import anywhere in a module of `package` (lazy and
-    TYPE_CHECKING ones too)."""
+def _imports(module: str, tree: ast.Module, is_package: bool = False) -> set[str]:
+    """Every module named by an import anywhere in `module` (lazy and TYPE_CHECKING ones too)."""
     found: set[str] = set()
+    here = module if is_package else module.rpartition(".")[0]
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = f"{package}.{base}" if base else package
+                anchor = here.rsplit(".", node.level - 1)[0] if node.level > 1 else here
+                base = f"{anchor}.{base}" if base else anchor
             found.add(base)
             found.update(f"{base}.{a.name}" for a in node.names)
     return found
 
 
+def _all_imports(package: str) -> dict[str, set[str]]:
+    folder = PACKAGES[package]
+    packages = {
+        ".".join([package, *f.relative_to(folder).parent.parts])
+        for f in folder.rglob("__init__.py")
+    }
+    return {m: _imports(m, t, m in packages) for m, t in _modules(package).items()}
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def test_the_walk_sees_every_layer() -> None:
+    """The rules below check nothing if the walk misses subpackages: pin that it finds them."""
+    modules = _modules("adamd.server")
+    for layer in ("core", "cuda", "storage", "transport", "http", "cli"):
+        inside = [m for m in modules if _under(m, f"{S}.{layer}") and m != f"{S}.{layer}"]
+        assert len(inside) >= 2, f"found no modules under server/{layer}/"
+    assert f"{S}.core.model" in modules
+    assert f"{S}.transport.grpc_service" in modules
+    client = _modules("adamd.client")
+    assert "adamd.client._transport.bulk" in client
+
+
 def test_nothing_imports_the_other_sides_private_modules() -> None:
-    for module, tree in _modules("adamd.server").items():
-        private = {i for i in _imports("adamd.server", tree) if i.startswith("adamd.client._")}
+    for module, imports in _all_imports("adamd.server").items():
+        private = {i for i in imports if i.startswith("adamd.client._")}
         assert not private, f"{module} imports the client's private {sorted(private)}"
     for package in ("adamd.client", "adamd.protocol"):
-        for module, tree in _modules(package).items():
-            server = {i for i in _imports(package, tree) if i.startswith("adamd.server")}
+        for module, imports in _all_imports(package).items():
+            server = {i for i in imports if _under(i, S)}
             assert not server, f"{module} imports the server: {sorted(server)}"
-    for module, tree in _modules("adamd.protocol").items():
-        client = {i for i in _imports("adamd.protocol", tree) if i.startswith("adamd.client")}
+    for module, imports in _all_imports("adamd.protocol").items():
+        client = {i for i in imports if _under(i, "adamd.client")}
         assert not client, f"the protocol package's {module} imports the client: {sorted(client)}"
 
 
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_server_layers_import_only_downwards(layer: str) -> None:
+    bad = []
+    for module, imports in _all_imports("adamd.server").items():
+        if not _under(module, layer):
+            continue
+        for imported in sorted(imports):
+            if any(_under(imported, f) for f in FORBIDDEN[layer]):
+                bad.append(f"{module} -> {imported}")
+    assert not bad, f"{layer} imports a layer above it or beside it: {bad}"
+
+
+def test_the_core_takes_no_wire_messages() -> None:
+    for module, imports in _all_imports("adamd.server").items():
+        if _under(module, f"{S}.core") or _under(module, f"{S}.cuda"):
+            wire = sorted(i for i in imports if _under(i, "adamd.v1"))
+            assert not wire, f"{module} imports the wire messages {wire}"
+
+
+@pytest.mark.parametrize("transport", sorted(TRANSPORTS))
+def test_transports_do_not_import_each_other(transport: str) -> None:
+    others = [m for name, ms in TRANSPORTS.items() if name != transport for m in ms]
+    bad = []
+    for module, imports in _all_imports("adamd.server").items():
+        if module in TRANSPORTS[transport]:
+            bad += [
+                f"{module} -> {i}"
+                for i in sorted(imports)
+                if any(_under(i, o) for o in others)
+                and not any(_under(f"{module} -> {i}", k) for k in KNOWN)
+            ]
+    assert not bad, f"the {transport} transport imports another transport: {bad}"
+
+
 def test_server_modules_import_no_cycle() -> None:
-    modules = _modules("adamd.server")
-    del modules["adamd.server"]  # `from . import x` names the package; the edge is to x
-    graph = {
-        m: {i for i in _imports("adamd.server", t) if i in modules and i != m}
-        for m, t in modules.items()
+    every = _all_imports("adamd.server")
+    modules = set(every)
+    # `from pkg import x` names the package; the edge is to x. Packages' own __init__ re-exports
+    # are left out (they import their children by design).
+    leaves = {
+        m
+        for m in modules
+        if not (ROOT / "server" / Path(*m.split(".")[2:]) / "__init__.py").exists()
     }
+    graph = {m: {i for i in every[m] if i in leaves and i != m} for m in leaves}
     done: set[str] = set()
 
     def visit(node: str, path: list[str]) -> None:

@@ -1,6 +1,6 @@
 """Async parameter-server training: every push steps at once; too-stale pushes are refused.
 
-Documented policy (server/model.py): a push carries the version its gradient was computed from;
+Documented policy (server/core/model.py): a push carries the version its gradient was computed from;
 one more than `max_staleness` versions behind the model is rejected with StalePush
 (FAILED_PRECONDITION) and changes nothing; anything newer is applied.
 """

@@ -718,7 +718,7 @@ def test_push_id_length_limit(client: Client, trained: Any) -> None:
 @pytest.mark.parametrize("token", ["ab\ncd", "ab cd", "ab\tcd", "tök"])
 def test_token_file_that_no_client_can_send(tmp_path: Any, token: str) -> None:
     """Started a server nobody could call; now refused at start, exit 2, like an empty file."""
-    from adamd.server.cli import main
+    from adamd.server.cli.main import main
 
     f = tmp_path / "token"
     f.write_text(token + "\n")

@@ -17,8 +17,8 @@ import torch
 
 from adamd.client import Client, LimitExceeded
 from adamd.server import ServerConfig
-from adamd.server.budget import TransferBudget
 from adamd.server.config import ConfigError
+from adamd.server.core.budget import TransferBudget
 from adamd.server.errors import LimitExceeded as ServerLimitExceeded
 from adamd.server.errors import Unavailable
 from adamd.v1 import adamd_pb2 as pb

@@ -175,7 +175,7 @@ def test_help_documents_the_contract() -> None:
 
 
 def test_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    from adamd.server.cli import build_parser, config_from_args
+    from adamd.server.cli.main import build_parser, config_from_args
 
     for key in [k for k in os.environ if k.startswith("ADAMD_")]:
         monkeypatch.delenv(key)
@@ -191,7 +191,7 @@ def test_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_readme_shows_every_serve_flag() -> None:
-    from adamd.server.cli import build_parser
+    from adamd.server.cli.main import build_parser
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]

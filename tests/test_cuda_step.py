@@ -13,8 +13,8 @@ import torch
 
 from adamd.protocol import ProtocolError
 from adamd.protocol.frames import TensorSink
-from adamd.server import graph_guards
-from adamd.server.cuda_step import (
+from adamd.server.cuda import graph_guards
+from adamd.server.cuda.step import (
     MAX_CAPTURES,
     WARMUP_STEPS,
     CaptureBroken,

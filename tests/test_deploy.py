@@ -24,7 +24,7 @@ import yaml
 
 from adamd.client import Client, TLSConfig, Unauthenticated, Unavailable
 from adamd.client._addresses import parse_servers
-from adamd.server.cli import build_parser
+from adamd.server.cli.main import build_parser
 from adamd.server.config import ServerConfig
 
 from .test_cli import serve

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import pytest
 import torch
 
+from adamd.server.core.model import HostedModel, PushResult
 from adamd.server.errors import InvalidArgument, StalePush
-from adamd.server.model import HostedModel, PushResult
 
 from .hosted import local_adam, make_model, push, state_of
 from .test_rounds import rank_grads
@@ -150,7 +150,7 @@ def test_push_ids_are_applied_once_in_elastic_rounds() -> None:
 
 
 def test_registrations_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    from adamd.server import membership
+    from adamd.server.core import membership
     from adamd.server.errors import LimitExceeded
 
     monkeypatch.setattr(membership, "MAX_MEMBERS", 3)

@@ -22,7 +22,7 @@ import torch
 
 from adamd.client import Client, RemoteAdam
 from adamd.server import Daemon
-from adamd.server.cli import main as cli_main
+from adamd.server.cli.main import main as cli_main
 
 from . import workers
 from .conftest import assert_bitwise_equal, running_daemon

@@ -2,7 +2,7 @@
 
 On CUDA the server runs fused, capturable Adam with lr a float32 tensor on the device, uploads
 gradients early through pinned buffers and steps by replaying a captured CUDA graph once a set of
-gradients has warmed up (server/cuda_step.py). The reference is a local
+gradients has warmed up (server/cuda/step.py). The reference is a local
 Adam(fused=True, capturable=True, lr=<float32 CUDA tensor>) stepped eagerly on the same device:
 parameters and every state tensor must stay bitwise equal, step after step.
 """
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from adamd.client import Client, InvalidArgument, NonFiniteGradient, RemoteAdam
-from adamd.server.cuda_step import WARMUP_STEPS
+from adamd.server.cuda.step import WARMUP_STEPS
 
 from .conftest import assert_bitwise_equal, running_daemon, snapshot
 

@@ -31,12 +31,13 @@ from typing import Any
 import pytest
 import torch
 
-from adamd.server import staging, views
-from adamd.server.cuda_step import WARMUP_STEPS, graphs_disabled
+from adamd.server.core import staging
+from adamd.server.core.model import HostedModel, PushMeta, StepRecord
+from adamd.server.core.registry import ModelRegistry, ModelSpec
+from adamd.server.core.stats import ModelStats
+from adamd.server.cuda.step import WARMUP_STEPS, graphs_disabled
 from adamd.server.errors import ServerError
-from adamd.server.model import HostedModel, PushMeta, StepRecord
-from adamd.server.registry import ModelRegistry, ModelSpec
-from adamd.server.stats import ModelStats
+from adamd.server.http import views
 
 pytestmark = [
     pytest.mark.gpu,
@@ -451,8 +452,8 @@ def test_a_model_deleted_during_traffic_then_created_again_stays_exact() -> None
 
 def test_a_snapshot_restored_onto_the_gpu_continues_bitwise(tmp_path: Path) -> None:
     pytest.importorskip("safetensors")
-    from adamd.server import snapshot_format as fmt
-    from adamd.server.snapshots import build_model
+    from adamd.server.storage import format as fmt
+    from adamd.server.storage.snapshots import build_model
 
     shapes = {"w": ((512, 256), torch.bfloat16), "b": ((256,), torch.float32)}
     model = gpu_model("snap", init_values(shapes, seed=6), amsgrad=True)
@@ -472,7 +473,7 @@ def test_a_snapshot_restored_onto_the_gpu_continues_bitwise(tmp_path: Path) -> N
 
 def test_the_snapshot_download_of_a_gpu_model_imports_on_a_cpu() -> None:
     pytest.importorskip("safetensors")  # snapshot_interop imports the snapshot format
-    from adamd.server import snapshot_interop
+    from adamd.server.storage import interop as snapshot_interop
 
     shapes = {"w": ((64, 32), torch.float32), "b": ((32,), torch.float32)}
     model = gpu_model("dl", init_values(shapes, seed=8), weight_decay=0.1)
@@ -520,7 +521,7 @@ def test_memory_bytes_counts_static_and_landing_gradients() -> None:
 
 _BROKEN_CAPTURE = """
 import torch
-from adamd.server.cuda_step import WARMUP_STEPS, graphs_disabled
+from adamd.server.cuda.step import WARMUP_STEPS, graphs_disabled
 from tests.test_gpu_path import FP32, Reference, assert_equal, gpu_model, grads_at, host_state, init_values, push
 
 other = gpu_model("other", init_values(FP32, seed=1))

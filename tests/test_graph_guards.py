@@ -1,4 +1,4 @@
-"""The per-stream lock captures rely on (server/graph_guards.py), with real threads: device work
+"""The per-stream lock captures rely on (server/cuda/graph_guards.py), with real threads: device work
 shares a stream, a capture has it alone, and a waiting capture is not starved by new work."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from adamd.server.graph_guards import SharedExclusive
+from adamd.server.cuda.graph_guards import SharedExclusive
 
 
 def test_shared_holders_run_together_and_a_capture_waits_for_them() -> None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adamd.server.core.groups import GroupEditor
 from adamd.server.errors import Aborted, InvalidArgument
-from adamd.server.groups import GroupEditor
 
 from .hosted import CPU, assert_same, local_adam, make_model, push, state_of
 

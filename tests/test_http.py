@@ -15,7 +15,7 @@ import torch
 
 from adamd.client import Client
 from adamd.server import Daemon
-from adamd.server.cli import main as cli_main
+from adamd.server.cli.main import main as cli_main
 
 from .conftest import assert_bitwise_equal, running_daemon, snapshot
 

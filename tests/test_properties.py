@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from adamd.protocol import ProtocolError
 from adamd.protocol.frames import TensorSink, decode_frame, encode_frame
 from adamd.protocol.hyper import value_from_pb
+from adamd.server.core.options import validate
+from adamd.server.core.registry import ModelRegistry, ModelSpec
 from adamd.server.errors import InvalidArgument, ServerError
 from adamd.server.operations import Operations
-from adamd.server.options import validate
-from adamd.server.registry import ModelRegistry, ModelSpec
 from adamd.v1 import adamd_pb2 as pb
 
 from .conftest import assert_bitwise_equal, snapshot

@@ -34,9 +34,9 @@ def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
 def test_adapter_serves_every_method_of_the_proto() -> None:
     import torch
 
-    from adamd.server.grpc_service import OptimizerService
+    from adamd.server.core.registry import ModelRegistry
     from adamd.server.operations import Operations
-    from adamd.server.registry import ModelRegistry
+    from adamd.server.transport.grpc_service import OptimizerService
     from adamd.v1 import adamd_pb2 as pb
 
     methods = {m.name for m in pb.DESCRIPTOR.services_by_name["Optimizer"].methods}

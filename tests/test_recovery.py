@@ -29,7 +29,7 @@ from adamd.client._exceptions import (
     StalePush,
     Unavailable,
 )
-from adamd.server import snapshot_format as fmt
+from adamd.server.storage import format as fmt
 
 ADAMD = str(Path(sys.executable).with_name("adamd"))
 SHAPES = {"w": (64, 32), "b": (32,)}

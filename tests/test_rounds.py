@@ -17,9 +17,9 @@ from concurrent.futures import Future
 import pytest
 import torch
 
+from adamd.server.core.model import HostedModel, PushResult
+from adamd.server.core.staging import layout
 from adamd.server.errors import Aborted, DuplicatePush, InvalidArgument, NotFound, StalePush
-from adamd.server.model import HostedModel, PushResult
-from adamd.server.staging import layout
 
 from .hosted import assert_same, begin, local_adam, make_model, push, state_of, write
 

@@ -20,7 +20,7 @@ import torch
 from adamd.client import Client, RemoteAdam
 from adamd.protocol.shared_files import host_id
 from adamd.server import Daemon
-from adamd.server.same_host import SameHost
+from adamd.server.transport.same_host import SameHost
 from adamd.v1 import adamd_pb2 as pb
 
 from . import workers

@@ -300,7 +300,7 @@ def test_layout_is_recorded_and_another_one_is_refused(
 def test_inspect_shows_the_shards_side_by_side_and_which_is_behind(
     three: list[Daemon], servers: list[str], model_name: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from adamd.server.cli import main
+    from adamd.server.cli.main import main
 
     with Client(servers, slice_bytes=SLICE) as c:
         c.create_model(model_name, _params(), lr=0.1)
@@ -561,7 +561,7 @@ def test_snapshot_export_of_a_sharded_model_is_one_torch_checkpoint(
     model_name: str, tmp_path: Path
 ) -> None:
     """`adamd snapshot export --shard DIR ...`: the newest version every shard holds, whole."""
-    from adamd.server.cli import main
+    from adamd.server.cli.main import main
 
     local = {n: t.clone() for n, t in _params().items()}
     ref = torch.optim.Adam(list(local.values()), lr=0.01, fused=True)

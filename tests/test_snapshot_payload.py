@@ -9,8 +9,9 @@ import io
 
 import torch
 
-from adamd.server import snapshot_interop, views
-from adamd.server.model import HostedModel
+from adamd.server.core.model import HostedModel
+from adamd.server.http import views
+from adamd.server.storage import interop as snapshot_interop
 
 from .hosted import CPU, make_model, push
 

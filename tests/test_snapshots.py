@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from adamd.client import Client
-from adamd.server import snapshot_format as fmt
-from adamd.server.cli import main as cli_main
+from adamd.server.cli.main import main as cli_main
+from adamd.server.storage import format as fmt
 
 from .conftest import assert_bitwise_equal, running_daemon, snapshot
 
@@ -321,7 +321,7 @@ def test_snapshot_commands_report_errors_in_one_line(
 
 
 def test_import_refuses_pickled_objects(tmp_path: Path) -> None:
-    from adamd.server.snapshot_interop import CheckpointError, load_checkpoint
+    from adamd.server.storage.interop import CheckpointError, load_checkpoint
 
     evil = tmp_path / "evil.pt"
     torch.save({"model": {}, "optimizer": {"x": Path("/")}}, evil)  # not tensors-only

@@ -10,8 +10,8 @@ import itertools
 import pytest
 import torch
 
-from adamd.server.registry import ModelRegistry, ModelSpec
-from adamd.server.staging import ALIGN, GradSet, StagingPool, copy_in_chunks, layout
+from adamd.server.core.registry import ModelRegistry, ModelSpec
+from adamd.server.core.staging import ALIGN, GradSet, StagingPool, copy_in_chunks, layout
 
 PARAMS = {
     "w": torch.zeros(33, 7),

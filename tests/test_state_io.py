@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-from adamd.server import state_io
+from adamd.server.core import state_io
+from adamd.server.core.model import HostedModel
 from adamd.server.errors import InvalidArgument
-from adamd.server.model import HostedModel
 
 from .hosted import assert_same, local_adam, make_model, push, state_of
 

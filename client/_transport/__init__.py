@@ -1,0 +1,1 @@
+"""How the client moves tensors besides gRPC: the bulk-data channel and same-host shared memory."""

@@ -1,0 +1,129 @@
+"""Conversions between wire messages (adamd.v1) and the server core's plain Python values."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from adamd.protocol import ProtocolError
+from adamd.protocol.frames import dtype_from_pb, dtype_to_pb, shape_of
+from adamd.protocol.hyper import options_from_pb, options_to_pb
+from adamd.server.core.model import ASYNC, SYNC, HostedModel, PushMeta, PushResult
+from adamd.server.core.registry import ModelSpec
+from adamd.server.errors import InvalidArgument
+from adamd.v1 import adamd_pb2 as pb
+
+MODE_TO_PB = {SYNC: pb.SYNC, ASYNC: pb.ASYNC}
+MODE_FROM_PB = {pb.MODE_UNSPECIFIED: SYNC, pb.SYNC: SYNC, pb.ASYNC: ASYNC}
+
+
+def specs_from_pb(specs: Sequence[pb.TensorSpec]) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    out = []
+    for s in specs:
+        try:
+            dtype = dtype_from_pb(s.dtype)
+        except ProtocolError as exc:
+            raise InvalidArgument(f"tensor {s.name!r}: {exc}") from exc
+        if any(d < 0 for d in s.shape):
+            raise InvalidArgument(f"tensor {s.name!r} has a negative dimension {list(s.shape)}")
+        out.append((s.name, shape_of(s), dtype))
+    return out
+
+
+def group_from_pb(g: pb.ParamGroup) -> dict[str, Any]:
+    try:
+        return {**options_from_pb(g.options), "params": list(g.params)}
+    except (ValueError, TypeError, ProtocolError) as exc:
+        raise InvalidArgument(f"bad param group options: {exc}") from exc
+
+
+def group_to_pb(names: Sequence[str], options: Mapping[str, Any]) -> pb.ParamGroup:
+    return pb.ParamGroup(params=list(names), options=options_to_pb(options))
+
+
+def updates_from_pb(updates: Sequence[pb.GroupUpdate]) -> list[tuple[int, dict[str, Any]]]:
+    try:
+        return [(u.group, options_from_pb(u.options)) for u in updates]
+    except (ValueError, TypeError, ProtocolError) as exc:
+        raise InvalidArgument(f"bad hyperparameter update: {exc}") from exc
+
+
+def model_spec_from_pb(cfg: pb.ModelConfig) -> ModelSpec:
+    params = specs_from_pb(cfg.params)
+    groups = [group_from_pb(g) for g in cfg.groups] or [{"params": [n for n, _, _ in params]}]
+    world_size = cfg.world_size or 1
+    if cfg.mode not in MODE_FROM_PB:
+        raise InvalidArgument(f"mode {cfg.mode} is not a known mode (SYNC, ASYNC)")
+    mode = MODE_FROM_PB[cfg.mode]
+    if not (math.isfinite(cfg.round_timeout_s) and cfg.round_timeout_s >= 0):
+        raise InvalidArgument(
+            f"round_timeout_s must be a finite number >= 0 (0: the server's default),"
+            f" got {cfg.round_timeout_s}"
+        )
+    if not (math.isfinite(cfg.lease_s) and cfg.lease_s >= 0):
+        raise InvalidArgument(
+            f"lease_s must be a finite number >= 0 (0: the default), got {cfg.lease_s}"
+        )
+    return ModelSpec(
+        name=cfg.model,
+        params=params,
+        groups=groups,
+        world_size=world_size,
+        mode=mode,
+        max_staleness=cfg.max_staleness,
+        round_timeout_s=cfg.round_timeout_s,
+        elastic=cfg.elastic,
+        lease_s=cfg.lease_s,
+        exist_ok=cfg.exist_ok,
+        layout=cfg.layout,
+    )
+
+
+def model_info(model: HostedModel, created: bool = False) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        model=model.name,
+        version=model.version,
+        mode=MODE_TO_PB[model.mode],
+        world_size=model.world_size,
+        device=str(model.device),
+        params=[
+            pb.TensorSpec(name=n, dtype=dtype_to_pb(p.dtype), shape=list(p.shape))
+            for n, p in model.params.items()
+        ],
+        groups=[
+            group_to_pb(names, opts) for names, opts in zip(model.group_names(), model.requested)
+        ],
+        max_staleness=model.max_staleness,
+        round_timeout_s=model.round_timeout_s,
+        created=created,
+        skipped_steps=model.skipped_steps,
+        elastic=model.elastic,
+        lease_s=model.lease_s,
+        layout=model.layout,
+    )
+
+
+def push_meta_from_pb(header: pb.PushHeader) -> PushMeta:
+    return PushMeta(
+        rank=header.rank,
+        version=header.version if header.HasField("version") else None,
+        push_id=header.push_id,
+        found_inf=header.found_inf,
+        loss=header.loss if header.HasField("loss") else None,
+        scalars=dict(header.scalars),
+        hyper_updates=updates_from_pb(header.hyper_updates),
+    )
+
+
+def push_reply(result: PushResult) -> pb.PushReply:
+    return pb.PushReply(
+        version=result.version,
+        applied=result.applied,
+        found_inf=result.found_inf,
+        contributors=result.contributors,
+        duplicate=result.duplicate,
+        partial=result.partial,
+    )
