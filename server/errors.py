@@ -23,7 +23,13 @@ StartupError stands apart: no caller sees it; `adamd serve` prints it in one lin
 
 from __future__ import annotations
 
+import logging
+
 import grpc
+
+from adamd.protocol import ProtocolError
+
+logger = logging.getLogger(__name__)
 
 
 class ServerError(Exception):
@@ -106,3 +112,14 @@ class Unavailable(ServerError):
 
 class StartupError(Exception):
     """The daemon cannot start: a port taken, a data dir in use, a device that is not there."""
+
+
+def as_server_error(exc: BaseException, what: str) -> ServerError:
+    """`exc` as a caller is answered: a ProtocolError is INVALID_ARGUMENT, anything that is not a
+    ServerError is INTERNAL (and logged as `what` failing)."""
+    if isinstance(exc, ProtocolError):
+        return InvalidArgument(str(exc))
+    if not isinstance(exc, ServerError):
+        logger.error("%s failed", what, exc_info=exc)
+        return ServerError(f"internal error: {type(exc).__name__}: {exc}")
+    return exc

@@ -35,11 +35,12 @@ def test_adapter_serves_every_method_of_the_proto() -> None:
     import torch
 
     from adamd.server.core.registry import ModelRegistry
+    from adamd.server.dataplane import DataPlane
     from adamd.server.operations import Operations
     from adamd.server.transport.grpc_service import OptimizerService
     from adamd.v1 import adamd_pb2 as pb
 
     methods = {m.name for m in pb.DESCRIPTOR.services_by_name["Optimizer"].methods}
-    service = OptimizerService(Operations(ModelRegistry(torch.device("cpu"))))
+    service = OptimizerService(DataPlane(Operations(ModelRegistry(torch.device("cpu")))))
     registered = set(service.handler()._method_handlers)  # type: ignore[attr-defined]
     assert {f"/adamd.v1.Optimizer/{m}" for m in methods} == registered

@@ -18,6 +18,7 @@ from adamd.server.config import ServerConfig
 from adamd.server.core.budget import TransferBudget
 from adamd.server.core.registry import ModelRegistry, resolve_device
 from adamd.server.core.stats import StatsBook
+from adamd.server.dataplane import DataPlane
 from adamd.server.errors import StartupError
 from adamd.server.http.metrics import Metrics
 from adamd.server.operations import Operations
@@ -71,14 +72,14 @@ class Daemon:
         self.ops.facts.stats_every = config.stats_every
         self.started_at = self.ops.facts.started_at
         self._workers = ThreadPoolExecutor(config.grpc_workers, thread_name_prefix="adamd-work")
-        self.service = OptimizerService(
+        self.plane = DataPlane(
             self.ops,
             executor=self._workers,
             idle_s=config.stream_idle_s,
             chunk_bytes=config.chunk_bytes,
-            on_call=self.metrics.on_call,
             budget=self.transfers,
         )
+        self.service = OptimizerService(self.plane, on_call=self.metrics.on_call)
         address = f"{config.host}:{config.grpc_port}"
         try:
             self._grpc = GrpcServer(
@@ -105,7 +106,9 @@ class Daemon:
             return None
         tls = self.tls.ssl_context() if self.tls else None
         try:
-            bulk = BulkServer(self.service, config.host, config.bulk_port, tls=tls)
+            bulk = BulkServer(
+                self.plane, config.host, config.bulk_port, tls=tls, on_call=self.metrics.on_call
+            )
         except OSError as exc:
             self._grpc.stop(0)
             self._workers.shutdown(wait=False)

@@ -1,8 +1,8 @@
 """The bulk-data channel's server side (adamd.protocol.bulk): pushes and pulls over plain sockets.
 
-What a request does is the gRPC service's own `push` and `pull` (server/transport/grpc_service.py): the same
-checks, transfer budget, exactly-once ledger, sync rounds and SIGTERM cut; only the carrier
-differs. Connections are accepted on the gRPC loop, and one waiting for its next request holds no
+What a request does is the data plane's `push` and `pull` (server/dataplane.py), as over gRPC:
+the same checks, transfer budget, exactly-once ledger, sync rounds and SIGTERM cut; only the
+carrier differs. Connections are accepted on the gRPC loop, and one waiting for its next request holds no
 thread (the loop watches its socket). A request's frames are read and written on a small pool of
 I/O threads with blocking sockets, so the kernel copies straight between the socket and tensor
 memory with the GIL released; a sync worker waiting for its round holds no thread either (its push
@@ -46,13 +46,11 @@ from adamd.protocol.bulk import (
     check_ticket,
 )
 from adamd.protocol.frames import TensorSink, spec_of
-from adamd.server.errors import DeadlineExceeded, InvalidArgument, ServerError
-from adamd.server.transport.grpc_service import (
-    OptimizerService,
-    PullPlan,
-    as_server_error,
-    parse_request,
-)
+from adamd.server.core.pushes import PushMeta
+from adamd.server.dataplane import DataPlane, PullPlan, Receive
+from adamd.server.errors import DeadlineExceeded, InvalidArgument, ServerError, as_server_error
+from adamd.server.transport import messages
+from adamd.server.transport.messages import parse_request
 from adamd.v1 import adamd_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -95,13 +93,16 @@ class Tickets:
 class BulkServer:
     def __init__(
         self,
-        service: OptimizerService,
+        plane: DataPlane,
         host: str,
         port: int,
         tls: ssl.SSLContext | None = None,
+        on_call: Callable[[str, str, float, int, int], None] | None = None,
     ):
-        """Binds at once (port 0 picks a free one); serves from `start(loop)`."""
-        self.service = service
+        """Binds at once (port 0 picks a free one); serves from `start(loop)`. `on_call`
+        records each request (method, outcome, seconds, bytes in, bytes out)."""
+        self.plane = plane
+        self.on_call = on_call
         self.tls = tls
         self.tickets = Tickets()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -165,7 +166,7 @@ class BulkServer:
         if self._busy:
             _, pending = await asyncio.wait(set(self._busy), timeout=max(grace - 1.0, 0.1))
             if pending:
-                self.service.cut()
+                self.plane.cut()
                 await asyncio.wait(pending, timeout=1.0)
         for sock in list(self._sockets):
             _shutdown(sock)
@@ -262,7 +263,7 @@ class BulkServer:
             if not self.tickets.redeem(check_ticket(conn.recv(max_header=TICKET_BYTES))):
                 raise ProtocolError("a bulk connection with an unknown or expired ticket")
             conn.send(HELO)  # the client knows now that this connection serves it
-            sock.settimeout(self.service.idle_s)
+            sock.settimeout(self.plane.idle_s)
         except BaseException:
             conn.close()
             raise
@@ -311,7 +312,7 @@ class BulkServer:
         method, outcome = "Bulk", "OK"
         try:
             try:
-                frame = await self._io_call(conn, conn.recv, self.service.limits.max_message_bytes)
+                frame = await self._io_call(conn, conn.recv, self.plane.limits.max_message_bytes)
             except Closed:
                 if conn.bytes_in == in0:
                     return False  # the client closed an idle connection: no call at all
@@ -338,7 +339,7 @@ class BulkServer:
                 await self._io_call(conn, self._fail, conn, error)
             return False
         finally:
-            on_call = self.service.on_call
+            on_call = self.on_call
             if on_call is not None and conn.bytes_in != in0:
                 n_in, n_out = conn.bytes_in - in0, conn.bytes_out - out0
                 on_call(method, outcome, time.perf_counter() - t0, n_in, n_out)
@@ -348,7 +349,7 @@ class BulkServer:
         closes the connection (or goes quiet, or passes the stream limit)."""
         error = pb.BulkError(code=exc.code.value[0], kind=exc.kind, message=str(exc)[:8000])
         conn.send(FAIL, error.SerializeToString())
-        left = self.service.limits.stream_bytes
+        left = self.plane.limits.stream_bytes
         scratch = bytearray(1 << 16)
         while left > 0:
             n = conn.sock.recv_into(scratch)
@@ -356,16 +357,14 @@ class BulkServer:
                 return
             left -= n
 
-    def _receiver(
-        self, conn: FrameSocket, first: Prefix
-    ) -> Callable[[TensorSink | None], Awaitable[bytes | None]]:
-        """A push's `receive` (OptimizerService.push): its frames into the sink, an I/O call
+    def _receiver(self, conn: FrameSocket, first: Prefix) -> Receive:
+        """A push's `receive` (DataPlane.push): its frames into the sink, an I/O call
         reading for as long as bytes keep coming; when the client pauses (a push streamed during
         backward waits for backward) the loop waits for more, holding no thread, up to
         --stream-idle-s."""
-        limits, idle_s = self.service.limits, self.service.idle_s
+        limits, idle_s = self.plane.limits, self.plane.idle_s
 
-        async def receive(sink: TensorSink | None) -> bytes | None:
+        async def receive(sink: TensorSink | None) -> PushMeta | None:
             reader = conn.request(first, sink, limits.stream_bytes)
             try:
                 out = await self._io_call(conn, reader.next_ready, limits.max_message_bytes)
@@ -376,7 +375,7 @@ class BulkServer:
                             " (server --stream-idle-s)"
                         )
                     out = await self._io_call(conn, reader.next_ready, limits.max_message_bytes)
-                return out  # type: ignore[return-value]
+                return messages.closing_meta(out)  # type: ignore[arg-type]
             except BaseException as exc:
                 reader.settle()  # no conversion writes into the sink after this returns
                 if isinstance(exc, ProtocolError):
@@ -389,8 +388,27 @@ class BulkServer:
         header = parse_request(pb.PushHeader, first.header)
         if first.nbytes:
             raise InvalidArgument("a PUSH frame carries no data")
-        reply = await self.service.push(header, self._receiver(conn, first))
+        reply = await self._push_of(header, self._receiver(conn, first))
         await self._io_call(conn, conn.send, DONE, reply.SerializeToString())
+
+    def _push_of(
+        self,
+        header: pb.PushHeader,
+        receive: Receive,
+        on_stepped: Callable[[list[str]], None] | None = None,
+    ) -> Awaitable[pb.PushReply]:
+        async def push() -> pb.PushReply:
+            result = await self.plane.push(
+                header.model,
+                messages.push_meta_from_pb(header),
+                messages.specs_from_pb(header.grads),
+                receive,
+                session=header.session,
+                on_stepped=on_stepped,
+            )
+            return messages.push_reply(result)
+
+        return push()
 
     async def _step(self, conn: FrameSocket, first: Prefix) -> None:
         """A push, then the parameters in the same exchange. On a CPU model each bucket of
@@ -402,28 +420,29 @@ class BulkServer:
         if request.HasField("if_newer_than") or request.HasField("wait_for_version"):
             raise InvalidArgument("a STEP's pull takes no if_newer_than or wait_for_version")
         request.model = header.model
+        ask = messages.pull_ask_from_pb(request)
         receive = self._receiver(conn, first)
-        model, _, _ = self.service.check_pull(request)  # refused before the push, if at all
+        model, _, _ = self.plane.check_pull(ask)  # refused before the push, if at all
         if model.graphed is None and model.device.type == "cpu":
             # The tensors are the live parameters, sent from their own memory (conversions go
             # through the connection's two buffers): no transfer memory to reserve for them.
-            async with self.service.pull(request, reserve=False) as plan:
+            async with self.plane.pull(ask, reserve=False) as plan:
                 sender = _StepSender(conn, plan, self._io)
                 try:
-                    reply = await self.service.push(header, receive, sender.notify)
+                    reply = await self._push_of(header, receive, sender.notify)
                 finally:
                     await sender.stop()
                 await self._io_call(conn, sender.finish, reply)
             return
-        reply = await self.service.push(header, receive)
-        async with self.service.pull(request) as plan:
+        reply = await self._push_of(header, receive)
+        async with self.plane.pull(ask) as plan:
             await self._io_call(conn, _send_pull, conn, plan, reply)
 
     async def _pull(self, conn: FrameSocket, first: Prefix) -> None:
         request = parse_request(pb.PullRequest, first.header)
         if first.nbytes:
             raise InvalidArgument("a PULL frame carries no data")
-        async with self.service.pull(request) as plan:
+        async with self.plane.pull(messages.pull_ask_from_pb(request)) as plan:
             await self._io_call(conn, _send_pull, conn, plan)
 
 

@@ -1,4 +1,5 @@
-"""Conversions between wire messages (adamd.v1) and the server core's plain Python values."""
+"""Conversions between wire messages (adamd.v1) and the server core's plain Python values, for
+every transport that speaks them (gRPC, and the bulk-data channel's protobuf headers)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from adamd.protocol.frames import dtype_from_pb, dtype_to_pb, shape_of
 from adamd.protocol.hyper import options_from_pb, options_to_pb
 from adamd.server.core.model import ASYNC, SYNC, HostedModel, PushMeta, PushResult
 from adamd.server.core.registry import ModelSpec
+from adamd.server.dataplane import PullAsk
 from adamd.server.errors import InvalidArgument
 from adamd.v1 import adamd_pb2 as pb
 
@@ -127,3 +129,38 @@ def push_reply(result: PushResult) -> pb.PushReply:
         duplicate=result.duplicate,
         partial=result.partial,
     )
+
+
+def closing_meta(raw: bytes | memoryview | None) -> PushMeta | None:
+    """A push's closing header (sent after its gradients), when one came."""
+    if raw is None:
+        return None
+    return push_meta_from_pb(parse_request(pb.PushHeader, bytes(raw)))
+
+
+def pull_ask_from_pb(request: pb.PullRequest) -> PullAsk:
+    try:
+        wire = dtype_from_pb(request.wire_dtype) if request.wire_dtype else None
+    except ProtocolError as exc:
+        raise InvalidArgument(f"wire_dtype: {exc}") from exc
+    return PullAsk(
+        model=request.model,
+        names=list(request.names),
+        wire=wire,
+        chunk_bytes=request.chunk_bytes,
+        if_newer_than=request.if_newer_than if request.HasField("if_newer_than") else None,
+        wait_for_version=(
+            request.wait_for_version if request.HasField("wait_for_version") else None
+        ),
+        wait_timeout_s=request.wait_timeout_s,
+    )
+
+
+def parse_request(req_cls: Any, raw: bytes) -> Any:
+    """`raw` as a `req_cls` message; bytes that are not one are the caller's INVALID_ARGUMENT."""
+    try:
+        return req_cls.FromString(raw)
+    except Exception as exc:  # protobuf's DecodeError, or a RuntimeWarning-free ValueError
+        raise InvalidArgument(
+            f"the request is not a valid {req_cls.DESCRIPTOR.full_name}: {exc}"
+        ) from None
