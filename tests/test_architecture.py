@@ -2,7 +2,7 @@
 in the server, no function too long to read. Parsed from the source (every module of every
 subpackage), nothing imported.
 
-The server's layers (README, Architecture):
+The server's layers (docs/architecture.md):
   core/       models, Adam, pushes, rounds, staging, limits: no networking, no `adamd.v1`
   cuda/       the CUDA step, used by the core
   storage/    snapshots on disk, over the core

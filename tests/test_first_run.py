@@ -1,5 +1,5 @@
-"""What a new user meets first: the rank error, `adamd --version`, and the errors the README's
-Troubleshooting section explains, each produced for real against a server on loopback."""
+"""What a new user meets first: the rank error, `adamd --version`, and the errors
+docs/troubleshooting.md explains, each produced for real against a server on loopback."""
 
 from __future__ import annotations
 

@@ -111,7 +111,7 @@ def test_a_client_that_trusts_another_ca_is_refused(
     tls_daemon: Daemon, pki: dict[str, Path]
 ) -> None:
     message = _assert_refused(tls_daemon, TLSConfig(ca=pki["other_ca"]))
-    assert "handshake failed" in message.lower()  # what README's Troubleshooting quotes
+    assert "handshake failed" in message.lower()  # what docs/troubleshooting.md quotes
     _assert_refused(tls_daemon, True)  # the system store does not know a private CA either
 
 
