@@ -106,17 +106,45 @@ def _refused(*args: str, env: dict[str, str] | None = None) -> str:
     return done.stderr.strip().splitlines()[-1]
 
 
-def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> None:
+def _refused_here(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str, **env: str
+) -> str:
+    """`adamd serve` refusing a configuration, run in this process (the checks happen before
+    anything starts; `_refused` shows the same in a real process): exit 2 and one line."""
+    from adamd.server.cli.main import main
+
+    capsys.readouterr()
+    with monkeypatch.context() as scoped:
+        for name, value in env.items():
+            scoped.setenv(name, value)
+        assert main(["serve", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def test_a_configuration_that_cannot_work_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = ["--data-dir", str(tmp_path / "data")]
     free = ["--grpc-port", "0", "--http-port", "0", *data]
-    assert "grpc_port must be a port" in _refused("--grpc-port", "70000", *data)
-    assert "snapshot_keep must be at least 1" in _refused("--snapshot-keep", "0", *free)
-    assert "round_timeout_s must be positive" in _refused("--round-timeout", "-1", *free)
-    assert "ADAMD_MAX_STALENESS='x'" in _refused(*free, env={"ADAMD_MAX_STALENESS": "x"})
+
+    def refused(*args: str, **env: str) -> str:
+        return _refused_here(capsys, monkeypatch, *args, **env)
+
+    assert "snapshot_keep must be at least 1" in refused("--snapshot-keep", "0", *free)
+    assert "round_timeout_s must be positive" in refused("--round-timeout", "-1", *free)
+    assert "ADAMD_MAX_STALENESS='x'" in refused(*free, ADAMD_MAX_STALENESS="x")
     missing = str(tmp_path / "no-such-token")
-    assert f"cannot read token file {missing}" in _refused("--token-file", missing, *free)
+    assert f"cannot read token file {missing}" in refused("--token-file", missing, *free)
     if not torch.cuda.is_available():
-        assert "CUDA is not available" in _refused("--device", "cuda", *free)
+        assert "CUDA is not available" in refused("--device", "cuda", *free)
+    assert not (tmp_path / "data").exists() or not list((tmp_path / "data").iterdir())
+
+
+def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> None:
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert "grpc_port must be a port" in _refused("--grpc-port", "70000", *data)
     with serve(tmp=tmp_path) as (proc, grpc_address, http_url, lines):
         grpc_port, http_port = grpc_address.rsplit(":", 1)[1], http_url.rsplit(":", 1)[1]
         other = ["--data-dir", str(tmp_path / "other")]
@@ -147,30 +175,43 @@ def test_non_loopback_with_a_token_but_no_tls_warns_of_clear_text(tmp_path: Path
     assert "without a token" not in log
 
 
-def test_tls_files_that_cannot_work_are_refused_at_start(tmp_path: Path) -> None:
+def test_tls_files_that_cannot_work_are_refused_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     free = ["--grpc-port", "0", "--http-port", "0", "--data-dir", str(tmp_path / "data")]
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate\n")
-    assert "tls_cert and tls_key go together" in _refused("--tls-cert", str(junk), *free)
-    assert "tls_client_ca needs tls_cert" in _refused("--tls-client-ca", str(junk), *free)
+
+    def refused(*args: str, **env: str) -> str:
+        return _refused_here(capsys, monkeypatch, *args, **env)
+
+    assert "tls_cert and tls_key go together" in refused("--tls-cert", str(junk), *free)
+    assert "tls_client_ca needs tls_cert" in refused("--tls-client-ca", str(junk), *free)
     missing = str(tmp_path / "missing.pem")
-    line = _refused("--tls-cert", missing, "--tls-key", str(junk), *free)
+    line = refused("--tls-cert", missing, "--tls-key", str(junk), *free)
     assert f"cannot read {missing}" in line
-    line = _refused("--tls-cert", str(junk), "--tls-key", str(junk), *free)
+    line = refused("--tls-cert", str(junk), "--tls-key", str(junk), *free)
     assert "do not load" in line
-    env = {"ADAMD_TLS_CERT": str(junk), "ADAMD_TLS_KEY": str(junk)}
-    assert "do not load" in _refused(*free, env=env)
+    # ... and from the environment, in a real process (exit 2, one line, no traceback)
+    line = _refused(*free, env={"ADAMD_TLS_CERT": str(junk), "ADAMD_TLS_KEY": str(junk)})
+    assert "do not load" in line
 
 
-def test_help_documents_the_contract() -> None:
-    out = subprocess.run(
-        [*ADAMD, "serve", "--help"], capture_output=True, text=True, check=True
-    ).stdout
+def test_help_documents_the_contract(capsys: pytest.CaptureFixture[str]) -> None:
+    from adamd.server.cli.main import main
+
+    def help_of(*args: str) -> str:
+        with pytest.raises(SystemExit) as stopped:
+            main([*args, "--help"])
+        assert stopped.value.code == 0
+        return capsys.readouterr().out
+
+    out = help_of("serve")
     for flag in ("--host", "--grpc-port", "--http-port", "--data-dir", "--device", "--token-file"):
         assert flag in out
     for flag in ("--tls-cert", "--tls-key", "--tls-client-ca"):
         assert flag in out
-    top = subprocess.run([*ADAMD, "--help"], capture_output=True, text=True, check=True).stdout
+    top = help_of()
     assert "serve" in top and "demo" in top
 
 

@@ -222,7 +222,7 @@ def test_kill9_many_rounds(server_factory: Callable[..., Server], durable: bool)
     flags = (
         ("--durable",) if durable else ("--snapshot-every-steps", "2", "--snapshot-every-s", "0.1")
     )
-    _crash_run(server_factory(*flags), rounds=25, steps_between=10, durable=durable)
+    _crash_run(server_factory(*flags), rounds=12, steps_between=10, durable=durable)
 
 
 def test_sigterm_writes_final_snapshot_and_restart_resumes(
