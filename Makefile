@@ -26,8 +26,10 @@ lint: setup
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
+# Two pytest workers, each taking whole test files (tests in a file share servers and fixtures).
+PYTEST_WORKERS ?= 2
 test: setup browser lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow and not browser" -x
