@@ -1,2 +1,2 @@
-"""adamd benchmark harness (issue 6): `python -m bench` measures adamd side by side with the
+"""adamd benchmark harness: `python -m bench` measures adamd side by side with the
 raw gRPC ceiling, PyTorch's RPC parameter server and a local fused Adam step, and writes BENCHMARKS.md."""

@@ -8,7 +8,7 @@
    the idle server; then the stalled streams must be ended by the server's idle deadline with
    DEADLINE_EXCEEDED and their staging buffers freed.
 
-Defaults are the issue's targets; `--quick` is a smoke run. Workers use the raw frame codec
+Defaults are the targets' sizes; `--quick` is a smoke run. Workers use the raw frame codec
 (adamd.protocol) over grpc.aio channels, as a light client would.
 """
 
@@ -210,14 +210,14 @@ def measure_stalled(address: str, http: str, streams: int, reps: int, n: int) ->
 
 
 def render(sync: dict, stalled: dict, command: str) -> str:
-    """The BENCHMARKS.md section: what was run, the figures, and the targets of issue 10."""
+    """The BENCHMARKS.md section: what was run, the figures, and the targets."""
     mach, ver = report.machine_info(), report.versions()
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     no_partial = sync["partial_replies"] == 0 and sync["versions_reached"] == sync["rounds"]
     ended = stalled["stalled_ended"].get("DEADLINE_EXCEEDED", 0) == stalled["streams"]
     freed = stalled["staging_bytes_after"] < stalled["staging_bytes_while_stalled"]
     lines = [
-        "## Concurrency: waits that hold no thread (issue 10)",
+        "## Concurrency: waits that hold no thread",
         "",
         f"Measured by `{command}` on {now}, against one `adamd serve` process with default flags"
         f" (but `--stream-idle-s {stalled['idle_s']:g}`), on {mach['cores']} cores;"

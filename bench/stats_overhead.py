@@ -1,4 +1,4 @@
-"""What the HTTP side's step statistics cost on the step path (issue 4).
+"""What the HTTP side's step statistics cost on the step path.
 
 Drives a HostedModel directly (no networking, so only the step path is timed): each push writes
 gradients into the model's staging buffers, then `finish_push` is timed, which checks them, steps

@@ -586,7 +586,7 @@ def _verdict(ok: bool) -> str:
 
 
 def target_lines(run: Run) -> list[str]:
-    """Each target of issue 13 this run measured, met or not, with the figure."""
+    """Each cross-host target this run measured, met or not, with the figure."""
     lines = []
     for v in run.variants:
         r = run.results.get(v.name, {})
@@ -652,7 +652,7 @@ def render(run: Run) -> str:
     if any("train" in r for r in run.results.values()):
         md += ["", _train_desc(run), "", *_train_table(run)]
     if targets := target_lines(run):
-        md += ["", "Targets of issue 13 in this run (ratios of one noisy run; see above):", ""]
+        md += ["", "Cross-host targets in this run (ratios of one noisy run; see above):", ""]
         md += targets
     if run.errors:
         md += ["", "Errors during the run:", "", *[f"- {e}" for e in run.errors]]
