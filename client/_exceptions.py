@@ -11,7 +11,8 @@
     │   ├── DuplicatePush      this worker already pushed for this round
     │   └── SessionExpired     a same-host session is no longer current (the Client re-streams)
     ├── Aborted                a sync round failed
-    ├── Unauthenticated        missing or wrong token
+    ├── Unauthenticated        missing or wrong token (or a client certificate the server does not know)
+    ├── PermissionDenied       known caller without the role the call needs (read, train, admin)
     ├── DeadlineExceeded       a wait (for a round, a version) ran out of time
     └── Unavailable            the server cannot be reached (after retries)
 
@@ -82,6 +83,10 @@ class Unauthenticated(AdamdError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class PermissionDenied(AdamdError, PermissionError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class DeadlineExceeded(AdamdError, TimeoutError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -105,6 +110,7 @@ KINDS: dict[str, type[AdamdError]] = {
         SessionExpired,
         Aborted,
         Unauthenticated,
+        PermissionDenied,
         DeadlineExceeded,
         Unavailable,
     )

@@ -33,7 +33,11 @@ class ServerConfig:
     http_port: int = 8080  # 0 picks a free port; -1 disables the HTTP side
     data_dir: Path = Path("./adamd-data")  # snapshots live here
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    token: str | None = None  # when set, every call but health must carry it
+    token: str | None = None  # when set, every call but health must carry it (one admin)
+    auth_file: Path | None = (
+        None  # principals and grants (server/auth/loader.py); reloaded on SIGHUP
+    )
+    audit_log: Path | None = None  # one JSON line per change (server/auth/audit.py)
     grpc_workers: int = 8  # threads for torch work (checks, steps, copies); waits hold none
     stream_idle_s: float = 60.0  # a request stream silent this long is ended (DEADLINE_EXCEEDED)
     chunk_bytes: int = (4 << 20) - (64 << 10)  # tensor bytes per reply frame when a pull names none
@@ -84,7 +88,7 @@ class ServerConfig:
         for key, value in (overrides or {}).items():
             if value is not None:
                 values[key] = value
-        for key in ("data_dir", "tls_cert", "tls_key", "tls_client_ca"):
+        for key in ("data_dir", "tls_cert", "tls_key", "tls_client_ca", "auth_file", "audit_log"):
             if values.get(key) is not None:
                 values[key] = Path(values[key])
         return cls(**values)
@@ -122,6 +126,11 @@ class ServerConfig:
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError(
                 "tls_client_ca needs tls_cert and tls_key (client certificates need TLS)"
+            )
+        if self.token is not None and self.auth_file is not None:
+            raise ConfigError(
+                "give --auth-file or --token-file (ADAMD_TOKEN), not both: put the token in the"
+                ' auth file as a principal with admin over "*"'
             )
         if self.token is not None and not usable_token(self.token):
             # A token the client cannot send (gRPC metadata and HTTP headers carry printable

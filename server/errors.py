@@ -11,7 +11,8 @@
     │   ├── DuplicatePush
     │   └── SessionExpired     (a same-host session to attach again; clients handle it)
     ├── Aborted                (ABORTED, 409)
-    ├── Unauthenticated        (UNAUTHENTICATED, 401)
+    ├── Unauthenticated        (UNAUTHENTICATED, 401: no credential, or one the server does not know)
+    ├── PermissionDenied       (PERMISSION_DENIED, 403: known, without the role it needs)
     ├── DeadlineExceeded       (DEADLINE_EXCEEDED, 504)
     └── Unavailable            (UNAVAILABLE, 503: stopping, or busy; clients retry)
 
@@ -94,6 +95,13 @@ class Aborted(ServerError):
 class Unauthenticated(ServerError):
     code = grpc.StatusCode.UNAUTHENTICATED
     http_status = 401
+
+
+class PermissionDenied(ServerError):
+    """A known caller whose grants do not give the role this call needs (server/auth/policy.py)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    http_status = 403
 
 
 class DeadlineExceeded(ServerError):

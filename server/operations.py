@@ -9,15 +9,16 @@ event loop.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hmac
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from adamd.server.auth import ACTIONS, Access, Caller, Principal, token_policy
 from adamd.server.config import adamd_version
 from adamd.server.core.limits import Limits, tensor_bytes
 from adamd.server.core.model import HostedModel, PushMeta, PushTicket
@@ -26,8 +27,8 @@ from adamd.server.errors import (
     FailedPrecondition,
     InvalidArgument,
     LimitExceeded,
+    ServerError,
     SessionExpired,
-    Unauthenticated,
 )
 from adamd.v1 import adamd_pb2 as pb
 
@@ -66,6 +67,7 @@ class Operations:
         registry: ModelRegistry,
         *,
         token: str | None = None,
+        access: Access | None = None,
         durable: bool = False,
         stats: StatsBook | None = None,
         snapshots: SnapshotManager | None = None,
@@ -74,7 +76,9 @@ class Operations:
     ):
         self.registry = registry
         self.limits = limits or registry.limits
-        self.token = token
+        # Who may call (server/auth): `access` (--auth-file), else `token` as one admin
+        # principal (--token-file), else anyone.
+        self.access = access or (Access(token_policy(token)) if token is not None else Access())
         self.durable = durable
         self.stats = stats
         self.snapshots = snapshots
@@ -83,17 +87,60 @@ class Operations:
 
     # --- who may call ---------------------------------------------------------------------------
 
-    def authorize(self, authorization: str | None) -> None:
-        """`authorization` is the caller's 'Bearer <token>' (gRPC metadata or HTTP header)."""
-        if self.token is None:
+    def admit(self, caller: Caller, action: str) -> Principal:
+        """Who `caller` is, refused now (before a request's bytes are read) when it is nobody
+        the policy knows or may not do `action` at all; the model's check is `guard`'s."""
+        policy = self.access.policy
+        try:
+            who = policy.identify(caller)
+            policy.permit(who, action, None)
+        except ServerError as exc:
+            if ACTIONS[action].audit:  # a change refused before its model was read
+                self.access.audit.write(
+                    "(unauthenticated)", None, ACTIONS[action].audit, exc.kind, action
+                )
+            raise
+        return who
+
+    @contextlib.contextmanager
+    def guard(self, caller: Caller, action: str, model: str | None = None) -> Iterator[Principal]:
+        """The one check of every way in: `caller` may do `action` (a key of
+        server/auth/policy.py's ACTIONS) on `model`, or this raises Unauthenticated,
+        PermissionDenied or NotFound. A change (the table's `audit`) is written to the audit
+        log with its outcome when the block ends, a refused one too."""
+        need = ACTIONS[action]
+        policy = self.access.policy
+        name = "(unauthenticated)"
+        try:
+            who = policy.identify(caller)
+            name = who.name
+            policy.permit(who, action, model)
+        except ServerError as exc:
+            if need.audit:
+                self.access.audit.write(name, model, need.audit, exc.kind, action)
+            raise
+        if not need.audit:
+            yield who
             return
-        if authorization is None or not hmac.compare_digest(
-            authorization.encode(), f"Bearer {self.token}".encode()
-        ):
-            raise Unauthenticated(
-                "missing or wrong token: send 'authorization: Bearer <token>'"
-                " (gRPC metadata or HTTP header)"
-            )
+        outcome = "OK"
+        try:
+            yield who
+        except BaseException as exc:
+            outcome = exc.kind if isinstance(exc, ServerError) else type(exc).__name__
+            raise
+        finally:
+            self.access.audit.write(name, model, need.audit, outcome, action)
+
+    def check(self, caller: Caller, action: str, model: str | None = None) -> Principal:
+        """`guard` for an action that is not audited (a push, a pull): only the check."""
+        with self.guard(caller, action, model) as who:
+            return who
+
+    def readable(self, caller: Caller, action: str) -> list[HostedModel]:
+        """The models `caller` may read (listings show no others), after `admit`."""
+        policy = self.access.policy
+        who = self.admit(caller, action)
+        return [m for m in self.registry.models() if policy.may_read(who, m.name)]
 
     # --- reads ----------------------------------------------------------------------------------
 
@@ -110,7 +157,7 @@ class Operations:
             "grpc_address": self.facts.grpc_address,
             "uptime_s": time.time() - self.facts.started_at,
             "stats_every": self.facts.stats_every,
-            "token_required_for_operations": self.token is not None,
+            "token_required_for_operations": not self.access.policy.open,
             "torch": torch.__version__,
         }
 

@@ -23,6 +23,7 @@ def test_public_api_is_pinned() -> None:
         "ModelInfo",
         "NonFiniteGradient",
         "NotFound",
+        "PermissionDenied",
         "PullResult",
         "PushResult",
         "RemoteAdam",

@@ -30,6 +30,7 @@ from adamd.client import (
     Unavailable,
 )
 from adamd.protocol.bulk import DATA, END, FAIL, HELO, PREFIX, PULL, PUSH, FrameSocket
+from adamd.server.auth import ANYONE
 from adamd.v1 import adamd_pb2 as pb
 
 from .conftest import assert_bitwise_equal, running_daemon, snapshot
@@ -260,7 +261,7 @@ def test_the_channel_speaks_tls_with_client_certificates(tmp_path: Path, model_n
 def _raw(daemon: Daemon) -> FrameSocket:
     """A connection past HELO, with a ticket got over gRPC as a client would."""
     assert daemon.bulk is not None
-    ticket = daemon.bulk.open().ticket
+    ticket = daemon.bulk.open(ANYONE).ticket
     conn = FrameSocket(socket.create_connection(("127.0.0.1", daemon.bulk.port), timeout=10), 10)
     conn.send(HELO, ticket)
     assert conn.recv().kind == HELO  # the server took the ticket

@@ -34,11 +34,6 @@ def add_server_arguments(
         help="where parameters and Adam state live (default auto: CUDA when available)",
     )
     p.add_argument(
-        "--token-file",
-        type=Path,
-        help="file holding the token every call must carry (or env ADAMD_TOKEN)",
-    )
-    p.add_argument(
         "--round-timeout",
         type=float,
         dest="round_timeout_s",
@@ -87,9 +82,34 @@ def add_server_arguments(
         " when it cannot be reached (default 0: a free port; behind a firewall choose one and"
         " open it; -1: off)",
     )
+    add_access_arguments(p)
     add_tls_arguments(p)
     add_limit_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def add_access_arguments(p: argparse.ArgumentParser) -> None:
+    """Who may call what (docs/security.md): one token, or an auth file of principals and roles."""
+    g = p.add_argument_group("access control (docs/security.md)")
+    g.add_argument(
+        "--token-file",
+        type=Path,
+        help="file holding the token every call must carry (or env ADAMD_TOKEN): one admin"
+        " principal over every model",
+    )
+    g.add_argument(
+        "--auth-file",
+        type=Path,
+        help="principals (a token's SHA-256 or a client certificate's name) and their roles"
+        " (read, train, admin) over model-name patterns, TOML; SIGHUP reloads it"
+        " (docs/security.md; env ADAMD_AUTH_FILE)",
+    )
+    g.add_argument(
+        "--audit-log",
+        type=Path,
+        help="append one JSON line per change (create, delete, load_state, edits, snapshots,"
+        " joins, leaves): who, which model, the outcome; reopened on SIGHUP",
+    )
 
 
 def add_tls_arguments(p: argparse.ArgumentParser) -> None:
@@ -173,6 +193,8 @@ def config_from_args(args: argparse.Namespace, **extra: Any) -> ServerConfig:
             "tls_cert",
             "tls_key",
             "tls_client_ca",
+            "auth_file",
+            "audit_log",
             "max_model_bytes",
             "max_tensors",
             "max_name_bytes",

@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from adamd.server.auth import Access, AuditLog, AuthFileError, token_policy
 from adamd.server.config import ServerConfig
 from adamd.server.core.budget import TransferBudget
 from adamd.server.core.registry import ModelRegistry, resolve_device
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 class Daemon:
     def __init__(self, config: ServerConfig):
         self.config = config
+        self.access = self._access(config)  # first: a bad auth file stops the start at once
         self.tls = load_tls(config)  # None: plaintext on both ports
         try:
             self.device = resolve_device(config.device)
@@ -63,7 +65,7 @@ class Daemon:
         self.extensions.append(self.snapshots)
         self.ops = Operations(
             self.registry,
-            token=config.token,
+            access=self.access,
             durable=config.durable,
             stats=self.stats,
             snapshots=self.snapshots,
@@ -100,6 +102,31 @@ class Daemon:
         self.http_port: int | None = None
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
+        self._reload_requested = threading.Event()
+        self._wake = threading.Event()
+
+    @staticmethod
+    def _access(config: ServerConfig) -> Access:
+        """Who may call: --auth-file, else --token-file's one admin, else anyone."""
+        try:
+            audit = AuditLog(config.audit_log)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot open --audit-log {config.audit_log}: {exc.strerror}"
+            ) from None
+        if config.auth_file is not None:
+            try:
+                return Access.from_file(config.auth_file, audit)
+            except AuthFileError as exc:
+                raise StartupError(str(exc)) from None
+        if config.token is not None:
+            return Access(token_policy(config.token), audit=audit)
+        return Access(audit=audit)
+
+    def reload(self) -> bool:
+        """SIGHUP: the auth file read again (kept when it does not load), the audit log reopened.
+        Connections and calls in flight stay; each call's next check sees the new grants."""
+        return self.access.reload()
 
     def _bind_bulk(self, config: ServerConfig) -> BulkServer | None:
         if config.bulk_port < 0:
@@ -209,12 +236,23 @@ class Daemon:
                 self._http_thread.join(timeout=grace + 5)
         for ext in reversed(self.extensions):
             ext.stop()
+        self.access.audit.close()
         logger.info("adamd stopped")
 
     def request_stop(self) -> None:
         """Safe from a signal handler: wakes wait_for_stop_request()."""
         self._stop_requested.set()
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        """Safe from a signal handler (SIGHUP): wait_for_stop_request() reloads."""
+        self._reload_requested.set()
+        self._wake.set()
 
     def wait_for_stop_request(self) -> None:
-        while not self._stop_requested.wait(0.5):
-            pass
+        while not self._stop_requested.is_set():
+            self._wake.wait(0.5)
+            self._wake.clear()
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                self.reload()

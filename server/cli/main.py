@@ -29,8 +29,13 @@ def _serve(args: argparse.Namespace) -> int:
         logger.info("received %s, stopping", signal.Signals(signum).name)
         daemon.request_stop()
 
+    def on_hangup(signum: int, frame: Any) -> None:
+        logger.info("received SIGHUP: reloading the auth file, reopening the audit log")
+        daemon.request_reload()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     daemon.start()
     daemon.wait_for_stop_request()
     daemon.stop()
@@ -73,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     from adamd.server.cli import demo
 
     demo.register(sub)
-    for name in ("inspect_cmd", "snapshot_cmd"):
+    for name in ("inspect_cmd", "snapshot_cmd", "auth_cmd"):
         try:
             module = __import__(f"adamd.server.cli.{name}", fromlist=["register"])
         except ModuleNotFoundError:

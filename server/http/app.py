@@ -2,10 +2,14 @@
 dashboard, and a few operations, all through the operations layer (operations.py) that the
 gRPC side uses too: this module only translates requests, replies and errors.
 
-Open routes: health, metrics, the model list and each model's summary and step history (whole-model
-aggregates). With a token, `Authorization: Bearer <token>` is needed for what reveals weights
-(per-parameter statistics: the norm of a one-element parameter is |w|; the snapshot download) and
-for every change (hyperparameters, snapshots, deletes). docs/security.md gives the reasons. The
+Who may call what is the operations layer's check (`Operations.guard`, server/auth): each route
+passes the caller's `Authorization: Bearer <token>` and its name in server/auth/policy.py's
+ACTIONS table. With `--auth-file`, every route but health and the dashboard's page needs a
+principal (or the file's [anonymous] grants), the lists show only the models it may read, and a
+model it may not read is 404. With `--token-file` only, health, metrics, the model list and each
+model's summary and step history stay open, as before; what reveals weights (per-parameter
+statistics: the norm of a one-element parameter is |w|; the snapshot download) and every change
+need the token. docs/security.md gives the reasons. The
 OpenAPI schema declares every status each route answers, with the error body. Every error, ours or the framework's
 (unknown route, bad body), answers with the same JSON body: {"error": kind, "message": ...}.
 """
@@ -28,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adamd.server.auth import Caller
 from adamd.server.config import adamd_version
 from adamd.server.errors import InvalidArgument, ServerError
 from adamd.server.http import views
@@ -37,7 +42,13 @@ from adamd.server.operations import Operations
 logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).with_name("static")
-_STATUS_KIND = {400: "InvalidArgument", 401: "Unauthenticated", 404: "NotFound", 405: "NotAllowed"}
+_STATUS_KIND = {
+    400: "InvalidArgument",
+    401: "Unauthenticated",
+    403: "PermissionDenied",
+    404: "NotFound",
+    405: "NotAllowed",
+}
 
 
 FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -66,7 +77,8 @@ class ErrorBody(BaseModel):
 
 _DESCRIPTIONS = {
     400: "Invalid argument (bad path, query or body)",
-    401: "Missing or wrong token (only when the server has one)",
+    401: "Missing or unknown token (only when the server has access control)",
+    403: "The caller's grants do not give the role this route needs",
     404: "No such model",
     409: "Conflict with the model's state",
     413: "Over a server limit",
@@ -84,13 +96,22 @@ def error_body(kind: str, message: str, status: int) -> JSONResponse:
     )
 
 
+def _caller(request: Request) -> Caller:
+    """The request's credentials. A client certificate (--tls-client-ca) only admits the
+    connection here: uvicorn does not hand it to the app, so HTTP principals use tokens."""
+    return Caller.of(request.headers.get("authorization"))
+
+
+CallerDep = Annotated[Caller, Depends(_caller)]
+
+
 def create_app(ops: Operations, prometheus: Metrics | None = None) -> FastAPI:
     """The app over `ops`; `/metrics` renders `prometheus` (empty without)."""
     app = FastAPI(
         title="adamd",
         description="Optimizer-as-a-service: inspection, metrics, dashboard and operations. "
-        "Statistics are open; the snapshot download, POST and DELETE need "
-        "`Authorization: Bearer <token>` when the server has a token.",
+        "With access control (--auth-file, --token-file), send `Authorization: Bearer <token>`;"
+        " docs/security.md lists the role each route needs.",
         version=adamd_version(),
     )
     _error_handlers(app)
@@ -159,9 +180,13 @@ def _health_routes(app: FastAPI, ops: Operations, prometheus: Metrics | None) ->
         tags=["health"],
         summary="Prometheus metrics (text format)",
         response_class=Response,
-        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+        responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+            **_errors(401, 403),
+        },
     )
-    def metrics() -> Response:
+    def metrics(caller: CallerDep) -> Response:
+        ops.check(caller, "GET /metrics")
         text = prometheus.render() if prometheus is not None else b""
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
@@ -169,22 +194,28 @@ def _health_routes(app: FastAPI, ops: Operations, prometheus: Metrics | None) ->
 def _inspection_routes(app: FastAPI, ops: Operations) -> None:
     stats = ops.stats
     assert stats is not None, "the HTTP side needs the daemon's step statistics"
-    require_token = _token_dependency(ops)
 
-    @app.get("/v1/models", tags=["inspect"], summary="The server and every model, briefly")
-    def list_models() -> Any:
+    @app.get(
+        "/v1/models",
+        tags=["inspect"],
+        summary="The server and every model the caller may read, briefly",
+        responses=_errors(401),
+    )
+    def list_models(caller: CallerDep) -> Any:
+        models = ops.readable(caller, "GET /v1/models")
         return {
             "server": ops.server_info(),
-            "models": [views.model_summary(m, stats.get(m)) for m in ops.models()],
+            "models": [views.model_summary(m, stats.get(m)) for m in models],
         }
 
     @app.get(
         "/v1/models/{model}",
         tags=["inspect"],
         summary="One model with its param groups",
-        responses=_errors(404),
+        responses=_errors(401, 403, 404),
     )
-    def describe(model: str) -> Any:
+    def describe(model: str, caller: CallerDep) -> Any:
+        ops.check(caller, "GET /v1/models/{model}", model)
         m = ops.model(model)
         return views.model_summary(m, stats.get(m), detail=True)
 
@@ -192,10 +223,11 @@ def _inspection_routes(app: FastAPI, ops: Operations) -> None:
         "/v1/models/{model}/params",
         tags=["inspect"],
         summary="Per-parameter statistics (norms: needs the token when the server has one)",
-        dependencies=[Depends(require_token)],  # a one-element parameter's norm is |w|
-        responses=_errors(401, 404),
+        responses=_errors(401, 403, 404),
     )
-    def params(model: str) -> Any:
+    def params(model: str, caller: CallerDep) -> Any:
+        # a one-element parameter's norm is |w|: under --token-file, not open
+        ops.check(caller, "GET /v1/models/{model}/params", model)
         m = ops.model(model)
         version, rows = stats.get(m).param_stats()
         return {"model": m.name, "version": version, "params": rows}
@@ -204,13 +236,15 @@ def _inspection_routes(app: FastAPI, ops: Operations) -> None:
         "/v1/models/{model}/history",
         tags=["inspect"],
         summary="Per-step history",
-        responses=_errors(400, 404),
+        responses=_errors(400, 401, 403, 404),
     )
     def history(
         model: str,
+        caller: CallerDep,
         since: int | None = Query(None, description="only steps with a version above this"),
         limit: int | None = Query(None, ge=0, description="at most this many, the newest"),
     ) -> Any:
+        ops.check(caller, "GET /v1/models/{model}/history", model)
         m = ops.model(model)
         s = stats.get(m)
         return {
@@ -220,18 +254,22 @@ def _inspection_routes(app: FastAPI, ops: Operations) -> None:
             "steps": [e.as_json() for e in s.entries(since=since, limit=limit)],
         }
 
+    _download_route(app, ops)
+
+
+def _download_route(app: FastAPI, ops: Operations) -> None:
     @app.get(
         "/v1/models/{model}/snapshot",
         tags=["inspect"],
         summary="Download params and optimizer state as `adamd snapshot export` writes them",
-        dependencies=[Depends(require_token)],  # the weights themselves, as a gRPC pull
         response_class=Response,
         responses={
             200: {"content": {"application/octet-stream": {"schema": {"type": "string"}}}},
-            **_errors(401, 404),
+            **_errors(401, 403, 404),
         },
     )
-    def download(model: str) -> Response:
+    def download(model: str, caller: CallerDep) -> Response:
+        ops.check(caller, "GET /v1/models/{model}/snapshot", model)  # the weights themselves
         m = ops.model(model)
         payload = views.snapshot_payload(m)
         buf = io.BytesIO()
@@ -245,25 +283,24 @@ def _inspection_routes(app: FastAPI, ops: Operations) -> None:
 
 
 def _operation_routes(app: FastAPI, ops: Operations) -> None:
-    """Changes (the token, when the server has one)."""
+    """Changes, each written to the audit log (Operations.guard)."""
     stats = ops.stats
     assert stats is not None
-    token = [Depends(_token_dependency(ops))]
 
     @app.post(
         "/v1/models/{model}/param_groups/{group}",
         tags=["operate"],
         summary="Change hyperparameters of one param group",
-        dependencies=token,
-        responses=_errors(400, 401, 404, 409),
+        responses=_errors(400, 401, 403, 404, 409),
     )
-    def set_hyperparams(model: str, group: int, body: Hyperparams) -> Any:
-        updates = body.model_dump(exclude_none=True)
-        if not updates:
-            raise InvalidArgument("send at least one of lr, betas, eps, weight_decay")
-        if "betas" in updates:
-            updates["betas"] = tuple(updates["betas"])
-        m = ops.set_hyperparams(model, [(group, updates)])
+    def set_hyperparams(model: str, group: int, body: Hyperparams, caller: CallerDep) -> Any:
+        with ops.guard(caller, "POST /v1/models/{model}/param_groups/{group}", model):
+            updates = body.model_dump(exclude_none=True)
+            if not updates:
+                raise InvalidArgument("send at least one of lr, betas, eps, weight_decay")
+            if "betas" in updates:
+                updates["betas"] = tuple(updates["betas"])
+            m = ops.set_hyperparams(model, [(group, updates)])
         logger.info("HTTP: model %s group %d set %s", m.name, group, updates)
         return views.model_summary(m, stats.get(m), detail=True)
 
@@ -271,12 +308,12 @@ def _operation_routes(app: FastAPI, ops: Operations) -> None:
         "/v1/models/{model}/snapshot",
         tags=["operate"],
         summary="Write a snapshot to the data dir now",
-        dependencies=token,
-        responses=_errors(401, 404, 409),
+        responses=_errors(401, 403, 404, 409),
     )
-    def snapshot(model: str) -> Any:
+    def snapshot(model: str, caller: CallerDep) -> Any:
         t0 = time.perf_counter()
-        info = ops.snapshot(model)
+        with ops.guard(caller, "POST /v1/models/{model}/snapshot", model):
+            info = ops.snapshot(model)
         logger.info("HTTP: snapshot of %s in %.3fs", model, time.perf_counter() - t0)
         return {field.name: value for field, value in info.ListFields()}
 
@@ -284,11 +321,11 @@ def _operation_routes(app: FastAPI, ops: Operations) -> None:
         "/v1/models/{model}",
         tags=["operate"],
         summary="Delete a model",
-        dependencies=token,
-        responses=_errors(401, 404),
+        responses=_errors(401, 403, 404),
     )
-    def delete(model: str) -> Any:
-        ops.delete(model)
+    def delete(model: str, caller: CallerDep) -> Any:
+        with ops.guard(caller, "DELETE /v1/models/{model}", model):
+            ops.delete(model)
         logger.info("HTTP: deleted model %s", model)
         return {"deleted": model}
 
@@ -307,10 +344,3 @@ def _honest_openapi(app: FastAPI) -> dict[str, Any]:
             schema.get("components", {}).get("schemas", {}).pop(name, None)
         app.openapi_schema = schema
     return app.openapi_schema
-
-
-def _token_dependency(ops: Operations) -> Any:
-    def require_token(request: Request) -> None:
-        ops.authorize(request.headers.get("authorization"))
-
-    return require_token

@@ -9,7 +9,9 @@ memory with the GIL released; a sync worker waiting for its round holds no threa
 awaits the outcome on the loop, as over gRPC).
 
 A connection starts with HELO and a ticket from `OpenBulk`, which is authorized like every gRPC
-call; without a valid ticket it is closed. The socket speaks TLS when gRPC does (same certificate,
+call; without a valid ticket it is closed. The ticket carries the caller it was issued to, and
+each request on the connection is checked for that caller (Operations.check, server/auth) against
+the grants in force then. The socket speaks TLS when gRPC does (same certificate,
 same client-certificate rule).
 """
 
@@ -46,6 +48,7 @@ from adamd.protocol.bulk import (
     check_ticket,
 )
 from adamd.protocol.frames import TensorSink, spec_of
+from adamd.server.auth import Caller
 from adamd.server.core.pushes import PushMeta
 from adamd.server.dataplane import DataPlane, PullPlan, Receive
 from adamd.server.errors import DeadlineExceeded, InvalidArgument, ServerError, as_server_error
@@ -67,27 +70,29 @@ MAX_HANDSHAKES = 64  # connections not past HELO yet; more are closed at accept
 
 
 class Tickets:
-    """One-use tickets for new connections, each valid for TICKET_S seconds."""
+    """One-use tickets for new connections, each valid for TICKET_S seconds, each carrying the
+    caller it was issued to."""
 
     def __init__(self) -> None:
-        self._open: dict[bytes, float] = {}
+        self._open: dict[bytes, tuple[float, Caller]] = {}
         self._lock = threading.Lock()
 
-    def issue(self) -> bytes | None:
+    def issue(self, caller: Caller) -> bytes | None:
         now = time.monotonic()
         with self._lock:
-            for t in [t for t, until in self._open.items() if until < now]:
+            for t in [t for t, (until, _) in self._open.items() if until < now]:
                 del self._open[t]
             if len(self._open) >= MAX_TICKETS:
                 return None
             ticket = secrets.token_bytes(TICKET_BYTES)
-            self._open[ticket] = now + TICKET_S
+            self._open[ticket] = (now + TICKET_S, caller)
             return ticket
 
-    def redeem(self, ticket: bytes) -> bool:
+    def redeem(self, ticket: bytes) -> Caller | None:
+        """The caller the ticket was issued to; None: unknown or expired."""
         with self._lock:
-            until = self._open.pop(ticket, None)
-        return until is not None and until >= time.monotonic()
+            until, caller = self._open.pop(ticket, (0.0, None))
+        return caller if until >= time.monotonic() else None
 
 
 class BulkServer:
@@ -124,15 +129,16 @@ class BulkServer:
         self._sockets: set[socket.socket] = set()
         self._connections: set[asyncio.Task[None]] = set()
         self._busy: dict[asyncio.Task[Any], socket.socket] = {}  # requests in flight
+        self._callers: dict[FrameSocket, Caller] = {}  # whose ticket each connection redeemed
         self._handshaking = 0
         self._closing = False
 
     # --- gRPC's side: tickets -------------------------------------------------------------------
 
-    def open(self) -> pb.OpenBulkReply:
+    def open(self, caller: Caller) -> pb.OpenBulkReply:
         if self._closing:
             return pb.OpenBulkReply(accepted=False, reason="the server is stopping")
-        ticket = self.tickets.issue()
+        ticket = self.tickets.issue(caller)
         if ticket is None:
             return pb.OpenBulkReply(accepted=False, reason="too many bulk connections opening")
         return pb.OpenBulkReply(accepted=True, port=self.port, ticket=ticket)
@@ -224,6 +230,7 @@ class BulkServer:
         finally:
             self._sockets.discard(raw)
             if conn is not None:
+                self._callers.pop(conn, None)
                 self._sockets.discard(conn.sock)
                 conn.close()  # its socket and its conversion thread
             with contextlib.suppress(OSError):
@@ -260,8 +267,10 @@ class BulkServer:
                 raise
         conn = FrameSocket(sock, HANDSHAKE_S)
         try:
-            if not self.tickets.redeem(check_ticket(conn.recv(max_header=TICKET_BYTES))):
+            caller = self.tickets.redeem(check_ticket(conn.recv(max_header=TICKET_BYTES)))
+            if caller is None:
                 raise ProtocolError("a bulk connection with an unknown or expired ticket")
+            self._callers[conn] = caller
             conn.send(HELO)  # the client knows now that this connection serves it
             sock.settimeout(self.plane.idle_s)
         except BaseException:
@@ -388,6 +397,7 @@ class BulkServer:
         header = parse_request(pb.PushHeader, first.header)
         if first.nbytes:
             raise InvalidArgument("a PUSH frame carries no data")
+        self.plane.ops.check(self._callers[conn], "bulk PUSH", header.model)
         reply = await self._push_of(header, self._receiver(conn, first))
         await self._io_call(conn, conn.send, DONE, reply.SerializeToString())
 
@@ -416,6 +426,7 @@ class BulkServer:
         step = parse_request(pb.BulkStep, first.header)
         if first.nbytes:
             raise InvalidArgument("a STEP frame carries no data")
+        self.plane.ops.check(self._callers[conn], "bulk STEP", step.push.model)
         header, request = step.push, step.pull
         if request.HasField("if_newer_than") or request.HasField("wait_for_version"):
             raise InvalidArgument("a STEP's pull takes no if_newer_than or wait_for_version")
@@ -442,6 +453,7 @@ class BulkServer:
         request = parse_request(pb.PullRequest, first.header)
         if first.nbytes:
             raise InvalidArgument("a PULL frame carries no data")
+        self.plane.ops.check(self._callers[conn], "bulk PULL", request.model)
         async with self.plane.pull(messages.pull_ask_from_pb(request)) as plan:
             await self._io_call(conn, _send_pull, conn, plan)
 

@@ -34,6 +34,7 @@ from adamd.protocol.frames import (
     spec_of,
     to_wire,
 )
+from adamd.server.auth import Caller
 from adamd.server.dataplane import DataPlane
 from adamd.server.errors import (
     DeadlineExceeded,
@@ -126,7 +127,7 @@ class OptimizerService:
         self.ops = plane.ops
         self.on_call = on_call
         # The bulk-data channel's tickets (server/transport/bulk.py: BulkServer.open), when it is on.
-        self.bulk_tickets: Callable[[], pb.OpenBulkReply] | None = None
+        self.bulk_tickets: Callable[[Caller], pb.OpenBulkReply] | None = None
 
     def cut(self) -> None:
         """End, with UNAVAILABLE, the waits of calls still in flight (on the server's loop)."""
@@ -134,12 +135,24 @@ class OptimizerService:
 
     # --- plumbing -------------------------------------------------------------------------------
 
-    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+    @staticmethod
+    def _caller(context: grpc.aio.ServicerContext) -> Caller:
+        """The call's credentials: its bearer token, its client certificate's CN and SANs."""
         sent = None
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
                 sent = value if isinstance(value, str) else value.decode()
-        self.ops.authorize(sent)
+        auth = context.auth_context() or {}
+        names = [
+            *auth.get("x509_common_name", ()),
+            *auth.get("x509_subject_alternative_name", ()),
+        ]
+        identities = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+        return Caller.of(sent, identities)
+
+    def _guard(self, context: grpc.aio.ServicerContext, action: str, model: str) -> Any:
+        """Operations.guard for this call's caller (a context manager)."""
+        return self.ops.guard(self._caller(context), action, model)
 
     async def _abort(self, context: grpc.aio.ServicerContext, exc: BaseException) -> str:
         """Answer the call with `exc` (anything not ours is INTERNAL); returns its kind."""
@@ -192,8 +205,7 @@ class OptimizerService:
         self, fn: Callable[..., Any], outcome: str, t0: float, n_in: int, n_out: int
     ) -> None:
         if self.on_call is not None:
-            method = fn.__name__.title().replace("_", "")  # push_grad -> PushGrad
-            self.on_call(method, outcome, time.perf_counter() - t0, n_in, n_out)
+            self.on_call(_method(fn), outcome, time.perf_counter() - t0, n_in, n_out)
 
     def _unary(
         self, fn: Callable[..., Awaitable[Any]], req_cls: Any
@@ -225,7 +237,7 @@ class OptimizerService:
             t0, outcome, n_out = time.perf_counter(), "OK", 0
             request, bytes_in = prepare(incoming)
             try:
-                self._authorize(context)
+                self.ops.admit(self._caller(context), _method(fn))
                 reply = await fn(request(), context)
                 n_out = reply.ByteSize()
                 return reply
@@ -249,7 +261,7 @@ class OptimizerService:
             t0, outcome, sent = time.perf_counter(), "OK", 0
             frames: AsyncIterator[bytes] | None = None
             try:
-                self._authorize(context)
+                self.ops.admit(self._caller(context), _method(fn))
                 frames = fn(parse_request(req_cls, raw), context)
                 async for frame in frames:
                     await self._write(context, frame)
@@ -288,44 +300,52 @@ class OptimizerService:
     async def create_model(self, stream: _Stream, context: Any) -> pb.ModelInfo:
         cfg, first = await stream.header(pb.ModelConfig)
         spec = messages.model_spec_from_pb(cfg)
-        self.plane.check_create(spec)
-        pending = await self.plane.run(self.ops.begin_create, spec)
-        await stream.receive(pending.sink if pending.existing is None else None, first)
-        model, created = await self.plane.run(self.ops.commit_create, pending)
+        with self._guard(context, "CreateModel", spec.name):
+            self.plane.check_create(spec)
+            pending = await self.plane.run(self.ops.begin_create, spec)
+            await stream.receive(pending.sink if pending.existing is None else None, first)
+            model, created = await self.plane.run(self.ops.commit_create, pending)
         return messages.model_info(model, created=created)
 
     async def describe_model(self, request: pb.ModelRef, context: Any) -> pb.ModelInfo:
-        return messages.model_info(self.ops.model(request.model))
+        with self._guard(context, "DescribeModel", request.model):
+            return messages.model_info(self.ops.model(request.model))
 
     async def list_models(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsReply:
-        return pb.ListModelsReply(models=[messages.model_info(m) for m in self.ops.models()])
+        models = self.ops.readable(self._caller(context), "ListModels")
+        return pb.ListModelsReply(models=[messages.model_info(m) for m in models])
 
     async def delete_model(self, request: pb.ModelRef, context: Any) -> pb.DeleteReply:
-        await self.plane.run(self.ops.delete, request.model)
+        with self._guard(context, "DeleteModel", request.model):
+            await self.plane.run(self.ops.delete, request.model)
         return pb.DeleteReply(deleted=True)
 
     async def set_hyperparams(
         self, request: pb.SetHyperparamsRequest, context: Any
     ) -> pb.ModelInfo:
         updates = messages.updates_from_pb(request.updates)
-        model = await self.plane.run(self.ops.set_hyperparams, request.model, updates)
+        with self._guard(context, "SetHyperparams", request.model):
+            model = await self.plane.run(self.ops.set_hyperparams, request.model, updates)
         return messages.model_info(model)
 
     async def add_param_group(self, stream: _Stream, context: Any) -> pb.ModelInfo:
         header, first = await stream.header(pb.GroupHeader)
-        specs = messages.specs_from_pb(header.params)
-        group = messages.group_from_pb(header.group)
-        tensors = await self.plane.run(self.ops.new_group_tensors, header.model, specs, group)
-        await stream.receive(TensorSink(list(tensors.values()), [d for _, _, d in specs]), first)
-        model = await self.plane.run(
-            self.ops.add_param_group, header.model, tensors, group, header.layout
-        )
+        with self._guard(context, "AddParamGroup", header.model):
+            specs = messages.specs_from_pb(header.params)
+            group = messages.group_from_pb(header.group)
+            tensors = await self.plane.run(self.ops.new_group_tensors, header.model, specs, group)
+            sink = TensorSink(list(tensors.values()), [d for _, _, d in specs])
+            await stream.receive(sink, first)
+            model = await self.plane.run(
+                self.ops.add_param_group, header.model, tensors, group, header.layout
+            )
         return messages.model_info(model)
 
     # --- pushes and pulls -----------------------------------------------------------------------
 
     async def push_grad(self, stream: _Stream, context: Any) -> pb.PushReply:
         header, first = await stream.header(pb.PushHeader)
+        self.ops.check(self._caller(context), "PushGrad", header.model)  # before its bytes
 
         async def receive(sink: TensorSink | None) -> Any:
             closing = await stream.receive(sink, first, closing=True)
@@ -341,6 +361,7 @@ class OptimizerService:
         return messages.push_reply(result)
 
     async def pull_params(self, request: pb.PullRequest, context: Any) -> AsyncIterator[bytes]:
+        self.ops.check(self._caller(context), "PullParams", request.model)
         async with self.plane.pull(messages.pull_ask_from_pb(request)) as plan:
             if plan.tensors is None:
                 header = pb.PullHeader(version=plan.version, not_modified=True)
@@ -360,6 +381,7 @@ class OptimizerService:
     # --- optimizer state ------------------------------------------------------------------------
 
     async def get_state(self, request: pb.GetStateRequest, context: Any) -> AsyncIterator[bytes]:
+        self.ops.check(self._caller(context), "GetState", request.model)
         async with self.plane.state(request.model) as (model, state, groups, version):
             tensors: list[torch.Tensor] = []
             specs: list[pb.TensorSpec] = []
@@ -388,42 +410,48 @@ class OptimizerService:
 
     async def load_state(self, stream: _Stream, context: Any) -> pb.ModelInfo:
         header, first = await stream.header(pb.StateHeader)
-        self.ops.model(header.model)  # NotFound before any bytes are taken
-        specs = messages.specs_from_pb(header.tensors)
-        entries = {e.param: dict(e.tensors) for e in header.states}
-        # Checked against the model before anything is allocated (Operations.new_state_tensors).
-        tensors = await self.plane.run(self.ops.new_state_tensors, header.model, specs, entries)
-        await stream.receive(TensorSink(tensors, [d for _, _, d in specs]), first)
-        state = {p: {k: tensors[i] for k, i in index.items()} for p, index in entries.items()}
-        groups = [messages.group_from_pb(g) for g in header.groups] or None
-        model = await self.plane.run(self.ops.load_state, header.model, state, groups)
+        with self._guard(context, "LoadState", header.model):
+            self.ops.model(header.model)  # NotFound before any bytes are taken
+            specs = messages.specs_from_pb(header.tensors)
+            entries = {e.param: dict(e.tensors) for e in header.states}
+            # Checked against the model before anything is allocated (Operations.new_state_tensors).
+            tensors = await self.plane.run(self.ops.new_state_tensors, header.model, specs, entries)
+            await stream.receive(TensorSink(tensors, [d for _, _, d in specs]), first)
+            state = {p: {k: tensors[i] for k, i in index.items()} for p, index in entries.items()}
+            groups = [messages.group_from_pb(g) for g in header.groups] or None
+            model = await self.plane.run(self.ops.load_state, header.model, state, groups)
         return messages.model_info(model)
 
     # --- durability and same-host fast path -----------------------------------------------------
 
     async def snapshot(self, request: pb.ModelRef, context: Any) -> pb.SnapshotInfo:
-        return await self.plane.run(self.ops.snapshot, request.model)
+        with self._guard(context, "Snapshot", request.model):
+            return await self.plane.run(self.ops.snapshot, request.model)
 
     async def attach(self, request: pb.AttachRequest, context: Any) -> pb.AttachReply:
-        return await self.plane.run(self.ops.attach, request)
+        with self._guard(context, "Attach", request.model):
+            return await self.plane.run(self.ops.attach, request)
 
     async def join(self, request: pb.JoinRequest, context: Any) -> pb.JoinReply:
         rank = request.rank if request.HasField("rank") else None
-        self.plane.check_join(request.model, rank)
-        model, rank = await self.plane.run(self.ops.join, request.model, rank)
+        with self._guard(context, "Join", request.model):
+            self.plane.check_join(request.model, rank)
+            model, rank = await self.plane.run(self.ops.join, request.model, rank)
         return pb.JoinReply(rank=rank, lease_s=model.lease_s, version=model.version)
 
     async def leave(self, request: pb.LeaveRequest, context: Any) -> pb.LeaveReply:
-        left = await self.plane.run(self.ops.leave, request.model, request.rank)
+        with self._guard(context, "Leave", request.model):
+            left = await self.plane.run(self.ops.leave, request.model, request.rank)
         return pb.LeaveReply(left=left)
 
     async def detach(self, request: pb.DetachRequest, context: Any) -> pb.DetachReply:
-        return await self.plane.run(self.ops.detach, request)
+        with self._guard(context, "Detach", request.model):
+            return await self.plane.run(self.ops.detach, request)
 
     async def open_bulk(self, request: pb.OpenBulkRequest, context: Any) -> pb.OpenBulkReply:
         if self.bulk_tickets is None:
             return pb.OpenBulkReply(accepted=False, reason="the bulk-data channel is off")
-        return self.bulk_tickets()
+        return self.bulk_tickets(self._caller(context))  # each request on it is checked
 
 
 def _clip(message: str, limit: int = 2000) -> str:
@@ -432,6 +460,10 @@ def _clip(message: str, limit: int = 2000) -> str:
     if len(message) <= limit:
         return message
     return f"{message[: limit - 40]}... ({len(message)} characters in all)"
+
+
+def _method(fn: Callable[..., Any]) -> str:
+    return fn.__name__.title().replace("_", "")  # push_grad -> PushGrad
 
 
 def _kind(exc: BaseException) -> str:

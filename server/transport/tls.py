@@ -82,7 +82,7 @@ def exposure_warnings(config: ServerConfig) -> list[str]:
     if config.host in LOOPBACK:
         return []
     warnings = []
-    if not config.token and config.tls_client_ca is None:
+    if not config.token and config.auth_file is None and config.tls_client_ca is None:
         warnings.append(
             f"!!! binding {config.host} without a token or client certificates: anyone who can"
             " reach this address can read and change every model. Pass --token-file (or set"
