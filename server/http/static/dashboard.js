@@ -12,8 +12,20 @@ const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&
 
 const state = { models: [], selected: null, history: [], lastVersion: -1, polls: 0, charts: {}, updated: 0 };
 
+// A token for servers with access control: open the dashboard as /#token=<token> (a fragment
+// never reaches the server's logs); kept for this tab only, and taken out of the address bar.
+const TOKEN = (() => {
+  const m = location.hash.match(/(?:^#|&)token=([^&]+)/);
+  if (m) {
+    sessionStorage.setItem("adamd-token", decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  return sessionStorage.getItem("adamd-token");
+})();
+
 async function getJSON(path) {
-  const r = await fetch(path, { cache: "no-store" });
+  const headers = TOKEN ? { Authorization: `Bearer ${TOKEN}` } : {};
+  const r = await fetch(path, { cache: "no-store", headers });
   if (!r.ok) {
     const body = await r.json().catch(() => ({}));
     throw Object.assign(new Error(body.message || r.statusText), { status: r.status });
