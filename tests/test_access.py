@@ -564,3 +564,57 @@ def test_sighup_reloads_the_file_and_reopens_the_audit_log(tmp_path: Path) -> No
         ("(SIGHUP)", "reload_auth", "Refused"),
         ("ops2", "create", "OK"),
     ]
+
+
+def test_same_host_sessions_are_checked_like_any_push(tmp_path: Path) -> None:
+    """A reader attaches (read) and pulls through shared memory, but its session's pushes are
+    PushGrad calls like any other: refused without train, the model unchanged."""
+    auth = tmp_path / "auth.toml"
+    auth.write_text(auth_toml(PRINCIPALS))
+    with running_daemon(http_port=-1, bulk_port=-1, auth_file=auth) as d:
+        with Client(d.grpc_address, token="tok-a-admin") as admin:
+            admin.create_model("team-a-shm", {"w": torch.zeros(8)}, lr=0.1)
+            admin.push_grad("team-a-shm", {"w": torch.ones(8)})
+        before = snapshot(d.registry.get("team-a-shm"))
+        with Client(d.grpc_address, token="tok-a-reader", transport="auto") as reader:
+            assert torch.equal(reader.pull_params("team-a-shm")["w"], before["param/w"])
+            assert reader._sessions.get("team-a-shm") is not None  # attached: shared memory
+            with pytest.raises(PermissionDenied, match="needs the train role"):
+                reader.push_grad("team-a-shm", {"w": torch.ones(8)})
+        assert_bitwise_equal(snapshot(d.registry.get("team-a-shm")), before)
+
+
+def test_policy_roles_globs_and_anonymous() -> None:
+    policy = parse_policy(
+        '[[principal]]\nname = "p"\ntoken_sha256 = "' + token_sha256("t") + '"\n'
+        'grants = { "team-a-*" = "read", "team-a-lm?" = "admin", "shared.[xy]" = "train" }\n'
+        '[anonymous]\ngrants = { "demo-*" = "read" }\nmetrics = true\n'
+    )
+    from adamd.server.auth import Caller, Role
+
+    p = policy.identify(Caller.of("Bearer t"))
+    assert (p.role_on("team-a-x"), p.role_on("team-a-lm2"), p.role_on("shared.y")) == (
+        Role.READ,
+        Role.ADMIN,
+        Role.TRAIN,
+    )
+    assert p.role_on("team-b-x") is None and p.role_on("shared.z") is None
+    anonymous = policy.identify(Caller.of(None))
+    assert anonymous.name == "anonymous" and anonymous.metrics
+    policy.permit(anonymous, "GET /v1/models/{model}", "demo-1")
+    with pytest.raises(Exception, match="needs the train role"):
+        policy.permit(anonymous, "PushGrad", "demo-1")
+    for wrong in ("Bearer nope", "Basic dDp0", "t"):
+        with pytest.raises(Exception, match="unknown or malformed token"):
+            policy.identify(Caller.of(wrong))
+
+
+def test_auth_check_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text(auth_toml(PRINCIPALS))
+    bad.write_text(auth_toml(PRINCIPALS) + "[[principal]]\nname = 'a-reader'\ncert = 'c'\n")
+    assert cli_main(["auth", "check", str(good)]) == 0
+    assert "4 principals" in capsys.readouterr().out
+    assert cli_main(["auth", "check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "named twice" in err and f"line {len(auth_toml(PRINCIPALS).splitlines()) + 2}" in err

@@ -68,15 +68,17 @@ def parse_policy(text: str, where: str = "the auth file") -> Policy:
     for entry in entries:
         principal, token, certs = file.principal(entry)
         if principal.name in names:
-            file.fail(principal.name, f"principal {principal.name!r} is named twice")
+            file.fail(principal.name, f"principal {principal.name!r} is named twice", last=True)
         names.add(principal.name)
         if token is not None:
             if token in by_token:
-                file.fail(token, f"principal {principal.name!r}: its token is another's too")
+                file.fail(
+                    token, f"principal {principal.name!r}: its token is another's too", last=True
+                )
             by_token[token] = principal
         for identity in certs:
             if identity in by_identity:
-                file.fail(identity, f"certificate identity {identity!r} is given twice")
+                file.fail(identity, f"certificate identity {identity!r} is given twice", last=True)
             by_identity[identity] = principal
     anonymous = None
     if "anonymous" in doc:
@@ -94,8 +96,10 @@ class _File:
         self.lines = text.splitlines()
         self.where = where
 
-    def fail(self, needle: object, message: str) -> None:
-        line = next((i for i, t in enumerate(self.lines, 1) if str(needle) in t), None)
+    def fail(self, needle: object, message: str, last: bool = False) -> None:
+        """Raise, naming the first line holding `needle` (`last`: the last such line)."""
+        found = [i for i, t in enumerate(self.lines, 1) if str(needle) in t]
+        line = (found[-1] if last else found[0]) if found else None
         at = f" line {line}" if line is not None else ""
         raise AuthFileError(f"auth file {self.where}{at}: {message}")
 

@@ -274,6 +274,7 @@ class BulkServer:
             conn.send(HELO)  # the client knows now that this connection serves it
             sock.settimeout(self.plane.idle_s)
         except BaseException:
+            self._callers.pop(conn, None)
             conn.close()
             raise
         return conn
