@@ -96,7 +96,7 @@ class Server:
 
     def restored_version(self, index: int = -1) -> int | None:
         """The version the index-th start restored (from its log), None if it restored nothing."""
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # a loaded 2-core machine can take long to import torch
         while time.monotonic() < deadline:
             text = self.logs[index].read_text()
             m = re.search(r"model m: restored version (\d+)", text)
