@@ -90,24 +90,11 @@ class Operations:
     def admit(self, caller: Caller, action: str) -> Principal:
         """Who `caller` is, refused now (before a request's bytes are read) when it is nobody
         the policy knows or may not do `action` at all; the model's check is `guard`'s."""
-        policy = self.access.policy
-        try:
-            who = policy.identify(caller)
-            policy.permit(who, action, None)
-        except ServerError as exc:
-            if ACTIONS[action].audit:  # a change refused before its model was read
-                self.access.audit.write(
-                    "(unauthenticated)", None, ACTIONS[action].audit, exc.kind, action
-                )
-            raise
-        return who
+        return self._permit(caller, action, None)
 
-    @contextlib.contextmanager
-    def guard(self, caller: Caller, action: str, model: str | None = None) -> Iterator[Principal]:
-        """The one check of every way in: `caller` may do `action` (a key of
-        server/auth/policy.py's ACTIONS) on `model`, or this raises Unauthenticated,
-        PermissionDenied or NotFound. A change (the table's `audit`) is written to the audit
-        log with its outcome when the block ends, a refused one too."""
+    def _permit(self, caller: Caller, action: str, model: str | None) -> Principal:
+        """The principal `caller` is, if it may do `action` on `model`; a refused change (the
+        table's `audit`) is written to the audit log before the refusal is raised."""
         need = ACTIONS[action]
         policy = self.access.policy
         name = "(unauthenticated)"
@@ -119,7 +106,17 @@ class Operations:
             if need.audit:
                 self.access.audit.write(name, model, need.audit, exc.kind, action)
             raise
-        if not need.audit:
+        return who
+
+    @contextlib.contextmanager
+    def guard(self, caller: Caller, action: str, model: str | None = None) -> Iterator[Principal]:
+        """The one check of every way in: `caller` may do `action` (a key of
+        server/auth/policy.py's ACTIONS) on `model`, or this raises Unauthenticated,
+        PermissionDenied or NotFound. A change (the table's `audit`) is written to the audit
+        log with its outcome when the block ends, a refused one too."""
+        who = self._permit(caller, action, model)
+        audit = ACTIONS[action].audit
+        if not audit:
             yield who
             return
         outcome = "OK"
@@ -129,12 +126,11 @@ class Operations:
             outcome = exc.kind if isinstance(exc, ServerError) else type(exc).__name__
             raise
         finally:
-            self.access.audit.write(name, model, need.audit, outcome, action)
+            self.access.audit.write(who.name, model, audit, outcome, action)
 
     def check(self, caller: Caller, action: str, model: str | None = None) -> Principal:
         """`guard` for an action that is not audited (a push, a pull): only the check."""
-        with self.guard(caller, action, model) as who:
-            return who
+        return self._permit(caller, action, model)
 
     def readable(self, caller: Caller, action: str) -> list[HostedModel]:
         """The models `caller` may read (listings show no others), after `admit`."""
