@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from adamd.server.auth import ACTIONS, Access, Caller, Principal, token_policy
+from adamd.server.auth import ACTIONS, Access, Caller, Principal
 from adamd.server.config import adamd_version
 from adamd.server.core.limits import Limits, tensor_bytes
 from adamd.server.core.model import HostedModel, PushMeta, PushTicket
@@ -66,7 +66,6 @@ class Operations:
         self,
         registry: ModelRegistry,
         *,
-        token: str | None = None,
         access: Access | None = None,
         durable: bool = False,
         stats: StatsBook | None = None,
@@ -76,9 +75,9 @@ class Operations:
     ):
         self.registry = registry
         self.limits = limits or registry.limits
-        # Who may call (server/auth): `access` (--auth-file), else `token` as one admin
-        # principal (--token-file), else anyone.
-        self.access = access or (Access(token_policy(token)) if token is not None else Access())
+        # Who may call (server/auth; the daemon builds it from --auth-file or --token-file).
+        # None: anyone may do anything.
+        self.access = access or Access()
         self.durable = durable
         self.stats = stats
         self.snapshots = snapshots
