@@ -130,6 +130,11 @@ class Policy:
     source: str = "no access control"
 
     @property
+    def principal_names(self) -> list[str]:
+        """The names of every principal known by a token or a certificate identity."""
+        return sorted({p.name for p in (*self.by_token.values(), *self.by_identity.values())})
+
+    @property
     def open(self) -> bool:
         """Anyone may do anything (no --auth-file, no --token-file)."""
         a = self.anonymous

@@ -57,6 +57,6 @@ def _check(args: argparse.Namespace) -> int:
     except AuthFileError as exc:
         print(f"adamd: {exc}", file=sys.stderr)
         return 2
-    names = sorted({p.name for p in (*policy.by_token.values(), *policy.by_identity.values())})
+    names = policy.principal_names
     print(f"{args.file}: {len(names)} principals: {', '.join(names)}")
     return 0
