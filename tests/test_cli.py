@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -106,32 +106,33 @@ def _refused(*args: str, env: dict[str, str] | None = None) -> str:
     return done.stderr.strip().splitlines()[-1]
 
 
-def _refused_here(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str, **env: str
-) -> str:
+@pytest.fixture
+def refused_here(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., str]:
     """`adamd serve` refusing a configuration, run in this process (the checks happen before
     anything starts; `_refused` shows the same in a real process): exit 2 and one line."""
     from adamd.server.cli.main import main
 
-    capsys.readouterr()
-    with monkeypatch.context() as scoped:
-        for name, value in env.items():
-            scoped.setenv(name, value)
-        assert main(["serve", *args]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    return err.strip().splitlines()[-1]
+    def refused(*args: str, **env: str) -> str:
+        capsys.readouterr()
+        with monkeypatch.context() as scoped:
+            for name, value in env.items():
+                scoped.setenv(name, value)
+            assert main(["serve", *args]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err, err
+        return err.strip().splitlines()[-1]
+
+    return refused
 
 
 def test_a_configuration_that_cannot_work_is_refused_in_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, refused_here: Callable[..., str]
 ) -> None:
     data = ["--data-dir", str(tmp_path / "data")]
     free = ["--grpc-port", "0", "--http-port", "0", *data]
-
-    def refused(*args: str, **env: str) -> str:
-        return _refused_here(capsys, monkeypatch, *args, **env)
-
+    refused = refused_here
     assert "snapshot_keep must be at least 1" in refused("--snapshot-keep", "0", *free)
     assert "round_timeout_s must be positive" in refused("--round-timeout", "-1", *free)
     assert "ADAMD_MAX_STALENESS='x'" in refused(*free, ADAMD_MAX_STALENESS="x")
@@ -176,14 +177,13 @@ def test_non_loopback_with_a_token_but_no_tls_warns_of_clear_text(tmp_path: Path
 
 
 def test_tls_files_that_cannot_work_are_refused_at_start(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, refused_here: Callable[..., str]
 ) -> None:
     free = ["--grpc-port", "0", "--http-port", "0", "--data-dir", str(tmp_path / "data")]
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate\n")
 
-    def refused(*args: str, **env: str) -> str:
-        return _refused_here(capsys, monkeypatch, *args, **env)
+    refused = refused_here
 
     assert "tls_cert and tls_key go together" in refused("--tls-cert", str(junk), *free)
     assert "tls_client_ca needs tls_cert" in refused("--tls-client-ca", str(junk), *free)
