@@ -165,7 +165,9 @@ def test_dashboard_renders_live_training(browser: Any, tmp_path: Path) -> None:
         assert wait_for(
             lambda: len(browser.find_elements("css selector", "#params tr")) == 1 + 4
         ), "parameter table"
-        names = [e.text for e in browser.find_elements("css selector", "#params tr td:first-child")]
+        names = browser.execute_script(  # one read: the table is redrawn on every poll
+            "return [...document.querySelectorAll('#params tr td:first-child')].map(e => e.textContent)"
+        )
         assert names == ["0.weight", "0.bias", "2.weight", "2.bias"]
         assert "fused" in browser.find_element("id", "groups").text
         assert browser.find_element("id", "status-text").text == "live"
@@ -176,7 +178,10 @@ def test_dashboard_renders_live_training(browser: Any, tmp_path: Path) -> None:
         if keep:
             shutil.copy(shot, Path(keep) / "dashboard.png")
         # Choosing the other model switches the page to it.
-        browser.find_element("css selector", '#models .model[data-model="idle-model"]').click()
+        # The sidebar entry survives polls (keyed update), so the element found is the one clicked.
+        entry = browser.find_element("css selector", '#models .model[data-model="idle-model"]')
+        time.sleep(1.5)  # at least one poll between finding and clicking
+        entry.click()
         assert wait_for(lambda: browser.find_element("id", "model-title").text == "idle-model")
         severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert not severe, severe

@@ -101,13 +101,28 @@ function renderModelList() {
     list.innerHTML = `<p class="muted small">No models yet.</p>`;
     return;
   }
-  list.innerHTML = state.models.map((m) => `
-    <a class="model ${m.name === state.selected ? "active" : ""}" href="#${encodeURIComponent(m.name)}" data-model="${esc(m.name)}">
+  // Keyed update: each model keeps its <a> across polls, so a click that lands
+  // between two refreshes still reaches the entry the user pressed.
+  const kept = new Map([...list.querySelectorAll("a.model")].map((a) => [a.dataset.model, a]));
+  list.querySelectorAll(":scope > :not(a.model)").forEach((e) => e.remove());
+  for (const m of state.models) {
+    let a = kept.get(m.name);
+    kept.delete(m.name);
+    if (!a) {
+      a = document.createElement("a");
+      a.dataset.model = m.name;
+      a.href = "#" + encodeURIComponent(m.name);
+    }
+    a.className = "model" + (m.name === state.selected ? " active" : "");
+    const html = `
       <div class="model-name">${esc(m.name)}</div>
       <div class="model-meta"><span>v${m.version}</span><span>${m.mode}${m.world_size > 1 ? " ×" + m.world_size : ""}</span>
         <span>${Fmt.num(m.step_rate)}/s</span></div>
-      <div class="model-meta"><span>loss ${Fmt.num(m.last_loss)}</span><span>${Fmt.count(m.num_elements)} params</span></div>
-    </a>`).join("");
+      <div class="model-meta"><span>loss ${Fmt.num(m.last_loss)}</span><span>${Fmt.count(m.num_elements)} params</span></div>`;
+    if (a.dataset.html !== html) { a.innerHTML = html; a.dataset.html = html; }
+    list.appendChild(a);  // appending an existing child moves it: list order follows state.models
+  }
+  kept.forEach((a) => a.remove());
 }
 
 function tile(label, value, sub) {
