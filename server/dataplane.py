@@ -13,6 +13,7 @@ worker threads (`--grpc-workers`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import math
@@ -188,7 +189,7 @@ class DataPlane:
         """A pull's model, parameter names and wire dtype, or the error it gets."""
         model = self.ops.model(ask.model)
         names = list(ask.names) or list(model.params)
-        twice = sorted({n for n in names if names.count(n) > 1})
+        twice = sorted(n for n, k in collections.Counter(names).items() if k > 1)
         if twice:  # one tensor per name in the reply: a name asked twice is a client's bug
             raise InvalidArgument(f"a pull names parameters {twice} more than once")
         missing = [n for n in names if n not in model.params]
