@@ -2,11 +2,19 @@
 
 What a request does is the data plane's `push` and `pull` (server/dataplane.py), as over gRPC:
 the same checks, transfer budget, exactly-once ledger, sync rounds and SIGTERM cut; only the
-carrier differs. Connections are accepted on the gRPC loop, and one waiting for its next request holds no
-thread (the loop watches its socket). A request's frames are read and written on a small pool of
-I/O threads with blocking sockets, so the kernel copies straight between the socket and tensor
-memory with the GIL released; a sync worker waiting for its round holds no thread either (its push
-awaits the outcome on the loop, as over gRPC).
+carrier differs.
+
+No thread waits on a socket. Every connection's socket is non-blocking and watched by the gRPC
+loop: the handshake (TLS, HELO and its ticket) runs on the loop itself, a byte at a time if the
+peer sends them so; a request's frames are read and written by FrameSocket's steps on a small
+pool of I/O threads that only move the bytes already there (the kernel copies straight between
+the socket and tensor memory with the GIL released) and hand the connection back to the loop
+when it has to wait. A peer that goes quiet, mid-handshake, mid-frame, after a FAIL or while not
+reading a reply, costs a file descriptor and a timer. Deadlines: the handshake within
+HANDSHAKE_S; each frame's prefix and header within --stream-idle-s of its start; data bytes,
+replies and the pause between a request's frames no quieter than --stream-idle-s. Handshakes are
+counted when accepted: past MAX_HANDSHAKES the oldest is shut. A sync worker waiting for its round
+holds no thread either (its push awaits the outcome on the loop, as over gRPC).
 
 A connection starts with HELO and a ticket from `OpenBulk`, which is authorized like every gRPC
 call; without a valid ticket it is closed. The ticket carries the caller it was issued to, and
@@ -18,20 +26,21 @@ same client-certificate rule).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
-import queue
 import secrets
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Generator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from adamd.protocol import ProtocolError
 from adamd.protocol.bulk import (
+    DATA_READ,
     DONE,
     END,
     FAIL,
@@ -40,11 +49,15 @@ from adamd.protocol.bulk import (
     MORE,
     PULL,
     PUSH,
+    READ,
     STEP,
     TICKET_BYTES,
+    WRITE,
     Closed,
     FrameSocket,
     Prefix,
+    RequestReader,
+    Step,
     check_ticket,
 )
 from adamd.protocol.frames import TensorSink, spec_of
@@ -60,39 +73,47 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 TICKET_S = 30.0  # a ticket not used within this is void
-MAX_TICKETS = 4096  # tickets outstanding at once (more: OpenBulk answers not accepted)
+MAX_TICKETS = 4096  # tickets outstanding at once (one more voids the oldest)
 HANDSHAKE_S = 10.0  # TLS handshake and HELO in all, or the connection is shut
 KEEPALIVE_S = 600.0  # a connection without a request this long is closed (clients reconnect)
-IO_THREADS = 16  # frames being read or written at once; waits between frames hold none
-HANDSHAKE_THREADS = 4  # so connections that stall in their handshake cannot hold the I/O threads
+IO_THREADS = 16  # connections moving bytes at once; a connection waiting for bytes holds none
 MAX_CONNECTIONS = 1024  # open at once; more are closed at accept (clients fall back to gRPC)
-MAX_HANDSHAKES = 64  # connections not past HELO yet; more are closed at accept
+MAX_HANDSHAKES = 256  # connections not past HELO yet, counted at accept; one more shuts the oldest
+FAIL_LINGER_S = 1.0  # after a FAIL, what the client still sends is dropped while it keeps coming
+# (no pause longer than this), so its send ends and it reads the FAIL; then the connection closes
+FRAME = "frame"  # _frames: a frame ended, the next one's deadline starts now
 
 
 class Tickets:
     """One-use tickets for new connections, each valid for TICKET_S seconds, each carrying the
-    caller it was issued to."""
+    caller it was issued to. At most MAX_TICKETS are outstanding: a new one voids the oldest, so
+    a caller asking for tickets it never uses cannot lock others out (their tickets are used
+    within a round trip)."""
 
     def __init__(self) -> None:
-        self._open: dict[bytes, tuple[float, Caller]] = {}
+        self._open: collections.OrderedDict[bytes, tuple[float, Caller]] = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def issue(self, caller: Caller) -> bytes | None:
+    def issue(self, caller: Caller) -> bytes:
         now = time.monotonic()
         with self._lock:
-            for t in [t for t, (until, _) in self._open.items() if until < now]:
-                del self._open[t]
-            if len(self._open) >= MAX_TICKETS:
-                return None
+            while self._open:  # oldest first: expired ones, then the oldest past the cap
+                oldest, (until, _) = next(iter(self._open.items()))
+                if until >= now and len(self._open) < MAX_TICKETS:
+                    break
+                del self._open[oldest]
             ticket = secrets.token_bytes(TICKET_BYTES)
             self._open[ticket] = (now + TICKET_S, caller)
             return ticket
 
     def redeem(self, ticket: bytes) -> Caller | None:
-        """The caller the ticket was issued to; None: unknown or expired."""
+        """The caller the ticket was issued to; None: unknown, expired or voided."""
         with self._lock:
             until, caller = self._open.pop(ticket, (0.0, None))
         return caller if until >= time.monotonic() else None
+
+    def __len__(self) -> int:
+        return len(self._open)
 
 
 class BulkServer:
@@ -118,19 +139,20 @@ class BulkServer:
         except OSError:
             sock.close()
             raise
-        sock.listen(128)
+        sock.listen(1024)
         sock.setblocking(False)
         self._listener = sock
         self.port: int = sock.getsockname()[1]
         self._io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="adamd-bulk")
-        self._handshakes = ThreadPoolExecutor(HANDSHAKE_THREADS, thread_name_prefix="adamd-bulk-hs")
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._accepting: Future[None] | None = None
-        self._sockets: set[socket.socket] = set()
-        self._connections: set[asyncio.Task[None]] = set()
+        self._accepting: Any = None
+        self._sockets: dict[asyncio.Task[None], socket.socket] = {}  # each connection's socket
+        self._handshaking: collections.OrderedDict[asyncio.Task[None], None] = (
+            collections.OrderedDict()
+        )  # connections not past HELO, oldest first
         self._busy: dict[asyncio.Task[Any], socket.socket] = {}  # requests in flight
         self._callers: dict[FrameSocket, Caller] = {}  # whose ticket each connection redeemed
-        self._handshaking = 0
+        self.shed_handshakes = 0  # handshakes shut because MAX_HANDSHAKES newer ones came
         self._closing = False
 
     # --- gRPC's side: tickets -------------------------------------------------------------------
@@ -139,8 +161,6 @@ class BulkServer:
         if self._closing:
             return pb.OpenBulkReply(accepted=False, reason="the server is stopping")
         ticket = self.tickets.issue(caller)
-        if ticket is None:
-            return pb.OpenBulkReply(accepted=False, reason="too many bulk connections opening")
         return pb.OpenBulkReply(accepted=True, port=self.port, ticket=ticket)
 
     # --- life -----------------------------------------------------------------------------------
@@ -159,25 +179,32 @@ class BulkServer:
         self._closing = True
         asyncio.run_coroutine_threadsafe(self._stop(grace), self._loop).result()
         self._io.shutdown(wait=True)
-        self._handshakes.shutdown(wait=True)
 
     async def _stop(self, grace: float) -> None:
         if self._accepting is not None:
             self._accepting.cancel()
         self._listener.close()
         busy = set(self._busy.values())
-        for sock in list(self._sockets):  # idle ones end now; busy ones end after their request
-            if sock not in busy:
+        for sock in list(self._sockets.values()):  # idle ones end now; busy ones after their
+            if sock not in busy:  # request
                 _shutdown(sock)
         if self._busy:
             _, pending = await asyncio.wait(set(self._busy), timeout=max(grace - 1.0, 0.1))
             if pending:
                 self.plane.cut()
                 await asyncio.wait(pending, timeout=1.0)
-        for sock in list(self._sockets):
+        for sock in list(self._sockets.values()):
             _shutdown(sock)
-        if self._connections:  # their sockets are shut: they end now, before the pools do
-            await asyncio.wait(set(self._connections), timeout=2.0)
+        if self._sockets:  # their sockets are shut: they end now, before the pool does
+            await asyncio.wait(set(self._sockets), timeout=2.0)
+
+    @property
+    def connections(self) -> int:
+        return len(self._sockets)
+
+    @property
+    def handshakes(self) -> int:
+        return len(self._handshaking)
 
     # --- connections ----------------------------------------------------------------------------
 
@@ -197,94 +224,84 @@ class BulkServer:
             if self._closing:
                 raw.close()
                 return
-            if len(self._connections) >= MAX_CONNECTIONS or self._handshaking >= MAX_HANDSHAKES:
+            if len(self._sockets) >= MAX_CONNECTIONS:
                 raw.close()  # the client's HELO goes unanswered: it falls back to gRPC
                 continue
+            raw.setblocking(False)
             task = loop.create_task(self._serve(raw))
-            self._connections.add(task)
-            task.add_done_callback(self._connections.discard)
+            self._sockets[task] = raw
+            self._handshaking[task] = None
+            if len(self._handshaking) > MAX_HANDSHAKES:
+                oldest, _ = self._handshaking.popitem(last=False)
+                self.shed_handshakes += 1
+                _shutdown(self._sockets[oldest])  # it ends at its next read: no HELO here
 
     async def _serve(self, raw: socket.socket) -> None:
-        self._sockets.add(raw)
+        task = asyncio.current_task()
+        assert task is not None
         conn: FrameSocket | None = None
         try:
-            conn = ready = await self._handshake(raw)
-            self._sockets.discard(raw)
-            self._sockets.add(ready.sock)
-            while not self._closing and await self._readable(ready, KEEPALIVE_S):
+            try:
+                conn = await self._handshake(task, raw)
+            finally:
+                self._handshaking.pop(task, None)
+            while not self._closing and await self._ready(conn.sock, READ, KEEPALIVE_S):
                 if self._closing:
                     break
-                task = asyncio.current_task()
-                assert task is not None
-                self._busy[task] = ready.sock
+                self._busy[task] = conn.sock
                 try:
-                    keep = await self._request(ready)
+                    keep = await self._request(conn)
                 finally:
                     del self._busy[task]
                 if not keep:
                     break
-        except (OSError, ProtocolError, ssl.SSLError) as exc:
+        except (OSError, ProtocolError, ssl.SSLError, DeadlineExceeded) as exc:
             logger.debug("bulk connection ended: %s", exc)
         except Exception:
             logger.exception("bulk connection failed")
         finally:
-            self._sockets.discard(raw)
+            sock = self._sockets.pop(task, raw)
             if conn is not None:
                 self._callers.pop(conn, None)
-                self._sockets.discard(conn.sock)
                 conn.close()  # its socket and its conversion thread
+            with contextlib.suppress(OSError):
+                sock.close()
             with contextlib.suppress(OSError):
                 raw.close()
 
-    async def _handshake(self, raw: socket.socket) -> FrameSocket:
-        """TLS (when on) and HELO with a valid ticket, answered HELO, within HANDSHAKE_S in all:
-        a watchdog on the loop shuts the socket at the deadline, so a peer that trickles bytes
-        cannot hold a handshake thread past it."""
-        loop = asyncio.get_running_loop()
-        guard = raw.dup()  # the same socket, for the watchdog (TLS takes `raw`'s descriptor)
-        watchdog = loop.call_later(HANDSHAKE_S, _shutdown, guard)
-        self._sockets.add(guard)  # and for stop()
-        self._handshaking += 1
-        try:
-            return await loop.run_in_executor(self._handshakes, self._greet, raw)
-        finally:
-            self._handshaking -= 1
-            watchdog.cancel()
-            self._sockets.discard(guard)
-            guard.close()
-
-    def _greet(self, raw: socket.socket) -> FrameSocket:
-        """Handshake thread: see _handshake."""
-        raw.setblocking(True)
-        raw.settimeout(HANDSHAKE_S)
-        sock = raw
+    async def _handshake(self, task: asyncio.Task[None], raw: socket.socket) -> FrameSocket:
+        """TLS (when on) and HELO with a valid ticket, answered HELO, within HANDSHAKE_S in all,
+        on the loop (a few hundred bytes; each read takes what has arrived)."""
+        deadline = asyncio.get_running_loop().time() + HANDSHAKE_S
+        sock: socket.socket = raw
         if self.tls is not None:
             sock = self.tls.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
-            try:
-                sock.do_handshake()
-            except BaseException:
-                sock.close()
-                raise
-        conn = FrameSocket(sock, HANDSHAKE_S)
+            self._sockets[task] = sock  # `raw` gave it its descriptor
+            await self._drive(sock, _tls_handshake(sock), deadline, HANDSHAKE_S, on_loop=True)
+        conn = FrameSocket(sock, 0)
         try:
-            caller = self.tickets.redeem(check_ticket(conn.recv(max_header=TICKET_BYTES)))
+            first = await self._drive(
+                sock, conn.recv_steps(TICKET_BYTES), deadline, HANDSHAKE_S, on_loop=True
+            )
+            caller = self.tickets.redeem(check_ticket(first))
             if caller is None:
                 raise ProtocolError("a bulk connection with an unknown or expired ticket")
             self._callers[conn] = caller
-            conn.send(HELO)  # the client knows now that this connection serves it
-            sock.settimeout(self.plane.idle_s)
+            # the client knows now that this connection serves it
+            await self._drive(sock, conn.send_steps(HELO), deadline, HANDSHAKE_S, on_loop=True)
         except BaseException:
             self._callers.pop(conn, None)
             conn.close()
             raise
         return conn
 
-    async def _readable(self, conn: FrameSocket, timeout: float) -> bool:
-        """Wait, holding no thread, until the connection has bytes to read; False when it
-        stayed quiet for `timeout` seconds."""
-        sock = conn.sock
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+    async def _ready(self, sock: socket.socket, want: str, timeout: float) -> bool:
+        """Wait, holding no thread, until the socket is ready to read (READ, DATA_READ) or write
+        (WRITE); False when it was not within `timeout` seconds."""
+        if want != WRITE and isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True
+        if timeout <= 0:
+            return False
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
 
@@ -292,29 +309,77 @@ class BulkServer:
             if not ready.done():
                 ready.set_result(None)
 
-        loop.add_reader(sock.fileno(), wake)
+        fd = sock.fileno()
+        if fd < 0:
+            raise OSError("the bulk connection is closed")
+        if want == WRITE:
+            loop.add_writer(fd, wake)
+        else:
+            loop.add_reader(fd, wake)
         try:
             await asyncio.wait_for(ready, timeout)
             return True
         except asyncio.TimeoutError:
             return False
         finally:
-            loop.remove_reader(sock.fileno())
+            if want == WRITE:
+                loop.remove_writer(fd)
+            else:
+                loop.remove_reader(fd)
 
-    # --- requests -------------------------------------------------------------------------------
+    async def _drive(
+        self,
+        sock: socket.socket,
+        steps: Step[T],
+        deadline: float | None,
+        idle_s: float,
+        on_loop: bool = False,
+    ) -> T:
+        """Run I/O steps (FrameSocket) to their end: on an I/O thread (or on the loop, for a
+        handshake's few bytes) while bytes move, on the loop's watch while the socket is not
+        ready. A frame's prefix and header (READ) must come by `deadline` (reset to `idle_s`
+        ahead at each FRAME the steps yield); data bytes (DATA_READ) and writes (WRITE) may pause
+        `idle_s` at most. Past either: DeadlineExceeded."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if on_loop:
+                done, value, framed = _advance(steps)
+            else:
+                done, value, framed = await self._io_call(sock, _advance, steps)
+            if done:
+                return value  # type: ignore[return-value]
+            now = loop.time()
+            if framed:
+                deadline = now + idle_s
+            wait = idle_s if value != READ or deadline is None else deadline - now
+            if not await self._ready(sock, value, wait):
+                steps.close()
+                what = {READ: "a frame", DATA_READ: "a frame's data"}.get(value, "the reply")
+                raise DeadlineExceeded(
+                    f"{what} did not come through within {idle_s:g}s: the request was ended"
+                    " (server --stream-idle-s)"
+                )
 
-    async def _io_call(self, conn: FrameSocket, fn: Callable[..., T], *args: Any) -> T:
-        """Blocking socket work on an I/O thread. Cancelled (the server cut the call), the
-        connection is shut so the thread lets go at once, and its end is awaited: a thread never
-        keeps writing into a buffer its request has given back."""
+    async def _io_call(self, sock: socket.socket, fn: Callable[..., T], *args: Any) -> T:
+        """Socket work on an I/O thread. Cancelled (the server cut the call), the connection is
+        shut so the thread lets go at once, and its end is awaited: a thread never keeps writing
+        into a buffer its request has given back."""
         work = asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
-            _shutdown(conn.sock)
+            _shutdown(sock)
             with contextlib.suppress(Exception):
                 await work
             raise
+
+    def _frames(self, conn: FrameSocket, steps: Step[T]) -> Awaitable[T]:
+        """Steps of a request's frames, on the I/O threads, under the per-frame deadlines."""
+        idle_s = self.plane.idle_s
+        deadline = asyncio.get_running_loop().time() + idle_s
+        return self._drive(conn.sock, steps, deadline, idle_s)
+
+    # --- requests -------------------------------------------------------------------------------
 
     async def _request(self, conn: FrameSocket) -> bool:
         """Serve one request; False when the connection must end (after a FAIL, or broken)."""
@@ -322,7 +387,9 @@ class BulkServer:
         method, outcome = "Bulk", "OK"
         try:
             try:
-                frame = await self._io_call(conn, conn.recv, self.plane.limits.max_message_bytes)
+                frame = await self._frames(
+                    conn, conn.recv_steps(self.plane.limits.max_message_bytes)
+                )
             except Closed:
                 if conn.bytes_in == in0:
                     return False  # the client closed an idle connection: no call at all
@@ -345,8 +412,8 @@ class BulkServer:
         except Exception as exc:
             error = as_server_error(exc, "bulk request")
             outcome = error.kind
-            with contextlib.suppress(OSError, ssl.SSLError):
-                await self._io_call(conn, self._fail, conn, error)
+            with contextlib.suppress(OSError, ssl.SSLError, DeadlineExceeded):
+                await self._fail(conn, error)
             return False
         finally:
             on_call = self.on_call
@@ -354,37 +421,42 @@ class BulkServer:
                 n_in, n_out = conn.bytes_in - in0, conn.bytes_out - out0
                 on_call(method, outcome, time.perf_counter() - t0, n_in, n_out)
 
-    def _fail(self, conn: FrameSocket, exc: ServerError) -> None:
-        """I/O thread: answer FAIL, then drop what the client still sends of its request until it
-        closes the connection (or goes quiet, or passes the stream limit)."""
+    async def _fail(self, conn: FrameSocket, exc: ServerError) -> None:
+        """Answer FAIL and end the connection: nothing more goes out; what the client still
+        sends of its request is dropped, on the loop, while it keeps coming (pauses of
+        FAIL_LINGER_S at most, the stream limit and --stream-idle-s in all), so that its send
+        ends and it reads the FAIL rather than a reset. Then the caller closes it."""
         error = pb.BulkError(code=exc.code.value[0], kind=exc.kind, message=str(exc)[:8000])
-        conn.send(FAIL, error.SerializeToString())
+        sock, linger = conn.sock, min(FAIL_LINGER_S, self.plane.idle_s)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self.plane.idle_s
+        await self._drive(sock, conn.send_steps(FAIL, error.SerializeToString()), until, linger)
+        with contextlib.suppress(OSError, ssl.SSLError):
+            if not isinstance(sock, ssl.SSLSocket):
+                sock.shutdown(socket.SHUT_WR)  # the client's read of the FAIL ends there
         left = self.plane.limits.stream_bytes
-        scratch = bytearray(1 << 16)
-        while left > 0:
-            n = conn.sock.recv_into(scratch)
+        scratch = bytearray(1 << 20)
+        while left > 0 and loop.time() < until:
+            try:
+                n = sock.recv_into(scratch)
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                if not await self._ready(sock, READ, min(linger, until - loop.time())):
+                    return
+                continue
             if not n:
                 return
             left -= n
 
     def _receiver(self, conn: FrameSocket, first: Prefix) -> Receive:
-        """A push's `receive` (DataPlane.push): its frames into the sink, an I/O call
-        reading for as long as bytes keep coming; when the client pauses (a push streamed during
-        backward waits for backward) the loop waits for more, holding no thread, up to
-        --stream-idle-s."""
-        limits, idle_s = self.plane.limits, self.plane.idle_s
+        """A push's `receive` (DataPlane.push): its frames into the sink on an I/O thread while
+        bytes keep coming; when the client pauses (a push streamed during backward waits for
+        backward) the loop waits for more, holding no thread, up to --stream-idle-s."""
+        limits = self.plane.limits
 
         async def receive(sink: TensorSink | None) -> PushMeta | None:
             reader = conn.request(first, sink, limits.stream_bytes)
             try:
-                out = await self._io_call(conn, reader.next_ready, limits.max_message_bytes)
-                while out is MORE:
-                    if not await self._readable(conn, idle_s):
-                        raise DeadlineExceeded(
-                            f"no frame for {idle_s:g}s: the request was ended"
-                            " (server --stream-idle-s)"
-                        )
-                    out = await self._io_call(conn, reader.next_ready, limits.max_message_bytes)
+                out = await self._frames(conn, _request_frames(reader, limits.max_message_bytes))
                 return messages.closing_meta(out)  # type: ignore[arg-type]
             except BaseException as exc:
                 reader.settle()  # no conversion writes into the sink after this returns
@@ -400,7 +472,7 @@ class BulkServer:
             raise InvalidArgument("a PUSH frame carries no data")
         self.plane.ops.check(self._callers[conn], "bulk PUSH", header.model)
         reply = await self._push_of(header, self._receiver(conn, first))
-        await self._io_call(conn, conn.send, DONE, reply.SerializeToString())
+        await self._frames(conn, conn.send_steps(DONE, reply.SerializeToString()))
 
     def _push_of(
         self,
@@ -439,16 +511,16 @@ class BulkServer:
             # The tensors are the live parameters, sent from their own memory (conversions go
             # through the connection's two buffers): no transfer memory to reserve for them.
             async with self.plane.pull(ask, reserve=False) as plan:
-                sender = _StepSender(conn, plan, self._io)
+                sender = _StepSender(self, conn, plan)
                 try:
                     reply = await self._push_of(header, receive, sender.notify)
                 finally:
                     await sender.stop()
-                await self._io_call(conn, sender.finish, reply)
+                await self._frames(conn, sender.finish(reply))
             return
         reply = await self._push_of(header, receive)
         async with self.plane.pull(ask) as plan:
-            await self._io_call(conn, _send_pull, conn, plan, reply)
+            await self._frames(conn, _send_pull(conn, plan, reply))
 
     async def _pull(self, conn: FrameSocket, first: Prefix) -> None:
         request = parse_request(pb.PullRequest, first.header)
@@ -456,21 +528,53 @@ class BulkServer:
             raise InvalidArgument("a PULL frame carries no data")
         self.plane.ops.check(self._callers[conn], "bulk PULL", request.model)
         async with self.plane.pull(messages.pull_ask_from_pb(request)) as plan:
-            await self._io_call(conn, _send_pull, conn, plan)
+            await self._frames(conn, _send_pull(conn, plan))
 
 
-def _send_pull(conn: FrameSocket, plan: PullPlan, reply: pb.PushReply | None = None) -> None:
-    """I/O thread: HEAD, the parameters, END saying whether they are one version (and, for a
-    STEP, carrying its push's reply)."""
+def _advance(steps: Step[T]) -> tuple[bool, Any, bool]:
+    """Run I/O steps until they wait or end: (ended, what they wait for or their result, whether
+    a frame ended on the way)."""
+    framed = False
+    try:
+        while (want := next(steps)) == FRAME:
+            framed = True
+        return False, want, framed
+    except StopIteration as stop:
+        return True, stop.value, framed
+
+
+def _request_frames(reader: RequestReader, max_header: int) -> Step[object]:
+    """A request's frames through its END (END's header), FRAME between them."""
+    while (out := (yield from reader.next_steps(max_header))) is MORE:
+        yield FRAME
+    return out
+
+
+def _tls_handshake(sock: ssl.SSLSocket) -> Generator[str, None, None]:
+    while True:
+        try:
+            sock.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            yield READ
+        except ssl.SSLWantWriteError:
+            yield WRITE
+
+
+def _send_pull(conn: FrameSocket, plan: PullPlan, reply: pb.PushReply | None = None) -> Step[None]:
+    """HEAD, the parameters, END saying whether they are one version (and, for a STEP,
+    carrying its push's reply)."""
     end = reply.SerializeToString() if reply is not None else b""
     if plan.tensors is None:
         header = pb.PullHeader(version=plan.version, not_modified=True)
-        conn.send(HEAD, header.SerializeToString())
-        conn.send(END, end, 1)
+        yield from conn.send_steps(HEAD, header.SerializeToString())
+        yield from conn.send_steps(END, end, 1)
         return
-    conn.send(HEAD, _pull_header(plan, plan.version))
-    conn.send_tensors(plan.tensors, plan.wire, plan.chunk)
-    conn.send(END, end, int(plan.consistent()))
+    yield from conn.send_steps(HEAD, _pull_header(plan, plan.version))
+    for index, t in enumerate(plan.tensors):
+        yield from conn.send_tensor_steps(index, t, plan.wire, plan.chunk)
+        yield FRAME
+    yield from conn.send_steps(END, end, int(plan.consistent()))
 
 
 def _pull_header(plan: PullPlan, version: int) -> bytes:
@@ -483,16 +587,18 @@ class _StepSender:
     """A STEP's parameters, sent a bucket at a time as the step updates them.
 
     `notify` is the push's PushTicket.on_stepped: called mid-step under the model lock, it only
-    queues the bucket (and, the first time, starts draining the queue on an I/O thread). After
-    the push, `finish` sends what the step did not touch and END. When no step of this push ran
-    (a duplicate, found_inf, a round stepped by another rank's thread), nothing was queued and
-    `finish` sends everything as a pull would, read then."""
+    queues the bucket for a task on the loop that sends the queue (on the I/O threads, as the
+    socket takes it). After the push, `finish` sends what the step did not touch and END. When no
+    step of this push ran (a duplicate, found_inf, a round stepped by another rank's thread),
+    nothing was queued and `finish` sends everything as a pull would, read then."""
 
-    def __init__(self, conn: FrameSocket, plan: PullPlan, io: ThreadPoolExecutor):
-        self.conn, self.plan, self.io = conn, plan, io
+    def __init__(self, server: BulkServer, conn: FrameSocket, plan: PullPlan):
+        self.server, self.conn, self.plan = server, conn, plan
+        self.loop = asyncio.get_running_loop()
         self.index = {n: i for i, n in enumerate(plan.names)}
-        self.queue: queue.SimpleQueue[int | list[str] | None] = queue.SimpleQueue()
-        self.drain: Future[None] | None = None
+        self.queue: asyncio.Queue[int | list[str] | None] = asyncio.Queue()
+        self.drain = self.loop.create_task(self._drain())
+        self.started = False  # HEAD queued
         self.sent: set[str] = set()
         self.seq_after = 0
         self._lock = threading.Lock()
@@ -505,50 +611,59 @@ class _StepSender:
             if self._stopped:
                 return
             try:
-                if self.drain is None:
-                    self.queue.put(model.version + 1)  # the version this step makes: HEAD
-                    self.drain = self.io.submit(self._drain)
-            except RuntimeError:  # the I/O pool is shut (the server is stopping): send later
+                if not self.started:
+                    # the version this step makes: HEAD
+                    self.loop.call_soon_threadsafe(self.queue.put_nowait, model.version + 1)
+                    self.started = True
+                self.seq_after = model.write_seq + 1  # the seqlock once this step's write ends
+                bucket = [n for n in names if n in self.index]
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, bucket)
+            except RuntimeError:  # the loop is closed (the server is stopping)
                 self._stopped = True
-                return
-            self.seq_after = model.write_seq + 1  # the seqlock once this step's write ends
-            self.queue.put([n for n in names if n in self.index])
 
-    def _drain(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if isinstance(item, int):
-                self.conn.send(HEAD, _pull_header(self.plan, item))
-            else:
-                for name in item:
-                    self._send(name)
+    async def _drain(self) -> None:
+        while (item := await self.queue.get()) is not None:
+            await self.server._frames(self.conn, self._item(item))
 
-    def _send(self, name: str) -> None:
+    def _item(self, item: int | list[str]) -> Step[None]:
+        if isinstance(item, int):
+            yield from self.conn.send_steps(HEAD, _pull_header(self.plan, item))
+            return
+        for name in item:
+            yield from self._send(name)
+            yield FRAME
+
+    def _send(self, name: str) -> Step[None]:
         assert self.plan.tensors is not None
         i = self.index[name]
-        self.conn.send_tensor(i, self.plan.tensors[i], self.plan.wire, self.plan.chunk)
+        yield from self.conn.send_tensor_steps(
+            i, self.plan.tensors[i], self.plan.wire, self.plan.chunk
+        )
         self.sent.add(name)
 
     async def stop(self) -> None:
         """No more buckets; wait until every queued one is sent (holding no thread)."""
         with self._lock:
             self._stopped = True
-            drain = self.drain
-        if drain is not None:
-            self.queue.put(None)
-            await asyncio.wrap_future(drain)
+        # after every put notify scheduled (call_soon_threadsafe keeps their order)
+        self.loop.call_soon(self.queue.put_nowait, None)
+        await self.drain
 
-    def finish(self, reply: pb.PushReply) -> None:
-        """I/O thread, after the push and stop(): the rest, and END."""
+    def finish(self, reply: pb.PushReply) -> Step[None]:
+        """After the push and stop(): the rest, and END."""
         model = self.plan.model
-        if self.drain is None:
+        if not self.started:
             seq, version = model.read_begin()
-            self.conn.send(HEAD, _pull_header(self.plan, version))
+            yield from self.conn.send_steps(HEAD, _pull_header(self.plan, version))
         else:
             seq = self.seq_after
         for name in self.plan.names:
             if name not in self.sent:
-                self._send(name)
-        self.conn.send(END, reply.SerializeToString(), int(model.read_consistent(seq)))
+                yield from self._send(name)
+                yield FRAME
+        yield from self.conn.send_steps(
+            END, reply.SerializeToString(), int(model.read_consistent(seq))
+        )
 
 
 def _shutdown(sock: socket.socket) -> None:

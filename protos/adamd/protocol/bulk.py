@@ -33,19 +33,23 @@ rules as gRPC frames: a tensor's chunks in order, no gaps, no overlaps).
   so the step hides behind the transfer. HEAD goes out once the pulled version is known.
 
 FAIL carries what the gRPC call would have ended with (status code, kind, message). After a FAIL
-the server reads and discards the rest of the failed request until the client closes the
-connection; neither side uses that connection again.
+neither side uses that connection again: the server stops writing at once, drops what the client
+still sends of its request for a short while (so the client's send ends and it reads the FAIL,
+rather than a reset) and closes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
+import ssl
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -64,6 +68,7 @@ MAX_HEADER_BYTES = 64 << 20
 # Bytes converted per frame when a tensor travels as another dtype (bf16/fp16): the scratch buffer
 # a receiver converts from, and the chunk a sender converts into.
 CONVERT_CHUNK_BYTES = MAX_CHUNK_BYTES
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -79,11 +84,23 @@ class Closed(ConnectionError):
     """The peer closed the connection (or it broke) before a whole frame arrived."""
 
 
-class FrameSocket:
-    """One bulk connection's frames, both ways. Blocking I/O: call from one thread at a time.
+# What an I/O step (a generator below) yields when the socket is non-blocking and cannot move
+# bytes now: wait until it is readable (READ: a frame's prefix or header; DATA: a frame's data
+# bytes) or writable (WRITE), then resume it. On a blocking socket the steps never yield.
+READ, DATA_READ, WRITE = "read", "data", "write"
+HEADER_READ_BYTES = 64 << 10  # a header grows by this much as its bytes arrive, no more at once
 
-    Every socket operation waits at most `timeout` seconds for progress (socket.timeout, an
-    OSError, past it)."""
+Step = Generator[str, None, T]
+
+
+class FrameSocket:
+    """One bulk connection's frames, both ways, from one thread at a time.
+
+    Each operation has two forms: a generator (`*_steps`) that moves the bytes that can move
+    now and yields READ / DATA_READ / WRITE when a non-blocking socket has to wait, so that a
+    server resumes it only once the socket is ready (a silent peer holds no thread); and a plain
+    call that runs it on a blocking socket, where every socket operation waits at most `timeout`
+    seconds for progress (socket.timeout, an OSError, past it). `timeout=0`: non-blocking."""
 
     def __init__(self, sock: socket.socket, timeout: float | None):
         self.sock = sock
@@ -92,8 +109,8 @@ class FrameSocket:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._prefix = bytearray(PREFIX.size)
         self._scratch: np.ndarray | None = None
-        # Conversions (bf16/fp16 wire) overlap the socket: a helper thread sends a converted
-        # chunk or converts a received one while this thread converts or receives the next.
+        # Conversions (bf16/fp16 wire) overlap the socket: a helper thread converts the next
+        # chunk to send, or a received one, while this thread moves the bytes of another.
         self._helper: ThreadPoolExecutor | None = None
         self._buffers: dict[torch.dtype, list[torch.Tensor]] = {}
         self._inbox: list[np.ndarray] = []
@@ -128,7 +145,56 @@ class FrameSocket:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def run(self, steps: Step[T]) -> T:
+        """Run an operation's steps to the end, waiting (blocking, at most the socket's timeout
+        each time) where a non-blocking socket is not ready."""
+        try:
+            while True:
+                want = next(steps)
+                timeout = self.sock.gettimeout()
+                if not self.wait(want, None if timeout == 0 else timeout):
+                    raise TimeoutError(f"the socket was not ready to {want} in time")
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    def wait(self, want: str, timeout: float | None) -> bool:
+        """Block until the socket is ready for `want` (READ / DATA_READ / WRITE)."""
+        if want != WRITE and self.readable_now():
+            return True
+        poll = select.poll()
+        poll.register(self.sock, select.POLLOUT if want == WRITE else select.POLLIN)
+        return bool(poll.poll(None if timeout is None else max(int(timeout * 1000), 0)))
+
     # --- sending --------------------------------------------------------------------------------
+
+    def _send_all_steps(self, data: memoryview | bytes) -> Step[None]:
+        view = memoryview(data).cast("B")
+        sent = 0
+        while sent < view.nbytes:
+            try:
+                sent += self.sock.send(view[sent:])
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                yield WRITE
+            except ssl.SSLWantReadError:
+                yield READ
+
+    def send_steps(
+        self,
+        kind: bytes,
+        header: bytes = b"",
+        tensor: int = 0,
+        offset: int = 0,
+        data: np.ndarray | memoryview | None = None,
+    ) -> Step[None]:
+        n = 0 if data is None else memoryview(data).nbytes  # type: ignore[arg-type]
+        head = PREFIX.pack(kind, len(header), tensor, offset, n) + header
+        if n and n <= 4096:  # a small chunk rides with its prefix: one system call
+            head += memoryview(data).cast("B")  # type: ignore[arg-type]
+            n = 0
+        yield from self._send_all_steps(head)
+        if n:
+            yield from self._send_all_steps(memoryview(data))  # type: ignore[arg-type]
+        self.bytes_out += len(head) + n
 
     def send(
         self,
@@ -138,15 +204,29 @@ class FrameSocket:
         offset: int = 0,
         data: np.ndarray | memoryview | None = None,
     ) -> None:
-        n = 0 if data is None else memoryview(data).nbytes  # type: ignore[arg-type]
-        head = PREFIX.pack(kind, len(header), tensor, offset, n) + header
-        if n and n <= 4096:  # a small chunk rides with its prefix: one system call
-            head += memoryview(data).cast("B")  # type: ignore[arg-type]
-            n = 0
-        self.sock.sendall(head)
-        if n:
-            self.sock.sendall(data)  # type: ignore[arg-type]
-        self.bytes_out += len(head) + n
+        self.run(self.send_steps(kind, header, tensor, offset, data))
+
+    def send_tensor_steps(
+        self,
+        index: int,
+        t: torch.Tensor,
+        wire_dtype: torch.dtype | None,
+        chunk_bytes: int = CONVERT_CHUNK_BYTES,
+    ) -> Step[None]:
+        """Tensor `t` as DATA frames: a contiguous CPU tensor that travels as itself goes out of
+        its own memory in one frame; one that converts (bf16/fp16 wire) goes a chunk at a time
+        through two reused buffers (frames.wire_chunks)."""
+        if not t.numel():
+            return
+        same = wire_dtype_of(t.dtype, wire_dtype) == t.dtype
+        if same and t.device.type == "cpu" and t.is_contiguous():
+            yield from self.send_steps(DATA, b"", index, 0, byte_view(t.detach()))
+            return
+        if same or t.device.type != "cpu":
+            for start, chunk in wire_chunks(t, wire_dtype, chunk_bytes):
+                yield from self.send_steps(DATA, b"", index, start, chunk)
+            return
+        yield from self._send_converted(index, t, wire_dtype_of(t.dtype, wire_dtype), chunk_bytes)
 
     def send_tensor(
         self,
@@ -155,25 +235,12 @@ class FrameSocket:
         wire_dtype: torch.dtype | None,
         chunk_bytes: int = CONVERT_CHUNK_BYTES,
     ) -> None:
-        """Tensor `t` as DATA frames: a contiguous CPU tensor that travels as itself goes out of
-        its own memory in one frame; one that converts (bf16/fp16 wire) goes a chunk at a time
-        through one reused buffer (frames.wire_chunks)."""
-        if not t.numel():
-            return
-        same = wire_dtype_of(t.dtype, wire_dtype) == t.dtype
-        if same and t.device.type == "cpu" and t.is_contiguous():
-            self.send(DATA, b"", index, 0, byte_view(t.detach()))
-            return
-        if same or t.device.type != "cpu":
-            for start, chunk in wire_chunks(t, wire_dtype, chunk_bytes):
-                self.send(DATA, b"", index, start, chunk)
-            return
-        self._send_converted(index, t, wire_dtype_of(t.dtype, wire_dtype), chunk_bytes)
+        self.run(self.send_tensor_steps(index, t, wire_dtype, chunk_bytes))
 
     def _send_converted(
         self, index: int, t: torch.Tensor, wire: torch.dtype, chunk_bytes: int
-    ) -> None:
-        """Convert chunk k+1 into one buffer while the helper thread sends chunk k from the
+    ) -> Step[None]:
+        """The helper thread converts chunk k+1 into one buffer while chunk k goes out of the
         other (the rounding of Tensor.to: the same bits as frames.wire_chunks)."""
         flat = t.detach().reshape(-1)
         per = max(min(chunk_bytes, CONVERT_CHUNK_BYTES) // wire.itemsize, 1)
@@ -181,26 +248,34 @@ class FrameSocket:
         if buffers is None or buffers[0].numel() < per:
             buffers = self._buffers[wire] = [torch.empty(per, dtype=wire) for _ in range(2)]
         helper = self._helper_thread()
-        sending: list[Future[None] | None] = [None, None]
+        starts = list(range(0, flat.numel(), per))
+
+        def convert(k: int) -> None:
+            i = starts[k]
+            n = min(per, flat.numel() - i)
+            buffers[k % 2][:n].copy_(flat[i : i + n])
+
+        converting = helper.submit(convert, 0)
         try:
-            for k, i in enumerate(range(0, flat.numel(), per)):
-                b = k % 2
-                if sending[b] is not None:
-                    sending[b].result()  # type: ignore[union-attr]
+            for k, i in enumerate(starts):
+                converting.result()
+                if k + 1 < len(starts):
+                    converting = helper.submit(convert, k + 1)
                 n = min(per, flat.numel() - i)
-                buffers[b][:n].copy_(flat[i : i + n])
-                view = byte_view(buffers[b])[: n * wire.itemsize]
-                sending[b] = helper.submit(self.send, DATA, b"", index, i * wire.itemsize, view)
-        finally:  # never leave a send running behind an error
-            errors = []
-            for f in sending:
-                if f is not None:
-                    try:
-                        f.result()
-                    except Exception as exc:
-                        errors.append(exc)
-            if errors:
-                raise errors[0]
+                view = byte_view(buffers[k % 2])[: n * wire.itemsize]
+                yield from self.send_steps(DATA, b"", index, i * wire.itemsize, view)
+        finally:  # never leave a conversion running behind an error
+            with contextlib.suppress(Exception):
+                converting.result()
+
+    def send_tensors_steps(
+        self,
+        tensors: Sequence[torch.Tensor],
+        wire_dtype: torch.dtype | None,
+        chunk_bytes: int = CONVERT_CHUNK_BYTES,
+    ) -> Step[None]:
+        for index, t in enumerate(tensors):
+            yield from self.send_tensor_steps(index, t, wire_dtype, chunk_bytes)
 
     def send_tensors(
         self,
@@ -208,23 +283,30 @@ class FrameSocket:
         wire_dtype: torch.dtype | None,
         chunk_bytes: int = CONVERT_CHUNK_BYTES,
     ) -> None:
-        for index, t in enumerate(tensors):
-            self.send_tensor(index, t, wire_dtype, chunk_bytes)
+        self.run(self.send_tensors_steps(tensors, wire_dtype, chunk_bytes))
 
     # --- receiving ------------------------------------------------------------------------------
 
-    def _recv_exact(self, view: memoryview) -> None:
+    def _recv_exact(self, view: memoryview, want_kind: str = READ) -> Step[None]:
         got, want = 0, view.nbytes
         while got < want:
-            n = self.sock.recv_into(view[got:], want - got)
+            try:
+                n = self.sock.recv_into(view[got:], want - got)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                yield want_kind
+                continue
+            except ssl.SSLWantWriteError:
+                yield WRITE
+                continue
             if not n:
                 raise Closed(f"connection closed with {want - got} bytes of a frame unread")
             got += n
         self.bytes_in += want
 
-    def recv(self, max_header: int = MAX_HEADER_BYTES) -> Prefix:
-        """The next frame's prefix and header; its data (`nbytes`) is still to be read."""
-        self._recv_exact(memoryview(self._prefix))
+    def recv_steps(self, max_header: int = MAX_HEADER_BYTES) -> Step[Prefix]:
+        """The next frame's prefix and header; its data (`nbytes`) is still to be read. The
+        header's memory grows as its bytes arrive (a claimed size costs nothing until then)."""
+        yield from self._recv_exact(memoryview(self._prefix))
         kind, hlen, tensor, offset, nbytes = PREFIX.unpack(self._prefix)
         if kind not in KINDS:
             raise ProtocolError(f"not an adamd bulk frame (kind {bytes(kind)!r})")
@@ -232,10 +314,15 @@ class FrameSocket:
             raise ProtocolError("a DATA frame carries no header")
         if hlen > max_header:
             raise ProtocolError(f"a frame header of {hlen} bytes (at most {max_header})")
-        header = bytearray(hlen)
-        if hlen:
-            self._recv_exact(memoryview(header))
+        header = bytearray()
+        while len(header) < hlen:
+            piece = bytearray(min(hlen - len(header), HEADER_READ_BYTES))
+            yield from self._recv_exact(memoryview(piece))
+            header += piece
         return Prefix(kind, bytes(header), tensor, offset, nbytes)
+
+    def recv(self, max_header: int = MAX_HEADER_BYTES) -> Prefix:
+        return self.run(self.recv_steps(max_header))
 
     def readable_now(self) -> bool:
         """Whether a read would find bytes at once (TLS: decrypted ones count too)."""
@@ -247,28 +334,31 @@ class FrameSocket:
         return bool(poll.poll(0))
 
     def recv_into(self, view: np.ndarray | memoryview) -> None:
-        self._recv_exact(memoryview(view).cast("B"))  # type: ignore[arg-type]
+        self.run(self._recv_exact(memoryview(view).cast("B"), DATA_READ))  # type: ignore[arg-type]
 
-    def discard(self, n: int) -> None:
+    def _discard_steps(self, n: int) -> Step[None]:
         """Read and drop `n` data bytes."""
         scratch = self._scratch_bytes()
         while n:
             k = min(n, scratch.nbytes)
-            self.recv_into(scratch[:k])
+            yield from self._recv_exact(memoryview(scratch[:k]), DATA_READ)  # type: ignore[arg-type]
             n -= k
 
-    def recv_data(self, frame: Prefix, sink: TensorSink | None) -> None:
+    def discard(self, n: int) -> None:
+        self.run(self._discard_steps(n))
+
+    def recv_data_steps(self, frame: Prefix, sink: TensorSink | None) -> Step[None]:
         """A DATA frame's bytes into `sink`, straight into the target where no conversion is
         needed (checked first: a chunk that does not fit its tensor is refused before a byte is
         read); else read into a scratch buffer and converted on the helper thread, where
         `sink.write` checks each piece before writing it (see `flush`). None drains them."""
         if sink is None:
-            self.discard(frame.nbytes)
+            yield from self._discard_steps(frame.nbytes)
             return
         if not sink.converts(frame.tensor):
             view = sink.direct_view(frame.tensor, frame.offset, frame.nbytes)
             assert view is not None
-            self.recv_into(view)
+            yield from self._recv_exact(memoryview(view).cast("B"), DATA_READ)  # type: ignore[arg-type]
             sink.advance(frame.tensor, frame.offset + frame.nbytes)
             return
         # Converted on the helper thread while the next bytes arrive into the other buffer;
@@ -286,10 +376,13 @@ class FrameSocket:
                 b = next(i for i in range(len(self._inbox)) if i not in busy)
             k = min(left, CONVERT_CHUNK_BYTES)
             buf = self._inbox[b][:k]
-            self.recv_into(buf)
+            yield from self._recv_exact(memoryview(buf).cast("B"), DATA_READ)  # type: ignore[arg-type]
             self._pending.append((helper.submit(sink.write, frame.tensor, at, buf.data), b))
             at += k
             left -= k
+
+    def recv_data(self, frame: Prefix, sink: TensorSink | None) -> None:
+        self.run(self.recv_data_steps(frame, sink))
 
     def flush(self) -> None:
         """Wait for the conversions of received chunks still in flight (their errors raise)."""
@@ -322,7 +415,8 @@ MORE = object()  # RequestReader.next: the request goes on
 
 class RequestReader:
     """The DATA frames of a request into `sink` (None drains them), through its END, one frame
-    per `next()` call, so a server can wait for the next frame without holding a thread.
+    per `next()` call (or `next_steps()`, see FrameSocket), so a server can wait for the next
+    frame without holding a thread.
 
     `next()` returns MORE, or at END its header (a push's closing header; None when it has none).
     More than `max_bytes` in all, or a frame a request cannot hold, is a ProtocolError. After any
@@ -333,10 +427,10 @@ class RequestReader:
         self.total = PREFIX.size + len(first.header)
         self._first: Prefix | None = first
 
-    def next(self, max_header: int = MAX_HEADER_BYTES) -> object:
+    def next_steps(self, max_header: int = MAX_HEADER_BYTES) -> Step[object]:
         frame = self._first
         if frame is None:
-            frame = self.conn.recv(max_header)
+            frame = yield from self.conn.recv_steps(max_header)
             self.total += PREFIX.size + len(frame.header)
             if frame.kind == END:
                 if frame.nbytes:
@@ -350,16 +444,11 @@ class RequestReader:
         if self.total > self.max_bytes:
             raise ProtocolError(f"the request passed {self.max_bytes} bytes")
         if frame.nbytes:
-            self.conn.recv_data(frame, self.sink)
+            yield from self.conn.recv_data_steps(frame, self.sink)
         return MORE
 
-    def next_ready(self, max_header: int = MAX_HEADER_BYTES) -> object:
-        """Frames for as long as bytes are already waiting (one call instead of a wake-up per
-        frame when they stream back to back); MORE once the peer pauses, or END's header."""
-        while (out := self.next(max_header)) is MORE:
-            if not self.conn.readable_now():
-                return MORE
-        return out
+    def next(self, max_header: int = MAX_HEADER_BYTES) -> object:
+        return self.conn.run(self.next_steps(max_header))
 
     def settle(self) -> None:
         self.conn.settle()
