@@ -23,6 +23,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -147,6 +148,7 @@ class BulkStreamingPush:
                     if item is _END or isinstance(item, pb.PushHeader):
                         closing = item if isinstance(item, pb.PushHeader) else None
                         conn.send(END, closing.SerializeToString() if closing else b"")
+                        self._channel.await_reply(conn, time.monotonic())
                         reply = pb.PushReply.FromString(answer(conn, DONE).header)
                         break
                     if item.ready is not None:

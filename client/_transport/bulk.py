@@ -9,7 +9,9 @@ kernel's.
 
 gRPC stays the fallback: a server that offers no channel, a port that cannot be reached (a
 firewall, a proxy in between) or a first request that breaks turns the channel off for a minute
-and the call goes over gRPC at once. Failures the server answers come back as `BulkError`, shaped
+and the call goes over gRPC at once; so does a request whose bytes stop moving for STALL_S while
+the Client's own deadline is not spent (Stalled: a pull is asked again over gRPC, a push resent
+under the same push id, and the channel stays off for STALLED_OFF_S). Failures the server answers come back as `BulkError`, shaped
 like grpc.RpcError, so Client.call retries them (pushes under the same push id: exactly once) and
 raises them as it does gRPC's.
 """
@@ -38,6 +40,7 @@ from adamd.protocol.bulk import (
     HELO,
     PULL,
     PUSH,
+    READ,
     STEP,
     FrameSocket,
     Prefix,
@@ -47,6 +50,8 @@ from adamd.v1 import adamd_pb2 as pb
 
 CONNECT_S = 5.0  # to connect and hand over the ticket, or the channel is unreachable
 OFF_S = 60.0  # how long a channel that could not be used stays off before it is tried again
+STALL_S = 10.0  # a request's bytes, or a reply's once it began, not moving this long: Stalled
+STALLED_OFF_S = 90.0  # how long the channel stays off after a stalled call
 MAX_IDLE = 4  # connections kept for later calls
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
@@ -70,6 +75,12 @@ class BulkError(grpc.RpcError):
 
 class Unreachable(Exception):
     """The channel cannot be used from here (declined, or its port cannot be reached)."""
+
+
+class Stalled(Unreachable):
+    """A request whose bytes stopped moving (STALL_S without progress) before the Client's own
+    deadline was spent: the call goes over gRPC instead (a push under the same push id, which
+    the server's exactly-once ledger applies once) and the channel stays off for a while."""
 
 
 class BulkChannel:
@@ -154,10 +165,15 @@ class BulkChannel:
         if conn is None:
             conn = self._connect()
         done = False
+        started = time.monotonic()
+        conn.sock.settimeout(self._stall_s())
         try:
             yield conn
             done = True
         except TimeoutError as exc:
+            if self._timeout is None or time.monotonic() - started < self._timeout:
+                self.turn_off(f"a bulk call to {self.host} stalled ({exc})", STALLED_OFF_S)
+                raise Stalled(self.off_reason) from None
             raise BulkError(
                 grpc.StatusCode.DEADLINE_EXCEEDED, f"no reply from {self.host} in time: {exc}"
             ) from None
@@ -178,6 +194,19 @@ class BulkChannel:
             if conn is not None:
                 conn.close()
 
+    def _stall_s(self) -> float:
+        return STALL_S if self._timeout is None else min(STALL_S, self._timeout)
+
+    def await_reply(self, conn: FrameSocket, started: float) -> None:
+        """Wait for the reply's first bytes for as long as the Client's deadline allows (a sync
+        push waits for its round: no stall limit here; a dead server is found by TCP keepalive),
+        then read it under the stall limit again."""
+        left = None if self._timeout is None else self._timeout - (time.monotonic() - started)
+        if left is not None and left <= 0:
+            raise TimeoutError("the deadline was spent before the reply")
+        if not conn.wait(READ, left):
+            raise TimeoutError(f"no reply within {self._timeout:g}s")
+
     # --- requests -------------------------------------------------------------------------------
 
     def push(
@@ -187,10 +216,12 @@ class BulkChannel:
         wire_dtype: torch.dtype | None,
         chunk_bytes: int,
     ) -> pb.PushReply:
+        started = time.monotonic()
         with self.connection() as conn:
             conn.send(PUSH, header.SerializeToString())
             conn.send_tensors(tensors, wire_dtype, chunk_bytes)
             conn.send(END)
+            self.await_reply(conn, started)
             frame = answer(conn, DONE)
             return pb.PushReply.FromString(frame.header)
 
@@ -201,8 +232,10 @@ class BulkChannel:
     ) -> tuple[pb.PullHeader, bool]:
         """Send `request`; the reply's data goes into the sink `targets(header)` makes.
         Returns the header and whether the bytes are one version."""
+        started = time.monotonic()
         with self.connection() as conn:
             conn.send(PULL, request.SerializeToString())
+            self.await_reply(conn, started)
             header, consistent, _ = _receive_pull(conn, targets)
             return header, consistent
 
@@ -217,10 +250,12 @@ class BulkChannel:
         """A push and then a pull in one exchange (STEP): the push's reply, the pull's header,
         and whether its bytes are one version."""
         wire = dtype_from_pb(request.wire_dtype) if request.wire_dtype else None
+        started = time.monotonic()
         with self.connection() as conn:
             conn.send(STEP, pb.BulkStep(push=header, pull=request).SerializeToString())
             conn.send_tensors(tensors, wire, chunk_bytes)
             conn.send(END)
+            self.await_reply(conn, started)
             pulled, consistent, end = _receive_pull(conn, targets)
             return pb.PushReply.FromString(end), pulled, consistent
 
