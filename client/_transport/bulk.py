@@ -77,6 +77,10 @@ class Unreachable(Exception):
     """The channel cannot be used from here (declined, or its port cannot be reached)."""
 
 
+class DeadlineSpent(TimeoutError):
+    """The Client's own deadline passed while it waited for the reply: DEADLINE_EXCEEDED."""
+
+
 class Stalled(Unreachable):
     """A request whose bytes stopped moving (STALL_S without progress) before the Client's own
     deadline was spent: the call goes over gRPC instead (a push under the same push id, which
@@ -171,7 +175,8 @@ class BulkChannel:
             yield conn
             done = True
         except TimeoutError as exc:
-            if self._timeout is None or time.monotonic() - started < self._timeout:
+            spent = self._timeout is not None and time.monotonic() - started >= self._timeout
+            if not spent and not isinstance(exc, DeadlineSpent):
                 self.turn_off(f"a bulk call to {self.host} stalled ({exc})", STALLED_OFF_S)
                 raise Stalled(self.off_reason) from None
             raise BulkError(
@@ -203,9 +208,9 @@ class BulkChannel:
         then read it under the stall limit again."""
         left = None if self._timeout is None else self._timeout - (time.monotonic() - started)
         if left is not None and left <= 0:
-            raise TimeoutError("the deadline was spent before the reply")
+            raise DeadlineSpent("the deadline was spent before the reply")
         if not conn.wait(READ, left):
-            raise TimeoutError(f"no reply within {self._timeout:g}s")
+            raise DeadlineSpent(f"no reply within {self._timeout:g}s")
 
     # --- requests -------------------------------------------------------------------------------
 

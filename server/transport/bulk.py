@@ -280,7 +280,7 @@ class BulkServer:
             await self._drive(sock, _tls_handshake(sock), deadline, HANDSHAKE_S, on_loop=True)
         conn = FrameSocket(sock, 0)
         try:
-            first = await self._drive(
+            first: Prefix = await self._drive(
                 sock, conn.recv_steps(TICKET_BYTES), deadline, HANDSHAKE_S, on_loop=True
             )
             caller = self.tickets.redeem(check_ticket(first))
@@ -387,7 +387,7 @@ class BulkServer:
         method, outcome = "Bulk", "OK"
         try:
             try:
-                frame = await self._frames(
+                frame: Prefix = await self._frames(
                     conn, conn.recv_steps(self.plane.limits.max_message_bytes)
                 )
             except Closed:
@@ -456,7 +456,9 @@ class BulkServer:
         async def receive(sink: TensorSink | None) -> PushMeta | None:
             reader = conn.request(first, sink, limits.stream_bytes)
             try:
-                out = await self._frames(conn, _request_frames(reader, limits.max_message_bytes))
+                out: object = await self._frames(
+                    conn, _request_frames(reader, limits.max_message_bytes)
+                )
                 return messages.closing_meta(out)  # type: ignore[arg-type]
             except BaseException as exc:
                 reader.settle()  # no conversion writes into the sink after this returns

@@ -41,6 +41,7 @@ rather than a reset) and closes it.
 from __future__ import annotations
 
 import contextlib
+import math
 import select
 import socket
 import ssl
@@ -163,7 +164,7 @@ class FrameSocket:
             return True
         poll = select.poll()
         poll.register(self.sock, select.POLLOUT if want == WRITE else select.POLLIN)
-        return bool(poll.poll(None if timeout is None else max(int(timeout * 1000), 0)))
+        return bool(poll.poll(None if timeout is None else max(math.ceil(timeout * 1000), 0)))
 
     # --- sending --------------------------------------------------------------------------------
 
