@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from adamd.client import Client, InvalidArgument
-from adamd.protocol.bulk import DATA, END, FAIL, HELO, PREFIX, PULL, PUSH, STEP, FrameSocket
+from adamd.protocol.bulk import DATA, END, FAIL, HEAD, HELO, PREFIX, PULL, PUSH, STEP, FrameSocket
 from adamd.server.auth import ANYONE
 from adamd.server.transport import bulk as bulk_server
 from adamd.v1 import adamd_pb2 as pb
@@ -154,9 +154,11 @@ def test_a_pull_naming_a_parameter_twice_is_refused_everywhere(daemon: Daemon, m
     gRPC Pull, the bulk PULL and STEP now answer INVALID_ARGUMENT and change nothing."""
     before = snapshot(daemon.registry.get(model))
     for transport in ("grpc", "bulk"):
-        with Client(daemon.grpc_address, transport=transport) as c:
-            with pytest.raises(InvalidArgument, match="more than once"):
-                c.pull(model, ["w", "b", "w"])
+        with (
+            Client(daemon.grpc_address, transport=transport) as c,
+            pytest.raises(InvalidArgument, match="more than once"),
+        ):
+            c.pull(model, ["w", "b", "w"])
     grad = torch.ones(48)
     step = pb.BulkStep(
         push=pb.PushHeader(
@@ -179,7 +181,9 @@ def test_a_pull_naming_a_parameter_twice_is_refused_everywhere(daemon: Daemon, m
         conn.send(PULL, pb.PullRequest(model=model, names=["b", "b"]).SerializeToString())
         reply = conn.recv()
         assert reply.kind == FAIL
-        assert pb.BulkError.FromString(reply.header).code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert (
+            pb.BulkError.FromString(reply.header).code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        )
     assert_bitwise_equal(snapshot(daemon.registry.get(model)), before)
 
 
@@ -244,3 +248,85 @@ def test_a_claimed_header_is_not_allocated_before_it_arrives(daemon: Daemon, mod
         assert grown < 8 * hlen // 4, grown
     finally:
         tracemalloc.stop()
+
+
+# --- the client against a server that stops moving bytes -----------------------------------------
+
+
+class _BlackHole:
+    """A bulk peer that takes the handshake and then stalls: a PUSH is never read past its first
+    frame, a PULL gets HEAD and half a DATA frame. (The server here is the hostile peer; the
+    Client is what is tested.)"""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.push_ids: list[str] = []
+        self.conns: list[FrameSocket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                raw, _ = self.listener.accept()
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                conn = FrameSocket(raw, 30)
+                self.conns.append(conn)
+                threading.Thread(target=self._stall, args=(conn,), daemon=True).start()
+
+    def _stall(self, conn: FrameSocket) -> None:
+        with contextlib.suppress(OSError):
+            assert conn.recv().kind == HELO
+            conn.send(HELO)
+            first = conn.recv()
+            if first.kind == PUSH:
+                self.push_ids.append(pb.PushHeader.FromString(first.header).push_id)
+                return  # nothing more is read
+            spec = pb.TensorSpec(name="w", shape=[self.n], dtype=pb.FLOAT32)
+            conn.send(HEAD, pb.PullHeader(version=1, tensors=[spec]).SerializeToString())
+            conn.sock.sendall(PREFIX.pack(DATA, 0, 0, 0, 4 * self.n) + bytes(64))
+
+    def close(self) -> None:
+        self.listener.close()
+        for c in self.conns:
+            c.close()
+
+
+def test_a_stalled_bulk_call_goes_over_grpc(
+    daemon: Daemon, model_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bulk call whose bytes stop moving (the client's default timeout=None: no deadline of its
+    own) is not left hanging nor raised: a push goes over gRPC under the same push id (applied
+    once), a pull is asked again over gRPC, and the channel is off for a while."""
+    from adamd.client._transport import bulk as bulk_client
+
+    monkeypatch.setattr(bulk_client, "STALL_S", 1.0)
+    n = 1 << 22  # 16 MiB: more than the socket buffers take
+    hole = _BlackHole(n)
+    try:
+        with Client(daemon.grpc_address, transport="bulk") as c:
+            c.create_model(model_name, {"w": torch.zeros(n)}, lr=0.1)
+            assert c._bulk is not None
+            c._bulk._open = lambda: pb.OpenBulkReply(  # type: ignore[method-assign]
+                accepted=True, port=hole.port, ticket=bytes(32)
+            )
+            t0 = time.monotonic()
+            assert c.push_grad(model_name, {"w": torch.ones(n)}, push_id="stalled-1").version == 1
+            assert time.monotonic() - t0 < 10
+            assert hole.push_ids == ["stalled-1"]
+            assert "stalled" in c._bulk.off_reason and not c._bulk.usable()
+            # the same push again: the server's ledger knows it (exactly once)
+            c._bulk._off_until = 0.0
+            again = c.push_grad(model_name, {"w": torch.ones(n)}, push_id="stalled-1")
+            assert again.version == 1
+            c._bulk._off_until = 0.0
+            t0 = time.monotonic()
+            pulled = c.pull(model_name)
+            assert time.monotonic() - t0 < 10
+            assert pulled.version == 1
+            with Client(daemon.grpc_address, transport="grpc") as g:
+                assert torch.equal(pulled.params["w"], g.pull(model_name).params["w"])
+            assert "stalled" in c._bulk.off_reason
+    finally:
+        hole.close()
