@@ -301,7 +301,7 @@ def test_a_stalled_bulk_call_goes_over_grpc(
     once), a pull is asked again over gRPC, and the channel is off for a while."""
     from adamd.client._transport import bulk as bulk_client
 
-    monkeypatch.setattr(bulk_client, "STALL_S", 1.0)
+    monkeypatch.setattr(bulk_client, "STALL_S", 1.0, raising=False)
     n = 1 << 22  # 16 MiB: more than the socket buffers take
     hole = _BlackHole(n)
     try:
