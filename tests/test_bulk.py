@@ -451,8 +451,8 @@ def test_a_sync_round_of_steps_streams_to_every_rank(net_daemon: Daemon, model_n
 def test_a_handshake_that_trickles_is_shut_at_its_deadline(
     monkeypatch: pytest.MonkeyPatch, model_name: str
 ) -> None:
-    """A peer sending its HELO a byte at a time holds a handshake thread only until the
-    deadline, however often it sends; clients meanwhile are served."""
+    """A peer sending its HELO a byte at a time is shut at the handshake deadline, however often
+    it sends; clients meanwhile are served."""
     from adamd.server.transport import bulk
 
     monkeypatch.setattr(bulk, "HANDSHAKE_S", 1.0)
