@@ -330,3 +330,26 @@ def test_a_stalled_bulk_call_goes_over_grpc(
             assert "stalled" in c._bulk.off_reason
     finally:
         hole.close()
+
+
+def test_a_frame_trickled_below_the_pace_is_ended(model_name: str) -> None:
+    """A ticketed peer that keeps a DATA frame alive a few bytes at a time (never quiet for
+    --stream-idle-s) is ended once the frame's first --stream-idle-s are over and it has not
+    averaged MIN_FRAME_BYTES_PER_S: FAIL DEADLINE_EXCEEDED, the model unchanged."""
+    with running_daemon(shm=False, http_port=-1, stream_idle_s=1.0) as d:
+        with Client(d.grpc_address, transport="grpc") as c:
+            c.create_model(model_name, {"b": torch.zeros(4096)}, lr=0.1)
+        before = snapshot(d.registry.get(model_name))
+        with _held([_connect(d, ticket=True)]) as (conn,):
+            conn.send(PUSH, _push_header(model_name, 4096))
+            conn.sock.sendall(PREFIX.pack(DATA, 0, 0, 0, 4 * 4096))
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 8 and not conn.readable_now():  # until the answer
+                conn.sock.sendall(b"\0" * 4)
+                time.sleep(0.25)
+            reply = conn.recv()
+            assert reply.kind == FAIL
+            error = pb.BulkError.FromString(reply.header)
+            assert error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0], error
+            assert time.monotonic() - t0 < 5
+        assert_bitwise_equal(snapshot(d.registry.get(model_name)), before)

@@ -82,6 +82,9 @@ MAX_HANDSHAKES = 256  # connections not past HELO yet, counted at accept; one mo
 FAIL_LINGER_S = 1.0  # after a FAIL, what the client still sends is dropped while it keeps coming
 # (no pause longer than this), so its send ends and it reads the FAIL; then the connection closes
 FRAME = "frame"  # _frames: a frame ended, the next one's deadline starts now
+# A frame's bytes, once its first --stream-idle-s are over, must average at least this (a peer
+# that trickles a large tensor a byte at a time cannot hold its request's memory for days).
+MIN_FRAME_BYTES_PER_S = 256 << 10
 
 
 class Tickets:
@@ -334,13 +337,17 @@ class BulkServer:
         deadline: float | None,
         idle_s: float,
         on_loop: bool = False,
+        conn: FrameSocket | None = None,
     ) -> T:
         """Run I/O steps (FrameSocket) to their end: on an I/O thread (or on the loop, for a
         handshake's few bytes) while bytes move, on the loop's watch while the socket is not
         ready. A frame's prefix and header (READ) must come by `deadline` (reset to `idle_s`
         ahead at each FRAME the steps yield); data bytes (DATA_READ) and writes (WRITE) may pause
-        `idle_s` at most. Past either: DeadlineExceeded."""
+        `idle_s` at most, and (with `conn`, whose byte counts tell) must average
+        MIN_FRAME_BYTES_PER_S once a frame's first `idle_s` are over. Past any: DeadlineExceeded."""
         loop = asyncio.get_running_loop()
+        began = loop.time()
+        moved0 = 0 if conn is None else conn.bytes_in + conn.bytes_out
         while True:
             if on_loop:
                 done, value, framed = _advance(steps)
@@ -350,14 +357,21 @@ class BulkServer:
                 return value  # type: ignore[return-value]
             now = loop.time()
             if framed:
-                deadline = now + idle_s
-            wait = idle_s if value != READ or deadline is None else deadline - now
+                deadline, began = now + idle_s, now
+                moved0 = 0 if conn is None else conn.bytes_in + conn.bytes_out
+            if value == READ and deadline is not None:
+                wait = deadline - now
+            else:
+                wait = idle_s
+                if conn is not None:  # the pace: idle_s of grace, then the floor
+                    moved = conn.bytes_in + conn.bytes_out - moved0
+                    wait = min(wait, began + idle_s + moved / MIN_FRAME_BYTES_PER_S - now)
             if not await self._ready(sock, value, wait):
                 steps.close()
                 what = {READ: "a frame", DATA_READ: "a frame's data"}.get(value, "the reply")
                 raise DeadlineExceeded(
-                    f"{what} did not come through within {idle_s:g}s: the request was ended"
-                    " (server --stream-idle-s)"
+                    f"{what} did not come through in time: the request was ended (server"
+                    f" --stream-idle-s {idle_s:g}, then {MIN_FRAME_BYTES_PER_S >> 10} KiB/s)"
                 )
 
     async def _io_call(self, sock: socket.socket, fn: Callable[..., T], *args: Any) -> T:
@@ -377,7 +391,7 @@ class BulkServer:
         """Steps of a request's frames, on the I/O threads, under the per-frame deadlines."""
         idle_s = self.plane.idle_s
         deadline = asyncio.get_running_loop().time() + idle_s
-        return self._drive(conn.sock, steps, deadline, idle_s)
+        return self._drive(conn.sock, steps, deadline, idle_s, conn=conn)
 
     # --- requests -------------------------------------------------------------------------------
 

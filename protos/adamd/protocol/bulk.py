@@ -173,7 +173,9 @@ class FrameSocket:
         sent = 0
         while sent < view.nbytes:
             try:
-                sent += self.sock.send(view[sent:])
+                n = self.sock.send(view[sent:])
+                sent += n
+                self.bytes_out += n
             except (BlockingIOError, ssl.SSLWantWriteError):
                 yield WRITE
             except ssl.SSLWantReadError:
@@ -195,7 +197,6 @@ class FrameSocket:
         yield from self._send_all_steps(head)
         if n:
             yield from self._send_all_steps(memoryview(data))  # type: ignore[arg-type]
-        self.bytes_out += len(head) + n
 
     def send(
         self,
@@ -302,7 +303,7 @@ class FrameSocket:
             if not n:
                 raise Closed(f"connection closed with {want - got} bytes of a frame unread")
             got += n
-        self.bytes_in += want
+            self.bytes_in += n  # as they come: a server checks a frame's pace by it
 
     def recv_steps(self, max_header: int = MAX_HEADER_BYTES) -> Step[Prefix]:
         """The next frame's prefix and header; its data (`nbytes`) is still to be read. The
