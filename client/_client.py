@@ -92,6 +92,8 @@ def _model_info(m: pb.ModelInfo) -> ModelInfo:
         elastic=m.elastic,
         lease_s=m.lease_s,
         layout=m.layout,
+        master_dtype=dtype_from_pb(m.master_dtype) if m.master_dtype else None,
+        worker_dtypes={s.name: dtype_from_pb(d) for s, d in zip(m.params, m.worker_dtypes)},
     )
 
 
@@ -407,9 +409,15 @@ class Client:
         lease_s: float = 0.0,
         exist_ok: bool = False,
         layout: str = "",
+        master_dtype: torch.dtype | None = None,
         **adam_kwargs: Any,
     ) -> ModelInfo:
         """Create `model` with these parameters (their values initialize it) and Adam options.
+
+        `master_dtype=torch.float32` (master weights, off unless asked): bf16/fp16 parameters are
+        held on the server, with their Adam state, in float32; their values, gradients and pulls
+        still travel in the parameters' own dtype (a pull rounds to nearest even from the
+        master). Wider and complex parameters are held as they are.
 
         `param_groups`: list of dicts {"params": [names], **options}; options missing from a group
         come from `adam_kwargs`, as torch.optim.Adam's defaults do. Without it, one group holds all.
@@ -444,6 +452,12 @@ class Client:
             exist_ok=exist_ok,
             layout=layout,
         )
+        if master_dtype is not None:
+            if master_dtype not in (torch.float32, torch.float64):
+                raise InvalidArgument(
+                    f"master_dtype must be torch.float32 or torch.float64, got {master_dtype}"
+                )
+            cfg.master_dtype = dtype_to_pb(master_dtype)
         frames = self._upload(cfg.SerializeToString(), tensors)
         return _model_info(self.call(lambda: self._create(frames(), **self._kw())))
 

@@ -34,6 +34,10 @@ class SameHostSession:
         if not self.params.valid(self.nonce):
             raise OSError("mapped a file that is not this session's (different /dev/shm?)")
         self.specs = {s.name: s for s in reply.tensors}
+        # master weights: what a pull without `out` returns (the worker's dtype, rounded RNE)
+        self.pull_dtypes = {
+            s.name: dtype_from_pb(d) for s, d in zip(reply.tensors, reply.worker_dtypes)
+        }
         self.param_views: dict[str, torch.Tensor] = {}
         self.grad_views: dict[str, torch.Tensor] = {}
         for spec, offset in zip(reply.tensors, reply.offsets):
@@ -77,7 +81,7 @@ class SameHostSession:
                         src = self.param_views[name]
                         dst = out.get(name) if out is not None else None
                         if dst is None:
-                            dst = src.clone()
+                            dst = src.to(self.pull_dtypes.get(name, src.dtype), copy=True)
                         else:
                             dst.copy_(src)
                         result[name] = dst

@@ -469,13 +469,14 @@ def _send_pull(conn: FrameSocket, plan: PullPlan, reply: pb.PushReply | None = N
         conn.send(END, end, 1)
         return
     conn.send(HEAD, _pull_header(plan, plan.version))
-    conn.send_tensors(plan.tensors, plan.wire, plan.chunk)
+    for index, (t, wire) in enumerate(zip(plan.tensors, plan.wires)):
+        conn.send_tensor(index, t, wire, plan.chunk)
     conn.send(END, end, int(plan.consistent()))
 
 
 def _pull_header(plan: PullPlan, version: int) -> bytes:
     assert plan.tensors is not None
-    specs = [spec_of(n, t, plan.wire) for n, t in zip(plan.names, plan.tensors)]
+    specs = [spec_of(n, t, w) for n, t, w in zip(plan.names, plan.tensors, plan.wires)]
     return pb.PullHeader(version=version, tensors=specs).SerializeToString()
 
 
@@ -525,7 +526,7 @@ class _StepSender:
     def _send(self, name: str) -> None:
         assert self.plan.tensors is not None
         i = self.index[name]
-        self.conn.send_tensor(i, self.plan.tensors[i], self.plan.wire, self.plan.chunk)
+        self.conn.send_tensor(i, self.plan.tensors[i], self.plan.wires[i], self.plan.chunk)
         self.sent.add(name)
 
     async def stop(self) -> None:

@@ -207,10 +207,11 @@ def iter_frames(
     header: bytes,
     tensors: Sequence[torch.Tensor],
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    wire_dtype: torch.dtype | None = None,
+    wire_dtype: torch.dtype | Sequence[torch.dtype] | None = None,
 ) -> Iterator[bytes]:
     """The header frame, then every tensor cut into chunks, as `wire_dtype` where one is given
-    (see wire_chunks; without one, tensors must be contiguous CPU tensors).
+    (see wire_chunks; without one, tensors must be contiguous CPU tensors); a sequence gives each
+    tensor its own.
 
     The header rides on the first chunk when both fit the headroom; a larger header travels in a
     frame of its own, so a frame is never much more than `chunk_bytes`."""
@@ -218,12 +219,23 @@ def iter_frames(
     if len(header) > FRAME_HEADROOM - 64 and any(t.numel() for t in tensors):
         yield encode_frame(header)
         header, first = b"", False
+    wires = _each(wire_dtype, len(tensors))
     for index, t in enumerate(tensors):
-        for start, chunk in wire_chunks(t, wire_dtype, chunk_bytes):
+        for start, chunk in wire_chunks(t, wires[index], chunk_bytes):
             yield encode_frame(header if first else None, index, start, chunk)
             first = False
     if first:
         yield encode_frame(header)
+
+
+def _each(
+    wire_dtype: torch.dtype | Sequence[torch.dtype] | None, n: int
+) -> Sequence[torch.dtype | None]:
+    if wire_dtype is None or isinstance(wire_dtype, torch.dtype):
+        return [wire_dtype] * n
+    if len(wire_dtype) != n:
+        raise ValueError(f"{len(wire_dtype)} wire dtypes for {n} tensors")
+    return wire_dtype
 
 
 def wire_chunks(
