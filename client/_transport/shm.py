@@ -50,10 +50,14 @@ class SameHostSession:
 
     def fits(self, tensors: Mapping[str, torch.Tensor]) -> bool:
         """Whether these gradients can go through the files (else they stream, and the server
-        judges them: a copy into the float views would turn an int or complex tensor into floats)."""
+        judges them: a copy into the float views would turn an int or complex tensor into floats;
+        a copy from the device into the file would be a pageable one)."""
         views = self.grad_views
         return all(
-            n in views and views[n].shape == t.shape and t.is_floating_point()
+            n in views
+            and views[n].shape == t.shape
+            and t.is_floating_point()
+            and t.device.type == "cpu"  # device tensors go through pinned buffers (pinned.py)
             for n, t in tensors.items()
         )
 

@@ -19,6 +19,7 @@ import torch
 from adamd.v1 import adamd_pb2 as pb
 
 from .errors import ProtocolError
+from .pinned import device_chunks
 
 # Stock gRPC clients (grpc-js, Go, Java, C++, Python) refuse received messages over 4 MiB unless
 # told otherwise. A chunk leaves 64 KiB of that for its framing and, on the first frame, the
@@ -246,9 +247,13 @@ def wire_chunks(
     A CPU tensor that travels narrower (bf16/fp16) is converted one chunk at a time into one
     reused chunk-sized buffer, which stays in cache, instead of into a whole converted copy first:
     one pass over the tensor's memory. Each chunk is valid only until the next one is asked for
-    (encode_frame copies it). Other tensors go through to_wire (a device tensor converts there)."""
+    (encode_frame copies it). A device tensor goes through two pinned chunk buffers
+    (pinned.device_chunks); others through to_wire."""
     wire = wire_dtype_of(t.dtype, wire_dtype)
-    if wire == t.dtype or t.device.type != "cpu" or not t.numel():
+    if t.device.type != "cpu" and t.numel():  # through pinned chunk buffers (pinned.py)
+        yield from device_chunks(t, wire, chunk_bytes)
+        return
+    if wire == t.dtype or not t.numel():
         raw = byte_view(to_wire(t, wire_dtype))
         for start in range(0, raw.nbytes, chunk_bytes):
             yield start, raw[start : start + chunk_bytes]
