@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 
@@ -245,6 +246,8 @@ def test_client_create_model_master_dtype_and_mixed_widths(daemon: Daemon, model
         assert info.worker_dtypes == {"w": torch.bfloat16, "norm": torch.float32}
         model = daemon.registry.get(model_name)
         assert torch.equal(model.params["w"], w.float()) and torch.equal(model.params["norm"], norm)
+        view = httpx.get(f"{daemon.http_url}/v1/models/{model_name}").json()
+        assert view["master_dtype"] == "float32" and view["dtypes"] == ["float32"]
         gw, gn = torch.randn(5, 4).to(torch.bfloat16), torch.randn(4)
         c.push_grad(model_name, {"w": gw, "norm": gn})
         mw, mn = w.float().clone(), norm.clone()
@@ -254,6 +257,9 @@ def test_client_create_model_master_dtype_and_mixed_widths(daemon: Daemon, model
         pulled = c.pull_params(model_name)
         assert pulled["w"].dtype == torch.bfloat16 and torch.equal(pulled["w"], mw.bfloat16())
         assert pulled["norm"].dtype == torch.float32 and torch.equal(pulled["norm"], mn)
+        # The exact master, to go on locally (the README's recipe): a float32 wire.
+        exact = c.pull_params(model_name, wire_dtype=torch.float32)
+        assert exact["w"].dtype == torch.float32 and torch.equal(exact["w"], mw)
         # Asking for a wire dtype still narrows everything real, as without master weights.
         half = c.pull_params(model_name, wire_dtype=torch.float16)
         assert {t.dtype for t in half.values()} == {torch.float16}
@@ -378,5 +384,37 @@ def test_sharded_model_holds_master_weights_on_every_shard(
         for d in shards:
             held = d.registry.get(model_name).params.values()
             assert held and {p.dtype for p in held} == {torch.float32}
+    finally:
+        opt.close()
+
+
+def test_a_param_group_added_later_is_held_in_the_master_dtype(
+    daemon: Daemon, model_name: str
+) -> None:
+    """Fine-tuning: a bf16 layer unfrozen later joins with master weights like the first ones."""
+    remote_net, local_net = _net(), _net()
+    first = list(remote_net.parameters())
+    opt = RemoteAdam(
+        first[:2], lr=LR, server=daemon.grpc_address, model=model_name, master_dtype=torch.float32
+    )
+    local = list(local_net.parameters())
+    masters = [p.detach().float().clone() for p in local]
+    ref = torch.optim.Adam(masters[:2], lr=LR, fused=True)
+    try:
+        opt.add_param_group({"params": first[2:], "lr": 2e-3})
+        ref.add_param_group({"params": masters[2:], "lr": 2e-3})
+        for step in range(10):
+            _backward(remote_net, step)
+            _backward(local_net, step)
+            opt.step()
+            for p, m in zip(local, masters):
+                m.grad = None if p.grad is None else p.grad.float()
+            ref.step()
+            with torch.no_grad():
+                for p, m in zip(local, masters):
+                    p.copy_(m)
+            _equal_nets(remote_net, local_net, step)
+        held = daemon.registry.get(model_name).params
+        assert {p.dtype for p in held.values()} == {torch.float32} and len(held) == 4
     finally:
         opt.close()
