@@ -701,6 +701,7 @@ class Client:
         reply, pulled, consistent = self.call(attempt)
         if pulled is not None and consistent:
             return push_result(reply), _pull_result(pulled, finals, landing)
+        landing.release()
         return push_result(reply), self.pull(model, names, out=out, wire_dtype=wire_dtype)
 
     def open_push(
@@ -832,7 +833,10 @@ class Client:
             call.cancel()
             raise AdamdError(f"malformed pull reply: {exc}") from exc
         consistent = dict(call.trailing_metadata() or ()).get("adamd-consistent", "1") == "1"
-        return _pull_result(header, finals, landing) if consistent else None
+        if not consistent:
+            landing.release()
+            return None
+        return _pull_result(header, finals, landing)
 
     def _pull_bulk(
         self, bulk: BulkChannel, req: pb.PullRequest, out: Mapping[str, torch.Tensor] | None
@@ -848,7 +852,10 @@ class Client:
         header, consistent = bulk.pull(req, targets)
         if header.not_modified:
             return PullResult(header.version, {}, True)
-        return _pull_result(header, finals, landing) if consistent else None
+        if not consistent:
+            landing.release()
+            return None
+        return _pull_result(header, finals, landing)
 
     # --- optimizer state ------------------------------------------------------------------------
 

@@ -162,3 +162,9 @@ class Landing:
             for raw, _, _ in self._taken:
                 self.pool.give(raw)
             self._taken = []
+
+    def release(self) -> None:
+        """The pull is not used (a step ran meanwhile; it is retried): the buffers go back."""
+        for raw, _, _ in self._taken:
+            self.pool.give(raw)
+        self._taken = []
