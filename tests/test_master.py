@@ -418,3 +418,27 @@ def test_a_param_group_added_later_is_held_in_the_master_dtype(
         assert {p.dtype for p in held.values()} == {torch.float32} and len(held) == 4
     finally:
         opt.close()
+
+
+def test_async_pushes_step_the_master_each(daemon: Daemon, model_name: str) -> None:
+    remote_net, local_net = _net(), _net()
+    opt = RemoteAdam(
+        remote_net.parameters(),
+        lr=LR,
+        server=daemon.grpc_address,
+        model=model_name,
+        mode="async",
+        master_dtype=torch.float32,
+    )
+    ref = MasterCopy(local_net, _one_group, lr=LR)
+    try:
+        for step in range(10):
+            _backward(remote_net, step)
+            _backward(local_net, step)
+            opt.step()
+            ref.step()
+            _equal_nets(remote_net, local_net, step)
+        assert opt.version == 10
+        _server_matches(daemon, model_name, ref)
+    finally:
+        opt.close()
