@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from adamd.client import Client, RemoteAdam
 from adamd.server import Daemon
@@ -26,9 +27,11 @@ STEPS = 50
 LR = 1e-3  # small enough that many updates are below bf16's resolution of the weights
 
 
-def _net(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> torch.nn.Sequential:
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+def _net(dtype: torch.dtype = torch.bfloat16, hidden: int = 16) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(12, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 3)
+    )
     return net.to(dtype)
 
 
@@ -76,6 +79,17 @@ def _one_group(ps: list[torch.Tensor]) -> Any:
 
 def _two_groups(ps: list[torch.Tensor]) -> Any:
     return [{"params": ps[:2]}, {"params": ps[2:], "lr": 3e-3, "weight_decay": 0.1}]
+
+
+def _wire_bytes(daemon: Daemon) -> tuple[float, float]:
+    """Bytes the daemon received and sent over gRPC and the bulk channel, all methods."""
+    text = httpx.get(f"{daemon.http_url}/metrics").text
+    sums = {"adamd_received_bytes_total": 0.0, "adamd_sent_bytes_total": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in sums:
+                sums[sample.name] += sample.value
+    return sums["adamd_received_bytes_total"], sums["adamd_sent_bytes_total"]
 
 
 def _equal_nets(a: torch.nn.Module, b: torch.nn.Module, step: int) -> None:
@@ -201,7 +215,7 @@ def test_every_transport_carries_worker_dtype_both_ways(
 ) -> None:
     """auto is the same-host shared memory here, bulk the raw-socket channel, grpc the streams.
     Pulls come back as bf16, rounded to nearest even from the fp32 master."""
-    remote_net, local_net = _net(), _net()
+    remote_net, local_net = _net(hidden=512), _net(hidden=512)
     opt = RemoteAdam(
         remote_net.parameters(),
         lr=LR,
@@ -211,6 +225,8 @@ def test_every_transport_carries_worker_dtype_both_ways(
         transport=transport,
     )
     ref = MasterCopy(local_net, _one_group, lr=LR)
+    numel = sum(p.numel() for p in remote_net.parameters())
+    before = _wire_bytes(daemon)
     try:
         for step in range(10):
             _backward(remote_net, step)
@@ -218,6 +234,12 @@ def test_every_transport_carries_worker_dtype_both_ways(
             opt.step()
             ref.step()
             _equal_nets(remote_net, local_net, step)
+        received, sent = (a - b for a, b in zip(_wire_bytes(daemon), before))
+        if transport != "auto":  # over a socket: bf16 both ways, 2 B/param plus the framing
+            assert 2.0 <= received / (10 * numel) < 2.5, received
+            assert 2.0 <= sent / (10 * numel) < 2.5, sent
+        else:  # through the shared files: nothing but headers on the socket
+            assert received + sent < 10 * numel
         client = opt._client
         assert (client._session(model_name) is not None) == (transport == "auto")
         assert (client._bulk_channel() is not None) == (transport != "grpc")
