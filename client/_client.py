@@ -47,6 +47,7 @@ from adamd.protocol.frames import (
 )
 from adamd.protocol.hyper import options_from_pb, options_to_pb
 from adamd.protocol.layout import DEFAULT_SLICE_BYTES
+from adamd.protocol.pinned import Landing
 from adamd.protocol.shared_files import host_id
 from adamd.v1 import adamd_pb2 as pb
 
@@ -92,6 +93,8 @@ def _model_info(m: pb.ModelInfo) -> ModelInfo:
         elastic=m.elastic,
         lease_s=m.lease_s,
         layout=m.layout,
+        master_dtype=dtype_from_pb(m.master_dtype) if m.master_dtype else None,
+        worker_dtypes={s.name: dtype_from_pb(d) for s, d in zip(m.params, m.worker_dtypes)},
     )
 
 
@@ -143,10 +146,11 @@ def _push_header(
 
 
 def _pull_targets(
-    header: pb.PullHeader, out: Mapping[str, torch.Tensor] | None
+    header: pb.PullHeader, out: Mapping[str, torch.Tensor] | None, landing: Landing
 ) -> tuple[TensorSink, dict[str, tuple[torch.Tensor | None, torch.Tensor, bool]]]:
     """Where a pull's tensors land: `out`'s tensors themselves where they are contiguous CPU
-    tensors, else new ones (copied into `out` by _pull_result)."""
+    tensors, pinned host buffers from `landing` for device tensors (a GPU worker's parameters),
+    else new ones (copied into `out` by _pull_result)."""
     targets, finals = [], {}
     for s in header.tensors:
         shape, dtype = shape_of(s), dtype_from_pb(s.dtype)
@@ -158,6 +162,9 @@ def _pull_targets(
         direct = dst is not None and dst.device.type == "cpu" and dst.is_contiguous()
         if dst is not None and direct:
             buf = dst.detach()
+        elif dst is not None and dst.device.type != "cpu":
+            buf = landing.buffer_for(dst)  # copied up by landing.finish
+            direct = True
         else:
             buf = torch.empty(shape, dtype=dst.dtype if dst is not None else dtype)
         targets.append(buf)
@@ -166,8 +173,11 @@ def _pull_targets(
 
 
 def _pull_result(
-    header: pb.PullHeader, finals: Mapping[str, tuple[torch.Tensor | None, torch.Tensor, bool]]
+    header: pb.PullHeader,
+    finals: Mapping[str, tuple[torch.Tensor | None, torch.Tensor, bool]],
+    landing: Landing,
 ) -> PullResult:
+    landing.finish()
     params = {}
     with torch.no_grad():
         for s in header.tensors:
@@ -176,6 +186,10 @@ def _pull_result(
                 dst.copy_(buf)
             params[s.name] = dst if dst is not None else buf
     return PullResult(header.version, params)
+
+
+def _on_cpu(tensors: Mapping[str, torch.Tensor]) -> bool:
+    return all(t.device.type == "cpu" for t in tensors.values())
 
 
 def push_result(r: pb.PushReply) -> PushResult:
@@ -407,9 +421,15 @@ class Client:
         lease_s: float = 0.0,
         exist_ok: bool = False,
         layout: str = "",
+        master_dtype: torch.dtype | None = None,
         **adam_kwargs: Any,
     ) -> ModelInfo:
         """Create `model` with these parameters (their values initialize it) and Adam options.
+
+        `master_dtype=torch.float32` (master weights, off unless asked): bf16/fp16 parameters are
+        held on the server, with their Adam state, in float32; their values, gradients and pulls
+        still travel in the parameters' own dtype (a pull rounds to nearest even from the
+        master). Wider and complex parameters are held as they are.
 
         `param_groups`: list of dicts {"params": [names], **options}; options missing from a group
         come from `adam_kwargs`, as torch.optim.Adam's defaults do. Without it, one group holds all.
@@ -444,6 +464,12 @@ class Client:
             exist_ok=exist_ok,
             layout=layout,
         )
+        if master_dtype is not None:
+            if master_dtype not in (torch.float32, torch.float64):
+                raise InvalidArgument(
+                    f"master_dtype must be torch.float32 or torch.float64, got {master_dtype}"
+                )
+            cfg.master_dtype = dtype_to_pb(master_dtype)
         frames = self._upload(cfg.SerializeToString(), tensors)
         return _model_info(self.call(lambda: self._create(frames(), **self._kw())))
 
@@ -642,7 +668,9 @@ class Client:
             found_inf=found_inf,
             hyper_updates=hyper_updates,
         )
-        on_host = wire is None and self._session(model) is not None
+        on_host = (
+            wire is None and _on_cpu(grads) and _on_cpu(out) and self._session(model) is not None
+        )
         if self._bulk_channel() is None or on_host:
             pushed = self.push_grad(model, grads, wire_dtype=wire_dtype, **push_kw)
             return pushed, self.pull(model, names, out=out, wire_dtype=wire_dtype)
@@ -654,9 +682,10 @@ class Client:
         if wire is not None:
             request.wire_dtype = dtype_to_pb(wire)
         finals: dict[str, tuple[torch.Tensor | None, torch.Tensor, bool]] = {}
+        landing = Landing()
 
         def targets(pulled: pb.PullHeader) -> TensorSink:
-            sink, made = _pull_targets(pulled, out)
+            sink, made = _pull_targets(pulled, out, landing)
             finals.update(made)
             return sink
 
@@ -671,7 +700,8 @@ class Client:
 
         reply, pulled, consistent = self.call(attempt)
         if pulled is not None and consistent:
-            return push_result(reply), _pull_result(pulled, finals)
+            return push_result(reply), _pull_result(pulled, finals, landing)
+        landing.release()
         return push_result(reply), self.pull(model, names, out=out, wire_dtype=wire_dtype)
 
     def open_push(
@@ -756,6 +786,8 @@ class Client:
         wanted = list(names or session.param_views)
         if any(n not in session.param_views for n in wanted):
             return None  # let the server name what is missing
+        if out is not None and not _on_cpu(out):
+            return None  # device tensors land through pinned buffers (pinned.py), not the file
         if out is not None and any(
             n in out and tuple(out[n].shape) != tuple(session.param_views[n].shape) for n in wanted
         ):
@@ -789,7 +821,8 @@ class Client:
             header = pb.PullHeader.FromString(bytes(first.header))
             if header.not_modified:
                 return PullResult(header.version, {}, True)
-            sink, finals = _pull_targets(header, out)
+            landing = Landing()
+            sink, finals = _pull_targets(header, out, landing)
             if first.data.nbytes:
                 sink.write(first.tensor, first.offset, first.data)
             for raw in frames:
@@ -800,22 +833,29 @@ class Client:
             call.cancel()
             raise AdamdError(f"malformed pull reply: {exc}") from exc
         consistent = dict(call.trailing_metadata() or ()).get("adamd-consistent", "1") == "1"
-        return _pull_result(header, finals) if consistent else None
+        if not consistent:
+            landing.release()
+            return None
+        return _pull_result(header, finals, landing)
 
     def _pull_bulk(
         self, bulk: BulkChannel, req: pb.PullRequest, out: Mapping[str, torch.Tensor] | None
     ) -> PullResult | None:
         finals: dict[str, tuple[torch.Tensor | None, torch.Tensor, bool]] = {}
+        landing = Landing()
 
         def targets(header: pb.PullHeader) -> TensorSink:
-            sink, made = _pull_targets(header, out)
+            sink, made = _pull_targets(header, out, landing)
             finals.update(made)
             return sink
 
         header, consistent = bulk.pull(req, targets)
         if header.not_modified:
             return PullResult(header.version, {}, True)
-        return _pull_result(header, finals) if consistent else None
+        if not consistent:
+            landing.release()
+            return None
+        return _pull_result(header, finals, landing)
 
     # --- optimizer state ------------------------------------------------------------------------
 

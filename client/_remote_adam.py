@@ -226,7 +226,10 @@ class RemoteAdam(torch.optim.Optimizer):
     gRPC; "bulk": the channel, else gRPC; "grpc": always gRPC), `max_staleness`,
     `round_timeout_s` and `lease_s` (used when this worker creates the model), `chunk_bytes`
     (tensor bytes per gRPC frame, both ways), `overlap` (stream gradients to the server while
-    backward still runs, over the channel or gRPC; see below).
+    backward still runs, over the channel or gRPC; see below), `master_dtype` (torch.float32:
+    the server holds bf16/fp16 parameters and their Adam state in float32, while gradients and
+    pulled parameters travel in the parameters' own dtype; off unless asked, see
+    Client.create_model).
 
     Overlap (`overlap=True`; off by default): each gradient's bytes leave as soon as backward has
     produced it, and `step()` only sends what is left and waits. A step whose streamed push cannot
@@ -283,6 +286,7 @@ class RemoteAdam(torch.optim.Optimizer):
         chunk_bytes: int | None = None,
         overlap: bool = False,
         slice_bytes: int | None = None,
+        master_dtype: torch.dtype | None = None,
     ):
         options: dict[str, Any] = (
             dict(  # torch.optim.Adam's order, so param_groups print and pack alike
@@ -301,6 +305,7 @@ class RemoteAdam(torch.optim.Optimizer):
         )
         params = _checked_like_torch(params, options)
         self.model = model
+        self.master_dtype = master_dtype
         self.elastic, self.world_size, self.rank = _world(world_size, rank, mode)
         self.mode = mode
         self.version = 0
@@ -345,6 +350,7 @@ class RemoteAdam(torch.optim.Optimizer):
                 round_timeout_s=round_timeout_s,
                 lease_s=lease_s,
                 exist_ok=True,
+                master_dtype=self.master_dtype,
             )
         if info.layout and not self._client.sharded:
             raise ValueError(
@@ -356,6 +362,11 @@ class RemoteAdam(torch.optim.Optimizer):
                 f"model {self.model!r} on the server is "
                 f"{'elastic' if info.elastic else f'world_size={info.world_size}'}; pass"
                 f" world_size={'elastic' if info.elastic else info.world_size!r} to join it"
+            )
+        if self.master_dtype is not None and info.master_dtype != self.master_dtype:
+            raise ValueError(
+                f"model {self.model!r} on the server has master_dtype {info.master_dtype}, here"
+                f" it is {self.master_dtype}: not the same model"
             )
         if self.elastic:
             self.rank = self._client.join(self.model, self.rank)

@@ -206,6 +206,7 @@ class ShardedClient(Client):
             lease_s=first.lease_s,
             layout=layout.record(0),
             shard_versions=tuple(infos[k].version for k in sorted(infos)),
+            master_dtype=first.master_dtype,
         )
 
     # --- models ---------------------------------------------------------------------------------

@@ -25,6 +25,9 @@ class ModelInfo:
     lease_s: float = 0.0  # elastic: how long a worker stays registered without pushing
     layout: str = ""  # sharded: the layout record (JSON; "" for a model on one server)
     shard_versions: tuple[int, ...] = ()  # sharded: each shard's version, in shard order
+    master_dtype: torch.dtype | None = None  # master weights: params and Adam state held in it
+    # master weights: each parameter's dtype on the workers (what pushes and pulls carry)
+    worker_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

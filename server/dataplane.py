@@ -29,7 +29,6 @@ from adamd.protocol.frames import (
     FRAME_HEADROOM,
     TensorSink,
     reply_chunk_bytes,
-    wire_dtype_of,
 )
 from adamd.server.core.budget import TransferBudget
 from adamd.server.core.limits import Limits
@@ -69,10 +68,12 @@ class PullPlan:
     model: HostedModel
     names: list[str]
     tensors: list[torch.Tensor] | None  # None: not modified since the client's version
-    wire: torch.dtype | None
+    wire: torch.dtype | None  # the dtype the pull asked for (None: none)
     chunk: int  # bytes per frame where tensors are cut into chunks
     seq: int
     version: int
+    # what each tensor travels as: `wire` where asked, else the worker's dtype (precision.py)
+    wires: list[torch.dtype] = dataclasses.field(default_factory=list)
 
     def consistent(self) -> bool:
         """No step ran since the parameters were read (on the CPU they are sent as they are)."""
@@ -219,9 +220,10 @@ class DataPlane:
         held = self._pull_bytes(model, names, wire, chunk) if reserve else 0
         if held and await self.until_cut(self.budget.reserve("the pull", held, self.idle_s)):
             seq, version = await self.run(model.read_begin)  # waited: read what is there now
+        wires = model.precision.pull_dtypes(model.params, names, wire)
         try:
-            tensors = await self.run(model.host_copies, names, wire)
-            yield PullPlan(model, names, tensors, wire, chunk, seq, version)
+            tensors = await self.run(model.host_copies, names, wires)
+            yield PullPlan(model, names, tensors, wire, chunk, seq, version, wires)
         finally:  # also when the client went away or stopped reading (the idle deadline)
             tensors = []
             self.budget.release(held)
@@ -260,7 +262,8 @@ class DataPlane:
     def check_create(self, spec: ModelSpec) -> None:
         """A sync model whose round cannot fit in the transfer budget is refused up front."""
         if spec.mode == SYNC and not spec.elastic:
-            sizes = (math.prod(shape) * dtype.itemsize for _, shape, dtype in spec.params)
+            held = spec.precision.held_specs(spec.params)
+            sizes = (math.prod(shape) * dtype.itemsize for _, shape, dtype in held)
             self._check_round(spec.world_size, _staging_bytes(sizes))
 
     def check_join(self, name: str, rank: int | None) -> None:
@@ -308,9 +311,8 @@ class DataPlane:
         non-contiguous tensor; on the CPU a narrower wire dtype is converted a chunk at a time
         into one reused buffer), and its frames in flight."""
         copies = payload = 0
-        for name in names:
+        for name, dtype in zip(names, model.precision.pull_dtypes(model.params, names, wire)):
             p = model.params[name]
-            dtype = wire_dtype_of(p.dtype, wire)
             nbytes = p.numel() * dtype.itemsize
             payload += nbytes
             if model.graphed is not None or p.device.type != "cpu" or not p.is_contiguous():

@@ -34,6 +34,10 @@ class SameHostSession:
         if not self.params.valid(self.nonce):
             raise OSError("mapped a file that is not this session's (different /dev/shm?)")
         self.specs = {s.name: s for s in reply.tensors}
+        # master weights: what a pull without `out` returns (the worker's dtype, rounded RNE)
+        self.pull_dtypes = {
+            s.name: dtype_from_pb(d) for s, d in zip(reply.tensors, reply.worker_dtypes)
+        }
         self.param_views: dict[str, torch.Tensor] = {}
         self.grad_views: dict[str, torch.Tensor] = {}
         for spec, offset in zip(reply.tensors, reply.offsets):
@@ -46,10 +50,14 @@ class SameHostSession:
 
     def fits(self, tensors: Mapping[str, torch.Tensor]) -> bool:
         """Whether these gradients can go through the files (else they stream, and the server
-        judges them: a copy into the float views would turn an int or complex tensor into floats)."""
+        judges them: a copy into the float views would turn an int or complex tensor into floats;
+        a copy from the device into the file would be a pageable one)."""
         views = self.grad_views
         return all(
-            n in views and views[n].shape == t.shape and t.is_floating_point()
+            n in views
+            and views[n].shape == t.shape
+            and t.is_floating_point()
+            and t.device.type == "cpu"  # device tensors go through pinned buffers (pinned.py)
             for n, t in tensors.items()
         )
 
@@ -77,7 +85,7 @@ class SameHostSession:
                         src = self.param_views[name]
                         dst = out.get(name) if out is not None else None
                         if dst is None:
-                            dst = src.clone()
+                            dst = src.to(self.pull_dtypes.get(name, src.dtype), copy=True)
                         else:
                             dst.copy_(src)
                         result[name] = dst

@@ -33,11 +33,12 @@ from typing import Any
 
 import torch
 
-from adamd.protocol.frames import TensorSink, to_wire, wire_dtype_of
+from adamd.protocol.frames import TensorSink, to_wire
 from adamd.server.core import options as adam_options
 from adamd.server.core import state_io
 from adamd.server.core.groups import GroupEditor, Updates
 from adamd.server.core.membership import DEFAULT_LEASE_S
+from adamd.server.core.precision import Precision
 from adamd.server.core.pushes import (
     ClosedRound,
     PendingPush,
@@ -88,13 +89,16 @@ class HostedModel:
         round_timeout_s: float = 60.0,
         elastic: bool = False,
         lease_s: float = DEFAULT_LEASE_S,
+        precision: Precision | None = None,
     ):
+        """`precision`: master weights (precision.py); `params` are then already as held."""
         if elastic:
             world_size = 0  # the registered workers, whoever they are now
         check_settings(world_size, mode, elastic)
         self.name = name
         self.device = device
         self.params: dict[str, torch.Tensor] = dict(params)
+        self.precision = precision or Precision()
         self.optimizer = torch.optim.Adam([torch.zeros(1, device=device)])  # replaced below
         self.optimizer.param_groups.clear()
         self.groups = GroupEditor(self.optimizer, self.params, device)
@@ -188,6 +192,7 @@ class HostedModel:
             clash = [n for n in new_params if n in self.params]
             if clash:
                 raise InvalidArgument(f"parameters {clash} exist already")
+            new_params, precision = self.precision.hold(new_params)
             self.params.update(new_params)
             try:
                 self.groups.append(group)
@@ -195,6 +200,7 @@ class HostedModel:
                 for n in new_params:
                     del self.params[n]
                 raise
+            self.precision = precision
             if layout:
                 self.layout = layout
             if self.graphed is not None:
@@ -399,23 +405,29 @@ class HostedModel:
         return t.detach().to("cpu", dtype=dtype, copy=True).contiguous()
 
     def host_copies(
-        self, names: Sequence[str], wire_dtype: torch.dtype | None = None
+        self,
+        names: Sequence[str],
+        wire_dtypes: torch.dtype | Sequence[torch.dtype] | None = None,
     ) -> list[torch.Tensor]:
-        """Parameters as host tensors ready for the wire (a pull): on the CPU the parameters
-        themselves (iter_frames converts a narrower wire dtype a chunk at a time as it streams),
-        copies on the model's stream on CUDA. Read under the seqlock, not the lock."""
+        """Parameters as host tensors ready for the wire (a pull), each to travel as its
+        `wire_dtypes` entry (one dtype or None: as precision.pull_dtypes says for a pull asking
+        for it): on the CPU the parameters themselves (iter_frames converts a narrower wire
+        dtype a chunk at a time as it streams), copies on the model's stream on CUDA. Read under
+        the seqlock, not the lock."""
+        wires: Sequence[torch.dtype] = (
+            self.precision.pull_dtypes(self.params, names, wire_dtypes)
+            if wire_dtypes is None or isinstance(wire_dtypes, torch.dtype)
+            else wire_dtypes
+        )
         if self.graphed is None:
             return [
                 self.params[n].detach()
                 if self.params[n].device.type == "cpu"
-                else to_wire(self.params[n], wire_dtype)
-                for n in names
+                else to_wire(self.params[n], w)
+                for n, w in zip(names, wires)
             ]
         with self.on_device():
-            return [
-                self.host_copy(self.params[n], wire_dtype_of(self.params[n].dtype, wire_dtype))
-                for n in names
-            ]
+            return [self.host_copy(self.params[n], w) for n, w in zip(names, wires)]
 
     def close(self) -> None:
         """The model was deleted: a push still in flight fails instead of stepping, and on CUDA

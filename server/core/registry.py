@@ -16,6 +16,7 @@ from adamd.protocol.frames import TensorSink, trainable
 from adamd.server.core.limits import Limits
 from adamd.server.core.membership import DEFAULT_LEASE_S
 from adamd.server.core.model import ASYNC, SYNC, HostedModel
+from adamd.server.core.precision import Precision, check_master
 from adamd.server.core.staging import BOUNCE_BYTES, copy_in_chunks, host_bytes
 from adamd.server.errors import AlreadyExists, InvalidArgument, NotFound
 
@@ -55,6 +56,12 @@ class ModelSpec:
     exist_ok: bool = False
     layout: str = ""  # sharded: the layout record this shard keeps (the client's JSON)
     wire_dtypes: Sequence[torch.dtype] = field(default_factory=list)
+    # master weights (precision.py): narrower float params are held, with their state, in it
+    master_dtype: torch.dtype | None = None
+
+    @property
+    def precision(self) -> Precision:
+        return Precision.of(self.params, self.master_dtype)
 
 
 @dataclass
@@ -116,6 +123,7 @@ class ModelRegistry:
                 )
             if any(d < 0 for d in shape):
                 raise InvalidArgument(f"parameter {n!r} has a negative dimension {list(shape)}")
+        check_master(spec.master_dtype)
         if spec.mode not in (SYNC, ASYNC):
             raise InvalidArgument(f"mode must be 'sync' or 'async', got {spec.mode!r}")
         if spec.world_size < 1 and not spec.elastic:
@@ -141,7 +149,9 @@ class ModelRegistry:
         del probe
         # Values land in ordinary host memory first and move to the device at commit through a
         # small pinned bounce buffer: N ranks racing to create one model pin nothing per rank.
-        tensors = {n: torch.empty(shape, dtype=dtype) for n, shape, dtype in spec.params}
+        # Master weights: held wider than declared, the values widened as they arrive.
+        held = spec.precision.held_specs(spec.params)
+        tensors = {n: torch.empty(shape, dtype=dtype) for n, shape, dtype in held}
         wire = list(spec.wire_dtypes) or [d for _, _, d in spec.params]
         return PendingModel(spec, tensors, TensorSink(list(tensors.values()), wire))
 
@@ -166,6 +176,7 @@ class ModelRegistry:
             round_timeout_s=spec.round_timeout_s or self.default_round_timeout_s,
             elastic=spec.elastic,
             lease_s=spec.lease_s or DEFAULT_LEASE_S,
+            precision=spec.precision,
         )
         model.layout = spec.layout
         with self._lock:
@@ -220,10 +231,16 @@ class ModelRegistry:
                 f" there, {_layout_id(spec.layout)} here (another server list, server order,"
                 " slice_bytes or parameters); use the servers it was created with, or delete it"
             )
+        if existing.precision.master != spec.master_dtype:
+            raise AlreadyExists(
+                f"model {spec.name!r} exists with master_dtype {existing.precision.master},"
+                f" asked for {spec.master_dtype}; delete it or use another name"
+            )
         for n, shape, dtype in spec.params:
             p = existing.params.get(n)
-            if p is None or tuple(p.shape) != tuple(shape) or p.dtype != dtype:
-                have = None if p is None else (list(p.shape), str(p.dtype))
+            worker = None if p is None else existing.precision.worker_dtype(n, p.dtype)
+            if p is None or tuple(p.shape) != tuple(shape) or worker != dtype:
+                have = None if p is None else (list(p.shape), str(worker))
                 raise AlreadyExists(
                     f"model {spec.name!r} exists with other parameters: {n!r} is {have} there,"
                     f" {[list(shape), str(dtype)]} here; delete it or use another name"

@@ -85,6 +85,8 @@ def model_summary(model: HostedModel, stats: ModelStats, detail: bool = False) -
             "skipped_steps": model.skipped_steps,
             "device": str(model.device),
             "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params.values()}),
+            # master weights: the dtype the params and Adam state are held in (None: as sent)
+            "master_dtype": model.precision.to_record().get("master_dtype"),
             "num_params": len(params),
             "num_elements": sum(p.numel() for p in params.values()),
             "memory": memory,

@@ -111,6 +111,7 @@ def capture(model: HostedModel, changes: int = 0) -> Capture:
             "elastic": model.elastic,  # membership itself does not survive a restart
             "lease_s": model.lease_s,
             "layout": model.layout,
+            **model.precision.to_record(),  # master weights: master and worker dtypes
             "params": [
                 {"name": n, "shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch.")}
                 for n, p in model.params.items()

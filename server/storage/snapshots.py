@@ -35,6 +35,7 @@ import torch
 from adamd.server.config import ServerConfig
 from adamd.server.core.membership import DEFAULT_LEASE_S
 from adamd.server.core.model import HostedModel, StepRecord
+from adamd.server.core.precision import Precision
 from adamd.server.core.registry import ModelRegistry
 from adamd.server.errors import NotFound, ServerError, StartupError
 from adamd.server.storage import format as fmt
@@ -376,6 +377,7 @@ def build_model(loaded: fmt.Loaded, registry: ModelRegistry) -> HostedModel:
         round_timeout_s=m["round_timeout_s"],
         elastic=m.get("elastic", False),  # older snapshots: not elastic
         lease_s=m.get("lease_s") or DEFAULT_LEASE_S,
+        precision=Precision.from_record(m),  # older snapshots: no master weights
     )
     model.layout = m.get("layout", "")  # older snapshots: unsharded
     state = {

@@ -587,15 +587,15 @@ def _send_pull(conn: FrameSocket, plan: PullPlan, reply: pb.PushReply | None = N
         yield from conn.send_steps(END, end, 1)
         return
     yield from conn.send_steps(HEAD, _pull_header(plan, plan.version))
-    for index, t in enumerate(plan.tensors):
-        yield from conn.send_tensor_steps(index, t, plan.wire, plan.chunk)
+    for index, (t, wire) in enumerate(zip(plan.tensors, plan.wires)):
+        yield from conn.send_tensor_steps(index, t, wire, plan.chunk)
         yield FRAME
     yield from conn.send_steps(END, end, int(plan.consistent()))
 
 
 def _pull_header(plan: PullPlan, version: int) -> bytes:
     assert plan.tensors is not None
-    specs = [spec_of(n, t, plan.wire) for n, t in zip(plan.names, plan.tensors)]
+    specs = [spec_of(n, t, w) for n, t, w in zip(plan.names, plan.tensors, plan.wires)]
     return pb.PullHeader(version=version, tensors=specs).SerializeToString()
 
 
@@ -653,7 +653,7 @@ class _StepSender:
         assert self.plan.tensors is not None
         i = self.index[name]
         yield from self.conn.send_tensor_steps(
-            i, self.plan.tensors[i], self.plan.wire, self.plan.chunk
+            i, self.plan.tensors[i], self.plan.wires[i], self.plan.chunk
         )
         self.sent.add(name)
 

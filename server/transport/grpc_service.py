@@ -369,10 +369,10 @@ class OptimizerService:
                 return
             header = pb.PullHeader(
                 version=plan.version,
-                tensors=[spec_of(n, t, plan.wire) for n, t in zip(plan.names, plan.tensors)],
+                tensors=[spec_of(n, t, w) for n, t, w in zip(plan.names, plan.tensors, plan.wires)],
             )
             for frame in iter_frames(
-                header.SerializeToString(), plan.tensors, plan.chunk, plan.wire
+                header.SerializeToString(), plan.tensors, plan.chunk, plan.wires
             ):
                 yield frame
             consistent = plan.consistent()

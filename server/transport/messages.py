@@ -81,7 +81,17 @@ def model_spec_from_pb(cfg: pb.ModelConfig) -> ModelSpec:
         lease_s=cfg.lease_s,
         exist_ok=cfg.exist_ok,
         layout=cfg.layout,
+        master_dtype=_master_from_pb(cfg.master_dtype),
     )
+
+
+def _master_from_pb(code: int) -> torch.dtype | None:
+    if code == pb.DTYPE_UNSPECIFIED:
+        return None
+    try:
+        return dtype_from_pb(code)
+    except ProtocolError as exc:
+        raise InvalidArgument(f"master_dtype: {exc}") from exc
 
 
 def model_info(model: HostedModel, created: bool = False) -> pb.ModelInfo:
@@ -105,6 +115,12 @@ def model_info(model: HostedModel, created: bool = False) -> pb.ModelInfo:
         elastic=model.elastic,
         lease_s=model.lease_s,
         layout=model.layout,
+        master_dtype=dtype_to_pb(model.precision.master) if model.precision.master else 0,
+        worker_dtypes=(
+            [dtype_to_pb(model.precision.worker_dtype(n, p.dtype)) for n, p in model.params.items()]
+            if model.precision.master
+            else []
+        ),
     )
 
 

@@ -118,6 +118,14 @@ class SameHost:
                 )
                 for n in shared.names
             ],
+            worker_dtypes=(
+                [
+                    dtype_to_pb(d)
+                    for d in model.precision.pull_dtypes(model.params, shared.names, None)
+                ]
+                if model.precision.master
+                else []
+            ),
         )
 
     def grads(self, model: HostedModel, session: str, names: list[str]) -> list[torch.Tensor]:

@@ -19,6 +19,7 @@ import torch
 from adamd.v1 import adamd_pb2 as pb
 
 from .errors import ProtocolError
+from .pinned import device_chunks
 
 # Stock gRPC clients (grpc-js, Go, Java, C++, Python) refuse received messages over 4 MiB unless
 # told otherwise. A chunk leaves 64 KiB of that for its framing and, on the first frame, the
@@ -207,10 +208,11 @@ def iter_frames(
     header: bytes,
     tensors: Sequence[torch.Tensor],
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    wire_dtype: torch.dtype | None = None,
+    wire_dtype: torch.dtype | Sequence[torch.dtype] | None = None,
 ) -> Iterator[bytes]:
     """The header frame, then every tensor cut into chunks, as `wire_dtype` where one is given
-    (see wire_chunks; without one, tensors must be contiguous CPU tensors).
+    (see wire_chunks; without one, tensors must be contiguous CPU tensors); a sequence gives each
+    tensor its own.
 
     The header rides on the first chunk when both fit the headroom; a larger header travels in a
     frame of its own, so a frame is never much more than `chunk_bytes`."""
@@ -218,12 +220,23 @@ def iter_frames(
     if len(header) > FRAME_HEADROOM - 64 and any(t.numel() for t in tensors):
         yield encode_frame(header)
         header, first = b"", False
+    wires = _each(wire_dtype, len(tensors))
     for index, t in enumerate(tensors):
-        for start, chunk in wire_chunks(t, wire_dtype, chunk_bytes):
+        for start, chunk in wire_chunks(t, wires[index], chunk_bytes):
             yield encode_frame(header if first else None, index, start, chunk)
             first = False
     if first:
         yield encode_frame(header)
+
+
+def _each(
+    wire_dtype: torch.dtype | Sequence[torch.dtype] | None, n: int
+) -> Sequence[torch.dtype | None]:
+    if wire_dtype is None or isinstance(wire_dtype, torch.dtype):
+        return [wire_dtype] * n
+    if len(wire_dtype) != n:
+        raise ValueError(f"{len(wire_dtype)} wire dtypes for {n} tensors")
+    return wire_dtype
 
 
 def wire_chunks(
@@ -234,9 +247,13 @@ def wire_chunks(
     A CPU tensor that travels narrower (bf16/fp16) is converted one chunk at a time into one
     reused chunk-sized buffer, which stays in cache, instead of into a whole converted copy first:
     one pass over the tensor's memory. Each chunk is valid only until the next one is asked for
-    (encode_frame copies it). Other tensors go through to_wire (a device tensor converts there)."""
+    (encode_frame copies it). A device tensor goes through two pinned chunk buffers
+    (pinned.device_chunks); others through to_wire."""
     wire = wire_dtype_of(t.dtype, wire_dtype)
-    if wire == t.dtype or t.device.type != "cpu" or not t.numel():
+    if t.device.type != "cpu" and t.numel():  # through pinned chunk buffers (pinned.py)
+        yield from device_chunks(t, wire, chunk_bytes)
+        return
+    if wire == t.dtype or not t.numel():
         raw = byte_view(to_wire(t, wire_dtype))
         for start in range(0, raw.nbytes, chunk_bytes):
             yield start, raw[start : start + chunk_bytes]

@@ -89,7 +89,7 @@ class ParamGroup(_message.Message):
     def __init__(self, params: _Optional[_Iterable[str]] = ..., options: _Optional[_Mapping[str, HyperValue]] = ...) -> None: ...
 
 class ModelConfig(_message.Message):
-    __slots__ = ("model", "params", "groups", "world_size", "mode", "max_staleness", "round_timeout_s", "exist_ok", "elastic", "lease_s", "layout")
+    __slots__ = ("model", "params", "groups", "world_size", "mode", "max_staleness", "round_timeout_s", "exist_ok", "elastic", "lease_s", "layout", "master_dtype")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class ModelConfig(_message.Message):
     ELASTIC_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    MASTER_DTYPE_FIELD_NUMBER: _ClassVar[int]
     model: str
     params: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     groups: _containers.RepeatedCompositeFieldContainer[ParamGroup]
@@ -112,7 +113,8 @@ class ModelConfig(_message.Message):
     elastic: bool
     lease_s: float
     layout: str
-    def __init__(self, model: _Optional[str] = ..., params: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ..., world_size: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., max_staleness: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., exist_ok: bool = ..., elastic: bool = ..., lease_s: _Optional[float] = ..., layout: _Optional[str] = ...) -> None: ...
+    master_dtype: DType
+    def __init__(self, model: _Optional[str] = ..., params: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ..., world_size: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., max_staleness: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., exist_ok: bool = ..., elastic: bool = ..., lease_s: _Optional[float] = ..., layout: _Optional[str] = ..., master_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class CreateFrame(_message.Message):
     __slots__ = ("header", "tensor", "offset", "data")
@@ -127,7 +129,7 @@ class CreateFrame(_message.Message):
     def __init__(self, header: _Optional[_Union[ModelConfig, _Mapping]] = ..., tensor: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "version", "mode", "world_size", "device", "params", "groups", "max_staleness", "round_timeout_s", "created", "skipped_steps", "elastic", "lease_s", "layout")
+    __slots__ = ("model", "version", "mode", "world_size", "device", "params", "groups", "max_staleness", "round_timeout_s", "created", "skipped_steps", "elastic", "lease_s", "layout", "master_dtype", "worker_dtypes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +144,8 @@ class ModelInfo(_message.Message):
     ELASTIC_FIELD_NUMBER: _ClassVar[int]
     LEASE_S_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    MASTER_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_DTYPES_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     mode: Mode
@@ -156,7 +160,9 @@ class ModelInfo(_message.Message):
     elastic: bool
     lease_s: float
     layout: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., world_size: _Optional[int] = ..., device: _Optional[str] = ..., params: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ..., max_staleness: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., created: bool = ..., skipped_steps: _Optional[int] = ..., elastic: bool = ..., lease_s: _Optional[float] = ..., layout: _Optional[str] = ...) -> None: ...
+    master_dtype: DType
+    worker_dtypes: _containers.RepeatedScalarFieldContainer[DType]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., world_size: _Optional[int] = ..., device: _Optional[str] = ..., params: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[ParamGroup, _Mapping]]] = ..., max_staleness: _Optional[int] = ..., round_timeout_s: _Optional[float] = ..., created: bool = ..., skipped_steps: _Optional[int] = ..., elastic: bool = ..., lease_s: _Optional[float] = ..., layout: _Optional[str] = ..., master_dtype: _Optional[_Union[DType, str]] = ..., worker_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ...) -> None: ...
 
 class GroupUpdate(_message.Message):
     __slots__ = ("group", "options")
@@ -400,7 +406,7 @@ class AttachRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., host_id: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class AttachReply(_message.Message):
-    __slots__ = ("accepted", "session", "params_path", "tensors", "offsets", "nbytes", "reason", "grads_path", "nonce")
+    __slots__ = ("accepted", "session", "params_path", "tensors", "offsets", "nbytes", "reason", "grads_path", "nonce", "worker_dtypes")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     PARAMS_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -410,6 +416,7 @@ class AttachReply(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     GRADS_PATH_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_DTYPES_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     session: str
     params_path: str
@@ -419,7 +426,8 @@ class AttachReply(_message.Message):
     reason: str
     grads_path: str
     nonce: bytes
-    def __init__(self, accepted: bool = ..., session: _Optional[str] = ..., params_path: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., offsets: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., reason: _Optional[str] = ..., grads_path: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+    worker_dtypes: _containers.RepeatedScalarFieldContainer[DType]
+    def __init__(self, accepted: bool = ..., session: _Optional[str] = ..., params_path: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., offsets: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., reason: _Optional[str] = ..., grads_path: _Optional[str] = ..., nonce: _Optional[bytes] = ..., worker_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ...) -> None: ...
 
 class DetachRequest(_message.Message):
     __slots__ = ("model", "session")
