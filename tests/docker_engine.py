@@ -182,3 +182,21 @@ def engine() -> Iterator[str]:
     finally:
         if started is not None:
             _stop_dockerd(started)
+
+
+def compose() -> list[str] | None:
+    """How to run Compose here: the `docker compose` plugin, or Debian's `docker-compose`
+    (installed when missing, as root); None where neither can be had."""
+    plugin = subprocess.run(
+        ["docker", "compose", "version"], capture_output=True, timeout=30, check=False
+    )
+    if plugin.returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose") is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in (
+            ["apt-get", "update", "-qq"],
+            ["apt-get", "install", "-y", "-qq", "docker-compose"],
+        ):
+            subprocess.run(cmd, capture_output=True, env=env, timeout=600, check=False)
+    return ["docker-compose"] if shutil.which("docker-compose") else None

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+import yaml
 
 from adamd.client import Client
 
@@ -242,3 +243,55 @@ def test_three_shard_containers_train_survive_a_killed_shard_and_resume_after_st
         for m, p in params.items():
             _equal(c.pull(m).params, p)
         _equal(params["killed"], want)
+
+
+def test_compose_starts_three_healthy_shards_and_its_worker_trains_over_them(
+    image: str, tmp_path: Path
+) -> None:
+    """deploy/compose.yaml as a user runs it (`up`, then `run worker`), on 127.0.0.2."""
+    cmd = docker_engine.compose()
+    if cmd is None:
+        pytest.skip("neither `docker compose` nor Debian's docker-compose can be had here")
+    token = tmp_path / "token"
+    token.write_text("s3cret-compose\n")
+    token.chmod(0o644)
+    env = {
+        **os.environ,
+        "ADAMD_IMAGE": image,
+        "ADAMD_HOST": "127.0.0.2",
+        "ADAMD_TOKEN_HOST_FILE": str(token),
+    }
+    compose = [*cmd, "-p", f"{PREFIX}-compose", "-f", str(docker_engine.DEPLOY / "compose.yaml")]
+
+    def run(*args: str, timeout: float = 180) -> str:
+        done = subprocess.run(
+            [*compose, *args], capture_output=True, text=True, env=env, timeout=timeout
+        )
+        assert done.returncode == 0, f"{' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    config = yaml.safe_load(run("config"))
+    shards = [f"shard{k}" for k in range(SHARDS)]
+    assert sorted(config["services"]) == sorted([*shards, "worker"])
+    for name, service in config["services"].items():
+        assert service["network_mode"] == "host", name  # no bridge: loopback addresses only
+    assert len({config["services"][s]["volumes"][0].split(":")[0] for s in shards}) == SHARDS
+    try:
+        run("up", "-d", "--no-build", *shards)
+        ids = run("ps", "-q").split()
+        assert len(ids) == SHARDS
+        deadline = time.monotonic() + 120
+        while {docker("inspect", "-f", "{{.State.Health.Status}}", i).strip() for i in ids} != {
+            "healthy"
+        }:
+            assert time.monotonic() < deadline, "the shards did not turn healthy"
+            time.sleep(1)
+        out = run("run", "--rm", "-e", "ADAMD_STEPS=20", "worker")
+        assert "rank 0 step 19 version 20" in out, out
+        servers = config["services"]["worker"]["environment"]["ADAMD_SERVERS"]
+        with Client(servers, token="s3cret-compose") as c:
+            assert c.describe("compose-demo").shard_versions == (20,) * SHARDS
+    finally:
+        subprocess.run(
+            [*compose, "down", "-v", "--remove-orphans"], env=env, capture_output=True, timeout=180
+        )
