@@ -152,7 +152,7 @@ def shards(image: str, tmp_path: Path) -> Iterator[Shards]:
 
 def _train(
     shards: Shards, model: str, tmp: Path, steps: int, *extra: str
-) -> tuple[dict[int, object], list[Path]]:
+) -> tuple[dict[int, subprocess.Popen[bytes]], list[Path]]:
     outs = [tmp / f"{model}-rank{r}.pt" for r in range(2)]
     procs = {
         r: workers.launch(
@@ -169,7 +169,7 @@ def _train(
         )
         for r in range(2)
     }
-    return procs, outs  # type: ignore[return-value]
+    return procs, outs
 
 
 def _equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -191,9 +191,9 @@ def test_three_shard_containers_train_survive_a_killed_shard_and_resume_after_st
     # Uninterrupted: two sync workers over the three containers, bitwise a local fused Adam.
     procs, outs = _train(shards, "plain", tmp_path, steps)
     try:
-        workers.finish(procs, timeout=240)  # type: ignore[arg-type]
+        workers.finish(procs, timeout=240)
     finally:
-        workers.stop_all(procs)  # type: ignore[arg-type]
+        workers.stop_all(procs)
     for out in outs:
         result = workers.load(out)
         assert result["version"] == steps
@@ -218,9 +218,9 @@ def test_three_shard_containers_train_survive_a_killed_shard_and_resume_after_st
             time.sleep(1)  # the workers' pushes find it gone
             docker("start", shards.names[1])
             shards.wait_ready(1)
-        workers.finish(procs, timeout=240)  # type: ignore[arg-type]
+        workers.finish(procs, timeout=240)
     finally:
-        workers.stop_all(procs)  # type: ignore[arg-type]
+        workers.stop_all(procs)
     for out in outs:
         result = workers.load(out)
         assert result["version"] == steps
