@@ -143,6 +143,21 @@ def test_a_configuration_that_cannot_work_is_refused_in_one_line(
     assert not (tmp_path / "data").exists() or not list((tmp_path / "data").iterdir())
 
 
+def test_the_log_names_the_address_the_http_side_is_bound_to(tmp_path: Path) -> None:
+    """--host 0.0.0.0 (the image's entrypoint) binds every interface, and the log says so rather
+    than naming 127.0.0.1."""
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    args = ("--host", "0.0.0.0", "--token-file", str(token))
+    with serve(*args, tmp=tmp_path) as (proc, grpc_address, http_url, lines):
+        port = int(http_url.rsplit(":", 1)[1])
+        assert http_url == f"http://0.0.0.0:{port}", lines[-1]
+        assert grpc_address.startswith("0.0.0.0:")
+        for loopback in ("127.0.0.1", "127.0.0.2"):  # it answers on any local address
+            assert httpx.get(f"http://{loopback}:{port}/healthz").status_code == 200
+        assert stop(proc, signal.SIGTERM, lines) == 0
+
+
 def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path: Path) -> None:
     data = ["--data-dir", str(tmp_path / "data")]
     assert "grpc_port must be a port" in _refused("--grpc-port", "70000", *data)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import kubernetes_validate
 import pytest
 import torch
 import trustme
@@ -161,9 +162,72 @@ def test_kustomize_builds(variant: str) -> None:
     )
     assert built.returncode == 0, built.stderr
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(built.stdout) if d)
-    assert kinds == ["Service", "Service", "StatefulSet"]
+    assert kinds == ["NetworkPolicy", "Service", "Service", "StatefulSet"]
     if variant == "gpu":
         assert "--device=cuda" in built.stdout and "nvidia.com/gpu: 1" in built.stdout
+
+
+KUBERNETES = "1.37.0"  # the Kubernetes version whose schemas the manifests are checked against
+VARIANTS = ["base", "gpu", "sharded"]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_rendered_manifest_is_valid_for_kubernetes(variant: str) -> None:
+    """What the API server would check: each document against Kubernetes' own OpenAPI schemas,
+    strict (a misspelt or misplaced field is an error, not silently dropped)."""
+    docs = _kustomize(variant)
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+    (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    broken = json.loads(json.dumps(sts))
+    broken["spec"]["bogus"] = 1  # the check does catch a field that does not exist
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES, strict=True)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_pods_meet_what_production_clusters_require(variant: str) -> None:
+    """Probes, requests and limits, the restricted Pod Security Standard, and a NetworkPolicy
+    admitting only the three ports."""
+    docs = _kustomize(variant)
+    (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    pod = sts["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for c in pod["containers"]:
+        assert c["livenessProbe"]["httpGet"] and c["readinessProbe"]["httpGet"]
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= c["resources"][kind].keys(), (c["name"], kind)
+        sc = c["securityContext"]
+        assert sc["runAsNonRoot"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        for writable in ("/data", "/tmp"):  # the only paths the daemon writes
+            assert not mounts[writable].get("readOnly", False), writable
+        assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+        assert mounts["/data"]["name"] in {
+            t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]
+        }
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"]
+    assert spec["policyTypes"] == ["Ingress"]
+    admitted = {(p["protocol"], p["port"]) for rule in spec["ingress"] for p in rule["ports"]}
+    container_ports = {p["containerPort"] for p in pod["containers"][0]["ports"]}
+    assert (
+        admitted
+        == {("TCP", port) for port in container_ports}
+        == {
+            ("TCP", 50051),
+            ("TCP", 50052),
+            ("TCP", 8080),
+        }
+    )
 
 
 def _kustomize(variant: str) -> list[dict[str, Any]]:
@@ -183,6 +247,7 @@ def test_sharded_overlay_builds_and_every_pod_serves_its_shard(tmp_path: Path) -
     by_kind = {d["kind"]: d for d in docs}
     assert sorted(d["kind"] for d in docs) == [
         "ConfigMap",
+        "NetworkPolicy",
         "PodDisruptionBudget",
         "Service",
         "Service",

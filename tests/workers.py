@@ -76,6 +76,8 @@ def _optimizer(args: argparse.Namespace, **kwargs: Any) -> tuple[list[Any], Any]
 
     torch.set_num_threads(1)
     params = [(n, torch.nn.Parameter(t)) for n, t in initial_params().items()]
+    if args.token_file:
+        kwargs["token"] = Path(args.token_file).read_text().strip()
     return params, RemoteAdam(params, lr=LR, server=args.address, model=args.model, **kwargs)
 
 
@@ -173,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--slice-bytes", type=int, default=0, help="sharded: RemoteAdam slice_bytes")
     p.add_argument("--die-after", type=int, default=-1, help="elastic: exit after N steps")
     p.add_argument("--until", default="", help="elastic: stop once this file exists")
+    p.add_argument("--token-file", default="", help="the servers' token, from this file")
     _train(p.parse_args(argv))
 
 

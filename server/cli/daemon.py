@@ -159,6 +159,15 @@ class Daemon:
         host = "127.0.0.1" if host in ("0.0.0.0", "") else host
         return f"{'https' if self.tls else 'http'}://{host}:{self.http_port}"
 
+    @property
+    def http_bound(self) -> str | None:
+        """The address the HTTP socket is bound to (``0.0.0.0`` for all interfaces), for the log."""
+        if self.http_port is None:
+            return None
+        host = self.config.host or "0.0.0.0"
+        host = f"[{host}]" if ":" in host else host
+        return f"{'https' if self.tls else 'http'}://{host}:{self.http_port}"
+
     def start(self) -> Daemon:
         try:
             for ext in self.extensions:
@@ -175,7 +184,7 @@ class Daemon:
         logger.info(
             "adamd serving gRPC on %s and HTTP on %s (device %s; bulk-data channel: %s)",
             self.grpc_address,
-            self.http_url or "(off)",
+            self.http_bound or "(off)",
             self.device,
             f"port {self.bulk.port}" if self.bulk is not None else "off",
         )
