@@ -388,7 +388,7 @@ def test_remote_adam_steps_in_one_exchange_bitwise(
     each back as it is done; the bits are local fused Adam's (fp32 wire), and the same as the
     two calls over gRPC give (bf16 wire)."""
     from adamd.client import RemoteAdam
-    from adamd.server.core.model import MIN_STEP_BUCKET_BYTES
+    from adamd.server.core.stepping import MIN_STEP_BUCKET_BYTES
 
     remote, over_grpc, local = _big_net(), _big_net(), _big_net()
     assert sum(p.numel() * 4 for p in remote.parameters()) > 2 * MIN_STEP_BUCKET_BYTES
