@@ -68,7 +68,8 @@ __all__ = [
 
 class HostedModel:
     """One model's parameters and optimizer behind one lock; pushes, edits and state I/O go
-    through the pieces it owns (`rounds`, `groups`, state_io) and come back here to step."""
+    through the pieces it owns (`rounds`, `groups`, state_io) and come back here to step (through
+    `stepper`, stepping.py)."""
 
     def __init__(
         self,
