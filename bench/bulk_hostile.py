@@ -10,7 +10,7 @@ off), and the server's threads, RSS and file descriptors before the peers came a
 calls (from /proc).
 
 This is a measurement, not a test: the figures depend on the machine. The server's connection
-and handshake caps apply (server/transport/bulk.py: MAX_HANDSHAKES sheds the oldest handshake,
+and handshake caps apply (server/transport/bulk/connections.py: MAX_HANDSHAKES sheds the oldest handshake,
 so not every unticketed or HELO-trickling peer is still held at the end; the script says how
 many the server still holds).
 """

@@ -49,7 +49,7 @@ class ServerConfig:
     durable: bool = False  # acknowledge a push only once its step is on disk
     stats_every: int = 0  # step statistics every N steps; 0: auto (at most 2% of the time); <0: off
     shm: bool = True  # offer the same-host shared-memory fast path
-    # The bulk-data channel (server/transport/bulk.py): pushes and pulls over a plain socket on this port,
+    # The bulk-data channel (server/transport/bulk/): pushes and pulls over a plain socket on this port,
     # next to gRPC (clients learn it over gRPC). 0 picks a free one; -1 turns it off (clients
     # then stream over gRPC).
     bulk_port: int = 0

@@ -15,9 +15,15 @@ The server's layers (docs/architecture.md):
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {
@@ -26,6 +32,10 @@ PACKAGES = {
     "adamd.protocol": ROOT / "protos/adamd/protocol",
 }
 MAX_FUNCTION_LINES = 80
+# Cohesion: a concept that grows leaves for a module of its own (stepping.py, reads.py, the bulk/
+# package), so neither the model class nor any server module grows back past these.
+MAX_HOSTED_MODEL_LINES = 350
+MAX_SERVER_MODULE_LINES = 520
 S = "adamd.server"
 
 # Layer -> the server modules it must not import (by prefix). Everything else is allowed.
@@ -183,3 +193,29 @@ def test_no_function_is_too_long_to_read() -> None:
                     if lines > MAX_FUNCTION_LINES:
                         long.append(f"{module}.{node.name}: {lines} lines")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def test_hosted_model_and_server_modules_stay_readable() -> None:
+    tree = _modules(S)[f"{S}.core.model"]
+    (model,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "HostedModel"]
+    lines = (model.end_lineno or model.lineno) - model.lineno + 1
+    assert lines <= MAX_HOSTED_MODEL_LINES, f"HostedModel has {lines} lines"
+    long = [
+        f"{f.relative_to(ROOT)}: {n} lines"
+        for f in sorted((ROOT / "server").rglob("*.py"))
+        if (n := len(f.read_text().splitlines())) > MAX_SERVER_MODULE_LINES
+    ]
+    assert not long, f"server modules over {MAX_SERVER_MODULE_LINES} lines: {long}"
+
+
+def test_every_package_folder_is_packaged() -> None:
+    """A folder with an __init__.py that pyproject.toml does not list is left out of the wheel
+    (the import works from a checkout, then fails where adamd was installed)."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = {name: ROOT / folder for name, folder in setuptools["package-dir"].items()}
+    found = set()
+    for name, folder in dirs.items():
+        for init in folder.rglob("__init__.py"):
+            found.add(".".join([name, *init.parent.relative_to(folder).parts]))
+    missing = sorted(found - set(setuptools["packages"]))
+    assert not missing, f"package folders not in pyproject.toml's packages: {missing}"

@@ -1,4 +1,4 @@
-"""The bulk-data channel (adamd.protocol.bulk, server/transport/bulk.py, client/_transport/bulk.py) against a real
+"""The bulk-data channel (adamd.protocol.bulk, server/transport/bulk/, client/_transport/bulk.py) against a real
 daemon on loopback: results bitwise equal to gRPC's, the gRPC fallback, auth, TLS, hostile frames.
 
 Servers here run without the same-host path (shm=False), so a default Client takes the channel as
@@ -388,7 +388,7 @@ def test_remote_adam_steps_in_one_exchange_bitwise(
     each back as it is done; the bits are local fused Adam's (fp32 wire), and the same as the
     two calls over gRPC give (bf16 wire)."""
     from adamd.client import RemoteAdam
-    from adamd.server.core.model import MIN_STEP_BUCKET_BYTES
+    from adamd.server.core.stepping import MIN_STEP_BUCKET_BYTES
 
     remote, over_grpc, local = _big_net(), _big_net(), _big_net()
     assert sum(p.numel() * 4 for p in remote.parameters()) > 2 * MIN_STEP_BUCKET_BYTES
@@ -453,9 +453,9 @@ def test_a_handshake_that_trickles_is_shut_at_its_deadline(
 ) -> None:
     """A peer sending its HELO a byte at a time is shut at the handshake deadline, however often
     it sends; clients meanwhile are served."""
-    from adamd.server.transport import bulk
+    from adamd.server.transport.bulk import connections
 
-    monkeypatch.setattr(bulk, "HANDSHAKE_S", 1.0)
+    monkeypatch.setattr(connections, "HANDSHAKE_S", 1.0)
     with running_daemon(shm=False, http_port=-1) as d:
         assert d.bulk is not None
         tricklers = [socket.create_connection(("127.0.0.1", d.bulk.port)) for _ in range(8)]

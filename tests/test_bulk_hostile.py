@@ -4,7 +4,7 @@ the server with connections and tickets, beside a normal Client that must still 
 the channel, fast; and a pull naming a parameter twice, refused the same way everywhere.
 
 Each case here denied the channel (or answered half a reply) before the server stopped holding a
-thread per waiting socket (server/transport/bulk.py)."""
+thread per waiting socket (server/transport/bulk/)."""
 
 from __future__ import annotations
 

@@ -64,7 +64,7 @@ ACTIONS: Mapping[str, Need] = {
     "LoadState": Need(A, audit="load_state"),
     "AddParamGroup": Need(A, audit="add_param_group"),
     "Snapshot": Need(A, audit="snapshot"),
-    # the bulk-data channel (server/transport/bulk.py), by request kind
+    # the bulk-data channel (server/transport/bulk/), by request kind
     "bulk PULL": Need(R),
     "bulk PUSH": Need(T),
     "bulk STEP": Need(T),  # a push and then a pull of the same model

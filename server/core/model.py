@@ -5,37 +5,38 @@ returned ticket's sink, then call `finish_push`, which validates the whole gradi
 anything changes, then (sync) joins the current round or (async) steps at once. A push that fails
 anywhere leaves parameters and optimizer state bitwise unchanged.
 
-The model composes three pieces, each in its own module:
+The model composes these pieces, each in its own module:
 - rounds.py: the exactly-once ledger, sync rounds (rank-ordered mean), the async staleness bound
   and step observers (pushes.py: the push's data); a closed round comes back as `apply_round`;
 - groups.py: param groups and hyperparameter edits, checked whole, applied with undo;
+- stepping.py: the Adam step itself, gradients to the device, the bucketed step of STEP requests;
+- reads.py: the seqlock and the host copies that lock-free readers make;
 - state_io.py: torch-format optimizer state, the name <-> index mapping, load checks.
 
-Versions: a model starts at version 0 and gains 1 per applied step. Readers copy parameters without
-the lock and use the seqlock (`read_begin` / `read_consistent`) to tell whether a step ran meanwhile.
+Versions (versions.py): a model starts at version 0 and gains 1 per applied step. Readers copy
+parameters without the lock and use the seqlock (`read_begin` / `read_consistent`) to tell whether
+a step ran meanwhile.
 
 On CUDA every piece of device work on the model's tensors (uploads, steps, hyperparameter fills,
 state loads, and every reader's copies and norms) is issued inside `on_device()`, on the model's
-own step stream (cuda_step.py): readers then come after the step they read and before the next
+own step stream (cuda/step.py): readers then come after the step they read and before the next
 one, and models do not wait for each other. Copies to the host go through `host_copy`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import torch
 
-from adamd.protocol.frames import TensorSink, to_wire
+from adamd.protocol.frames import TensorSink
 from adamd.server.core import options as adam_options
-from adamd.server.core import state_io
+from adamd.server.core import state_io, versions
 from adamd.server.core.groups import GroupEditor, Updates
 from adamd.server.core.membership import DEFAULT_LEASE_S
 from adamd.server.core.precision import Precision
@@ -47,16 +48,11 @@ from adamd.server.core.pushes import (
     PushTicket,
     StepRecord,
 )
+from adamd.server.core.reads import SeqLock, host_copies, host_copy
 from adamd.server.core.rounds import ASYNC, SYNC, Rounds, check_settings
 from adamd.server.core.staging import StagingPool
-from adamd.server.core.versions import VersionWaits
-from adamd.server.cuda.step import GraphedStep
+from adamd.server.core.stepping import ModelStep
 from adamd.server.errors import InvalidArgument, NotFound
-
-# A step whose parameters stream back as they are stepped (the bulk channel's STEP) runs in
-# buckets: at least this many bytes of parameters each, and about at most this many buckets.
-MIN_STEP_BUCKET_BYTES = 8 << 20
-MAX_STEP_BUCKETS = 16
 
 __all__ = [
     "ASYNC",
@@ -69,12 +65,11 @@ __all__ = [
     "StepRecord",
 ]
 
-logger = logging.getLogger(__name__)
-
 
 class HostedModel:
     """One model's parameters and optimizer behind one lock; pushes, edits and state I/O go
-    through the pieces it owns (`rounds`, `groups`, state_io) and come back here to step."""
+    through the pieces it owns (`rounds`, `groups`, state_io) and come back here to step (through
+    `stepper`, stepping.py)."""
 
     def __init__(
         self,
@@ -114,17 +109,12 @@ class HostedModel:
         self.edit_listeners: list[Callable[[], None]] = []
         self._lock = threading.RLock()
         self.closed = False  # deleted: no more steps
-        self._seq = 0  # odd while parameters are being written (readers retry)
-        self.write_listeners: list[
-            Callable[[int, int], None]
-        ] = []  # (seq, version) on every change
-        self._version_waits = VersionWaits()
-        # On CUDA: static device gradients, early uploads, graph-captured steps (cuda_step.py).
-        self.graphed = (
-            GraphedStep(self.optimizer, self.params, device) if device.type == "cuda" else None
-        )
+        self.seqlock = SeqLock()  # lock-free readers (reads.py)
+        self.write_listeners = self.seqlock.listeners  # (seq, version) on every change
+        self._version_waits = versions.VersionWaits()
+        self.stepper = ModelStep(name, self.optimizer, self.params, device)  # stepping.py
+        self.graphed = self.stepper.graphed  # on CUDA: the graph-captured step (cuda/step.py)
         self.staging = self.graphed.staging if self.graphed else StagingPool(self.params, pin=False)
-        self._device_grads: dict[str, torch.Tensor] = self.graphed.grads if self.graphed else {}
         self.rounds = Rounds(
             name,
             self,
@@ -290,97 +280,33 @@ class HostedModel:
         grads: Mapping[str, torch.Tensor],
         hooks: Sequence[Callable[[list[str]], None]] = (),
     ) -> None:
-        """One torch.optim.Adam step with these gradients (params not named get no step).
-
-        `hooks` (the bulk channel's STEP requests): on the CPU the step then runs a bucket of
-        parameters at a time, and each hook hears of each bucket as soon as its parameters hold
-        their new values, so they stream back while later buckets step. Adam is elementwise per
-        parameter: the bits are those of one whole step."""
+        """One torch.optim.Adam step with these gradients (params not named get no step), inside
+        the seqlock's write. `hooks` (the bulk channel's STEP requests) hear of each bucket of
+        parameters as soon as it is stepped (stepping.py)."""
         if self.closed:
             raise NotFound(f"no model named {self.name!r} (it was deleted)")
-        on_device = self._to_device(grads)
-        self._begin_write()
+        on_device = self.stepper.to_device(grads)
+        self.seqlock.begin_write(self.version)
         try:
-            if self.graphed is not None:
-                for name, p in self.params.items():
-                    p.grad = on_device.get(name)
-                self.graphed.run(frozenset(on_device))  # eager, or a captured graph's replay
-            elif hooks and self.device.type == "cpu":
-                for bucket in self._step_buckets(on_device):
-                    for name in bucket:
-                        self.params[name].grad = on_device[name]
-                    self.optimizer.step()
-                    for name in bucket:
-                        self.params[name].grad = None
-                    for hook in hooks:
-                        try:  # a hook only hands names on; whatever it does, the step goes on
-                            hook(bucket)
-                        except Exception:
-                            logger.exception("model %s: a step hook failed", self.name)
-            else:
-                for name, p in self.params.items():
-                    p.grad = on_device.get(name)
-                self.optimizer.step()
+            self.stepper.run(on_device, hooks)
             self.version += 1
         finally:
-            for p in self.params.values():
-                p.grad = None
-            self._end_write()
+            self.seqlock.end_write(self.version)
         self.last_step_at = time.time()
         self._version_waits.wake(self.version)
 
-    def _step_buckets(self, grads: Mapping[str, torch.Tensor]) -> list[list[str]]:
-        """The stepped parameters in model order, cut into at most about MAX_STEP_BUCKETS
-        buckets of at least MIN_STEP_BUCKET_BYTES (each bucket's step walks every parameter of
-        its groups in Python: a few large buckets, not one per tensor of a large model)."""
-        stepped = [(n, p.numel() * p.element_size()) for n, p in self.params.items() if n in grads]
-        limit = max(MIN_STEP_BUCKET_BYTES, sum(b for _, b in stepped) // MAX_STEP_BUCKETS)
-        buckets: list[list[str]] = [[]]
-        size = 0
-        for name, nbytes in stepped:
-            if size >= limit:
-                buckets.append([])
-                size = 0
-            buckets[-1].append(name)
-            size += nbytes
-        return [b for b in buckets if b]
-
-    def _to_device(self, grads: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-        if self.device.type == "cpu":
-            return grads
-        if self.graphed is not None:
-            return self.graphed.upload(grads)
-        out = {}
-        for name, g in grads.items():
-            dev = self._device_grads.get(name)
-            if dev is None:
-                dev = self._device_grads[name] = torch.empty_like(self.params[name])
-            dev.copy_(g, non_blocking=True)
-            out[name] = dev
-        return out
-
     @property
     def write_seq(self) -> int:
-        return self._seq
-
-    def _begin_write(self) -> None:
-        self._seq += 1
-        for listener in self.write_listeners:
-            listener(self._seq, self.version)
-
-    def _end_write(self) -> None:
-        self._seq += 1
-        for listener in self.write_listeners:
-            listener(self._seq, self.version)
+        return self.seqlock.seq
 
     def read_begin(self) -> tuple[int, int]:
         """(seq, version) before reading parameters without the lock; waits out a step in progress."""
         with self._lock:
-            return self._seq, self.version
+            return self.seqlock.seq, self.version
 
     def read_consistent(self, seq: int) -> bool:
         """True when no step ran since read_begin returned `seq`."""
-        return self._seq == seq
+        return self.seqlock.seq == seq
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -398,11 +324,8 @@ class HostedModel:
 
     def host_copy(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A copy of `t` (a parameter or state tensor) on the host, contiguous, in `dtype` if
-        given. Inside `on_device()` on CUDA (through a pinned bounce buffer, on the model's
-        stream); a plain copy elsewhere."""
-        if self.graphed is not None and t.device.type == "cuda":
-            return self.graphed.to_host(t, dtype)
-        return t.detach().to("cpu", dtype=dtype, copy=True).contiguous()
+        given; inside `on_device()` on CUDA (reads.py)."""
+        return host_copy(self.graphed, t, dtype)
 
     def host_copies(
         self,
@@ -410,24 +333,8 @@ class HostedModel:
         wire_dtypes: torch.dtype | Sequence[torch.dtype] | None = None,
     ) -> list[torch.Tensor]:
         """Parameters as host tensors ready for the wire (a pull), each to travel as its
-        `wire_dtypes` entry (one dtype or None: as precision.pull_dtypes says for a pull asking
-        for it): on the CPU the parameters themselves (iter_frames converts a narrower wire
-        dtype a chunk at a time as it streams), copies on the model's stream on CUDA. Read under
-        the seqlock, not the lock."""
-        wires: Sequence[torch.dtype] = (
-            self.precision.pull_dtypes(self.params, names, wire_dtypes)
-            if wire_dtypes is None or isinstance(wire_dtypes, torch.dtype)
-            else wire_dtypes
-        )
-        if self.graphed is None:
-            return [
-                self.params[n].detach()
-                if self.params[n].device.type == "cpu"
-                else to_wire(self.params[n], w)
-                for n, w in zip(names, wires)
-            ]
-        with self.on_device():
-            return [self.host_copy(self.params[n], w) for n, w in zip(names, wires)]
+        `wire_dtypes` entry; read under the seqlock, not the lock (reads.py)."""
+        return host_copies(self.params, self.precision, self.graphed, names, wire_dtypes)
 
     def close(self) -> None:
         """The model was deleted: a push still in flight fails instead of stepping, and on CUDA
@@ -448,24 +355,18 @@ class HostedModel:
 
     def wait_for_version(self, version: int, timeout: float) -> bool:
         """Block until the model is at `version` (True) or `timeout` seconds passed (False)."""
-        reached = self.version_reached(version)
-        try:
-            reached.result(timeout)
-            return True
-        except FutureTimeout:
-            reached.cancel()
-            return False
+        return versions.wait(self.version_reached(version), timeout)
 
     def restore(
         self, version: int, skipped_steps: int, push_results: Mapping[str, PushResult]
     ) -> None:
         """Set counters after a snapshot was loaded (parameters and state loaded separately)."""
         with self._lock:
-            self._begin_write()
+            self.seqlock.begin_write(self.version)
             self.version = version
             self.skipped_steps = skipped_steps
             self.rounds.ledger.results.update(push_results)
-            self._end_write()
+            self.seqlock.end_write(self.version)
             self._version_waits.wake(self.version)
 
     def recent_push_results(self) -> dict[str, PushResult]:
@@ -484,13 +385,7 @@ class HostedModel:
             if self.graphed is None:
                 return state_io.state_by_name(self.optimizer), groups, self.version
             with self.on_device():
-                state = {
-                    name: {
-                        k: self.host_copy(v) if isinstance(v, torch.Tensor) else torch.tensor(v)
-                        for k, v in entry.items()
-                    }
-                    for name, entry in state_io.named_state(self.optimizer)
-                }
+                state = state_io.host_state(self.optimizer, self.host_copy)
             return state, groups, self.version
 
     def load_state(
@@ -500,17 +395,10 @@ class HostedModel:
     ) -> None:
         """torch's load_state_dict, keyed by name; hyperparameters from `groups`, implementation kept."""
         with self._lock:
-            names = self.group_names()
-            updates = [] if groups is None else state_io.group_updates(groups, names)
-            state_io.check_entries(state, self.params)
-            self.groups.check(updates)
-            new = dict(updates)
-            amsgrad = [
-                new.get(i, {}).get("amsgrad", r["amsgrad"]) for i, r in enumerate(self.requested)
-            ]
-            state_io.check_complete(state, names, amsgrad)
-            sd = state_io.load_dict(state, self.optimizer)
-            self._begin_write()
+            updates, sd = state_io.checked_load(
+                state, groups, self.params, self.groups, self.optimizer
+            )
+            self.seqlock.begin_write(self.version)
             try:
                 if self.graphed is not None:
                     # The old state is freed by load_state_dict, and captured addresses go stale:
@@ -519,23 +407,11 @@ class HostedModel:
                 with self.on_device():  # the new state is made on the step stream, its user
                     self.optimizer.load_state_dict(sd)
             finally:
-                self._end_write()
+                self.seqlock.end_write(self.version)
             with self.on_device():
                 self.groups.apply(updates)
             self._edited()
 
     def memory_bytes(self) -> dict[str, int]:
-        def size(ts: Any) -> int:
-            return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
-
         with self._lock:
-            state = sum(size(s.values()) for s in self.optimizer.state.values())
-            # On CUDA: pinned host sets, plus the static and landing gradients on the device.
-            device_grads = (
-                self.graphed.nbytes if self.graphed else size(self._device_grads.values())
-            )
-            return {
-                "params": size(self.params.values()),
-                "optimizer_state": state,
-                "staging": self.staging.nbytes + device_grads,
-            }
+            return self.stepper.memory_bytes(self.staging.nbytes)

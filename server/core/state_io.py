@@ -9,13 +9,14 @@ model bitwise unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
 
 from adamd.protocol.frames import trainable
 from adamd.protocol.hyper import IMPLEMENTATION_KEYS
+from adamd.server.core.groups import GroupEditor
 from adamd.server.errors import InvalidArgument
 
 T = TypeVar("T")
@@ -99,6 +100,17 @@ def state_by_name(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch
     }
 
 
+def host_state(
+    optimizer: torch.optim.Optimizer, copy: Callable[[torch.Tensor], torch.Tensor]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Every parameter's state keyed by name, each tensor through `copy` (on CUDA the model's
+    host_copy, inside its on_device()), numbers as 0-d tensors. Lock held."""
+    return {
+        name: {k: copy(v) if isinstance(v, torch.Tensor) else torch.tensor(v) for k, v in e.items()}
+        for name, e in named_state(optimizer)
+    }
+
+
 def torch_state_dict(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """optimizer.state_dict() with every group's param_names. Live tensors: copy under the lock."""
     sd = optimizer.state_dict()
@@ -164,6 +176,25 @@ def check_complete(state: NamedState, names: Sequence[Sequence[str]], amsgrad: l
                     f"state of {name!r} lacks {sorted(lacking)} (param group {i} needs"
                     f" {sorted(needed)}; a parameter that never stepped has no state at all)"
                 )
+
+
+def checked_load(
+    state: NamedState,
+    groups: Sequence[Mapping[str, Any]] | None,
+    params: Mapping[str, torch.Tensor],
+    editor: GroupEditor,
+    optimizer: torch.optim.Optimizer,
+) -> tuple[list[tuple[int, dict[str, Any]]], dict[str, Any]]:
+    """Every check of a state load (HostedModel.load_state), before anything changes: the
+    hyperparameter updates from `groups` and what optimizer.load_state_dict takes. Lock held."""
+    names = editor.names()
+    updates = [] if groups is None else group_updates(groups, names)
+    check_entries(state, params)
+    editor.check(updates)
+    new = dict(updates)
+    amsgrad = [new.get(i, {}).get("amsgrad", r["amsgrad"]) for i, r in enumerate(editor.requested)]
+    check_complete(state, names, amsgrad)
+    return updates, load_dict(state, optimizer)
 
 
 def load_dict(state: NamedState, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -6,6 +6,7 @@ timeout, and cancels it to stop waiting. The model wakes them after each step, u
 from __future__ import annotations
 
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 
 class VersionWaits:
@@ -36,3 +37,13 @@ class VersionWaits:
             elif not fut.done():
                 waiting.append((target, fut))
         self._waiting = waiting
+
+
+def wait(reached: Future[None], timeout: float) -> bool:
+    """Block until `reached` is done (True) or `timeout` seconds passed (False: it is cancelled)."""
+    try:
+        reached.result(timeout)
+        return True
+    except FutureTimeout:
+        reached.cancel()
+        return False

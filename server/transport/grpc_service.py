@@ -126,7 +126,7 @@ class OptimizerService:
         self.plane = plane
         self.ops = plane.ops
         self.on_call = on_call
-        # The bulk-data channel's tickets (server/transport/bulk.py: BulkServer.open), when it is on.
+        # The bulk-data channel's tickets (transport/bulk/connections.py: BulkServer.open), when on.
         self.bulk_tickets: Callable[[Caller], pb.OpenBulkReply] | None = None
 
     def cut(self) -> None:
