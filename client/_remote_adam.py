@@ -24,6 +24,7 @@ import grpc
 import torch
 
 from adamd.client._client import Client, push_result
+from adamd.client._compression import check_mode as check_compression
 from adamd.client._exceptions import AdamdError, NotFound, StalePush, from_rpc_error
 from adamd.client._overlap import GradStreamer, OpenPush, Queued, same_updates
 from adamd.client._tls import TLSConfig
@@ -226,7 +227,10 @@ class RemoteAdam(torch.optim.Optimizer):
     gRPC; "bulk": the channel, else gRPC; "grpc": always gRPC), `max_staleness`,
     `round_timeout_s` and `lease_s` (used when this worker creates the model), `chunk_bytes`
     (tensor bytes per gRPC frame, both ways), `overlap` (stream gradients to the server while
-    backward still runs, over the channel or gRPC; see below).
+    backward still runs, over the channel or gRPC; see below), `grad_compression` (None;
+    "int8": gradients as blockwise absmax int8 with error feedback, about 1 byte per value, the
+    quantization error kept per parameter on this worker and added to its next gradient;
+    "int8-noef": without the feedback; no overlap with either; not for sharded models yet).
 
     Overlap (`overlap=True`; off by default): each gradient's bytes leave as soon as backward has
     produced it, and `step()` only sends what is left and waits. A step whose streamed push cannot
@@ -283,6 +287,7 @@ class RemoteAdam(torch.optim.Optimizer):
         chunk_bytes: int | None = None,
         overlap: bool = False,
         slice_bytes: int | None = None,
+        grad_compression: str | None = None,
     ):
         options: dict[str, Any] = (
             dict(  # torch.optim.Adam's order, so param_groups print and pack alike
@@ -315,14 +320,21 @@ class RemoteAdam(torch.optim.Optimizer):
         self.state: defaultdict[Any, Any] = _ServerState(self._fetch_state)
         sizes = (("chunk_bytes", chunk_bytes), ("slice_bytes", slice_bytes))
         extra = {key: value for key, value in sizes if value is not None}
+        check_compression(grad_compression)
+        self.grad_compression = grad_compression
+        if grad_compression is not None:
+            extra["grad_compression"] = grad_compression
         self._client = client or Client(
             server, token=token, wire_dtype=wire_dtype, transport=transport, tls=tls, **extra
         )
+        if grad_compression is not None and self._client.sharded:
+            raise ValueError("grad_compression is not offered for a sharded model yet")
         self._owns_client = client is None
         self._connect(max_staleness, round_timeout_s, lease_s)
         self._synced = [self._options_of(g) for g in self.param_groups]
         # Overlap streams into one server; a sharded model pushes whole at step() (not yet).
-        streams = overlap and not self._client.sharded
+        # int8 quantizes a whole gradient with its residual at step(): no streaming during backward.
+        streams = overlap and not self._client.sharded and grad_compression is None
         self._streamer: GradStreamer | None = GradStreamer() if streams else None
         self._hooks: dict[int, Any] = {}
         self._hook_params(self._unique_params())
@@ -557,6 +569,7 @@ class RemoteAdam(torch.optim.Optimizer):
         elif grad_scale is not None:
             inv = grad_scale.double().reciprocal().float()
             grads = {n: g.float() * inv.to(g.device) for n, g in grads.items()}
+        compression = {"grad_compression": self.grad_compression} if self.grad_compression else {}
         return self._client.step(
             self.model,
             grads,
@@ -567,6 +580,7 @@ class RemoteAdam(torch.optim.Optimizer):
             loss=self._pending_loss,
             found_inf=skipped,
             hyper_updates=updates,
+            **compression,
         )
 
     def _finish_streamed(

@@ -33,7 +33,9 @@ from typing import Any
 
 import torch
 
+from adamd.protocol import ProtocolError
 from adamd.protocol.frames import TensorSink, to_wire, wire_dtype_of
+from adamd.protocol.quant import DecodingSink
 from adamd.server.core import options as adam_options
 from adamd.server.core import state_io
 from adamd.server.core.groups import GroupEditor, Updates
@@ -236,6 +238,12 @@ class HostedModel:
         ticket = self.rounds.open(meta, names)
         if ticket.cached is not None or ticket.joined is not None:
             return ticket
+        if buffers is not None and meta.blocks:
+            self.abort_push(ticket)
+            raise InvalidArgument(
+                "a same-host push carries its gradients raw in the session's file; int8-encoded"
+                " gradients stream (gRPC or the bulk channel)"
+            )
         if buffers is not None:
             try:
                 ticket.buffers = buffers(names)
@@ -249,7 +257,15 @@ class HostedModel:
         if self.graphed is not None:  # copy each gradient to the device as soon as it is complete
             sole = self.mode == ASYNC or self.world_size == 1
             early = self.graphed.prefetch(ticket.grads, names, ticket.buffers, sole=sole)
-        ticket.sink = TensorSink(ticket.buffers, [d for _, _, d in specs], early)
+        wires = [d for _, _, d in specs]
+        if meta.blocks:  # int8-encoded gradients: dequantized into their buffers as they complete
+            try:
+                ticket.sink = DecodingSink(ticket.buffers, wires, meta.blocks, early)
+            except ProtocolError as exc:
+                self.abort_push(ticket)  # gives the staging set back too
+                raise InvalidArgument(str(exc)) from exc
+        else:
+            ticket.sink = TensorSink(ticket.buffers, wires, early)
         return ticket
 
     def abort_push(self, ticket: PushTicket) -> None:

@@ -29,6 +29,9 @@ class PushMeta:
     loss: float | None = None
     scalars: Mapping[str, float] = field(default_factory=dict)
     hyper_updates: Sequence[tuple[int, Mapping[str, Any]]] = ()
+    # Per gradient in the header's order: its int8 block size (adamd.protocol.quant), 0 where it
+    # travels raw; empty: every gradient raw.
+    blocks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
