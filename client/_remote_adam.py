@@ -319,7 +319,7 @@ class RemoteAdam(torch.optim.Optimizer):
         super().__init__(params, options)
         self.state: defaultdict[Any, Any] = _ServerState(self._fetch_state)
         sizes = (("chunk_bytes", chunk_bytes), ("slice_bytes", slice_bytes))
-        extra = {key: value for key, value in sizes if value is not None}
+        extra: dict[str, Any] = {key: value for key, value in sizes if value is not None}
         check_compression(grad_compression)
         self.grad_compression = grad_compression
         if grad_compression is not None:
