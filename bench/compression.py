@@ -1,0 +1,103 @@
+"""Convergence of int8 gradient pushes: examples/char_lm.py trained with the same seeds and
+batches over each wire format, against one local `adamd serve`.
+
+    .venv/bin/python -m bench.compression [--steps 300] [--formats fp32,bf16,int8,int8-noef]
+
+One worker, sync; every run starts from the same initial parameters and sees the same batches, so
+the runs differ only in what the wire does to the gradients (and, for bf16, the parameters). It
+prints one row per format: the held-out loss at the end, the mean training loss of the last 10%
+of steps, and each one's ratio to the fp32 wire's. BENCHMARKS.md records a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+# name: (char_lm --wire-dtype, --grad-compression)
+FORMATS = {
+    "fp32": ("float32", "none"),
+    "bf16": ("bfloat16", "none"),
+    "int8": ("bfloat16", "int8"),  # int8 push with a bf16 pull: the slow-link setting
+    "int8-fp32pull": ("float32", "int8"),
+    "int8-noef": ("bfloat16", "int8-noef"),
+}
+
+
+def run(formats: list[str], steps: int, **sizes: int) -> dict[str, dict[str, float]]:
+    sys.path.insert(0, str(EXAMPLES))
+    import char_lm  # examples/char_lm.py
+    from _local_server import local_server
+
+    results: dict[str, dict[str, float]] = {}
+    with local_server() as server:
+        for name in formats:
+            wire, compression = FORMATS[name]
+            argv = [
+                "--steps", str(steps), "--model", f"conv-{name}", "--sample", "0",
+                "--log-every", str(10**9), "--wire-dtype", wire, "--grad-compression", compression,
+            ]  # fmt: skip
+            for key, value in sizes.items():
+                argv += [f"--{key}", str(value)]
+            args = char_lm.parser().parse_args(argv)
+            args.model = args.model or f"char-lm-{args.mode}"
+            start = time.monotonic()
+            with contextlib.redirect_stdout(io.StringIO()):
+                out = char_lm.train(args, server.grpc_address, None)
+            results[name] = {**out, "seconds": time.monotonic() - start}
+    return results
+
+
+def table(results: dict[str, dict[str, float]]) -> str:
+    base = results.get("fp32")
+    lines = [
+        "| wire (push / pull) | held-out loss | vs fp32 | train loss, last 10% | vs fp32 | time |",
+        "|---|---|---|---|---|---|",
+    ]
+    labels = {
+        "fp32": "fp32 / fp32",
+        "bf16": "bf16 / bf16",
+        "int8": "int8 + error feedback / bf16",
+        "int8-fp32pull": "int8 + error feedback / fp32",
+        "int8-noef": "int8, no error feedback / bf16",
+    }
+    for name, r in results.items():
+        rel = lambda key: f"{r[key] / base[key] - 1:+.2%}" if base else "-"  # noqa: E731
+        lines.append(
+            f"| {labels[name]} | {r['after']:.4f} | {rel('after')} | {r['train_tail']:.4f} |"
+            f" {rel('train_tail')} | {r['seconds']:.0f} s |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.compression", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--formats", default=",".join(FORMATS))
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    args = p.parse_args(argv)
+    formats = [f for f in args.formats.split(",") if f]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        p.error(f"unknown formats {unknown}; known: {list(FORMATS)}")
+    results = run(formats, args.steps, dim=args.dim, layers=args.layers)
+    print(table(results))
+    if args.json:
+        extra: dict[str, Any] = {"steps": args.steps, "dim": args.dim, "layers": args.layers}
+        args.json.write_text(json.dumps({**extra, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
