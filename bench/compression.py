@@ -71,16 +71,20 @@ def table(results: dict[str, dict[str, float]]) -> str:
         "int8-noef": "int8, no error feedback / bf16",
     }
     for name, r in results.items():
-        rel = lambda key: f"{r[key] / base[key] - 1:+.2%}" if base else "-"  # noqa: E731
+        after, tail = (
+            (f"{r[k] / base[k] - 1:+.2%}" if base else "-") for k in ("after", "train_tail")
+        )
         lines.append(
-            f"| {labels[name]} | {r['after']:.4f} | {rel('after')} | {r['train_tail']:.4f} |"
-            f" {rel('train_tail')} | {r['seconds']:.0f} s |"
+            f"| {labels[name]} | {r['after']:.4f} | {after} | {r['train_tail']:.4f} |"
+            f" {tail} | {r['seconds']:.0f} s |"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.compression", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m bench.compression", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--dim", type=int, default=64)

@@ -46,23 +46,34 @@ def check_finite(grads: Mapping[str, torch.Tensor]) -> None:
 @dataclass
 class Encoded:
     """One push's encoded gradients: `payloads` (uint8 CPU tensors, the wire bytes, resent as
-    they are on a retry) and their `specs`; `commit()` moves the residuals on (after the ack)."""
+    they are on a retry) and their `specs`; `commit()` moves the residuals on (after the ack).
+    `dequantized`: what the server steps with (float32, flat), when asked for."""
 
     specs: list[pb.TensorSpec]
     payloads: list[torch.Tensor]
-    dequantized: dict[str, torch.Tensor]  # what the server steps with (float32, flat)
+    dequantized: dict[str, torch.Tensor]
     _owner: Compressor | None = None
     _key: tuple[str, int] = ("", 0)
     _next: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def commit(self) -> None:
-        if self._owner is not None:
-            self._owner.residuals.setdefault(self._key, {}).update(self._next)
+        if self._owner is not None and self._next:
+            kept = self._owner.residuals.setdefault(self._key, {})
+            spare = self._owner.spares.setdefault(self._key, {})
+            for name, r in self._next.items():
+                old = kept.get(name)
+                kept[name] = r
+                if old is not None and old.shape == r.shape:
+                    spare[name] = old  # the next push's residual goes there: no new allocation
             self._next = {}
 
 
 class Compressor:
-    """Per-parameter error-feedback residuals of one client, keyed by (model, rank)."""
+    """Per-parameter error-feedback residuals of one client, keyed by (model, rank).
+
+    Memory on the worker, with feedback: the residual (4 bytes per parameter) and the one a push
+    in flight will leave (4 more, swapped in on the ack), plus one float32 scratch buffer the size
+    of the largest gradient."""
 
     def __init__(self, mode: str, block: int = quant.DEFAULT_BLOCK):
         check_mode(mode)
@@ -71,33 +82,62 @@ class Compressor:
         self.block = block
         self.feedback = mode == "int8"
         self.residuals: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self.spares: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self._scratch: dict[torch.device, torch.Tensor] = {}
 
     def residual(self, model: str, rank: int, name: str) -> torch.Tensor | None:
         return self.residuals.get((model, rank), {}).get(name)
 
     def reset(self, model: str | None = None) -> None:
         """Drop the residuals (of one model, or all)."""
-        for key in [k for k in self.residuals if model is None or k[0] == model]:
-            del self.residuals[key]
+        for table in (self.residuals, self.spares):
+            for key in [k for k in table if model is None or k[0] == model]:
+                del table[key]
 
-    def encode(self, model: str, rank: int, grads: Mapping[str, torch.Tensor]) -> Encoded:
+    def _work(self, n: int, device: torch.device) -> torch.Tensor:
+        buf = self._scratch.get(device)
+        if buf is None or buf.numel() < n:
+            buf = self._scratch[device] = torch.empty(n, dtype=torch.float32, device=device)
+        return buf[:n]
+
+    def encode(
+        self,
+        model: str,
+        rank: int,
+        grads: Mapping[str, torch.Tensor],
+        keep_dequantized: bool = False,
+    ) -> Encoded:
         """Quantize `grads` (plus their residuals, with feedback); nothing changes here until
         the returned push is committed."""
         check_finite(grads)
-        kept = self.residuals.get((model, rank), {})
+        key = (model, rank)
+        kept = self.residuals.get(key, {})
+        spare = self.spares.get(key, {})
         specs, payloads, deq, nxt = [], [], {}, {}
         for name, g in grads.items():
             if not g.dtype.is_floating_point:
                 raise ValueError(
                     f"gradient {name!r} is {g.dtype}: int8 compression is for real float tensors"
                 )
-            x = g.detach().reshape(-1).to(torch.float32)
-            r = kept.get(name) if self.feedback else None
-            if r is not None and r.numel() == x.numel():
-                x = x + r.to(x.device)
-            payload, values, _ = quant.quantize(x, self.block)
+            flat = g.detach().reshape(-1)
+            n = flat.numel()
+            work = self._work(n, flat.device)
+            payload = torch.empty(quant.payload_nbytes(n, self.block), dtype=torch.uint8)
             if self.feedback:
-                nxt[name] = x - values
+                r = kept.get(name)
+                x = spare.pop(name, None)
+                if x is None or x.numel() != n or x.device != flat.device:
+                    x = torch.empty(n, dtype=torch.float32, device=flat.device)
+                if r is not None and r.numel() == n:
+                    torch.add(flat, r, out=x)  # the gradient plus what earlier pushes dropped
+                else:
+                    x.copy_(flat)
+                work.copy_(x)
+                quant.quantize_into(work, self.block, payload)
+                nxt[name] = x.sub_(work)  # what this push drops, sent with the next one
+            else:
+                work.copy_(flat)
+                quant.quantize_into(work, self.block, payload)
             specs.append(
                 pb.TensorSpec(
                     name=name,
@@ -108,5 +148,6 @@ class Compressor:
                 )
             )
             payloads.append(payload)
-            deq[name] = values
-        return Encoded(specs, payloads, deq, self, (model, rank), nxt)
+            if keep_dequantized:
+                deq[name] = work.clone()
+        return Encoded(specs, payloads, deq, self, key, nxt)

@@ -115,10 +115,10 @@ def test_error_feedback_carries_what_rounding_dropped(daemon: Daemon, model_name
     comp, noef = Compressor("int8"), Compressor("int8-noef")
     sent = torch.zeros(2048)
     for _ in range(200):
-        e = comp.encode("m", 0, grads)
+        e = comp.encode("m", 0, grads, keep_dequantized=True)
         e.commit()
         sent += e.dequantized["w"]
-        lost = noef.encode("m", 0, grads)
+        lost = noef.encode("m", 0, grads, keep_dequantized=True)
         lost.commit()
         assert not lost.dequantized["w"][1:].any()
     total = grads["w"] * 200
@@ -156,7 +156,7 @@ def test_remote_adam_int8_matches_a_local_loop(daemon: Daemon, model_name: str) 
                 torch.nn.functional.mse_loss(m(x), y).backward()
             opt.step()
             named = dict(local.named_parameters())
-            e = comp.encode("m", 0, {n: p.grad for n, p in named.items()})
+            e = comp.encode("m", 0, {n: p.grad for n, p in named.items()}, keep_dequantized=True)
             e.commit()
             for n, p in named.items():
                 p.grad = e.dequantized[n].view(p.shape)

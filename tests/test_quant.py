@@ -123,3 +123,11 @@ def test_property_round_trip_bound(values: list[float], block: int) -> None:
     # float32 rounding of value/scale and of q*scale adds a few ulps to the half step
     slack = x.abs() * 1e-6
     assert bool((err <= _bound(x, block) * (1 + 1e-5) + slack).all())
+
+
+def test_dequantized_values_match_the_servers_bit_for_bit_signed_zeros_included() -> None:
+    x = torch.tensor([1.0, -1e-9, 1e-9, -0.0, 0.0] * 500)
+    payload, deq, _ = quant.quantize(x, 64)
+    out = torch.empty(x.numel())
+    quant.dequantize_into(out, payload, 64)
+    assert torch.equal(deq.view(torch.int32), out.view(torch.int32))

@@ -49,24 +49,43 @@ def quantize(
     x: torch.Tensor, block: int = DEFAULT_BLOCK
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(payload, dequantized, q) of tensor `x` (any real float dtype, any device; computed in
-    float32 on x's device): `payload` the uint8 wire bytes on the CPU, `dequantized` the float32
-    values the server will step with (flat, on x's device), `q` the int8 values (flat)."""
+    float32): `payload` the uint8 wire bytes on the CPU, `dequantized` the float32 values the
+    server will step with (flat, on x's device), `q` the int8 values (flat, CPU)."""
     check_block(block)
-    flat = x.detach().reshape(-1).to(torch.float32)
-    n = flat.numel()
+    work = x.detach().reshape(-1).to(torch.float32, copy=True)
+    payload = torch.empty(payload_nbytes(work.numel(), block), dtype=torch.uint8)
+    quantize_into(work, block, payload)
+    return payload, work, payload[4 * n_blocks(work.numel(), block) :].view(torch.int8)
+
+
+def quantize_into(work: torch.Tensor, block: int, payload: torch.Tensor) -> None:
+    """Quantize `work` (a flat contiguous float32 tensor, any device) into `payload` (uint8, CPU,
+    payload_nbytes long) and leave in `work` the dequantized values, q * scale in float32:
+    bit for bit what dequantize_into gives the server. One temporary-free pass per block row
+    beyond the division (the tensors of a large model are many megabytes: no full copies)."""
+    check_block(block)
+    n = work.numel()
     nb = n_blocks(n, block)
-    pad = nb * block - n
-    blocks = (
-        torch.nn.functional.pad(flat, (0, pad)).view(nb, block) if pad else flat.view(nb, block)
-    )
-    scales = blocks.abs().amax(dim=1) / _LEVELS
-    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    q = torch.round(blocks / safe[:, None]).clamp_(-_LEVELS, _LEVELS).to(torch.int8)
-    deq = (q.to(torch.float32) * scales[:, None]).reshape(-1)[:n]
-    payload = torch.empty(payload_nbytes(n, block), dtype=torch.uint8)
-    payload[: 4 * nb].view(torch.float32).copy_(scales)
-    payload[4 * nb :].view(torch.int8).copy_(q.reshape(-1)[:n])
-    return payload, deq, q.reshape(-1)[:n]
+    if payload.numel() != payload_nbytes(n, block):
+        raise ProtocolError(f"payload of {payload.numel()} bytes, need {payload_nbytes(n, block)}")
+    if not n:
+        return
+    full = n // block
+    parts = [(work[: full * block].view(full, block), 0, full)] if full else []
+    if full < nb:  # the last, shorter block
+        parts.append((work[full * block :].view(1, n - full * block), full, nb))
+    scales_out = payload[: 4 * nb].view(torch.float32)
+    q_out = payload[4 * nb :].view(torch.int8)
+    for rows, first, last in parts:
+        lo, hi = torch.aminmax(rows, dim=1)
+        scales = torch.maximum(lo.abs(), hi.abs()).div_(_LEVELS)
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))[:, None]
+        # now the int8 values, as floats (+ 0.0: a -0.0 is 0 in int8, and +0.0 on the server)
+        rows.div_(safe).round_().clamp_(-_LEVELS, _LEVELS).add_(0.0)
+        start = first * block
+        q_out[start : start + rows.numel()].copy_(rows.reshape(-1))
+        rows.mul_(scales[:, None])  # dequantized: q * scale, as the server computes it
+        scales_out[first:last].copy_(scales)
 
 
 def dequantize_into(out: torch.Tensor, payload: torch.Tensor, block: int) -> None:
@@ -84,13 +103,16 @@ def dequantize_into(out: torch.Tensor, payload: torch.Tensor, block: int) -> Non
         return
     scales = payload[: 4 * nb].view(torch.float32)
     q = payload[4 * nb :].view(torch.int8)
-    pad = nb * block - n
-    if pad:
-        full = torch.zeros(nb * block, dtype=torch.int8)
-        full[:n] = q
-        q = full
-    deq = (q.view(nb, block).to(torch.float32) * scales[:, None]).reshape(-1)[:n]
-    out.view(-1).copy_(deq) if out.is_contiguous() else out.copy_(deq.view(out.shape))
+    direct = out.dtype == torch.float32 and out.is_contiguous()
+    dst = out.view(-1) if direct else torch.empty(n, dtype=torch.float32)
+    dst.copy_(q)
+    full = n // block
+    if full:
+        dst[: full * block].view(full, block).mul_(scales[:full, None])
+    if full < nb:
+        dst[full * block :].mul_(scales[full])
+    if not direct:
+        out.copy_(dst.view(out.shape))
 
 
 class DecodingSink(TensorSink):
