@@ -305,3 +305,14 @@ def test_a_sharded_model_refuses_int8_for_now(daemon: Daemon) -> None:
         Client([daemon.grpc_address, "127.0.0.1:9"], grad_compression="int8")
     with pytest.raises(ValueError, match="grad_compression"):
         Client(daemon.grpc_address, grad_compression="int4")
+
+
+def test_char_lm_with_int8_ends_within_2_percent_of_the_fp32_wire() -> None:
+    """examples/char_lm.py, small and short (bench.compression runs the full size): the same
+    seeds and batches over the fp32 wire and over int8 pushes with error feedback."""
+    from bench import compression
+
+    results = compression.run(["fp32", "int8-fp32pull"], 40, dim=32, layers=1)
+    fp32, int8 = results["fp32"], results["int8-fp32pull"]
+    assert int8["after"] < fp32["before"] - 0.3  # it learned
+    assert abs(int8["after"] / fp32["after"] - 1) <= 0.02
