@@ -15,7 +15,8 @@ in a sync round each rank carries its own.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +37,11 @@ def check_finite(grads: Mapping[str, torch.Tensor]) -> None:
     """Refuse non-finite gradients before anything is quantized (an inf would make its block's
     scale inf and every value of the block nan), as the server refuses them."""
     for name, g in grads.items():
-        if not bool(torch.isfinite(g).all()):
+        # A finite sum proves every value finite (inf and nan propagate) in one read; only a
+        # non-finite sum, which may be an overflow of large finite values, pays the exact check.
+        if not bool(torch.isfinite(g.sum(dtype=torch.float32))) and not bool(
+            torch.isfinite(g).all()
+        ):
             raise NonFiniteGradient(
                 f"gradient {name!r} holds inf or nan; the push was rejected and nothing changed"
                 " (AMP: unscale first, or send found_inf so the step is skipped)"
@@ -50,13 +55,19 @@ class Encoded:
     `dequantized`: what the server steps with (float32, flat), when asked for."""
 
     specs: list[pb.TensorSpec]
-    payloads: list[torch.Tensor]
+    payloads: Sequence[torch.Tensor]
     dequantized: dict[str, torch.Tensor]
     _owner: Compressor | None = None
     _key: tuple[str, int] = ("", 0)
     _next: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def wait(self) -> None:
+        """Until every payload is quantized (and every residual computed)."""
+        if isinstance(self.payloads, _Pending):
+            self.payloads.wait()
+
     def commit(self) -> None:
+        self.wait()
         if self._owner is not None and self._next:
             kept = self._owner.residuals.setdefault(self._key, {})
             spare = self._owner.spares.setdefault(self._key, {})
@@ -84,6 +95,7 @@ class Compressor:
         self.residuals: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         self.spares: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         self._scratch: dict[torch.device, torch.Tensor] = {}
+        self._executor: ThreadPoolExecutor | None = None
 
     def residual(self, model: str, rank: int, name: str) -> torch.Tensor | None:
         return self.residuals.get((model, rank), {}).get(name)
@@ -106,48 +118,99 @@ class Compressor:
         rank: int,
         grads: Mapping[str, torch.Tensor],
         keep_dequantized: bool = False,
+        pipelined: bool = True,
     ) -> Encoded:
         """Quantize `grads` (plus their residuals, with feedback); nothing changes here until
-        the returned push is committed."""
-        check_finite(grads)
-        key = (model, rank)
-        kept = self.residuals.get(key, {})
-        spare = self.spares.get(key, {})
-        specs, payloads, deq, nxt = [], [], {}, {}
+        the returned push is committed. Every gradient is checked first (float, finite); with
+        `pipelined`, the quantizing then runs on a thread of this compressor's, one gradient
+        after the other, and `payloads[i]` waits for gradient i: the first is sent while the
+        next ones are still being quantized (torch releases the GIL)."""
         for name, g in grads.items():
             if not g.dtype.is_floating_point:
                 raise ValueError(
                     f"gradient {name!r} is {g.dtype}: int8 compression is for real float tensors"
                 )
-            flat = g.detach().reshape(-1)
-            n = flat.numel()
-            work = self._work(n, flat.device)
-            payload = torch.empty(quant.payload_nbytes(n, self.block), dtype=torch.uint8)
+        check_finite(grads)
+        key = (model, rank)
+        kept = self.residuals.get(key, {})
+        spare = self.spares.get(key, {})
+        names = list(grads)
+        specs = [
+            pb.TensorSpec(
+                name=name,
+                dtype=pb.FLOAT32,
+                shape=list(grads[name].shape),
+                encoding=quant.INT8,
+                block=self.block,
+            )
+            for name in names
+        ]
+        payloads = [
+            torch.empty(quant.payload_nbytes(grads[n].numel(), self.block), dtype=torch.uint8)
+            for n in names
+        ]
+        deq: dict[str, torch.Tensor] = {}
+        nxt: dict[str, torch.Tensor] = {}
+        # Buffers are taken here, on the caller's thread: the quantizing thread only computes.
+        plans = []
+        for name in names:
+            flat = grads[name].detach().reshape(-1)
+            x = None
             if self.feedback:
-                r = kept.get(name)
                 x = spare.pop(name, None)
-                if x is None or x.numel() != n or x.device != flat.device:
-                    x = torch.empty(n, dtype=torch.float32, device=flat.device)
-                if r is not None and r.numel() == n:
+                if x is None or x.numel() != flat.numel() or x.device != flat.device:
+                    x = torch.empty(flat.numel(), dtype=torch.float32, device=flat.device)
+            plans.append((name, flat, kept.get(name), x))
+
+        def one(i: int) -> None:
+            name, flat, r, x = plans[i]
+            work = self._work(flat.numel(), flat.device)
+            if x is not None:  # feedback
+                if r is not None and r.numel() == flat.numel():
                     torch.add(flat, r, out=x)  # the gradient plus what earlier pushes dropped
                 else:
                     x.copy_(flat)
                 work.copy_(x)
-                quant.quantize_into(work, self.block, payload)
+                quant.quantize_into(work, self.block, payloads[i])
                 nxt[name] = x.sub_(work)  # what this push drops, sent with the next one
             else:
                 work.copy_(flat)
-                quant.quantize_into(work, self.block, payload)
-            specs.append(
-                pb.TensorSpec(
-                    name=name,
-                    dtype=pb.FLOAT32,
-                    shape=list(g.shape),
-                    encoding=quant.INT8,
-                    block=self.block,
-                )
-            )
-            payloads.append(payload)
+                quant.quantize_into(work, self.block, payloads[i])
             if keep_dequantized:
                 deq[name] = work.clone()
+
+        big = sum(f.numel() for _, f, _, _ in plans) >= PIPELINE_MIN_VALUES
+        if pipelined and big and len(plans) > 1:
+            pending = _Pending(payloads, [self._pool().submit(one, i) for i in range(len(plans))])
+            return Encoded(specs, pending, deq, self, key, nxt)
+        for i in range(len(plans)):
+            one(i)
         return Encoded(specs, payloads, deq, self, key, nxt)
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="adamd-int8")
+        return self._executor
+
+
+# Below this many values in a push, quantize on the caller's thread (a thread hop costs more).
+PIPELINE_MIN_VALUES = 1 << 20
+
+
+class _Pending(Sequence[torch.Tensor]):
+    """A push's payloads while they are being quantized: item i waits for gradient i."""
+
+    def __init__(self, payloads: list[torch.Tensor], done: list[Future[None]]):
+        self._payloads = payloads
+        self._done = done
+
+    def __len__(self) -> int:
+        return len(self._payloads)
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        self._done[i].result()
+        return self._payloads[i]
+
+    def wait(self) -> None:
+        for f in self._done:
+            f.result()

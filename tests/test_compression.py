@@ -316,3 +316,39 @@ def test_char_lm_with_int8_ends_within_2_percent_of_the_fp32_wire() -> None:
     fp32, int8 = results["fp32"], results["int8-fp32pull"]
     assert int8["after"] < fp32["before"] - 0.3  # it learned
     assert abs(int8["after"] / fp32["after"] - 1) <= 0.02
+
+
+def test_a_large_push_is_quantized_while_it_is_sent_with_the_same_bytes(
+    daemon: Daemon, model_name: str
+) -> None:
+    """Over PIPELINE_MIN_VALUES a push's gradients are quantized on a thread while the earlier
+    ones are sent: the payloads and residuals are those of quantizing in line, and the server
+    steps with them."""
+    g = torch.Generator().manual_seed(5)
+    params = {"a": torch.randn(700_000, generator=g), "b": torch.randn(600_001, generator=g)}
+    inline = Compressor("int8")
+    with Client(daemon.grpc_address, transport="bulk", grad_compression="int8") as c:
+        c.create_model(model_name, params, lr=0.01)
+        ref = {n: p.clone() for n, p in params.items()}
+        opt = torch.optim.Adam(list(ref.values()), lr=0.01, fused=True)
+        for step in range(2):
+            grads = {n: torch.randn(p.shape, generator=g) for n, p in params.items()}
+            piped = Compressor("int8")
+            piped.residuals = {k: dict(v) for k, v in inline.residuals.items()}
+            a = piped.encode(model_name, 0, grads)
+            b = inline.encode(model_name, 0, grads, keep_dequantized=True, pipelined=False)
+            assert type(a.payloads).__name__ == "_Pending"
+            a.commit()
+            assert all(torch.equal(x, y) for x, y in zip(a.payloads, b.payloads))
+            b.commit()
+            out = {n: torch.empty(p.shape) for n, p in params.items()}
+            c.step(model_name, grads, out)
+            for n, p in ref.items():
+                p.grad = b.dequantized[n].view(p.shape)
+                assert torch.equal(
+                    c.compressor("int8").residual(model_name, 0, n),
+                    inline.residual(model_name, 0, n),
+                )
+            opt.step()
+            for n, p in ref.items():
+                assert torch.equal(out[n], p), (step, n)
