@@ -233,11 +233,8 @@ class Client:
         trusting the system's CA store; a TLSConfig for a private CA and a client certificate
         (servers started with --tls-client-ca).
         `slice_bytes` (several servers only): tensors larger than this are split along dim 0
-        over several shards (default 4 MiB).
-        `grad_compression`: None (gradients travel as their dtype, or `wire_dtype`); "int8":
-        blockwise absmax int8 with error feedback (about 1 byte per value; the quantization
-        error is kept per parameter here and added to its next gradient); "int8-noef": the same
-        without the feedback. Pulls are unaffected (pair it with wire_dtype=torch.bfloat16)."""
+        over several shards (default 4 MiB). `grad_compression`: None, "int8" (int8 pushes with
+        error feedback, adamd.client._compression) or "int8-noef" (without the feedback)."""
         servers = parse_servers(address)
         if len(servers) > 1:
             raise ValueError(f"{type(self).__name__} takes one server, got {servers}")
@@ -257,8 +254,7 @@ class Client:
         self.retry_timeout = retry_timeout
         self.chunk_bytes = chunk_bytes
         self.wire_dtype = wire_dtype
-        check_compression(grad_compression)
-        self.grad_compression = grad_compression
+        self.grad_compression = check_compression(grad_compression)
         self._compressors: dict[str, Compressor] = {}
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.tls = bool(tls)
@@ -548,26 +544,14 @@ class Client:
 
         `version`: the version the gradients were computed from (sync rounds and async staleness
         check it). Parameters not in `grads` get no step. A retry (automatic on connection loss)
-        reuses `push_id`, so the server applies the push exactly once. `grad_compression`
-        (default: the client's): "int8" / "int8-noef", see Client; such a push always streams
-        (gRPC or the bulk channel), never through a same-host session's file.
+        reuses `push_id`, so the server applies the push exactly once. `grad_compression`: see
+        Client ("int8": blockwise int8, error feedback; the default is the client's).
         """
         encoded = self._encode(model, rank, grads, grad_compression, found_inf)
         if encoded is not None:
-            header = _push_header(
-                model,
-                encoded.specs,
-                rank=rank,
-                push_id=push_id,
-                found_inf=found_inf,
-                scalars=scalars,
-                hyper_updates=hyper_updates,
-                version=version,
-                loss=loss,
-            )
-            r = self.call(lambda: self._push_once(header, encoded.payloads, None, True))
-            encoded.commit()  # acknowledged (applied, or answered as a duplicate): once
-            return push_result(r)
+            return self._push_encoded(model, encoded, rank=rank, push_id=push_id,
+                found_inf=found_inf, scalars=scalars, hyper_updates=hyper_updates,
+                version=version, loss=loss)  # fmt: skip
         names = list(grads)
         wire = wire_dtype or self.wire_dtype
         session = self._session(model) if wire is None else None
@@ -622,6 +606,13 @@ class Client:
                 session.busy.release()
         return push_result(r)
 
+    def _push_encoded(self, model: str, encoded: Encoded, **header_kw: Any) -> PushResult:
+        """An int8 push: its one payload sent (again on a retry), then its residuals moved on."""
+        header = _push_header(model, encoded.specs, **header_kw)
+        r = self.call(lambda: self._push_once(header, encoded.payloads, None, True))
+        encoded.commit()  # acknowledged (applied, or answered as a duplicate): once
+        return push_result(r)
+
     def compressor(self, mode: str) -> Compressor:
         """The error-feedback residuals this client keeps for `mode` ("int8", "int8-noef")."""
         if mode not in self._compressors:
@@ -638,11 +629,8 @@ class Client:
     ) -> Encoded | None:
         """The push's int8 encoding, or None where it travels raw: no compression, or a push
         with found_inf (skipped by the server whatever its values; the residuals stay)."""
-        mode = grad_compression or self.grad_compression
-        if mode is None:
-            return None
-        check_compression(mode)
-        if found_inf:
+        mode = check_compression(grad_compression or self.grad_compression)
+        if mode is None or found_inf:
             return None
         return self.compressor(mode).encode(model, rank, grads)
 

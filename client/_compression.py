@@ -28,9 +28,11 @@ from adamd.v1 import adamd_pb2 as pb
 MODES = ("int8", "int8-noef")
 
 
-def check_mode(mode: str | None) -> None:
+def check_mode(mode: str | None) -> str | None:
+    """`mode` itself, when it is one grad_compression knows (None: no compression)."""
     if mode is not None and mode not in MODES:
         raise ValueError(f"grad_compression must be None, 'int8' or 'int8-noef', got {mode!r}")
+    return mode
 
 
 def check_finite(grads: Mapping[str, torch.Tensor]) -> None:

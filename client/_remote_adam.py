@@ -320,10 +320,8 @@ class RemoteAdam(torch.optim.Optimizer):
         self.state: defaultdict[Any, Any] = _ServerState(self._fetch_state)
         sizes = (("chunk_bytes", chunk_bytes), ("slice_bytes", slice_bytes))
         extra: dict[str, Any] = {key: value for key, value in sizes if value is not None}
-        check_compression(grad_compression)
-        self.grad_compression = grad_compression
-        if grad_compression is not None:
-            extra["grad_compression"] = grad_compression
+        self.grad_compression = check_compression(grad_compression)
+        extra |= {"grad_compression": grad_compression} if grad_compression else {}
         self._client = client or Client(
             server, token=token, wire_dtype=wire_dtype, transport=transport, tls=tls, **extra
         )
@@ -333,8 +331,7 @@ class RemoteAdam(torch.optim.Optimizer):
         self._connect(max_staleness, round_timeout_s, lease_s)
         self._synced = [self._options_of(g) for g in self.param_groups]
         # Overlap streams into one server; a sharded model pushes whole at step() (not yet).
-        # int8 quantizes a whole gradient with its residual at step(): no streaming during backward.
-        streams = overlap and not self._client.sharded and grad_compression is None
+        streams = overlap and not self._client.sharded and not grad_compression  # int8: at step()
         self._streamer: GradStreamer | None = GradStreamer() if streams else None
         self._hooks: dict[int, Any] = {}
         self._hook_params(self._unique_params())
