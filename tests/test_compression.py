@@ -352,3 +352,12 @@ def test_a_large_push_is_quantized_while_it_is_sent_with_the_same_bytes(
             opt.step()
             for n, p in ref.items():
                 assert torch.equal(out[n], p), (step, n)
+
+
+def test_a_complex_gradient_is_refused_for_int8(daemon: Daemon, model_name: str) -> None:
+    with Client(daemon.grpc_address, grad_compression="int8") as c:
+        c.create_model(model_name, {"z": torch.zeros(4, dtype=torch.complex64)}, lr=0.1)
+        with pytest.raises(ValueError, match="real float"):
+            c.push_grad(model_name, {"z": torch.ones(4, dtype=torch.complex64)})
+        assert daemon.registry.get(model_name).version == 0
+        assert c.compressor("int8").residual(model_name, 0, "z") is None
