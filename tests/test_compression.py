@@ -361,3 +361,17 @@ def test_a_complex_gradient_is_refused_for_int8(daemon: Daemon, model_name: str)
             c.push_grad(model_name, {"z": torch.ones(4, dtype=torch.complex64)})
         assert daemon.registry.get(model_name).version == 0
         assert c.compressor("int8").residual(model_name, 0, "z") is None
+
+
+def test_the_core_refuses_encoded_gradients_in_a_same_host_file() -> None:
+    """A same-host session's file holds raw gradients: a push claiming int8 there is refused,
+    and its push id is not left in flight (the next push with it is taken)."""
+    from adamd.server.errors import InvalidArgument as ServerInvalid
+
+    from .hosted import begin, make_model, push
+
+    model = make_model()
+    grads = {"w": torch.ones(4), "b": torch.ones(2)}
+    with pytest.raises(ServerInvalid, match="same-host"):
+        begin(model, grads, streamed=False, push_id="p1", blocks=(2048, 2048))
+    assert push(model, grads, push_id="p1").wait().applied and model.version == 1
