@@ -1,22 +1,26 @@
 """`python -m bench.two_host`: adamd across two hosts, against PyTorch's RPC parameter server.
 
 Two Linux network namespaces joined by a veth pair stand in for two hosts: the server namespace
-(`adxh-s`, 10.72.0.1) runs `adamd serve --no-shm` and the torch RPC parameter server (TensorPipe
-limited to TCP: `_transports=["uv"], _channels=["basic"]`, what it uses between hosts); the worker
-namespace (`adxh-w`, 10.72.0.2) runs one worker process that measures every contender, interleaved
-rep by rep, so all of them see the same moments of a noisy machine. Variants (`--variants`):
+(`adxh<pid>s`, 10.72.0.1) runs `adamd serve --no-shm` and the torch RPC parameter server
+(TensorPipe limited to TCP: `_transports=["uv"], _channels=["basic"]`, what it uses between
+hosts); the worker namespace (`adxh<pid>w`, 10.72.0.2) runs one worker process that measures
+every contender, interleaved rep by rep, so all of them see the same moments of a noisy machine.
+Variants (`--variants`):
 
 - `mtu1500`: plain veth, MTU 1500.
 - `10gbe`: the same with `tc qdisc ... root tbf rate 10gbit` on both ends (emulated 10 GbE).
+- `1gbe`: the same with `tbf rate 1gbit` (emulated 1 GbE: the slow link int8 pushes are for).
 - `jumbo`: plain veth, MTU 9000 (not run by default).
 
 Measurements (`--what`):
 
 - `step`: RemoteAdam.step() round trip (push + server Adam + pull into the local parameters) at
-  `--step-size` fp32 params (default 25M) in `--tensors` tensors (default 4), wire fp32 and
-  bf16, over the bulk-data channel (the default across hosts: one STEP exchange) and over gRPC
-  streams (`transport="grpc"`); the torch RPC peer's push + fused Adam + pull (one `rpc_sync`) on
-  the same tensors. Best of `--reps` after `--warmup` calls of each.
+  `--step-size` params (default 25M) in `--tensors` tensors (default 4), one contender per entry
+  of STEP_CONTENDERS (RemoteAdam keyword arguments: wire fp32, bf16, int8 push with a bf16 pull,
+  over the bulk-data channel, the default across hosts, and over gRPC streams); the torch RPC
+  peer's push + fused Adam + pull (one `rpc_sync`) on the same tensors. Best of `--reps` after
+  `--warmup` calls of each, and the bytes that crossed the worker's veth end (both ways, read
+  from /proc/net/dev around each timed call: payload plus TCP/IP framing) per param per step.
 - `train`: a character-level transformer LM (torch.nn.TransformerEncoder, pre-norm, causal; on
   examples/data/sonnets.txt) trained with a local fused Adam; RemoteAdam on the same host (a
   second `adamd serve` in the worker's namespace: shared memory); RemoteAdam fp32 and bf16 across
@@ -28,8 +32,9 @@ Measurements (`--what`):
   step time (zero grad + forward + backward + optimizer step), its overhead over the local fused
   Adam, the median step time, and the mean time from the end of backward to the end of the step.
 
-Namespaces, veth and qdiscs are named `adxh-*` on 10.72.0.0/24, created per variant and removed
-afterwards (also on Ctrl-C, SIGTERM and errors). Needs root (`ip netns add`); without it the script
+Namespaces, veth and qdiscs are named `adxh<pid>*` (this run's process id, so runs never clash)
+on 10.72.0.0/24, created per variant and removed afterwards (also on Ctrl-C, SIGTERM and errors;
+those of a run killed with SIGKILL are removed by the next run, once their process is gone). Needs root (`ip netns add`); without it the script
 exits with a message. `--quick` is a smoke run (small sizes, 2 reps, no report unless `--out`).
 Figures go into their own section of BENCHMARKS.md ("two-host"), which `python -m bench` keeps.
 """
@@ -42,6 +47,7 @@ import copy
 import fcntl
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -66,8 +72,11 @@ from .common import parse_size, python_subprocess_env, shapes_for, size_label, s
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT / "examples" / "data" / "sonnets.txt"
-SERVER_NS, WORKER_NS = "adxh-s", "adxh-w"
-SERVER_IF, WORKER_IF = "adxh-vs", "adxh-vw"
+# This run's names (process id: concurrent runs, and other users of `ip netns`, never clash;
+# interface names stay under IFNAMSIZ, 15 characters).
+_TAG = f"adxh{os.getpid()}"
+SERVER_NS, WORKER_NS = f"{_TAG}s", f"{_TAG}w"
+SERVER_IF, WORKER_IF = f"{_TAG}vs", f"{_TAG}vw"
 SERVER_IP, WORKER_IP = "10.72.0.1", "10.72.0.2"
 ADAMD_PORT, RPC_PORT = 50051, 29533
 LOCAL_PORT = 50061  # a second adamd serve in the worker's namespace: the same-host contender
@@ -75,6 +84,7 @@ NOSTATS_PORT = 50071  # a third, beside the first, with step statistics off (--s
 LOCK = Path(tempfile.gettempdir()) / "adxh-two-host.lock"
 SECTION = "two-host"
 TBF_10GBE = "rate 10gbit burst 5mb latency 10ms"  # burst >= rate / HZ (5 MB at HZ=250)
+TBF_1GBE = "rate 1gbit burst 1mb latency 50ms"
 
 
 @dataclass(frozen=True)
@@ -88,16 +98,21 @@ class Variant:
 VARIANTS = {
     "mtu1500": Variant("mtu1500", 1500, None, "veth, MTU 1500"),
     "10gbe": Variant("10gbe", 1500, TBF_10GBE, f"veth, MTU 1500, `tbf {TBF_10GBE}` both ends"),
+    "1gbe": Variant("1gbe", 1500, TBF_1GBE, f"veth, MTU 1500, `tbf {TBF_1GBE}` both ends"),
     "jumbo": Variant("jumbo", 9000, None, "veth, MTU 9000"),
 }
-# adamd's default transport across hosts is the bulk-data channel; gRPC streams for comparison.
-CONTENDERS_STEP = (
-    "adamd fp32",
-    "adamd bf16",
-    "adamd gRPC fp32",
-    "adamd gRPC bf16",
-    "torch RPC",
-)
+# The step contenders: label -> RemoteAdam keyword arguments, plus "param_dtype" (the worker's
+# parameters and gradients, default float32); torch dtypes by name. adamd's default transport
+# across hosts is the bulk-data channel; gRPC streams for comparison. A master-weights row is one
+# more entry: {"param_dtype": "bfloat16", "master_dtype": "float32"}.
+STEP_CONTENDERS: dict[str, dict[str, Any]] = {
+    "adamd fp32": {},
+    "adamd bf16": {"wire_dtype": "bfloat16"},
+    "adamd int8 + bf16 pull": {"wire_dtype": "bfloat16", "grad_compression": "int8"},
+    "adamd gRPC fp32": {"transport": "grpc"},
+    "adamd gRPC bf16": {"transport": "grpc", "wire_dtype": "bfloat16"},
+}
+CONTENDERS_STEP = (*STEP_CONTENDERS, "torch RPC")
 CONTENDERS_TRAIN = (
     "local fused Adam",
     "adamd same host",
@@ -129,15 +144,28 @@ def namespace_problem() -> str | None:
     return None
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _remove_namespaces() -> None:
-    for ns in (SERVER_NS, WORKER_NS):  # deleting a namespace deletes its end of the veth pair
-        if ns in _ip("netns", "list", check=False).stdout.split():
+    """This run's namespaces, and those a run killed with SIGKILL left (its process is gone)."""
+    listed = [line.split()[0] for line in _ip("netns", "list", check=False).stdout.splitlines()]
+    for ns in listed:  # deleting a namespace deletes its end of the veth pair
+        m = re.fullmatch(r"adxh(\d+)[sw]", ns)
+        if ns in (SERVER_NS, WORKER_NS) or (m and not _pid_alive(int(m.group(1)))):
             _ip("netns", "del", ns, check=False)
 
 
 @contextlib.contextmanager
 def _run_lock() -> Iterator[None]:
-    """One two-host run at a time on this machine (they share the namespace names)."""
+    """One two-host run at a time on this machine (their timings would disturb each other)."""
     with open(LOCK, "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -309,18 +337,40 @@ def _rpc_ps_main() -> int:
 # --- the worker (runs in the worker namespace) ----------------------------------------------
 
 
-def _interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int) -> dict[str, Any]:
-    """Warm-up calls of each, then `reps` rounds calling each once; best and median seconds."""
+def _veth_bytes(ifname: str | None) -> int:
+    """Bytes received plus sent on `ifname` so far (this network namespace's /proc/net/dev)."""
+    if not ifname:
+        return 0
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, sep, rest = line.partition(":")
+        if sep and name.strip() == ifname:
+            fields = rest.split()
+            return int(fields[0]) + int(fields[8])
+    return 0
+
+
+def _interleaved(
+    fns: dict[str, Callable[[], object]], reps: int, warmup: int, ifname: str | None = None
+) -> dict[str, Any]:
+    """Warm-up calls of each, then `reps` rounds calling each once; best and median seconds,
+    and the mean bytes that crossed `ifname` (both ways) per call."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
+    moved: dict[str, list[int]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, fn in fns.items():
+            b = _veth_bytes(ifname)
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
-    return {k: {"best": min(v), "median": statistics.median(v), "all": v} for k, v in times.items()}
+            moved[k].append(_veth_bytes(ifname) - b)
+    return {
+        k: {"best": min(v), "median": statistics.median(v), "all": v,
+            "bytes": statistics.fmean(moved[k])}
+        for k, v in times.items()
+    }  # fmt: skip
 
 
 def _measure_step(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -332,21 +382,24 @@ def _measure_step(cfg: dict[str, Any]) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     fns: dict[str, Callable[[], object]] = {}
     opts = []
-    for label in CONTENDERS_STEP[:-1]:
-        wire = torch.bfloat16 if "bf16" in label else None
-        transport = "grpc" if "gRPC" in label else "auto"
-        params = [nn.Parameter(torch.zeros(s)) for s in shapes]
+    for label in cfg.get("step_contenders") or STEP_CONTENDERS:
+        kw = {
+            k: getattr(torch, v) if k.endswith("dtype") else v
+            for k, v in STEP_CONTENDERS[label].items()
+        }
+        dtype = kw.pop("param_dtype", torch.float32)
+        params = [nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes]
         for p in params:
-            p.grad = torch.randn(p.shape, generator=g) * 1e-3
+            p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(dtype)
+        kw.setdefault("transport", "auto")
         opt = RemoteAdam(params, lr=1e-3, server=cfg["adamd"],
-                         model="step-" + label[6:].replace(" ", "-"), transport=transport,
-                         wire_dtype=wire)  # fmt: skip
+                         model="step-" + re.sub(r"[^A-Za-z0-9]+", "-", label[6:]), **kw)  # fmt: skip
         opts.append(opt)
         fns[label] = opt.step
     rpc.rpc_sync("ps", _ps_setup_zeros, args=("step", shapes))
     grads = [torch.randn(s, generator=g) * 1e-3 for s in shapes]
     fns["torch RPC"] = partial(rpc.rpc_sync, "ps", _ps_push_pull, args=("step", grads))
-    out = _interleaved(fns, cfg["reps"], cfg["warmup"])
+    out = _interleaved(fns, cfg["reps"], cfg["warmup"], cfg.get("ifname"))
     rpc.rpc_sync("ps", _ps_drop, args=("step",))
     for opt in opts:
         opt.close()
@@ -498,20 +551,25 @@ def _ms(s: float | None) -> str:
 
 
 def _step_table(run: Run) -> list[str]:
-    adamd = CONTENDERS_STEP[:-1]
-    head = "| variant | " + " | ".join(f"{k} ms" for k in CONTENDERS_STEP) + " | "
-    head += " | ".join(f"{k[6:]} / RPC" for k in adamd) + " |"
-    lines = [head, "|" + " --- |" * (1 + len(CONTENDERS_STEP) + len(adamd))]
+    """One row per variant and contender: best (median) ms, bytes per param per step on the
+    wire, and the best time's ratio to adamd fp32's and to torch RPC's (< 1: faster)."""
+    lines = [
+        "| variant | contender | step ms, best (median) | bytes/param/step | vs adamd fp32 |"
+        " vs torch RPC |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for v in run.variants:
         st = run.results.get(v.name, {}).get("step")
         if not st:
             continue
-        t = st["times"]
-        best = {k: t[k]["best"] for k in CONTENDERS_STEP}
-        med = {k: t[k]["median"] for k in CONTENDERS_STEP}
-        cells = [f"{_ms(best[k])} ({_ms(med[k])})" for k in CONTENDERS_STEP]
-        ratios = [f"{best[k] / best['torch RPC']:.2f}x" for k in adamd]
-        lines.append(f"| {v.name} | " + " | ".join(cells + ratios) + " |")
+        t, n = st["times"], st["n"]
+        fp32 = t.get("adamd fp32", {}).get("best")
+        rpc = t["torch RPC"]["best"]
+        for k, x in t.items():
+            per = x.get("bytes", 0) / n
+            vs = f"{x['best'] / fp32:.2f}x" if fp32 else "—"
+            cells = [v.name, k, f"{_ms(x['best'])} ({_ms(x['median'])})", f"{per:.2f}", vs]
+            lines.append("| " + " | ".join([*cells, f"{x['best'] / rpc:.2f}x"]) + " |")
     return lines
 
 
@@ -567,10 +625,13 @@ def _train_desc(run: Run) -> str:
     )
 
 
-# Issue 13's targets, as ratios in one run: step time / torch RPC's, per variant (None: no target).
+# Targets, as ratios of best step times in one run: (contender, baseline) -> {variant: at most}.
+# Issue 13: fp32 and bf16 against torch RPC; issue 21: int8 + bf16 pull on 1 Gbit/s.
 STEP_TARGETS = {
-    "adamd fp32": {"mtu1500": 1.0, "10gbe": 1.0},
-    "adamd bf16": {"mtu1500": 0.7, "10gbe": 0.6},
+    ("adamd fp32", "torch RPC"): {"mtu1500": 1.0, "10gbe": 1.0},
+    ("adamd bf16", "torch RPC"): {"mtu1500": 0.7, "10gbe": 0.6},
+    ("adamd int8 + bf16 pull", "adamd fp32"): {"1gbe": 0.4},
+    ("adamd int8 + bf16 pull", "torch RPC"): {"1gbe": 0.25},
 }
 TRAIN_TARGETS = {
     "adamd same host": 0.03,
@@ -592,12 +653,12 @@ def target_lines(run: Run) -> list[str]:
         r = run.results.get(v.name, {})
         if "step" in r:
             best = {k: t["best"] for k, t in r["step"]["times"].items()}
-            for k, limits in STEP_TARGETS.items():
-                if v.name in limits:
-                    x = best[k] / best["torch RPC"]
+            for (k, base), limits in STEP_TARGETS.items():
+                if v.name in limits and k in best and base in best:
+                    x = best[k] / best[base]
                     lines.append(
                         f"- {_verdict(x <= limits[v.name])}: {v.name} RemoteAdam.step() {k[6:]}"
-                        f" <= {limits[v.name]:.1f}x torch RPC: {x:.2f}x"
+                        f" <= {limits[v.name]:.2f}x {base}: {x:.2f}x"
                     )
         if "train" in r:
             c = r["train"]["contenders"]
@@ -642,10 +703,12 @@ def render(run: Run) -> str:
         md += [
             "",
             f"RemoteAdam.step() round trip (push + server Adam + pull into the local parameters),"
-            f" {size_label(step['n'])} fp32 params in {step['tensors']} tensors; torch RPC: one"
+            f" {size_label(step['n'])} params in {step['tensors']} tensors; torch RPC: one"
             f" `rpc_sync` sending the gradients, fused Adam, parameters back. Best of"
             f" {run.cfg['reps']} after {run.cfg['warmup']} warm-up calls of each (median in"
-            " brackets); ratios of the best times (< 1: adamd faster).",
+            " brackets); ratios of the best times (< 1: faster). bytes/param/step: what crossed"
+            " the worker's veth end, both ways, per call (payload and TCP/IP framing; fp32 push"
+            " and pull carry 8 B of payload, bf16 4, int8 + bf16 pull 1.002 + 2).",
             "",
             *_step_table(run),
         ]
@@ -672,6 +735,8 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
         "adamd": f"{SERVER_IP}:{ADAMD_PORT}",
         "adamd_local": f"127.0.0.1:{LOCAL_PORT}",
         "adamd_nostats": f"{SERVER_IP}:{NOSTATS_PORT}",
+        "ifname": WORKER_IF,  # the worker's veth end: bytes on the wire per contender
+        "step_contenders": [c for c in args.contenders.split(",") if c] or list(STEP_CONTENDERS),
         "what": args.what.split(","),
         "step_n": parse_size(args.step_size or ("200k" if quick else "25M")),
         "tensors": args.tensors,
@@ -698,6 +763,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run: small sizes, 2 reps")
     p.add_argument("--step-size", help="fp32 params of the step round trip (default 25M)")
     p.add_argument("--tensors", type=int, default=4, help="tensors they are split into (4)")
+    p.add_argument(
+        "--contenders",
+        default="",
+        help="step contenders, comma-separated (default: all adamd ones)",
+    )
     p.add_argument("--reps", type=int, help="timed step repetitions, best kept (default 5)")
     p.add_argument("--warmup", type=int, help="warm-up calls / steps per contender (default 5)")
     p.add_argument("--lm-dim", type=int, help="LM width (default 320)")

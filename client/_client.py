@@ -17,6 +17,8 @@ import grpc
 import torch
 
 from adamd.client._addresses import parse_servers
+from adamd.client._compression import Compressor, Encoded
+from adamd.client._compression import check_mode as check_compression
 from adamd.client._exceptions import (
     AdamdError,
     InvalidArgument,
@@ -230,6 +232,7 @@ class Client:
         transport: str = "auto",
         tls: bool | TLSConfig | None = None,
         slice_bytes: int = DEFAULT_SLICE_BYTES,
+        grad_compression: str | None = None,
     ):
         """`timeout`: per-call deadline (None: none). `retry_timeout`: how long transient failures
         are retried before Unavailable is raised. `wire_dtype` (torch.bfloat16 / torch.float16):
@@ -244,7 +247,8 @@ class Client:
         trusting the system's CA store; a TLSConfig for a private CA and a client certificate
         (servers started with --tls-client-ca).
         `slice_bytes` (several servers only): tensors larger than this are split along dim 0
-        over several shards (default 4 MiB)."""
+        over several shards (default 4 MiB). `grad_compression`: None, "int8" (int8 pushes with
+        error feedback, adamd.client._compression) or "int8-noef" (without the feedback)."""
         servers = parse_servers(address)
         if len(servers) > 1:
             raise ValueError(f"{type(self).__name__} takes one server, got {servers}")
@@ -264,6 +268,8 @@ class Client:
         self.retry_timeout = retry_timeout
         self.chunk_bytes = chunk_bytes
         self.wire_dtype = wire_dtype
+        self.grad_compression = check_compression(grad_compression)
+        self._compressors: dict[str, Compressor] = {}
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.tls = bool(tls)
         self._channel = (
@@ -558,13 +564,20 @@ class Client:
         found_inf: bool = False,
         hyper_updates: Sequence[tuple[int, Mapping[str, Any]]] = (),
         wire_dtype: torch.dtype | None = None,
+        grad_compression: str | None = None,
     ) -> PushResult:
         """Push gradients; returns once the step they feed has been applied (sync: the round).
 
         `version`: the version the gradients were computed from (sync rounds and async staleness
         check it). Parameters not in `grads` get no step. A retry (automatic on connection loss)
-        reuses `push_id`, so the server applies the push exactly once.
+        reuses `push_id`, so the server applies the push exactly once. `grad_compression`: see
+        Client ("int8": blockwise int8, error feedback; the default is the client's).
         """
+        encoded = self._encode(model, rank, grads, grad_compression, found_inf)
+        if encoded is not None:
+            return self._push_encoded(model, encoded, rank=rank, push_id=push_id,
+                found_inf=found_inf, scalars=scalars, hyper_updates=hyper_updates,
+                version=version, loss=loss)  # fmt: skip
         names = list(grads)
         wire = wire_dtype or self.wire_dtype
         session = self._session(model) if wire is None else None
@@ -619,6 +632,34 @@ class Client:
                 session.busy.release()
         return push_result(r)
 
+    def _push_encoded(self, model: str, encoded: Encoded, **header_kw: Any) -> PushResult:
+        """An int8 push: its one payload sent (again on a retry), then its residuals moved on."""
+        header = _push_header(model, encoded.specs, **header_kw)
+        r = self.call(lambda: self._push_once(header, encoded.payloads, None, True))
+        encoded.commit()  # acknowledged (applied, or answered as a duplicate): once
+        return push_result(r)
+
+    def compressor(self, mode: str) -> Compressor:
+        """The error-feedback residuals this client keeps for `mode` ("int8", "int8-noef")."""
+        if mode not in self._compressors:
+            self._compressors[mode] = Compressor(mode)
+        return self._compressors[mode]
+
+    def _encode(
+        self,
+        model: str,
+        rank: int,
+        grads: Mapping[str, torch.Tensor],
+        grad_compression: str | None,
+        found_inf: bool,
+    ) -> Encoded | None:
+        """The push's int8 encoding, or None where it travels raw: no compression, or a push
+        with found_inf (skipped by the server whatever its values; the residuals stay)."""
+        mode = check_compression(grad_compression or self.grad_compression)
+        if mode is None or found_inf:
+            return None
+        return self.compressor(mode).encode(model, rank, grads)
+
     def _push_once(
         self,
         header: pb.PushHeader,
@@ -651,6 +692,7 @@ class Client:
         found_inf: bool = False,
         hyper_updates: Sequence[tuple[int, Mapping[str, Any]]] = (),
         wire_dtype: torch.dtype | None = None,
+        grad_compression: str | None = None,
     ) -> tuple[PushResult, PullResult]:
         """`push_grad`, then `pull(out=out)` of `out`'s parameters (what RemoteAdam.step does).
 
@@ -672,10 +714,16 @@ class Client:
             wire is None and _on_cpu(grads) and _on_cpu(out) and self._session(model) is not None
         )
         if self._bulk_channel() is None or on_host:
-            pushed = self.push_grad(model, grads, wire_dtype=wire_dtype, **push_kw)
+            pushed = self.push_grad(
+                model, grads, wire_dtype=wire_dtype, grad_compression=grad_compression, **push_kw
+            )
             return pushed, self.pull(model, names, out=out, wire_dtype=wire_dtype)
-        tensors = list(grads.values())
-        specs = [spec_of(n, t, wire) for n, t in grads.items()]
+        encoded = self._encode(model, rank, grads, grad_compression, found_inf)
+        if encoded is not None:
+            tensors, specs = encoded.payloads, encoded.specs
+        else:
+            tensors = list(grads.values())
+            specs = [spec_of(n, t, wire) for n, t in grads.items()]
         push_kw["push_id"] = push_id or uuid.uuid4().hex
         header = _push_header(model, specs, **push_kw)
         request = pb.PullRequest(model=model, names=names, chunk_bytes=self._pull_chunk)
@@ -699,6 +747,8 @@ class Client:
             return self._push_once(header, tensors, wire, network=False), None, False
 
         reply, pulled, consistent = self.call(attempt)
+        if encoded is not None:
+            encoded.commit()
         if pulled is not None and consistent:
             return push_result(reply), _pull_result(pulled, finals, landing)
         landing.release()

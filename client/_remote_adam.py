@@ -24,6 +24,7 @@ import grpc
 import torch
 
 from adamd.client._client import Client, push_result
+from adamd.client._compression import check_mode as check_compression
 from adamd.client._exceptions import AdamdError, NotFound, StalePush, from_rpc_error
 from adamd.client._overlap import GradStreamer, OpenPush, Queued, same_updates
 from adamd.client._tls import TLSConfig
@@ -229,7 +230,10 @@ class RemoteAdam(torch.optim.Optimizer):
     backward still runs, over the channel or gRPC; see below), `master_dtype` (torch.float32:
     the server holds bf16/fp16 parameters and their Adam state in float32, while gradients and
     pulled parameters travel in the parameters' own dtype; off unless asked, see
-    Client.create_model).
+    Client.create_model), `grad_compression` (None;
+    "int8": gradients as blockwise absmax int8 with error feedback, about 1 byte per value, the
+    quantization error kept per parameter on this worker and added to its next gradient;
+    "int8-noef": without the feedback; no overlap with either; not for sharded models yet).
 
     Overlap (`overlap=True`; off by default): each gradient's bytes leave as soon as backward has
     produced it, and `step()` only sends what is left and waits. A step whose streamed push cannot
@@ -287,21 +291,20 @@ class RemoteAdam(torch.optim.Optimizer):
         overlap: bool = False,
         slice_bytes: int | None = None,
         master_dtype: torch.dtype | None = None,
+        grad_compression: str | None = None,
     ):
-        options: dict[str, Any] = (
-            dict(  # torch.optim.Adam's order, so param_groups print and pack alike
-                lr=lr,
-                betas=betas,
-                eps=eps,
-                weight_decay=weight_decay,
-                amsgrad=amsgrad,
-                maximize=maximize,
-                foreach=foreach,
-                capturable=capturable,
-                differentiable=differentiable,
-                fused=fused,
-                decoupled_weight_decay=decoupled_weight_decay,
-            )
+        options: dict[str, Any] = dict(  # torch.optim.Adam's order: param_groups print alike
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
         )
         params = _checked_like_torch(params, options)
         self.model = model
@@ -319,15 +322,19 @@ class RemoteAdam(torch.optim.Optimizer):
         super().__init__(params, options)
         self.state: defaultdict[Any, Any] = _ServerState(self._fetch_state)
         sizes = (("chunk_bytes", chunk_bytes), ("slice_bytes", slice_bytes))
-        extra = {key: value for key, value in sizes if value is not None}
+        extra: dict[str, Any] = {key: value for key, value in sizes if value is not None}
+        self.grad_compression = check_compression(grad_compression)
+        extra |= {"grad_compression": grad_compression} if grad_compression else {}
         self._client = client or Client(
             server, token=token, wire_dtype=wire_dtype, transport=transport, tls=tls, **extra
         )
+        if grad_compression is not None and self._client.sharded:
+            raise ValueError("grad_compression is not offered for a sharded model yet")
         self._owns_client = client is None
         self._connect(max_staleness, round_timeout_s, lease_s)
         self._synced = [self._options_of(g) for g in self.param_groups]
         # Overlap streams into one server; a sharded model pushes whole at step() (not yet).
-        streams = overlap and not self._client.sharded
+        streams = overlap and not self._client.sharded and not grad_compression  # int8: at step()
         self._streamer: GradStreamer | None = GradStreamer() if streams else None
         self._hooks: dict[int, Any] = {}
         self._hook_params(self._unique_params())
@@ -568,6 +575,7 @@ class RemoteAdam(torch.optim.Optimizer):
         elif grad_scale is not None:
             inv = grad_scale.double().reciprocal().float()
             grads = {n: g.float() * inv.to(g.device) for n, g in grads.items()}
+        compression = {"grad_compression": self.grad_compression} if self.grad_compression else {}
         return self._client.step(
             self.model,
             grads,
@@ -578,6 +586,7 @@ class RemoteAdam(torch.optim.Optimizer):
             loss=self._pending_loss,
             found_inf=skipped,
             hyper_updates=updates,
+            **compression,
         )
 
     def _finish_streamed(

@@ -93,9 +93,14 @@ class ShardedClient(Client):
         transport: str = "auto",
         tls: Any = None,
         slice_bytes: int = DEFAULT_SLICE_BYTES,
+        grad_compression: str | None = None,
     ):
         if "shards" in self.__dict__:  # Client.__new__ built it already; Python calls again
             return
+        if grad_compression is not None:
+            raise ValueError(
+                "grad_compression is not offered for a model sharded over several servers yet"
+            )
         from adamd.client._addresses import parse_servers
 
         servers = parse_servers(address)

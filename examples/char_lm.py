@@ -11,6 +11,11 @@ Run it (from the repository root, after `make setup`):
 
     .venv/bin/torchrun --standalone --nproc-per-node 2 examples/char_lm.py
     .venv/bin/torchrun --standalone --nproc-per-node 2 examples/char_lm.py --mode async
+    .venv/bin/torchrun --standalone --nproc-per-node 2 examples/char_lm.py --grad-compression int8
+
+`--grad-compression int8` pushes gradients as blockwise int8 with error feedback (about a quarter
+of float32's bytes); `int8-noef` without the feedback; `--wire-dtype bfloat16` halves the bytes of
+pulls (and of pushes, when they are not int8). bench/compression.py compares their final losses.
 
 Without `--server`, rank 0 starts a local `adamd serve` on free ports and stops it at the end;
 `--server HOST:PORT` uses a running one instead (the model stays there, and a second run joins it
@@ -106,7 +111,9 @@ def share_address(address: str | None) -> str:
     return box[0]
 
 
-def train(args: argparse.Namespace, server: str, dashboard: str | None) -> None:
+def train(args: argparse.Namespace, server: str, dashboard: str | None) -> dict[str, float]:
+    """Train; returns the held-out loss before and after, and the mean training loss of the
+    last 10% of steps (what bench/compression.py compares)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     text = TEXT.read_text()
     chars = sorted(set(text))
@@ -124,6 +131,8 @@ def train(args: argparse.Namespace, server: str, dashboard: str | None) -> None:
         server=server,
         model=args.model,
         mode=args.mode,
+        wire_dtype=WIRE_DTYPES[args.wire_dtype],
+        grad_compression=None if args.grad_compression == "none" else args.grad_compression,
     )  # rank and world_size: from torchrun's RANK / WORLD_SIZE
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps, eta_min=args.lr / 10)
     g = torch.Generator().manual_seed(100 + rank)  # each worker its own batches
@@ -136,12 +145,14 @@ def train(args: argparse.Namespace, server: str, dashboard: str | None) -> None:
             print(f"dashboard: {dashboard}", flush=True)
     before = val_loss(net, held_out, args.context)
     start = time.monotonic()
+    losses: list[float] = []
     try:
         for step in range(args.steps):
             x, y = batch(train_data, args.batch, args.context, g)
             opt.zero_grad()
             loss = F.cross_entropy(net(x).flatten(0, 1), y.flatten())
             loss.backward()
+            losses.append(float(loss.detach()))
             opt.report_loss(loss)  # the dashboard's loss chart
             opt.step()
             sched.step()
@@ -160,13 +171,19 @@ def train(args: argparse.Namespace, server: str, dashboard: str | None) -> None:
                 f"held-out loss {before:.3f} -> {after:.3f} (uniform would be {math.log(len(chars)):.3f})"
             )
             print(f"final version {version}; {args.steps} steps per worker in {took:.1f}s")
-            out = net.sample(data[:1].view(1, 1), args.sample)[0]
-            print("sample:\n" + "".join(chars[int(i)] for i in out))
+            if args.sample:
+                out = net.sample(data[:1].view(1, 1), args.sample)[0]
+                print("sample:\n" + "".join(chars[int(i)] for i in out))
     finally:
         opt.close()
+    tail = losses[-max(len(losses) // 10, 1) :]
+    return {"before": before, "after": after, "train_tail": sum(tail) / len(tail)}
 
 
-def main() -> None:
+WIRE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--server", help="host:port of a running adamd (default: start one)")
     p.add_argument("--mode", choices=["sync", "async"], default="sync")
@@ -180,7 +197,18 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--sample", type=int, default=200, help="characters to generate at the end")
-    args = p.parse_args()
+    p.add_argument(
+        "--grad-compression",
+        choices=["none", "int8", "int8-noef"],
+        default="none",
+        help="int8: blockwise int8 gradients with error feedback; int8-noef: without it",
+    )
+    p.add_argument("--wire-dtype", choices=sorted(WIRE_DTYPES), default="float32")
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     args.model = args.model or f"char-lm-{args.mode}"
 
     world = int(os.environ.get("WORLD_SIZE", 1))

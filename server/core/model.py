@@ -26,6 +26,7 @@ one, and models do not wait for each other. Copies to the host go through `host_
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -34,7 +35,6 @@ from typing import Any
 
 import torch
 
-from adamd.protocol.frames import TensorSink
 from adamd.server.core import options as adam_options
 from adamd.server.core import state_io, versions
 from adamd.server.core.groups import GroupEditor, Updates
@@ -47,6 +47,7 @@ from adamd.server.core.pushes import (
     PushResult,
     PushTicket,
     StepRecord,
+    land,
 )
 from adamd.server.core.reads import SeqLock, host_copies, host_copy
 from adamd.server.core.rounds import ASYNC, SYNC, Rounds, check_settings
@@ -232,20 +233,21 @@ class HostedModel:
         ticket = self.rounds.open(meta, names)
         if ticket.cached is not None or ticket.joined is not None:
             return ticket
-        if buffers is not None:
-            try:
-                ticket.buffers = buffers(names)
-            except Exception:
-                self.abort_push(ticket)
-                raise
-            return ticket
-        ticket.grads = self.staging.acquire()
-        ticket.buffers = ticket.grads.take(names)
-        early = None
-        if self.graphed is not None:  # copy each gradient to the device as soon as it is complete
-            sole = self.mode == ASYNC or self.world_size == 1
-            early = self.graphed.prefetch(ticket.grads, names, ticket.buffers, sole=sole)
-        ticket.sink = TensorSink(ticket.buffers, [d for _, _, d in specs], early)
+        sole = self.mode == ASYNC or self.world_size == 1  # copies to the device early if sole
+        prefetch = self.graphed and functools.partial(self.graphed.prefetch, sole=sole)
+        try:
+            land(
+                ticket,
+                names,
+                [d for _, _, d in specs],
+                meta.blocks,
+                buffers,
+                self.staging,
+                prefetch,
+            )
+        except Exception:
+            self.abort_push(ticket)  # gives the staging set back too
+            raise
         return ticket
 
     def abort_push(self, ticket: PushTicket) -> None:

@@ -16,8 +16,11 @@ from typing import Any
 
 import torch
 
+from adamd.protocol import ProtocolError
 from adamd.protocol.frames import TensorSink
-from adamd.server.core.staging import GradSet
+from adamd.protocol.quant import DecodingSink
+from adamd.server.core.staging import GradSet, StagingPool
+from adamd.server.errors import InvalidArgument
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,9 @@ class PushMeta:
     loss: float | None = None
     scalars: Mapping[str, float] = field(default_factory=dict)
     hyper_updates: Sequence[tuple[int, Mapping[str, Any]]] = ()
+    # Per gradient in the header's order: its int8 block size (adamd.protocol.quant), 0 where it
+    # travels raw; empty: every gradient raw.
+    blocks: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -114,3 +120,37 @@ class ClosedRound:
     grads: dict[str, torch.Tensor]  # the mean per parameter, in place of the first buffer
     found_inf: bool  # some push reported inf/nan: the step is skipped
     partial: bool  # closed by its deadline without some ranks (of world_size, or registered)
+
+
+def land(
+    ticket: PushTicket,
+    names: list[str],
+    wires: list[torch.dtype],
+    blocks: Sequence[int],
+    given: Callable[[list[str]], list[torch.Tensor]] | None,
+    staging: StagingPool,
+    prefetch: Callable[..., Callable[[int], None] | None] | None,
+) -> None:
+    """Where a push's gradients land: `given` (the same-host session's file, the gradients
+    already in place), or a staging set's buffers they stream into through `ticket.sink`, an
+    int8-encoded one (`blocks`) through a payload buffer dequantized into it once complete.
+    `prefetch(grads, names, buffers)` may give a callback copying each to the device once
+    complete. The caller aborts the ticket when this raises."""
+    if given is not None:
+        if any(blocks):
+            raise InvalidArgument(
+                "a same-host push carries its gradients raw in the session's file; int8-encoded"
+                " gradients stream (gRPC or the bulk channel)"
+            )
+        ticket.buffers = given(names)
+        return
+    ticket.grads = staging.acquire()
+    ticket.buffers = ticket.grads.take(names)
+    early = prefetch(ticket.grads, names, ticket.buffers) if prefetch is not None else None
+    if not blocks:
+        ticket.sink = TensorSink(ticket.buffers, wires, early)
+        return
+    try:
+        ticket.sink = DecodingSink(ticket.buffers, wires, blocks, early)
+    except ProtocolError as exc:
+        raise InvalidArgument(str(exc)) from exc

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from adamd.protocol import ProtocolError
+from adamd.protocol import ProtocolError, quant
 from adamd.protocol.frames import dtype_from_pb, dtype_to_pb, shape_of
 from adamd.protocol.hyper import options_from_pb, options_to_pb
 from adamd.server.core.model import ASYNC, SYNC, HostedModel, PushMeta, PushResult
@@ -124,8 +124,26 @@ def model_info(model: HostedModel, created: bool = False) -> pb.ModelInfo:
     )
 
 
+def _blocks_from_pb(specs: Sequence[pb.TensorSpec]) -> tuple[int, ...]:
+    """Each gradient's int8 block size (0: raw); () when every gradient travels raw."""
+    blocks = []
+    for s in specs:
+        if s.encoding == pb.ENCODING_RAW:
+            blocks.append(0)
+            continue
+        if s.encoding != quant.INT8:
+            raise InvalidArgument(f"gradient {s.name!r}: unknown encoding {s.encoding}")
+        try:
+            quant.check_block(s.block)
+        except ProtocolError as exc:
+            raise InvalidArgument(f"gradient {s.name!r}: {exc}") from exc
+        blocks.append(int(s.block))
+    return tuple(blocks) if any(blocks) else ()
+
+
 def push_meta_from_pb(header: pb.PushHeader) -> PushMeta:
     return PushMeta(
+        blocks=_blocks_from_pb(header.grads),
         rank=header.rank,
         version=header.version if header.HasField("version") else None,
         push_id=header.push_id,
