@@ -103,12 +103,13 @@ VARIANTS = {
 }
 # The step contenders: label -> RemoteAdam keyword arguments, plus "param_dtype" (the worker's
 # parameters and gradients, default float32); torch dtypes by name. adamd's default transport
-# across hosts is the bulk-data channel; gRPC streams for comparison. A master-weights row is one
-# more entry: {"param_dtype": "bfloat16", "master_dtype": "float32"}.
+# across hosts is the bulk-data channel; gRPC streams for comparison. The master-weights row: bf16
+# parameters on the worker, fp32 master weights and Adam state on the server (bf16 both ways).
 STEP_CONTENDERS: dict[str, dict[str, Any]] = {
     "adamd fp32": {},
     "adamd bf16": {"wire_dtype": "bfloat16"},
     "adamd int8 + bf16 pull": {"wire_dtype": "bfloat16", "grad_compression": "int8"},
+    "adamd master, bf16 params": {"param_dtype": "bfloat16", "master_dtype": "float32"},
     "adamd gRPC fp32": {"transport": "grpc"},
     "adamd gRPC bf16": {"transport": "grpc", "wire_dtype": "bfloat16"},
 }
@@ -626,7 +627,7 @@ def _train_desc(run: Run) -> str:
 
 
 # Targets, as ratios of best step times in one run: (contender, baseline) -> {variant: at most}.
-# Issue 13: fp32 and bf16 against torch RPC; issue 21: int8 + bf16 pull on 1 Gbit/s.
+# fp32 and bf16 against torch RPC; int8 + bf16 pull on 1 Gbit/s against fp32 and torch RPC.
 STEP_TARGETS = {
     ("adamd fp32", "torch RPC"): {"mtu1500": 1.0, "10gbe": 1.0},
     ("adamd bf16", "torch RPC"): {"mtu1500": 0.7, "10gbe": 0.6},
