@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from adamd.client import Client, NonFiniteGradient, RemoteAdam
 from adamd.server import Daemon
 
-from .conftest import assert_bitwise_equal, snapshot
+from ..conftest import assert_bitwise_equal, snapshot
 
 LR = 1e-2
 STEPS = 10

@@ -32,7 +32,7 @@ from adamd.client._exceptions import from_rpc_error
 from adamd.protocol.frames import encode_frame, identity
 from adamd.v1 import adamd_pb2 as pb
 
-from .conftest import assert_bitwise_equal, running_daemon, snapshot
+from ..conftest import assert_bitwise_equal, running_daemon, snapshot
 
 SHAPES = {"w": (4, 3), "b": (3,)}
 

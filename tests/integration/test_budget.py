@@ -23,7 +23,7 @@ from adamd.server.errors import LimitExceeded as ServerLimitExceeded
 from adamd.server.errors import Unavailable
 from adamd.v1 import adamd_pb2 as pb
 
-from .conftest import running_daemon
+from ..conftest import running_daemon
 
 MiB = 1 << 20
 

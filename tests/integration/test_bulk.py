@@ -33,7 +33,7 @@ from adamd.protocol.bulk import DATA, END, FAIL, HELO, PREFIX, PULL, PUSH, Frame
 from adamd.server.auth import ANYONE
 from adamd.v1 import adamd_pb2 as pb
 
-from .conftest import assert_bitwise_equal, running_daemon, snapshot
+from ..conftest import assert_bitwise_equal, running_daemon, snapshot
 
 if TYPE_CHECKING:
     from adamd.server import Daemon

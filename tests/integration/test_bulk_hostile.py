@@ -25,7 +25,7 @@ from adamd.server.auth import ANYONE
 from adamd.server.transport import bulk as bulk_server
 from adamd.v1 import adamd_pb2 as pb
 
-from .conftest import assert_bitwise_equal, running_daemon, snapshot
+from ..conftest import assert_bitwise_equal, running_daemon, snapshot
 
 if TYPE_CHECKING:
     from adamd.server import Daemon

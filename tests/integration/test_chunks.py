@@ -17,7 +17,7 @@ from adamd.protocol.frames import (
 from adamd.server import Daemon
 from adamd.v1 import adamd_pb2 as pb
 
-from .conftest import running_daemon
+from ..conftest import running_daemon
 
 N = 3 << 20  # 12 MiB of float32
 

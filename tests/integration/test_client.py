@@ -11,7 +11,7 @@ import torch
 
 from adamd.client import Client, DeadlineExceeded, NotFound
 
-from .conftest import running_daemon
+from ..conftest import running_daemon
 
 
 def test_create_push_pull_describe_list_delete(

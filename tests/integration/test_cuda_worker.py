@@ -20,7 +20,7 @@ from adamd.protocol.frames import wire_chunks
 from adamd.protocol.pinned import HostBuffers, Landing, device_chunks
 from adamd.server import Daemon
 
-from .conftest import running_daemon
+from ..conftest import running_daemon
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

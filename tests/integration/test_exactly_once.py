@@ -21,8 +21,8 @@ import torch
 from adamd.client import Client
 from adamd.server import Daemon
 
-from . import workers
-from .conftest import assert_bitwise_equal, snapshot
+from .. import workers
+from ..conftest import assert_bitwise_equal, snapshot
 
 
 class CuttingProxy:

@@ -21,7 +21,7 @@ import torch
 from adamd.client import Client, InvalidArgument, NonFiniteGradient, RemoteAdam
 from adamd.server.cuda.step import WARMUP_STEPS
 
-from .conftest import assert_bitwise_equal, running_daemon, snapshot
+from ..conftest import assert_bitwise_equal, running_daemon, snapshot
 
 try:  # the daemon's extras (gRPC health and reflection, prometheus-client, safetensors)
     from adamd.server import Daemon

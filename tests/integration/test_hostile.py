@@ -25,7 +25,7 @@ from adamd.client import Client
 from adamd.protocol.frames import encode_frame, identity
 from adamd.v1 import adamd_pb2 as pb
 
-from .conftest import assert_bitwise_equal, snapshot
+from ..conftest import assert_bitwise_equal, snapshot
 
 MODEL = "hostile-target"
 SHAPES = {"w": (4, 3), "b": (3,)}

@@ -17,7 +17,7 @@ from adamd.client import Client
 from adamd.server import Daemon
 from adamd.server.cli.main import main as cli_main
 
-from .conftest import assert_bitwise_equal, running_daemon, snapshot
+from ..conftest import assert_bitwise_equal, running_daemon, snapshot
 
 SHAPES = {"w1": (16, 8), "b1": (16,), "w2": (4, 16)}
 STEPS = 6

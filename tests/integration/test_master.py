@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from adamd.client import Client, RemoteAdam
 from adamd.server import Daemon
 
-from .conftest import assert_bitwise_equal, running_daemon, snapshot
+from ..conftest import assert_bitwise_equal, running_daemon, snapshot
 
 STEPS = 50
 LR = 1e-3  # small enough that many updates are below bf16's resolution of the weights

@@ -12,7 +12,7 @@ from adamd.client import Client
 from adamd.client._exceptions import AdamdError
 from adamd.server import Daemon
 
-from .conftest import running_daemon
+from ..conftest import running_daemon
 
 
 def scrape(daemon: Daemon) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

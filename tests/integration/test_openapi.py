@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 
 from adamd.client import Client
 
-from .conftest import running_daemon
+from ..conftest import running_daemon
 
 TOKEN = "fuzz-token"
 

@@ -14,7 +14,7 @@ from adamd.client import Client
 from adamd.server.cli.main import main as cli_main
 from adamd.server.storage import format as fmt
 
-from .conftest import assert_bitwise_equal, running_daemon, snapshot
+from ..conftest import assert_bitwise_equal, running_daemon, snapshot
 
 
 def _grads(step: int, shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ import trustme
 from adamd.client import Client, RemoteAdam, TLSConfig, Unavailable
 from adamd.server import Daemon
 
-from .conftest import running_daemon
+from ..conftest import running_daemon
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from adamd.server.auth import AuthFileError, parse_policy, token_sha256
 from adamd.server.cli.main import main as cli_main
 from adamd.v1 import adamd_pb2 as pb
 
-from .conftest import assert_bitwise_equal, running_daemon, snapshot
+from ..conftest import assert_bitwise_equal, running_daemon, snapshot
 from .test_cli import serve
 
 RANK = {"read": 1, "train": 2, "admin": 3}

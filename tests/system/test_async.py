@@ -16,8 +16,8 @@ import torch
 from adamd.client import Client, StalePush
 from adamd.server import Daemon
 
-from . import workers
-from .conftest import assert_bitwise_equal, snapshot
+from .. import workers
+from ..conftest import assert_bitwise_equal, snapshot
 
 
 def test_two_async_workers_one_step_per_push(

@@ -14,7 +14,7 @@ import pytest
 from bench import adamd_runs, raw_grpc, report
 from bench.common import FP32, best_of, parse_size
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 N = 100_000
 
 

@@ -249,7 +249,7 @@ def test_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_daemon_docs_show_every_serve_flag() -> None:
     from adamd.server.cli.main import build_parser
 
-    readme = (Path(__file__).resolve().parent.parent / "docs" / "daemon.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "daemon.md").read_text()
     serve = build_parser()._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
     flags = [s for a in serve._actions for s in a.option_strings if s.startswith("--")]
     assert len(flags) > 10

@@ -25,8 +25,8 @@ import yaml
 
 from adamd.client import Client
 
-from . import docker_engine, workers
-from .docker_engine import docker
+from .. import docker_engine, workers
+from ..docker_engine import docker
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(900)]
 

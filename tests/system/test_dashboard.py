@@ -17,7 +17,7 @@ import torch
 from adamd.client import Client
 from adamd.server import Daemon
 
-from .conftest import running_daemon
+from ..conftest import running_daemon
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CHARTS = ("loss", "grad", "lr", "rate", "lag", "time", "scalars")

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import running_daemon
+from ..conftest import running_daemon
 
 ADAMD = Path(sys.executable).with_name("adamd")  # the console script `make demo` runs
 STEPS = 60

@@ -30,7 +30,7 @@ from adamd.server.config import ServerConfig
 
 from .test_cli import serve
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 BASE = DEPLOY / "k8s" / "base"
 
 

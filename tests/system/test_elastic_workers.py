@@ -24,8 +24,8 @@ from adamd.client import Client, RemoteAdam
 from adamd.server import Daemon
 from adamd.server.cli.main import main as cli_main
 
-from . import workers
-from .conftest import assert_bitwise_equal, running_daemon
+from .. import workers
+from ..conftest import assert_bitwise_equal, running_daemon
 
 LEASE_S = 1.5
 

@@ -18,7 +18,7 @@ import torch
 from adamd.client import Client
 from adamd.server import Daemon
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 TIMEOUT_S = 240  # generous: two busy cores, each process importing torch

@@ -24,7 +24,7 @@ from adamd.client import (
 )
 from adamd.server import Daemon
 
-from .conftest import running_daemon
+from ..conftest import running_daemon
 
 
 def _params() -> list[torch.nn.Parameter]:

@@ -48,7 +48,7 @@ pytestmark = [
 DEV = torch.device("cuda")
 LR = 1e-3
 BIG = 16 << 20  # elements: 64 MB of fp32 (32 MB of bf16)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- driving a model on the GPU without sockets --------------------------------------------------
@@ -522,7 +522,7 @@ def test_memory_bytes_counts_static_and_landing_gradients() -> None:
 _BROKEN_CAPTURE = """
 import torch
 from adamd.server.cuda.step import WARMUP_STEPS, graphs_disabled
-from tests.test_gpu_path import FP32, Reference, assert_equal, gpu_model, grads_at, host_state, init_values, push
+from tests.system.test_gpu_path import FP32, Reference, assert_equal, gpu_model, grads_at, host_state, init_values, push
 
 other = gpu_model("other", init_values(FP32, seed=1))
 other_ref = Reference(init_values(FP32, seed=1))

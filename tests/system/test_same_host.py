@@ -23,8 +23,8 @@ from adamd.server import Daemon
 from adamd.server.transport.same_host import SameHost
 from adamd.v1 import adamd_pb2 as pb
 
-from . import workers
-from .conftest import assert_bitwise_equal, running_daemon
+from .. import workers
+from ..conftest import assert_bitwise_equal, running_daemon
 from .test_cli import serve
 
 SHM = Path("/dev/shm")

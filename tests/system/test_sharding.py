@@ -31,7 +31,7 @@ from adamd.client._addresses import parse_servers
 from adamd.client._sharding import ShardedClient
 from adamd.protocol.layout import Layout
 
-from .conftest import running_daemon
+from ..conftest import running_daemon
 
 if TYPE_CHECKING:
     from adamd.server import Daemon

@@ -25,7 +25,7 @@ import torch
 from adamd.client import Client, NotFound
 from bench.netns import Switch
 
-from . import workers
+from .. import workers
 
 ADAMD = str(Path(sys.executable).with_name("adamd"))
 WORLD = 4

@@ -21,7 +21,7 @@ import torch
 from adamd.client import Client, DuplicatePush, StalePush
 from adamd.server import Daemon
 
-from . import workers
+from .. import workers
 
 
 def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -15,7 +15,7 @@ import torch
 from adamd.server.core.model import HostedModel, PushResult
 from adamd.server.errors import InvalidArgument, StalePush
 
-from .hosted import local_adam, make_model, push, state_of
+from ..hosted import local_adam, make_model, push, state_of
 from .test_rounds import rank_grads
 
 

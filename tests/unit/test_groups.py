@@ -10,7 +10,7 @@ import torch
 from adamd.server.core.groups import GroupEditor
 from adamd.server.errors import Aborted, InvalidArgument
 
-from .hosted import CPU, assert_same, local_adam, make_model, push, state_of
+from ..hosted import CPU, assert_same, local_adam, make_model, push, state_of
 
 
 def editor(**opts: object) -> GroupEditor:

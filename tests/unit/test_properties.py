@@ -21,7 +21,7 @@ from adamd.server.errors import InvalidArgument, ServerError
 from adamd.server.operations import Operations
 from adamd.v1 import adamd_pb2 as pb
 
-from .conftest import assert_bitwise_equal, snapshot
+from ..conftest import assert_bitwise_equal, snapshot
 
 FAST = settings(max_examples=200, deadline=None)
 HEADER = pb.PushHeader(model="m", grads=[pb.TensorSpec(name="b", shape=[3], dtype=pb.FLOAT32)])

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GENERATED = ["adamd_pb2.py", "adamd_pb2.pyi", "adamd_pb2_grpc.py"]
 
 

@@ -21,7 +21,7 @@ from adamd.server.core.model import HostedModel, PushResult
 from adamd.server.core.staging import layout
 from adamd.server.errors import Aborted, DuplicatePush, InvalidArgument, NotFound, StalePush
 
-from .hosted import assert_same, begin, local_adam, make_model, push, state_of, write
+from ..hosted import assert_same, begin, local_adam, make_model, push, state_of, write
 
 
 def rank_grads(rank: int) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from adamd.server.core.model import HostedModel
 from adamd.server.http import views
 from adamd.server.storage import interop as snapshot_interop
 
-from .hosted import CPU, make_model, push
+from ..hosted import CPU, make_model, push
 
 SHAPES = {"w": (4, 3), "b": (3,)}
 

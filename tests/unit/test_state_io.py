@@ -14,7 +14,7 @@ from adamd.server.core import state_io
 from adamd.server.core.model import HostedModel
 from adamd.server.errors import InvalidArgument
 
-from .hosted import assert_same, local_adam, make_model, push, state_of
+from ..hosted import assert_same, local_adam, make_model, push, state_of
 
 GROUPS = [{"params": ["w"], "lr": 0.1}, {"params": ["b", "c"], "lr": 0.01, "amsgrad": True}]
 
