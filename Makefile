@@ -26,13 +26,17 @@ lint: setup
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-# Two pytest workers, each taking whole test files (tests in a file share servers and fixtures).
+# The tests, by layer: tests/unit (the core, codecs, protos, architecture and docs checks; no
+# sockets, daemons or subprocesses), tests/integration (real daemons in this process, on loopback),
+# tests/system (real processes: `adamd serve`, workers, examples; namespaces, containers, browser).
+# `make test` runs all three on two pytest workers, each taking whole test files (tests in a file
+# share servers and fixtures); `make test-fast` the unit layer alone (under 2 minutes).
 PYTEST_WORKERS ?= 2
 test: setup browser lint
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile tests
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow and not browser" -x
+	$(PY) -m pytest -x tests/unit
 
 bench: setup
 	$(PY) -m bench

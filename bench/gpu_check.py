@@ -1,10 +1,10 @@
 """`make gpu-check` (`python -m bench.gpu_check`): the CUDA tests and the GPU benchmark rows, with
 the figures written into BENCHMARKS.md.
 
-1. The GPU tests: tests/test_gpu_path.py (the core under load: captures, streams, staging,
+1. The GPU tests: tests/system/test_gpu_path.py (the core under load: captures, streams, staging,
    deletion, snapshots, a broken capture; needs only torch, grpcio, protobuf, pytest) and
-   tests/test_gpu.py (through a gRPC-only daemon; skipped, and said so, where the daemon's extras
-   are missing), plus the CPU-side tests of the CUDA step logic.
+   tests/integration/test_gpu.py (through a gRPC-only daemon; skipped, and said so, where the
+   daemon's extras are missing), plus the CPU-side tests of the CUDA step logic.
 2. The benchmark rows, in this process: the server's Adam step at 100M fp32 params, replayed from
    its CUDA graph and eager, as a fraction of the 28 B/param HBM bound (at the device-to-device
    copy bandwidth measured here, and at the nominal peak where the device is known); the
@@ -34,7 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- begin gpu -->", "<!-- end gpu -->"  # as bench/report.py put_section writes them
 BYTES_PER_PARAM = 28  # fp32 Adam in place: read p, g, m, v; write p, m, v
 NOMINAL_HBM = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "B200": 8.0e12}  # bytes/s
-TESTS = ["tests/test_gpu_path.py", "tests/test_gpu.py", "tests/test_cuda_step.py"]
+TESTS = [
+    "tests/system/test_gpu_path.py",
+    "tests/integration/test_gpu.py",
+    "tests/unit/test_cuda_step.py",
+]
 EXTRAS = ["grpc_health", "grpc_reflection", "prometheus_client", "safetensors", "fastapi"]
 
 
