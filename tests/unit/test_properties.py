@@ -163,7 +163,12 @@ def mutated_state(
         entry = state[name]
         op = draw(st.sampled_from(["poison", "reshape", "drop", "rename", "retype", "extra"]))
         key = draw(st.sampled_from(sorted(entry) or ["step"]))
-        if op == "poison" and key in entry and entry[key].is_floating_point():
+        if (
+            op == "poison"
+            and key in entry
+            and entry[key].is_floating_point()
+            and entry[key].numel()
+        ):
             entry[key].view(-1)[0] = draw(
                 st.sampled_from([float("nan"), float("inf"), -float("inf")])
             )
