@@ -15,6 +15,7 @@ in a sync round each rank carries its own.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -97,6 +98,7 @@ class Compressor:
         self.residuals: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         self.spares: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         self._scratch: dict[torch.device, torch.Tensor] = {}
+        self._scratch_lock = threading.Lock()  # one quantizing at a time uses the scratch
         self._executor: ThreadPoolExecutor | None = None
 
     def residual(self, model: str, rank: int, name: str) -> torch.Tensor | None:
@@ -165,6 +167,10 @@ class Compressor:
             plans.append((name, flat, kept.get(name), x))
 
         def one(i: int) -> None:
+            with self._scratch_lock:  # pushes from several threads share the scratch buffers
+                quantize(i)
+
+        def quantize(i: int) -> None:
             name, flat, r, x = plans[i]
             work = self._work(flat.numel(), flat.device)
             if x is not None:  # feedback

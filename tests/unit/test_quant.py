@@ -131,3 +131,31 @@ def test_dequantized_values_match_the_servers_bit_for_bit_signed_zeros_included(
     out = torch.empty(x.numel())
     quant.dequantize_into(out, payload, 64)
     assert torch.equal(deq.view(torch.int32), out.view(torch.int32))
+
+
+def test_pushes_from_two_threads_quantize_as_one_at_a_time() -> None:
+    """A Client's compressor is shared by the threads pushing through it: the payloads two
+    threads encode at once are those each would encode alone (they share scratch buffers)."""
+    import threading
+
+    from adamd.client._compression import Compressor
+
+    g = torch.Generator().manual_seed(0)
+    grads = {r: {"w": torch.randn(500_000, generator=g) * (r + 1) * 100} for r in range(2)}
+    alone = {r: Compressor("int8").encode("m", r, grads[r]).payloads[0].clone() for r in range(2)}
+    shared = Compressor("int8")
+    mismatched = []
+
+    def push(rank: int) -> None:
+        for _ in range(20):
+            payload = shared.encode("m", rank, grads[rank]).payloads[0]
+            if not torch.equal(payload, alone[rank]):
+                mismatched.append(rank)
+            shared.reset()
+
+    threads = [threading.Thread(target=push, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not mismatched
