@@ -20,41 +20,42 @@ import torch
 from adamd.client._addresses import parse_servers
 from adamd.client._compression import Compressor, Encoded
 from adamd.client._compression import check_mode as check_compression
-from adamd.client._exceptions import InvalidArgument, Unavailable, from_rpc_error, invalid_input
+from adamd.client._exceptions import Unavailable, from_rpc_error, invalid_input
 from adamd.client._overlap import BulkStreamingPush, StreamingPush
-from adamd.client._tls import TLSConfig, channel_credentials, socket_context
-from adamd.client._transport.bulk import BulkChannel, BulkTransport, Unreachable
+from adamd.client._overlap import finish as finish_streamed
+from adamd.client._tls import TLSConfig, channel_credentials
+from adamd.client._transport.bulk import BulkChannel
 from adamd.client._transport.route import Route
-from adamd.client._transport.shm import SameHostSession, SameHostTransport
+from adamd.client._transport.shm import SameHostSession
 from adamd.client._transport.streams import SERVICE as _SERVICE
-from adamd.client._transport.streams import GrpcTransport
 from adamd.client._types import ModelInfo, PullResult, PushResult
 from adamd.client._wire import group_pb as _group_pb
-from adamd.client._wire import host_of, push_header, push_result
+from adamd.client._wire import (
+    model_config,
+    push_header,
+    push_result,
+    read_state,
+    state_header,
+)
 from adamd.client._wire import model_info as _model_info
 from adamd.client._wire import transient as _transient
 from adamd.protocol.frames import (
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNK_BYTES,
     MAX_MESSAGE_BYTES,
-    TensorSink,
-    decode_frame,
-    dtype_from_pb,
     dtype_to_pb,
     identity,
     iter_frames,
-    shape_of,
     spec_of,
     to_wire,
 )
-from adamd.protocol.hyper import options_from_pb, options_to_pb
+from adamd.protocol.hyper import options_to_pb
 from adamd.protocol.layout import DEFAULT_SLICE_BYTES
 from adamd.v1 import adamd_pb2 as pb
 
 __all__ = ["CHANNEL_OPTIONS", "Client", "push_result"]
 T = TypeVar("T")
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
-_MODES = {"sync": pb.SYNC, "async": pb.ASYNC}
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -202,30 +203,13 @@ class Client:
 
     def _routes(self, target: str, tls: bool | TLSConfig | None) -> Route:
         """The transports this client may use (by `transport`) and the route that picks one."""
-        self._bulk = self._bulk_of(target, tls) if self.transport != "grpc" else None
-        grpc_t = GrpcTransport(self._channel, self._kw, lambda: self.chunk_bytes)
-        self._push, self._pull = grpc_t.push_stub, grpc_t.pull_stub  # the raw gRPC streams
-        bulk = BulkTransport(self._bulk, lambda: self.chunk_bytes) if self._bulk else None
-        shm = SameHostTransport(self._channel, grpc_t, self._kw, self._metadata)
-        self._shm = shm if self.transport == "auto" else None
-        self._sessions = shm.sessions  # the models' same-host sessions (None: streamed)
-        return Route(grpc_t, bulk, self._shm, self.call)
-
-    def _bulk_of(self, address: str, tls: bool | TLSConfig | None) -> BulkChannel | None:
-        """The bulk-data channel to the server at `address` (None: a target form without a
-        host, such as unix:)."""
-        host = host_of(address)
-        if not host:
-            return None
-        ask = self._channel.unary_unary(
-            _SERVICE + "OpenBulk", lambda m: m.SerializeToString(), pb.OpenBulkReply.FromString
-        )
-        return BulkChannel(
-            host,
-            lambda: ask(pb.OpenBulkRequest(), metadata=self._metadata, timeout=10),
-            socket_context(tls) if tls else None,
-            self.timeout,
-        )
+        route = Route.open(self._channel, target, self.transport, tls, self._kw, self._metadata,
+            self.timeout, lambda: self.chunk_bytes, self.call)  # fmt: skip
+        self._bulk = route.bulk.channel if route.bulk is not None else None
+        self._push, self._pull = route.grpc.push_stub, route.grpc.pull_stub  # raw gRPC streams
+        self._shm = route.shm
+        self._sessions = route.shm.sessions if route.shm is not None else {}
+        return route
 
     def _bulk_channel(self) -> BulkChannel | None:
         """The bulk-data channel when it may be tried now; None: gRPC."""
@@ -285,38 +269,10 @@ class Client:
         push), each registration lasting `lease_s` seconds past its last push (0: the server's
         default, 30 s).
         """
-        if mode not in _MODES:
-            raise InvalidArgument(f"mode must be 'sync' or 'async', got {mode!r}")
-        elastic = world_size == "elastic"
-        if not elastic and not (isinstance(world_size, int) and world_size >= 1):
-            raise InvalidArgument(f"world_size must be at least 1 or 'elastic', got {world_size!r}")
-        names = list(params)
-        groups = param_groups or [{"params": names}]
-        tensors = [to_wire(params[n]) for n in names]
-        cfg = pb.ModelConfig(
-            model=model,
-            params=[spec_of(n, t) for n, t in zip(names, tensors)],
-            groups=[
-                _group_pb(
-                    g["params"], {**adam_kwargs, **{k: v for k, v in g.items() if k != "params"}}
-                )
-                for g in groups
-            ],
-            world_size=0 if elastic else int(world_size),
-            mode=_MODES[mode],
-            max_staleness=max_staleness,
-            round_timeout_s=round_timeout_s,
-            elastic=elastic,
-            lease_s=lease_s,
-            exist_ok=exist_ok,
-            layout=layout,
-        )
-        if master_dtype is not None:
-            if master_dtype not in (torch.float32, torch.float64):
-                raise InvalidArgument(
-                    f"master_dtype must be torch.float32 or torch.float64, got {master_dtype}"
-                )
-            cfg.master_dtype = dtype_to_pb(master_dtype)
+        cfg, tensors = model_config(model, params, param_groups=param_groups,
+            world_size=world_size, mode=mode, max_staleness=max_staleness,
+            round_timeout_s=round_timeout_s, lease_s=lease_s, exist_ok=exist_ok, layout=layout,
+            master_dtype=master_dtype, adam_kwargs=adam_kwargs)  # fmt: skip
         frames = self._upload(cfg.SerializeToString(), tensors)
         return _model_info(self.call(lambda: self._create(frames(), **self._kw())))
 
@@ -453,22 +409,6 @@ class Client:
             return None
         return self.compressor(mode).encode(model, rank, grads)
 
-    def _push_once(
-        self,
-        header: pb.PushHeader,
-        tensors: Sequence[torch.Tensor],
-        wire: torch.dtype | None,
-        network: bool,
-    ) -> pb.PushReply:
-        """One try of a push over the network (the bulk channel, else gRPC)."""
-        *before, last = self._route.network() if network else [self._route.grpc]
-        for transport in before:
-            try:
-                return transport.push(header, tensors, wire)
-            except Unreachable:
-                pass
-        return last.push(header, tensors, wire)
-
     @invalid_input()
     def step(
         self,
@@ -540,6 +480,34 @@ class Client:
             return BulkStreamingPush(bulk, header, self.wire_dtype, self.chunk_bytes)
         return StreamingPush(self._push, header, self.wire_dtype, self.chunk_bytes, self._kw())
 
+    def finish_push(
+        self,
+        stream: StreamingPush | BulkStreamingPush,
+        *,
+        amend: bool = False,
+        loss: float | None = None,
+        hyper_updates: Sequence[tuple[int, Mapping[str, Any]]] = (),
+    ) -> PushResult | None:
+        """End a stream from `open_push` (its gradients all sent) and wait for the reply. With
+        `amend`, a closing header replaces the opening one's loss and hyperparameter edits with
+        these. None where the stream failed (a dropped connection, a timeout, a server without
+        closing headers): push again under the same push id. Answers that a push again would
+        only repeat (FailedPrecondition, NotFound, LimitExceeded, Unauthenticated,
+        PermissionDenied) are raised."""
+        closing = None
+        if amend:
+            updates = [pb.GroupUpdate(group=i, options=options_to_pb(o)) for i, o in hyper_updates]
+            closing = pb.PushHeader(hyper_updates=updates)
+            if loss is not None:
+                closing.loss = float(loss)
+        reply = finish_streamed(stream, closing, self.timeout)
+        return push_result(reply) if reply is not None else None
+
+    def same_host(self, model: str) -> bool:
+        """Whether `model`'s pushes and pulls from here go through same-host shared memory
+        (attached on first use; False with `transport` other than "auto")."""
+        return self._session(model) is not None
+
     def pull_params(
         self, model: str, names: Sequence[str] | None = None, **kwargs: Any
     ) -> dict[str, torch.Tensor]:
@@ -589,26 +557,7 @@ class Client:
         return self.call(lambda: self._get_state_once(model))
 
     def _get_state_once(self, model: str) -> dict[str, Any]:
-        frames = iter(self._get_state(pb.GetStateRequest(model=model), **self._kw()))
-        first = decode_frame(next(frames))
-        header = pb.StateHeader.FromString(bytes(first.header or b""))
-        tensors = [torch.empty(shape_of(s), dtype=dtype_from_pb(s.dtype)) for s in header.tensors]
-        sink = TensorSink(tensors, [t.dtype for t in tensors])
-        if first.data.nbytes:
-            sink.write(first.tensor, first.offset, first.data)
-        for raw in frames:
-            f = decode_frame(raw)
-            sink.write(f.tensor, f.offset, f.data)
-        sink.check_complete()
-        return {
-            "state": {
-                e.param: {k: tensors[i] for k, i in e.tensors.items()} for e in header.states
-            },
-            "param_groups": [
-                {**options_from_pb(g.options), "params": list(g.params)} for g in header.groups
-            ],
-            "version": header.version,
-        }
+        return read_state(iter(self._get_state(pb.GetStateRequest(model=model), **self._kw())))
 
     @invalid_input()
     def load_state(
@@ -619,24 +568,6 @@ class Client:
     ) -> ModelInfo:
         """Load optimizer state keyed by parameter name (the shape get_state returns);
         `param_groups` (optional) also sets each group's hyperparameters."""
-        tensors: list[torch.Tensor] = []
-        specs, entries = [], []
-        for name, entry in state.items():
-            index = {}
-            for key, value in entry.items():
-                t = to_wire(
-                    value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-                )
-                index[key] = len(tensors)
-                tensors.append(t)
-                specs.append(spec_of(f"{name}/{key}", t))
-            entries.append(pb.ParamState(param=name, tensors=index))
-        groups = [
-            _group_pb(
-                g["params"], {k: v for k, v in g.items() if k not in ("params", "param_names")}
-            )
-            for g in (param_groups or ())
-        ]
-        header = pb.StateHeader(model=model, states=entries, tensors=specs, groups=groups)
+        header, tensors = state_header(model, state, param_groups)
         frames = self._upload(header.SerializeToString(), tensors)
         return _model_info(self.call(lambda: self._load_state(frames(), **self._kw())))

@@ -20,12 +20,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from copy import deepcopy
 from typing import Any
 
-import grpc
 import torch
 
-from adamd.client._client import Client, push_result
+from adamd.client._client import Client
 from adamd.client._compression import check_mode as check_compression
-from adamd.client._exceptions import AdamdError, NotFound, StalePush, from_rpc_error
+from adamd.client._exceptions import AdamdError, NotFound, StalePush
 from adamd.client._overlap import GradStreamer, OpenPush, Queued, same_updates
 from adamd.client._tls import TLSConfig
 from adamd.client._types import ModelInfo, PullResult, PushResult
@@ -34,10 +33,8 @@ from adamd.protocol.hyper import (
     ADAM_DEFAULTS,
     IMPLEMENTATION_KEYS,
     fused_refusal,
-    options_to_pb,
     same_value,
 )
-from adamd.v1 import adamd_pb2 as pb
 
 _STATE_ORDER = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 logger = logging.getLogger(__name__)
@@ -74,18 +71,6 @@ def _clone(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_clone(v) for v in value)
     return value
-
-
-# A streamed push refused with one of these is refused for good (a stale or duplicate rank, a
-# model gone, a limit, a bad token): raised as a push would raise it. Anything
-# else (connection loss, a deadline, a server without closing headers) pushes again whole.
-_DEFINITIVE = (
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.UNAUTHENTICATED,
-    grpc.StatusCode.PERMISSION_DENIED,
-)
 
 
 class _ServerState(defaultdict):  # type: ignore[type-arg]
@@ -602,32 +587,17 @@ class RemoteAdam(torch.optim.Optimizer):
             if index not in op.queued:
                 op.stream.send(Queued.of(index, grads[name]))
         loss = self._pending_loss
-        closing = None
-        if loss != op.loss or not same_updates(updates, op.updates, same_value):
-            closing = pb.PushHeader(
-                hyper_updates=[
-                    pb.GroupUpdate(group=i, options=options_to_pb(o)) for i, o in updates
-                ]
-            )
-            if loss is not None:
-                closing.loss = float(loss)
-        try:
-            return push_result(op.stream.finish(closing, self._client.timeout))
-        except grpc.RpcError as exc:
-            op.stream.cancel()
-            if exc.code() in _DEFINITIVE:  # the server's answer: pushing again would repeat it
-                raise from_rpc_error(exc) from None
-            logger.debug("model %s: the streamed push failed (%s); pushing again", self.model, exc)
-            return None
-        except grpc.FutureTimeoutError:
-            op.stream.cancel()
-            return None
+        amend = loss != op.loss or not same_updates(updates, op.updates, same_value)
+        result = self._client.finish_push(op.stream, amend=amend, loss=loss, hyper_updates=updates)
+        if result is None:
+            logger.debug("model %s: the streamed push failed; pushing again", self.model)
+        return result
 
     def _open_push(self) -> OpenPush | None:
         """The push this step's gradients stream into while backward runs (the first gradient's
         hook opens it); None where it would not stream (same-host shared memory)."""
         client = self._client
-        if client.wire_dtype is None and client._session(self.model) is not None:
+        if client.wire_dtype is None and client.same_host(self.model):
             return None
         params = [p for p in self._unique_params() if p.requires_grad]
         names = [self._name_of(p) for p in params]

@@ -7,16 +7,19 @@ server says the session is no longer current (SessionExpired: the model streams 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
+import grpc
 import torch
 
 from adamd.client._exceptions import AdamdError, SessionExpired
+from adamd.client._tls import TLSConfig, socket_context
 from adamd.client._transport.base import Tensors, Transport
-from adamd.client._transport.bulk import BulkTransport, Unreachable
+from adamd.client._transport.bulk import BulkChannel, BulkTransport, Unreachable
 from adamd.client._transport.shm import SameHostTransport
-from adamd.client._transport.streams import GrpcTransport
+from adamd.client._transport.streams import SERVICE, GrpcTransport
 from adamd.client._types import PullResult
+from adamd.client._wire import host_of
 from adamd.v1 import adamd_pb2 as pb
 
 T = TypeVar("T")
@@ -41,6 +44,38 @@ class Route:
         call: Call,
     ):
         self.grpc, self.bulk, self.shm, self._call = grpc, bulk, shm, call
+
+    @classmethod
+    def open(
+        cls,
+        channel: grpc.Channel,
+        target: str,
+        transport: str,
+        tls: bool | TLSConfig | None,
+        kw: Callable[[], dict[str, Any]],
+        metadata: Sequence[tuple[str, str]],
+        timeout: float | None,
+        chunk_bytes: Callable[[], int],
+        call: Call,
+    ) -> Route:
+        """The route over `channel` to `target`: gRPC always; the bulk-data channel unless
+        `transport` is "grpc" (and `target` names a host); same-host sessions when "auto"."""
+        streams = GrpcTransport(channel, kw, chunk_bytes)
+        bulk = None
+        host = host_of(target)
+        if transport != "grpc" and host:
+            ask = channel.unary_unary(
+                SERVICE + "OpenBulk", lambda m: m.SerializeToString(), pb.OpenBulkReply.FromString
+            )
+            bulk_channel = BulkChannel(
+                host,
+                lambda: ask(pb.OpenBulkRequest(), metadata=metadata, timeout=10),
+                socket_context(tls) if tls else None,
+                timeout,
+            )
+            bulk = BulkTransport(bulk_channel, chunk_bytes)
+        shm = SameHostTransport(channel, streams, kw, metadata) if transport == "auto" else None
+        return cls(streams, bulk, shm, call)
 
     def network(self) -> list[Transport]:
         """The transports a call over the network tries now, in order (gRPC last, always)."""
