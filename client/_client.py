@@ -84,7 +84,8 @@ class Client:
         if cls is Client and len(parse_servers(address)) > 1:
             from adamd.client._sharding import ShardedClient
 
-            return ShardedClient(address, **kwargs)
+            # Not a Client subclass: one Client per shard behind the same calls (ModelClient).
+            return ShardedClient(address, **kwargs)  # type: ignore[return-value]
         return super().__new__(cls)
 
     def __init__(

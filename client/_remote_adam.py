@@ -26,6 +26,7 @@ from adamd.client._client import Client
 from adamd.client._compression import check_mode as check_compression
 from adamd.client._exceptions import AdamdError, NotFound, StalePush
 from adamd.client._overlap import GradStreamer, OpenPush, Queued, same_updates
+from adamd.client._protocol import ModelClient
 from adamd.client._tls import TLSConfig
 from adamd.client._types import ModelInfo, PullResult, PushResult
 from adamd.protocol.frames import spec_of
@@ -266,7 +267,7 @@ class RemoteAdam(torch.optim.Optimizer):
         mode: str = "sync",
         token: str | None = None,
         tls: bool | TLSConfig | None = None,
-        client: Client | None = None,
+        client: ModelClient | None = None,
         wire_dtype: torch.dtype | None = None,
         transport: str = "auto",
         max_staleness: int = 0,
@@ -310,7 +311,7 @@ class RemoteAdam(torch.optim.Optimizer):
         extra: dict[str, Any] = {key: value for key, value in sizes if value is not None}
         self.grad_compression = check_compression(grad_compression)
         extra |= {"grad_compression": grad_compression} if grad_compression else {}
-        self._client = client or Client(
+        self._client: ModelClient = client or Client(
             server, token=token, wire_dtype=wire_dtype, transport=transport, tls=tls, **extra
         )
         if grad_compression is not None and self._client.sharded:
@@ -588,15 +589,22 @@ class RemoteAdam(torch.optim.Optimizer):
                 op.stream.send(Queued.of(index, grads[name]))
         loss = self._pending_loss
         amend = loss != op.loss or not same_updates(updates, op.updates, same_value)
-        result = self._client.finish_push(op.stream, amend=amend, loss=loss, hyper_updates=updates)
+        client = self._single()
+        result = client.finish_push(op.stream, amend=amend, loss=loss, hyper_updates=updates)
         if result is None:
             logger.debug("model %s: the streamed push failed; pushing again", self.model)
         return result
 
+    def _single(self) -> Client:
+        """The client of a model on one server (overlap streams into one; not sharded)."""
+        if not isinstance(self._client, Client):
+            raise TypeError(f"overlap needs a model on one server, not {type(self._client)}")
+        return self._client
+
     def _open_push(self) -> OpenPush | None:
         """The push this step's gradients stream into while backward runs (the first gradient's
         hook opens it); None where it would not stream (same-host shared memory)."""
-        client = self._client
+        client = self._single()
         if client.wire_dtype is None and client.same_host(self.model):
             return None
         params = [p for p in self._unique_params() if p.requires_grad]
