@@ -1,8 +1,9 @@
 """`Client`: one connection to an adamd server and every call of its API.
 
-Tensors stream as raw chunks (adamd.protocol.frames); calls that fail transiently (the server is
-restarting, a connection dropped) are retried with backoff, pushes under the same push id so the
-server applies them exactly once. Every failure surfaces as an adamd.client exception.
+Tensors stream as raw chunks (adamd.protocol.frames) over the transport client/_transport/route.py
+picks (same-host shared memory, the bulk-data channel, gRPC); calls that fail transiently (the
+server is restarting, a connection dropped) are retried with backoff, pushes under the same push id
+so the server applies them exactly once. Every failure surfaces as an adamd.client exception.
 """
 
 from __future__ import annotations
@@ -19,47 +20,42 @@ import torch
 from adamd.client._addresses import parse_servers
 from adamd.client._compression import Compressor, Encoded
 from adamd.client._compression import check_mode as check_compression
-from adamd.client._exceptions import (
-    AdamdError,
-    InvalidArgument,
-    SessionExpired,
-    Unavailable,
-    from_rpc_error,
-    invalid_input,
-)
+from adamd.client._exceptions import Unavailable, from_rpc_error, invalid_input
 from adamd.client._overlap import BulkStreamingPush, StreamingPush
-from adamd.client._tls import TLSConfig, channel_credentials, socket_context
-from adamd.client._transport.bulk import BulkChannel, Unreachable
+from adamd.client._overlap import finish as finish_streamed
+from adamd.client._tls import TLSConfig, channel_credentials
+from adamd.client._transport.bulk import BulkChannel
+from adamd.client._transport.route import Route
 from adamd.client._transport.shm import SameHostSession
+from adamd.client._transport.streams import SERVICE as _SERVICE
 from adamd.client._types import ModelInfo, PullResult, PushResult
-from adamd.protocol import ProtocolError
+from adamd.client._wire import group_pb as _group_pb
+from adamd.client._wire import (
+    model_config,
+    push_header,
+    push_result,
+    read_state,
+    state_header,
+)
+from adamd.client._wire import model_info as _model_info
+from adamd.client._wire import transient as _transient
 from adamd.protocol.frames import (
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNK_BYTES,
     MAX_MESSAGE_BYTES,
-    TensorSink,
-    decode_frame,
-    dtype_from_pb,
     dtype_to_pb,
     identity,
     iter_frames,
-    shape_of,
     spec_of,
     to_wire,
 )
-from adamd.protocol.hyper import options_from_pb, options_to_pb
+from adamd.protocol.hyper import options_to_pb
 from adamd.protocol.layout import DEFAULT_SLICE_BYTES
-from adamd.protocol.pinned import Landing
-from adamd.protocol.shared_files import host_id
 from adamd.v1 import adamd_pb2 as pb
 
+__all__ = ["CHANNEL_OPTIONS", "Client", "push_result"]
 T = TypeVar("T")
-_SERVICE = "/adamd.v1.Optimizer/"
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
-# grpc's details for a call cancelled on this side (by the application, or because the request
-# iterator raised): not transient.
-_LOCAL_CANCEL = ("Locally cancelled", "Exception iterating requests", "Exception serializing")
-_MODES = {"sync": pb.SYNC, "async": pb.ASYNC}
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -67,135 +63,6 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
-
-
-def _host_of(address: str) -> str:
-    """The host part of "host:port" / "[v6]:port" ("" for other target forms: no bulk channel)."""
-    if "://" in address or address.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
-        return ""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        return ""
-    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
-
-
-def _model_info(m: pb.ModelInfo) -> ModelInfo:
-    return ModelInfo(
-        name=m.model,
-        version=m.version,
-        mode="async" if m.mode == pb.ASYNC else "sync",
-        world_size=m.world_size,
-        device=m.device,
-        params={s.name: (shape_of(s), dtype_from_pb(s.dtype)) for s in m.params},
-        param_groups=[{**options_from_pb(g.options), "params": list(g.params)} for g in m.groups],
-        max_staleness=m.max_staleness,
-        round_timeout_s=m.round_timeout_s,
-        created=m.created,
-        skipped_steps=m.skipped_steps,
-        elastic=m.elastic,
-        lease_s=m.lease_s,
-        layout=m.layout,
-        master_dtype=dtype_from_pb(m.master_dtype) if m.master_dtype else None,
-        worker_dtypes={s.name: dtype_from_pb(d) for s, d in zip(m.params, m.worker_dtypes)},
-    )
-
-
-def _group_pb(names: Sequence[str], options: Mapping[str, Any]) -> pb.ParamGroup:
-    return pb.ParamGroup(params=list(names), options=options_to_pb(options))
-
-
-def _transient(err: grpc.RpcError) -> grpc.StatusCode | None:
-    """The call's status code, with a cancel by the server counted as UNAVAILABLE: a server that
-    stops past its grace period cancels the calls still in flight (adamd answers UNAVAILABLE
-    itself first, but work running on its threads at that moment cannot be cut short). Every
-    call is safe to repeat (pushes by their id), so a training loop never sees a restart."""
-    code = err.code() if hasattr(err, "code") else None
-    if code == grpc.StatusCode.CANCELLED:
-        details = (err.details() if hasattr(err, "details") else None) or ""
-        if not any(mark in details for mark in _LOCAL_CANCEL):
-            return grpc.StatusCode.UNAVAILABLE
-    return code
-
-
-def _push_header(
-    model: str,
-    specs: Sequence[pb.TensorSpec],
-    *,
-    rank: int = 0,
-    session: str = "",
-    push_id: str | None = None,
-    found_inf: bool = False,
-    scalars: Mapping[str, float] | None = None,
-    hyper_updates: Sequence[tuple[int, Mapping[str, Any]]] = (),
-    version: int | None = None,
-    loss: float | None = None,
-) -> pb.PushHeader:
-    header = pb.PushHeader(
-        model=model,
-        grads=specs,
-        rank=rank,
-        session=session,
-        push_id=push_id or uuid.uuid4().hex,
-        found_inf=found_inf,
-        scalars=dict(scalars or {}),
-        hyper_updates=[pb.GroupUpdate(group=i, options=options_to_pb(o)) for i, o in hyper_updates],
-    )
-    if version is not None:
-        header.version = version
-    if loss is not None:
-        header.loss = float(loss)
-    return header
-
-
-def _pull_targets(
-    header: pb.PullHeader, out: Mapping[str, torch.Tensor] | None, landing: Landing
-) -> tuple[TensorSink, dict[str, tuple[torch.Tensor | None, torch.Tensor, bool]]]:
-    """Where a pull's tensors land: `out`'s tensors themselves where they are contiguous CPU
-    tensors, pinned host buffers from `landing` for device tensors (a GPU worker's parameters),
-    else new ones (copied into `out` by _pull_result)."""
-    targets, finals = [], {}
-    for s in header.tensors:
-        shape, dtype = shape_of(s), dtype_from_pb(s.dtype)
-        dst = out.get(s.name) if out is not None else None
-        if dst is not None and tuple(dst.shape) != shape:
-            raise InvalidArgument(
-                f"out[{s.name!r}] has shape {list(dst.shape)}, server sent {list(shape)}"
-            )
-        direct = dst is not None and dst.device.type == "cpu" and dst.is_contiguous()
-        if dst is not None and direct:
-            buf = dst.detach()
-        elif dst is not None and dst.device.type != "cpu":
-            buf = landing.buffer_for(dst)  # copied up by landing.finish
-            direct = True
-        else:
-            buf = torch.empty(shape, dtype=dst.dtype if dst is not None else dtype)
-        targets.append(buf)
-        finals[s.name] = (dst, buf, direct)
-    return TensorSink(targets, [dtype_from_pb(s.dtype) for s in header.tensors]), finals
-
-
-def _pull_result(
-    header: pb.PullHeader,
-    finals: Mapping[str, tuple[torch.Tensor | None, torch.Tensor, bool]],
-    landing: Landing,
-) -> PullResult:
-    landing.finish()
-    params = {}
-    with torch.no_grad():
-        for s in header.tensors:
-            dst, buf, direct = finals[s.name]
-            if dst is not None and not direct:
-                dst.copy_(buf)
-            params[s.name] = dst if dst is not None else buf
-    return PullResult(header.version, params)
-
-
-def _on_cpu(tensors: Mapping[str, torch.Tensor]) -> bool:
-    return all(t.device.type == "cpu" for t in tensors.values())
-
-
-def push_result(r: pb.PushReply) -> PushResult:
-    return PushResult(r.version, r.applied, r.found_inf, r.contributors, r.duplicate, r.partial)
 
 
 class Client:
@@ -217,7 +84,8 @@ class Client:
         if cls is Client and len(parse_servers(address)) > 1:
             from adamd.client._sharding import ShardedClient
 
-            return ShardedClient(address, **kwargs)
+            # Not a Client subclass: one Client per shard behind the same calls (ModelClient).
+            return ShardedClient(address, **kwargs)  # type: ignore[return-value]
         return super().__new__(cls)
 
     def __init__(
@@ -256,7 +124,6 @@ class Client:
         if transport not in ("auto", "bulk", "grpc"):
             raise ValueError(f"transport must be 'auto', 'bulk' or 'grpc', got {transport!r}")
         self.transport = transport
-        self._sessions: dict[str, SameHostSession | None] = {}
         # Pulls ask for a chunk size only when one is given (0: the server's --chunk-bytes).
         self._pull_chunk = 0 if chunk_bytes is None else min(chunk_bytes, MAX_CHUNK_BYTES)
         chunk_bytes = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
@@ -280,8 +147,6 @@ class Client:
         ser = lambda m: m.SerializeToString()
         ch = self._channel
         self._create = ch.stream_unary(_SERVICE + "CreateModel", identity, pb.ModelInfo.FromString)
-        self._push = ch.stream_unary(_SERVICE + "PushGrad", identity, pb.PushReply.FromString)
-        self._pull = ch.unary_stream(_SERVICE + "PullParams", ser, identity)
         self._get_state = ch.unary_stream(_SERVICE + "GetState", ser, identity)
         self._load_state = ch.stream_unary(
             _SERVICE + "LoadState", identity, pb.ModelInfo.FromString
@@ -294,11 +159,9 @@ class Client:
         self._list = ch.unary_unary(_SERVICE + "ListModels", ser, pb.ListModelsReply.FromString)
         self._delete = ch.unary_unary(_SERVICE + "DeleteModel", ser, pb.DeleteReply.FromString)
         self._snapshot = ch.unary_unary(_SERVICE + "Snapshot", ser, pb.SnapshotInfo.FromString)
-        self._attach = ch.unary_unary(_SERVICE + "Attach", ser, pb.AttachReply.FromString)
-        self._detach = ch.unary_unary(_SERVICE + "Detach", ser, pb.DetachReply.FromString)
         self._join = ch.unary_unary(_SERVICE + "Join", ser, pb.JoinReply.FromString)
         self._leave = ch.unary_unary(_SERVICE + "Leave", ser, pb.LeaveReply.FromString)
-        self._bulk = self._bulk_of(target, tls) if transport != "grpc" else None
+        self._route = self._routes(target, tls)
 
     # --- plumbing -------------------------------------------------------------------------------
 
@@ -307,8 +170,8 @@ class Client:
         return self
 
     def close(self) -> None:
-        for model in list(self._sessions):
-            self._drop_session(model)
+        if self._shm is not None:
+            self._shm.close()
         if self._bulk is not None:
             self._bulk.close()
         self._channel.close()
@@ -337,23 +200,17 @@ class Client:
                     raise Unavailable(f"{self.address}: {exc}") from None
                 raise exc from None
 
-    # --- same-host sessions ---------------------------------------------------------------------
+    # --- transports ---------------------------------------------------------------------------
 
-    def _bulk_of(self, address: str, tls: bool | TLSConfig | None) -> BulkChannel | None:
-        """The bulk-data channel to the server at `address` (None: a target form without a
-        host, such as unix:)."""
-        host = _host_of(address)
-        if not host:
-            return None
-        ask = self._channel.unary_unary(
-            _SERVICE + "OpenBulk", lambda m: m.SerializeToString(), pb.OpenBulkReply.FromString
-        )
-        return BulkChannel(
-            host,
-            lambda: ask(pb.OpenBulkRequest(), metadata=self._metadata, timeout=10),
-            socket_context(tls) if tls else None,
-            self.timeout,
-        )
+    def _routes(self, target: str, tls: bool | TLSConfig | None) -> Route:
+        """The transports this client may use (by `transport`) and the route that picks one."""
+        route = Route.open(self._channel, target, self.transport, tls, self._kw, self._metadata,
+            self.timeout, lambda: self.chunk_bytes, self.call)  # fmt: skip
+        self._bulk = route.bulk.channel if route.bulk is not None else None
+        self._push, self._pull = route.grpc.push_stub, route.grpc.pull_stub  # raw gRPC streams
+        self._shm = route.shm
+        self._sessions = route.shm.sessions if route.shm is not None else {}
+        return route
 
     def _bulk_channel(self) -> BulkChannel | None:
         """The bulk-data channel when it may be tried now; None: gRPC."""
@@ -363,42 +220,11 @@ class Client:
 
     def _session(self, model: str) -> SameHostSession | None:
         """This model's shared-memory session, attached on first use; None means the network."""
-        if self.transport != "auto":
-            return None
-        if model not in self._sessions:
-            session = None
-            try:
-                reply = self._attach(pb.AttachRequest(model=model, host_id=host_id()), **self._kw())
-            except grpc.RpcError:
-                reply = pb.AttachReply(accepted=False)
-            if reply.accepted:
-                try:
-                    session = SameHostSession(model, reply)
-                except (OSError, ValueError, RuntimeError):
-                    # Accepted but unusable (the files are not visible here): give them back.
-                    self._detach_quietly(model, reply.session)
-            self._sessions[model] = session
-        session = self._sessions[model]
-        if session is not None and not session.valid():
-            self._drop_session(model)
-            return self._session(model)
-        return session
+        return self._shm.session(model) if self._shm is not None else None
 
     def _drop_session(self, model: str, *, reattach: bool = True) -> None:
-        """Forget the model's session; without `reattach`, this client streams from now on."""
-        session = self._sessions.pop(model, None)
-        if not reattach:
-            self._sessions[model] = None
-        if session is not None:
-            self._detach_quietly(model, session.id)
-
-    def _detach_quietly(self, model: str, session: str) -> None:
-        try:
-            self._detach(
-                pb.DetachRequest(model=model, session=session), timeout=5, metadata=self._metadata
-            )
-        except grpc.RpcError:
-            pass
+        if self._shm is not None:
+            self._shm.drop(model, reattach=reattach)
 
     def _kw(self) -> dict[str, Any]:
         return {"metadata": self._metadata, "timeout": self.timeout}
@@ -444,38 +270,10 @@ class Client:
         push), each registration lasting `lease_s` seconds past its last push (0: the server's
         default, 30 s).
         """
-        if mode not in _MODES:
-            raise InvalidArgument(f"mode must be 'sync' or 'async', got {mode!r}")
-        elastic = world_size == "elastic"
-        if not elastic and not (isinstance(world_size, int) and world_size >= 1):
-            raise InvalidArgument(f"world_size must be at least 1 or 'elastic', got {world_size!r}")
-        names = list(params)
-        groups = param_groups or [{"params": names}]
-        tensors = [to_wire(params[n]) for n in names]
-        cfg = pb.ModelConfig(
-            model=model,
-            params=[spec_of(n, t) for n, t in zip(names, tensors)],
-            groups=[
-                _group_pb(
-                    g["params"], {**adam_kwargs, **{k: v for k, v in g.items() if k != "params"}}
-                )
-                for g in groups
-            ],
-            world_size=0 if elastic else int(world_size),
-            mode=_MODES[mode],
-            max_staleness=max_staleness,
-            round_timeout_s=round_timeout_s,
-            elastic=elastic,
-            lease_s=lease_s,
-            exist_ok=exist_ok,
-            layout=layout,
-        )
-        if master_dtype is not None:
-            if master_dtype not in (torch.float32, torch.float64):
-                raise InvalidArgument(
-                    f"master_dtype must be torch.float32 or torch.float64, got {master_dtype}"
-                )
-            cfg.master_dtype = dtype_to_pb(master_dtype)
+        cfg, tensors = model_config(model, params, param_groups=param_groups,
+            world_size=world_size, mode=mode, max_staleness=max_staleness,
+            round_timeout_s=round_timeout_s, lease_s=lease_s, exist_ok=exist_ok, layout=layout,
+            master_dtype=master_dtype, adam_kwargs=adam_kwargs)  # fmt: skip
         frames = self._upload(cfg.SerializeToString(), tensors)
         return _model_info(self.call(lambda: self._create(frames(), **self._kw())))
 
@@ -573,69 +371,21 @@ class Client:
         reuses `push_id`, so the server applies the push exactly once. `grad_compression`: see
         Client ("int8": blockwise int8, error feedback; the default is the client's).
         """
+        header_kw: dict[str, Any] = dict(rank=rank, push_id=push_id or uuid.uuid4().hex,
+            found_inf=found_inf, scalars=scalars, hyper_updates=hyper_updates, version=version,
+            loss=loss)  # fmt: skip
         encoded = self._encode(model, rank, grads, grad_compression, found_inf)
         if encoded is not None:
-            return self._push_encoded(model, encoded, rank=rank, push_id=push_id,
-                found_inf=found_inf, scalars=scalars, hyper_updates=hyper_updates,
-                version=version, loss=loss)  # fmt: skip
-        names = list(grads)
+            return self._push_encoded(model, encoded, **header_kw)
         wire = wire_dtype or self.wire_dtype
-        session = self._session(model) if wire is None else None
-        # The session's gradient file holds one push at a time (a sync round reads it until the
-        # round completes): a concurrent push from another thread streams instead.
-        if session is not None and session.fits(grads) and session.busy.acquire(blocking=False):
-            try:
-                specs = session.write_grads(grads)
-            except BaseException:
-                session.busy.release()
-                raise
-            tensors: list[torch.Tensor] = []
-        else:
-            session = None
-            tensors = [grads[n] for n in names]  # converted chunk by chunk as they stream
-            specs = [spec_of(n, t, wire) for n, t in zip(names, tensors)]
-        header = _push_header(
-            model,
-            specs,
-            rank=rank,
-            session=session.id if session else "",
-            push_id=push_id,
-            found_inf=found_inf,
-            scalars=scalars,
-            hyper_updates=hyper_updates,
-            version=version,
-            loss=loss,
-        )
-        try:
-            r = self.call(lambda: self._push_once(header, tensors, wire, session is None))
-        except SessionExpired:
-            if session is None:
-                raise
-            session.busy.release()
-            session = None
-            # the session went stale (the model changed shape or was re-created): stream instead
-            self._drop_session(model, reattach=False)
-            return self.push_grad(
-                model,
-                grads,
-                version=version,
-                rank=rank,
-                push_id=header.push_id,
-                loss=loss,
-                scalars=scalars,
-                found_inf=found_inf,
-                hyper_updates=hyper_updates,
-                wire_dtype=wire_dtype,
-            )
-        finally:
-            if session is not None:
-                session.busy.release()
-        return push_result(r)
+        tensors = list(grads.values())  # converted chunk by chunk as they stream
+        header = push_header(model, [spec_of(n, t, wire) for n, t in grads.items()], **header_kw)
+        return push_result(self._route.push(header, tensors, wire, grads=grads))
 
     def _push_encoded(self, model: str, encoded: Encoded, **header_kw: Any) -> PushResult:
         """An int8 push: its one payload sent (again on a retry), then its residuals moved on."""
-        header = _push_header(model, encoded.specs, **header_kw)
-        r = self.call(lambda: self._push_once(header, encoded.payloads, None, True))
+        header = push_header(model, encoded.specs, **header_kw)
+        r = self._route.push(header, encoded.payloads, None)
         encoded.commit()  # acknowledged (applied, or answered as a duplicate): once
         return push_result(r)
 
@@ -659,23 +409,6 @@ class Client:
         if mode is None or found_inf:
             return None
         return self.compressor(mode).encode(model, rank, grads)
-
-    def _push_once(
-        self,
-        header: pb.PushHeader,
-        tensors: Sequence[torch.Tensor],
-        wire: torch.dtype | None,
-        network: bool,
-    ) -> pb.PushReply:
-        """One try of a push: over the bulk-data channel where it may be used (`network`: the
-        push is not in a same-host session's file), else as a gRPC stream."""
-        bulk = self._bulk_channel() if network else None
-        if bulk is not None:
-            try:
-                return bulk.push(header, tensors, wire, self.chunk_bytes)
-            except Unreachable:
-                pass  # gRPC, now and for a while (BulkChannel.turn_off)
-        return self._push(self._upload(header.SerializeToString(), tensors, wire)(), **self._kw())
 
     @invalid_input()
     def step(
@@ -701,19 +434,9 @@ class Client:
         elsewhere (shared memory, gRPC) it is the two calls."""
         wire = wire_dtype or self.wire_dtype
         names = list(out)
-        push_kw: dict[str, Any] = dict(
-            version=version,
-            rank=rank,
-            push_id=push_id,
-            loss=loss,
-            scalars=scalars,
-            found_inf=found_inf,
-            hyper_updates=hyper_updates,
-        )
-        on_host = (
-            wire is None and _on_cpu(grads) and _on_cpu(out) and self._session(model) is not None
-        )
-        if self._bulk_channel() is None or on_host:
+        push_kw: dict[str, Any] = dict(version=version, rank=rank, push_id=push_id, loss=loss,
+            scalars=scalars, found_inf=found_inf, hyper_updates=hyper_updates)  # fmt: skip
+        if not self._route.one_exchange(model, grads, out, wire):
             pushed = self.push_grad(
                 model, grads, wire_dtype=wire_dtype, grad_compression=grad_compression, **push_kw
             )
@@ -725,33 +448,15 @@ class Client:
             tensors = list(grads.values())
             specs = [spec_of(n, t, wire) for n, t in grads.items()]
         push_kw["push_id"] = push_id or uuid.uuid4().hex
-        header = _push_header(model, specs, **push_kw)
+        header = push_header(model, specs, **push_kw)
         request = pb.PullRequest(model=model, names=names, chunk_bytes=self._pull_chunk)
         if wire is not None:
             request.wire_dtype = dtype_to_pb(wire)
-        finals: dict[str, tuple[torch.Tensor | None, torch.Tensor, bool]] = {}
-        landing = Landing()
-
-        def targets(pulled: pb.PullHeader) -> TensorSink:
-            sink, made = _pull_targets(pulled, out, landing)
-            finals.update(made)
-            return sink
-
-        def attempt() -> tuple[pb.PushReply, pb.PullHeader | None, bool]:
-            bulk = self._bulk_channel()
-            if bulk is not None:
-                try:
-                    return bulk.step(header, tensors, request, targets, self.chunk_bytes)
-                except Unreachable:
-                    pass  # gRPC, now and for a while (BulkChannel.turn_off)
-            return self._push_once(header, tensors, wire, network=False), None, False
-
-        reply, pulled, consistent = self.call(attempt)
+        reply, pulled = self._route.step(header, tensors, request, out)
         if encoded is not None:
             encoded.commit()
-        if pulled is not None and consistent:
-            return push_result(reply), _pull_result(pulled, finals, landing)
-        landing.release()
+        if pulled is not None:
+            return push_result(reply), pulled
         return push_result(reply), self.pull(model, names, out=out, wire_dtype=wire_dtype)
 
     def open_push(
@@ -768,13 +473,41 @@ class Client:
         follow as they are sent (StreamingPush.send); over the bulk-data channel or gRPC, never
         shared memory. Used by
         RemoteAdam(overlap=True); `finish()` gives the reply, `cancel()` leaves nothing applied."""
-        header = _push_header(
+        header = push_header(
             model, specs, rank=rank, version=version, loss=loss, hyper_updates=hyper_updates
         )
         bulk = self._bulk_channel()
         if bulk is not None:
             return BulkStreamingPush(bulk, header, self.wire_dtype, self.chunk_bytes)
         return StreamingPush(self._push, header, self.wire_dtype, self.chunk_bytes, self._kw())
+
+    def finish_push(
+        self,
+        stream: StreamingPush | BulkStreamingPush,
+        *,
+        amend: bool = False,
+        loss: float | None = None,
+        hyper_updates: Sequence[tuple[int, Mapping[str, Any]]] = (),
+    ) -> PushResult | None:
+        """End a stream from `open_push` (its gradients all sent) and wait for the reply. With
+        `amend`, a closing header replaces the opening one's loss and hyperparameter edits with
+        these. None where the stream failed (a dropped connection, a timeout, a server without
+        closing headers): push again under the same push id. Answers that a push again would
+        only repeat (FailedPrecondition, NotFound, LimitExceeded, Unauthenticated,
+        PermissionDenied) are raised."""
+        closing = None
+        if amend:
+            updates = [pb.GroupUpdate(group=i, options=options_to_pb(o)) for i, o in hyper_updates]
+            closing = pb.PushHeader(hyper_updates=updates)
+            if loss is not None:
+                closing.loss = float(loss)
+        reply = finish_streamed(stream, closing, self.timeout)
+        return push_result(reply) if reply is not None else None
+
+    def same_host(self, model: str) -> bool:
+        """Whether `model`'s pushes and pulls from here go through same-host shared memory
+        (attached on first use; False with `transport` other than "auto")."""
+        return self._session(model) is not None
 
     def pull_params(
         self, model: str, names: Sequence[str] | None = None, **kwargs: Any
@@ -812,100 +545,9 @@ class Client:
         if wait_for_version is not None:
             req.wait_for_version = wait_for_version
         wire = wire_dtype or self.wire_dtype
-        session = self._session(model) if wire is None and wait_for_version is None else None
-        if session is not None:
-            shared = self._pull_shared(session, names, out, if_newer_than)
-            if shared is not None:
-                return shared
         if wire is not None:
             req.wire_dtype = dtype_to_pb(wire)
-        for _ in range(8):
-            result = self.call(lambda: self._pull_once(req, out))
-            if result is not None:
-                return result
-        raise AdamdError("parameters kept changing during the pull (async steps); try again")
-
-    def _pull_shared(
-        self,
-        session: SameHostSession,
-        names: Sequence[str] | None,
-        out: Mapping[str, torch.Tensor] | None,
-        if_newer_than: int | None,
-    ) -> PullResult | None:
-        """A pull served from shared memory, or None where the gRPC path must answer."""
-        wanted = list(names or session.param_views)
-        if any(n not in session.param_views for n in wanted):
-            return None  # let the server name what is missing
-        if out is not None and not _on_cpu(out):
-            return None  # device tensors land through pinned buffers (pinned.py), not the file
-        if out is not None and any(
-            n in out and tuple(out[n].shape) != tuple(session.param_views[n].shape) for n in wanted
-        ):
-            return None
-        if if_newer_than is not None and session.version() <= if_newer_than:
-            return PullResult(session.version(), {}, True)
-        try:
-            version, params = session.read_params(wanted, out)
-        except TimeoutError:
-            return None
-        if not session.valid():  # retired while we read: the server's copy moved
-            self._drop_session(session.model)
-            return None
-        return PullResult(version, params)
-
-    def _pull_once(
-        self, req: pb.PullRequest, out: Mapping[str, torch.Tensor] | None
-    ) -> PullResult | None:
-        bulk = self._bulk_channel()
-        if bulk is not None:
-            try:
-                return self._pull_bulk(bulk, req, out)
-            except Unreachable:
-                pass  # gRPC, now and for a while (BulkChannel.turn_off)
-        call = self._pull(req, **self._kw())
-        frames = iter(call)
-        try:
-            first = decode_frame(next(frames))
-            if first.header is None:
-                raise AdamdError("pull reply without a header")
-            header = pb.PullHeader.FromString(bytes(first.header))
-            if header.not_modified:
-                return PullResult(header.version, {}, True)
-            landing = Landing()
-            sink, finals = _pull_targets(header, out, landing)
-            if first.data.nbytes:
-                sink.write(first.tensor, first.offset, first.data)
-            for raw in frames:
-                f = decode_frame(raw)
-                sink.write(f.tensor, f.offset, f.data)
-            sink.check_complete()
-        except ProtocolError as exc:
-            call.cancel()
-            raise AdamdError(f"malformed pull reply: {exc}") from exc
-        consistent = dict(call.trailing_metadata() or ()).get("adamd-consistent", "1") == "1"
-        if not consistent:
-            landing.release()
-            return None
-        return _pull_result(header, finals, landing)
-
-    def _pull_bulk(
-        self, bulk: BulkChannel, req: pb.PullRequest, out: Mapping[str, torch.Tensor] | None
-    ) -> PullResult | None:
-        finals: dict[str, tuple[torch.Tensor | None, torch.Tensor, bool]] = {}
-        landing = Landing()
-
-        def targets(header: pb.PullHeader) -> TensorSink:
-            sink, made = _pull_targets(header, out, landing)
-            finals.update(made)
-            return sink
-
-        header, consistent = bulk.pull(req, targets)
-        if header.not_modified:
-            return PullResult(header.version, {}, True)
-        if not consistent:
-            landing.release()
-            return None
-        return _pull_result(header, finals, landing)
+        return self._route.pull(req, out)
 
     # --- optimizer state ------------------------------------------------------------------------
 
@@ -916,26 +558,7 @@ class Client:
         return self.call(lambda: self._get_state_once(model))
 
     def _get_state_once(self, model: str) -> dict[str, Any]:
-        frames = iter(self._get_state(pb.GetStateRequest(model=model), **self._kw()))
-        first = decode_frame(next(frames))
-        header = pb.StateHeader.FromString(bytes(first.header or b""))
-        tensors = [torch.empty(shape_of(s), dtype=dtype_from_pb(s.dtype)) for s in header.tensors]
-        sink = TensorSink(tensors, [t.dtype for t in tensors])
-        if first.data.nbytes:
-            sink.write(first.tensor, first.offset, first.data)
-        for raw in frames:
-            f = decode_frame(raw)
-            sink.write(f.tensor, f.offset, f.data)
-        sink.check_complete()
-        return {
-            "state": {
-                e.param: {k: tensors[i] for k, i in e.tensors.items()} for e in header.states
-            },
-            "param_groups": [
-                {**options_from_pb(g.options), "params": list(g.params)} for g in header.groups
-            ],
-            "version": header.version,
-        }
+        return read_state(iter(self._get_state(pb.GetStateRequest(model=model), **self._kw())))
 
     @invalid_input()
     def load_state(
@@ -946,24 +569,6 @@ class Client:
     ) -> ModelInfo:
         """Load optimizer state keyed by parameter name (the shape get_state returns);
         `param_groups` (optional) also sets each group's hyperparameters."""
-        tensors: list[torch.Tensor] = []
-        specs, entries = [], []
-        for name, entry in state.items():
-            index = {}
-            for key, value in entry.items():
-                t = to_wire(
-                    value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-                )
-                index[key] = len(tensors)
-                tensors.append(t)
-                specs.append(spec_of(f"{name}/{key}", t))
-            entries.append(pb.ParamState(param=name, tensors=index))
-        groups = [
-            _group_pb(
-                g["params"], {k: v for k, v in g.items() if k not in ("params", "param_names")}
-            )
-            for g in (param_groups or ())
-        ]
-        header = pb.StateHeader(model=model, states=entries, tensors=specs, groups=groups)
+        header, tensors = state_header(model, state, param_groups)
         frames = self._upload(header.SerializeToString(), tensors)
         return _model_info(self.call(lambda: self._load_state(frames(), **self._kw())))

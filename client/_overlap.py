@@ -33,6 +33,7 @@ from typing import Any
 import grpc
 import torch
 
+from adamd.client._exceptions import from_rpc_error
 from adamd.client._transport.bulk import BulkChannel, BulkError, Unreachable, answer
 from adamd.protocol.bulk import DONE, END, PUSH, FrameSocket
 from adamd.protocol.frames import encode_frame, wire_chunks
@@ -179,6 +180,39 @@ class BulkStreamingPush:
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_RDWR)
         self._queue.put(_END)
+
+
+# A streamed push refused with one of these is refused for good (a stale or duplicate rank, a
+# model gone, a limit, a bad token): raised as a push would raise it. Anything
+# else (connection loss, a deadline, a server without closing headers) pushes again whole.
+_DEFINITIVE = (
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+)
+
+
+def finish(
+    stream: StreamingPush | BulkStreamingPush,
+    closing: pb.PushHeader | None,
+    timeout: float | None,
+) -> pb.PushReply | None:
+    """End the stream and wait for its reply; None where it failed in a way that pushing again
+    whole (under the same push id) may mend. The server's definitive answers are raised as the
+    client's exceptions."""
+    try:
+        return stream.finish(closing, timeout)
+    except grpc.RpcError as exc:
+        stream.cancel()
+        if exc.code() in _DEFINITIVE:  # the server's answer: pushing again would repeat it
+            raise from_rpc_error(exc) from None
+        logger.debug("a streamed push failed (%s)", exc)
+        return None
+    except grpc.FutureTimeoutError:
+        stream.cancel()
+        return None
 
 
 @dataclass

@@ -20,13 +20,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from copy import deepcopy
 from typing import Any
 
-import grpc
 import torch
 
-from adamd.client._client import Client, push_result
+from adamd.client._client import Client
 from adamd.client._compression import check_mode as check_compression
-from adamd.client._exceptions import AdamdError, NotFound, StalePush, from_rpc_error
+from adamd.client._exceptions import AdamdError, NotFound, StalePush
 from adamd.client._overlap import GradStreamer, OpenPush, Queued, same_updates
+from adamd.client._protocol import ModelClient
 from adamd.client._tls import TLSConfig
 from adamd.client._types import ModelInfo, PullResult, PushResult
 from adamd.protocol.frames import spec_of
@@ -34,10 +34,8 @@ from adamd.protocol.hyper import (
     ADAM_DEFAULTS,
     IMPLEMENTATION_KEYS,
     fused_refusal,
-    options_to_pb,
     same_value,
 )
-from adamd.v1 import adamd_pb2 as pb
 
 _STATE_ORDER = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 logger = logging.getLogger(__name__)
@@ -74,18 +72,6 @@ def _clone(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_clone(v) for v in value)
     return value
-
-
-# A streamed push refused with one of these is refused for good (a stale or duplicate rank, a
-# model gone, a limit, a bad token): raised as a push would raise it. Anything
-# else (connection loss, a deadline, a server without closing headers) pushes again whole.
-_DEFINITIVE = (
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.UNAUTHENTICATED,
-    grpc.StatusCode.PERMISSION_DENIED,
-)
 
 
 class _ServerState(defaultdict):  # type: ignore[type-arg]
@@ -281,7 +267,7 @@ class RemoteAdam(torch.optim.Optimizer):
         mode: str = "sync",
         token: str | None = None,
         tls: bool | TLSConfig | None = None,
-        client: Client | None = None,
+        client: ModelClient | None = None,
         wire_dtype: torch.dtype | None = None,
         transport: str = "auto",
         max_staleness: int = 0,
@@ -325,7 +311,7 @@ class RemoteAdam(torch.optim.Optimizer):
         extra: dict[str, Any] = {key: value for key, value in sizes if value is not None}
         self.grad_compression = check_compression(grad_compression)
         extra |= {"grad_compression": grad_compression} if grad_compression else {}
-        self._client = client or Client(
+        self._client: ModelClient = client or Client(
             server, token=token, wire_dtype=wire_dtype, transport=transport, tls=tls, **extra
         )
         if grad_compression is not None and self._client.sharded:
@@ -602,32 +588,24 @@ class RemoteAdam(torch.optim.Optimizer):
             if index not in op.queued:
                 op.stream.send(Queued.of(index, grads[name]))
         loss = self._pending_loss
-        closing = None
-        if loss != op.loss or not same_updates(updates, op.updates, same_value):
-            closing = pb.PushHeader(
-                hyper_updates=[
-                    pb.GroupUpdate(group=i, options=options_to_pb(o)) for i, o in updates
-                ]
-            )
-            if loss is not None:
-                closing.loss = float(loss)
-        try:
-            return push_result(op.stream.finish(closing, self._client.timeout))
-        except grpc.RpcError as exc:
-            op.stream.cancel()
-            if exc.code() in _DEFINITIVE:  # the server's answer: pushing again would repeat it
-                raise from_rpc_error(exc) from None
-            logger.debug("model %s: the streamed push failed (%s); pushing again", self.model, exc)
-            return None
-        except grpc.FutureTimeoutError:
-            op.stream.cancel()
-            return None
+        amend = loss != op.loss or not same_updates(updates, op.updates, same_value)
+        client = self._single()
+        result = client.finish_push(op.stream, amend=amend, loss=loss, hyper_updates=updates)
+        if result is None:
+            logger.debug("model %s: the streamed push failed; pushing again", self.model)
+        return result
+
+    def _single(self) -> Client:
+        """The client of a model on one server (overlap streams into one; not sharded)."""
+        if not isinstance(self._client, Client):
+            raise TypeError(f"overlap needs a model on one server, not {type(self._client)}")
+        return self._client
 
     def _open_push(self) -> OpenPush | None:
         """The push this step's gradients stream into while backward runs (the first gradient's
         hook opens it); None where it would not stream (same-host shared memory)."""
-        client = self._client
-        if client.wire_dtype is None and client._session(self.model) is not None:
+        client = self._single()
+        if client.wire_dtype is None and client.same_host(self.model):
             return None
         params = [p for p in self._unique_params() if p.requires_grad]
         names = [self._name_of(p) for p in params]

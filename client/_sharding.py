@@ -76,8 +76,9 @@ def _finite_on_the_wire(g: torch.Tensor, wire_dtype: torch.dtype | None) -> bool
     return bool(torch.isfinite(g).all())
 
 
-class ShardedClient(Client):
-    """One model over several adamd servers; the same calls as `Client`."""
+class ShardedClient:
+    """One model over several adamd servers: one `Client` per shard behind the calls a single
+    server's Client offers (adamd.client._protocol.ModelClient)."""
 
     sharded = True
 
@@ -95,8 +96,6 @@ class ShardedClient(Client):
         slice_bytes: int = DEFAULT_SLICE_BYTES,
         grad_compression: str | None = None,
     ):
-        if "shards" in self.__dict__:  # Client.__new__ built it already; Python calls again
-            return
         if grad_compression is not None:
             raise ValueError(
                 "grad_compression is not offered for a model sharded over several servers yet"
@@ -125,7 +124,6 @@ class ShardedClient(Client):
         self.wire_dtype = wire_dtype
         self.transport = transport
         self.tls = bool(tls)
-        self._sessions: dict[str, Any] = {}
         self._layouts: dict[str, Layout] = {}
         self._modes: dict[str, str] = {}
         self._pool = ThreadPoolExecutor(len(servers), thread_name_prefix="adamd-shard")
@@ -134,6 +132,15 @@ class ShardedClient(Client):
         for c in self.shards:
             c.close()
         self._pool.shutdown(wait=False)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ShardedClient:
+        return self  # connections, not values (as Client)
+
+    def __enter__(self) -> ShardedClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # --- fan-out --------------------------------------------------------------------------------
 
@@ -216,7 +223,7 @@ class ShardedClient(Client):
 
     # --- models ---------------------------------------------------------------------------------
 
-    def create_model(  # type: ignore[override]
+    def create_model(
         self,
         model: str,
         params: Mapping[str, torch.Tensor],
@@ -318,6 +325,9 @@ class ShardedClient(Client):
             seconds=max(i.seconds for i in ordered),
         )
 
+    def set_hyperparams(self, model: str, group: int = 0, **options: Any) -> ModelInfo:
+        return self.set_group_options(model, [(group, options)])
+
     def set_group_options(
         self, model: str, updates: Sequence[tuple[int, Mapping[str, Any]]]
     ) -> ModelInfo:
@@ -325,7 +335,7 @@ class ShardedClient(Client):
         infos = self._each(lambda k, c: c.set_group_options(model, updates))
         return self._merge(model, infos, layout)
 
-    def add_param_group(  # type: ignore[override]
+    def add_param_group(
         self,
         model: str,
         params: Mapping[str, torch.Tensor],
@@ -360,7 +370,7 @@ class ShardedClient(Client):
 
     # --- pushes and pulls -----------------------------------------------------------------------
 
-    def push_grad(  # type: ignore[override]
+    def push_grad(
         self,
         model: str,
         grads: Mapping[str, torch.Tensor],
@@ -372,6 +382,26 @@ class ShardedClient(Client):
         """Client.push_grad on every shard at once, each with its part of `grads` (possibly
         none) and the same push id. Checked whole first: a gradient every shard would refuse
         reaches none."""
+        layout = self._check_grads(model, grads, found_inf)
+        pid = push_id or uuid.uuid4().hex
+        futures = {
+            k: self._pool.submit(
+                c.push_grad,
+                model,
+                layout.shard_params(k, grads),
+                push_id=pid,
+                found_inf=found_inf,
+                **kwargs,
+            )
+            for k, c in enumerate(self.shards)
+        }
+        return self._pushed(model, *_gather(futures))
+
+    def _check_grads(
+        self, model: str, grads: Mapping[str, torch.Tensor], found_inf: bool
+    ) -> Layout:
+        """The model's layout, with `grads` checked against it whole (before any shard sees
+        them): known names, the parameters' shapes, finite as they travel."""
         layout = self.layout(model)
         for name, g in grads.items():
             place = layout.params.get(name)
@@ -386,19 +416,16 @@ class ShardedClient(Client):
                     f"gradient {name!r} holds inf or nan (as it travels: {self.wire_dtype});"
                     " nothing was applied (AMP: pass found_inf to skip the step)"
                 )
-        pid = push_id or uuid.uuid4().hex
-        futures = {
-            k: self._pool.submit(
-                c.push_grad,
-                model,
-                layout.shard_params(k, grads),
-                push_id=pid,
-                found_inf=found_inf,
-                **kwargs,
-            )
-            for k, c in enumerate(self.shards)
-        }
-        results, failure = _gather(futures)
+        return layout
+
+    def _pushed(
+        self,
+        model: str,
+        results: dict[int, PushResult],
+        failure: tuple[int, BaseException] | None,
+    ) -> PushResult:
+        """The shards' push results as one (sync: the same version on every shard, else the
+        model stops as _diverged says)."""
         sync = self._modes.get(model) != "async"
         if failure is not None:
             if sync and results and isinstance(failure[1], StalePush):
@@ -439,20 +466,73 @@ class ShardedClient(Client):
             " nothing, or restore every shard from one version"
         )
 
-    def step(  # type: ignore[override]
+    def step(
         self,
         model: str,
         grads: Mapping[str, torch.Tensor],
         out: Mapping[str, torch.Tensor],
         *,
+        push_id: str | None = None,
+        found_inf: bool = False,
         wire_dtype: torch.dtype | None = None,
         **push: Any,
     ) -> tuple[PushResult, PullResult]:
-        """push_grad, then pull(out=out): one push id over every shard, then one version."""
-        pushed = self.push_grad(model, grads, wire_dtype=wire_dtype, **push)
-        return pushed, self.pull(model, list(out), out=out, wire_dtype=wire_dtype)
+        """Client.step on every shard at once, each with its part of `grads` and of `out` under
+        one push id, so each shard's step is one exchange where its transport has one (the bulk
+        channel's STEP); then one version over the shards, as `pull` gives it."""
+        names = list(out)
+        if not names:  # a pull of no names is a pull of every parameter
+            pushed = self.push_grad(model, grads, push_id=push_id, found_inf=found_inf,
+                wire_dtype=wire_dtype, **push)  # fmt: skip
+            return pushed, self.pull(model, names, out=out, wire_dtype=wire_dtype)
+        layout = self._check_grads(model, grads, found_inf)
+        self._check_out(model, layout, names, out)
+        per_shard = {k: [n for n in names if layout.part(n, k)] for k in range(len(self.shards))}
+        views = {k: layout.shard_params(k, {n: out[n] for n in ns}) for k, ns in per_shard.items()}
+        kw = dict(push_id=push_id or uuid.uuid4().hex, found_inf=found_inf, wire_dtype=wire_dtype)
 
-    def pull(  # type: ignore[override]
+        def one_step(k: int, c: Client) -> tuple[PushResult, PullResult | None]:
+            part = layout.shard_params(k, grads)
+            if not per_shard[k]:  # nothing to pull from this shard: its push alone
+                return c.push_grad(model, part, **kw, **push), None
+            return c.step(model, part, views[k], **kw, **push)
+
+        done, failure = _gather(
+            {k: self._pool.submit(one_step, k, c) for k, c in enumerate(self.shards)}
+        )
+        pushed = self._pushed(model, {k: r[0] for k, r in done.items()}, failure)
+        results = {k: r[1] for k, r in done.items() if r[1] is not None}
+
+        def one(k: int, c: Client, **extra: Any) -> PullResult:
+            return c.pull(model, per_shard[k], out=views[k], wire_dtype=wire_dtype, **extra)
+
+        results = self._one_version(model, results, one)
+        version = min(r.version for r in results.values())
+        return pushed, PullResult(version, self._assemble(layout, names, results, out))
+
+    def _check_out(
+        self,
+        model: str,
+        layout: Layout,
+        wanted: Sequence[str],
+        out: Mapping[str, torch.Tensor] | None,
+    ) -> None:
+        """Every wanted name a parameter of the model, `out`'s tensors of its shapes."""
+        for n in wanted:
+            place = layout.params.get(n)
+            if place is None:
+                raise NotFound(f"model {model!r} has no parameter {n!r}")
+            if out is not None and n in out and tuple(out[n].shape) != place.shape:
+                raise InvalidArgument(
+                    f"out[{n!r}] has shape {list(out[n].shape)}, the parameter {list(place.shape)}"
+                )
+
+    def pull_params(
+        self, model: str, names: Sequence[str] | None = None, **kwargs: Any
+    ) -> dict[str, torch.Tensor]:
+        return self.pull(model, names, **kwargs).params
+
+    def pull(
         self,
         model: str,
         names: Sequence[str] | None = None,
@@ -467,14 +547,7 @@ class ShardedClient(Client):
         behind is waited for); async: the lowest version is returned."""
         layout = self.layout(model)
         wanted = list(names) if names else list(layout.params)
-        for n in wanted:
-            place = layout.params.get(n)
-            if place is None:
-                raise NotFound(f"model {model!r} has no parameter {n!r}")
-            if out is not None and n in out and tuple(out[n].shape) != place.shape:
-                raise InvalidArgument(
-                    f"out[{n!r}] has shape {list(out[n].shape)}, the parameter {list(place.shape)}"
-                )
+        self._check_out(model, layout, wanted, out)
         per_shard = {k: [n for n in wanted if layout.part(n, k)] for k in range(len(self.shards))}
         asked = [k for k, ns in per_shard.items() if ns]
         views = (

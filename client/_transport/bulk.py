@@ -30,6 +30,9 @@ from typing import NoReturn
 import grpc
 import torch
 
+from adamd.client._transport.base import Tensors
+from adamd.client._transport.landing import Finals, pull_result, pull_targets
+from adamd.client._types import PullResult
 from adamd.protocol import ProtocolError
 from adamd.protocol.bulk import (
     DATA,
@@ -46,6 +49,7 @@ from adamd.protocol.bulk import (
     Prefix,
 )
 from adamd.protocol.frames import TensorSink, dtype_from_pb
+from adamd.protocol.pinned import Landing
 from adamd.v1 import adamd_pb2 as pb
 
 CONNECT_S = 5.0  # to connect and hand over the ticket, or the channel is unreachable
@@ -324,3 +328,62 @@ def _keepalive(sock: socket.socket) -> None:
         option = getattr(socket, name, None)
         if option is not None:
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+class BulkTransport:
+    """The Transport over a BulkChannel: Unreachable while the channel is off."""
+
+    def __init__(self, channel: BulkChannel, chunk_bytes: Callable[[], int]):
+        self.channel, self.chunk_bytes = channel, chunk_bytes
+
+    def usable(self) -> bool:
+        return self.channel.usable()
+
+    def _check(self) -> BulkChannel:
+        if not self.channel.usable():
+            raise Unreachable(self.channel.off_reason or "the bulk channel is off")
+        return self.channel
+
+    def push(
+        self, header: pb.PushHeader, tensors: Sequence[torch.Tensor], wire: torch.dtype | None
+    ) -> pb.PushReply:
+        return self._check().push(header, tensors, wire, self.chunk_bytes())
+
+    def pull(self, request: pb.PullRequest, out: Tensors | None) -> PullResult | None:
+        finals: Finals = {}
+        landing = Landing()
+
+        def targets(header: pb.PullHeader) -> TensorSink:
+            sink, made = pull_targets(header, out, landing)
+            finals.update(made)
+            return sink
+
+        header, consistent = self._check().pull(request, targets)
+        if header.not_modified:
+            return PullResult(header.version, {}, True)
+        if not consistent:
+            landing.release()
+            return None
+        return pull_result(header, finals, landing)
+
+    def step(
+        self,
+        header: pb.PushHeader,
+        tensors: Sequence[torch.Tensor],
+        request: pb.PullRequest,
+        out: Tensors,
+    ) -> tuple[pb.PushReply, PullResult | None]:
+        finals: Finals = {}
+        landing = Landing()
+
+        def targets(pulled: pb.PullHeader) -> TensorSink:
+            sink, made = pull_targets(pulled, out, landing)
+            finals.update(made)
+            return sink
+
+        chunk = self.chunk_bytes()
+        reply, pulled, consistent = self._check().step(header, tensors, request, targets, chunk)
+        if consistent:
+            return reply, pull_result(pulled, finals, landing)
+        landing.release()
+        return reply, None

@@ -10,14 +10,21 @@ correctness: any failure drops the session and the client goes back to gRPC stre
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
+import grpc
 import torch
 
+from adamd.client._transport.base import Tensors, Transport
+from adamd.client._transport.bulk import Unreachable
+from adamd.client._transport.streams import SERVICE
+from adamd.client._types import PullResult
 from adamd.protocol.frames import dtype_from_pb, shape_of
-from adamd.protocol.shared_files import SEQ, VERSION, SharedFile
+from adamd.protocol.shared_files import SEQ, VERSION, SharedFile, host_id
 from adamd.v1 import adamd_pb2 as pb
 
 
@@ -94,3 +101,127 @@ class SameHostSession:
             if time.monotonic() > deadline:
                 raise TimeoutError("parameters kept changing while being read")
             time.sleep(0.0005)
+
+
+class SameHostTransport:
+    """The Transport through same-host sessions: gradients written into the session's file and
+    only the header sent (over `grpc`), parameters read out of the shared file. Unreachable
+    where the model has no session here or the tensors do not fit it."""
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        grpc_push: Transport,
+        kw: Callable[[], dict[str, Any]],
+        metadata: Sequence[tuple[str, str]],
+    ):
+        self.sessions: dict[str, SameHostSession | None] = {}
+        self._grpc, self._kw, self._metadata = grpc_push, kw, metadata
+        ser = lambda m: m.SerializeToString()
+        self._attach = channel.unary_unary(SERVICE + "Attach", ser, pb.AttachReply.FromString)
+        self._detach = channel.unary_unary(SERVICE + "Detach", ser, pb.DetachReply.FromString)
+
+    def close(self) -> None:
+        for model in list(self.sessions):
+            self.drop(model)
+
+    def session(self, model: str) -> SameHostSession | None:
+        """This model's shared-memory session, attached on first use; None means the network."""
+        if model not in self.sessions:
+            session = None
+            try:
+                reply = self._attach(pb.AttachRequest(model=model, host_id=host_id()), **self._kw())
+            except grpc.RpcError:
+                reply = pb.AttachReply(accepted=False)
+            if reply.accepted:
+                try:
+                    session = SameHostSession(model, reply)
+                except (OSError, ValueError, RuntimeError):
+                    # Accepted but unusable (the files are not visible here): give them back.
+                    self._detach_quietly(model, reply.session)
+            self.sessions[model] = session
+        session = self.sessions[model]
+        if session is not None and not session.valid():
+            self.drop(model)
+            return self.session(model)
+        return session
+
+    def drop(self, model: str, *, reattach: bool = True) -> None:
+        """Forget the model's session; without `reattach`, this client streams from now on."""
+        session = self.sessions.pop(model, None)
+        if not reattach:
+            self.sessions[model] = None
+        if session is not None:
+            self._detach_quietly(model, session.id)
+
+    def _detach_quietly(self, model: str, session: str) -> None:
+        try:
+            self._detach(
+                pb.DetachRequest(model=model, session=session), timeout=5, metadata=self._metadata
+            )
+        except grpc.RpcError:
+            pass
+
+    @contextlib.contextmanager
+    def claim(
+        self, header: pb.PushHeader, grads: Mapping[str, torch.Tensor]
+    ) -> Iterator[pb.PushHeader | None]:
+        """The push's gradients written into the session's file, held there (no other push of
+        this client writes it) until the block ends; yields the header to send, which names the
+        session, or None where the push must stream. The file holds one push at a time (a sync
+        round reads it until the round completes): a concurrent push streams instead."""
+        session = self.session(header.model)
+        if session is None or not session.fits(grads) or not session.busy.acquire(blocking=False):
+            yield None
+            return
+        try:
+            claimed = pb.PushHeader()
+            claimed.CopyFrom(header)
+            del claimed.grads[:]
+            claimed.grads.extend(session.write_grads(grads))
+            claimed.session = session.id
+            yield claimed
+        finally:
+            session.busy.release()
+
+    def push(
+        self, header: pb.PushHeader, tensors: Sequence[torch.Tensor], wire: torch.dtype | None
+    ) -> pb.PushReply:
+        """Send a claimed header (its gradients are in the file already)."""
+        return self._grpc.push(header, (), None)
+
+    def pull(self, request: pb.PullRequest, out: Tensors | None) -> PullResult | None:
+        """A pull served from shared memory (Unreachable where the network must answer)."""
+        same = not request.wire_dtype and not request.HasField("wait_for_version")
+        session = self.session(request.model) if same else None
+        if session is None:
+            raise Unreachable("no same-host session for this pull")
+        wanted = list(request.names or session.param_views)
+        if any(n not in session.param_views for n in wanted):
+            raise Unreachable("let the server name what is missing")
+        if out is not None and not all(t.device.type == "cpu" for t in out.values()):
+            raise Unreachable("device tensors land through pinned buffers, not the file")
+        views = session.param_views
+        if out is not None and any(
+            n in out and tuple(out[n].shape) != tuple(views[n].shape) for n in wanted
+        ):
+            raise Unreachable("out's shapes are the server's to judge")
+        if request.HasField("if_newer_than") and session.version() <= request.if_newer_than:
+            return PullResult(session.version(), {}, True)
+        try:
+            version, params = session.read_params(wanted, out)
+        except TimeoutError:
+            raise Unreachable("parameters kept changing in the file") from None
+        if not session.valid():  # retired while we read: the server's copy moved
+            self.drop(session.model)
+            raise Unreachable("the session was retired while we read")
+        return PullResult(version, params)
+
+    def step(
+        self,
+        header: pb.PushHeader,
+        tensors: Sequence[torch.Tensor],
+        request: pb.PullRequest,
+        out: Tensors,
+    ) -> tuple[pb.PushReply, PullResult | None]:
+        return self.push(header, tensors, None), None

@@ -46,6 +46,7 @@ def test_default_transport_uses_shared_memory_and_equals_grpc_bitwise(
         via_grpc = _train(slow, grpc_name, 6)
         assert daemon.same_host.session_count(shm_name) == 1  # the default engaged by itself
         assert daemon.same_host.session_count(grpc_name) == 0  # transport="grpc" never attaches
+        assert fast.same_host(shm_name) and not slow.same_host(grpc_name)  # as the client says
         # Pulls of either model through either client agree too.
         assert_bitwise_equal(fast.pull_params(grpc_name), slow.pull_params(shm_name))
     assert_bitwise_equal(via_shm, via_grpc)

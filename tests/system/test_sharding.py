@@ -216,6 +216,37 @@ def test_three_shards_train_bitwise_like_local_fused_adam_and_one_server(
         assert sharded.pull(model_name, if_newer_than=6).not_modified
 
 
+def _calls(d: Daemon, method: str) -> float:
+    return d.metrics.rpc_calls.labels(method, "OK")._value.get()
+
+
+def test_a_sharded_step_is_one_exchange_on_every_shard(
+    three: list[Daemon], servers: list[str], model_name: str
+) -> None:
+    """ShardedClient.step over the bulk channel: each shard's part goes as that shard's one-
+    exchange STEP (no separate push and pull), into `out`'s rows, bitwise the push and pull of a
+    twin model give."""
+    opts: dict[str, Any] = {"lr": 0.01, "weight_decay": 0.1}
+    with Client(servers, slice_bytes=SLICE, transport="bulk") as c:
+        c.create_model(model_name, _params(), **opts)
+        c.create_model(model_name + "-twin", _params(), **opts)
+        out = {n: torch.full_like(t, float("nan")) for n, t in _params().items()}
+        before = [
+            (_calls(d, "Step"), _calls(d, "PushGrad"), _calls(d, "PullParams")) for d in three
+        ]
+        for step in range(3):
+            pushed, pulled = c.step(model_name, _grads(step), out, version=step)
+            assert pushed.version == step + 1 and pushed.applied and pulled.version == step + 1
+            assert all(pulled.params[n] is out[n] for n in out)
+        after = [(_calls(d, "Step"), _calls(d, "PushGrad"), _calls(d, "PullParams")) for d in three]
+        assert [(a[0] - b[0], a[1] - b[1], a[2] - b[2]) for a, b in zip(after, before)] == [
+            (3, 0, 0)
+        ] * 3
+        for step in range(3):
+            c.push_grad(model_name + "-twin", _grads(step), version=step)
+        _equal(out, c.pull_params(model_name + "-twin"))
+
+
 def test_a_retried_push_is_applied_once_on_every_shard(servers: list[str], model_name: str) -> None:
     with Client(servers, slice_bytes=SLICE) as c:
         c.create_model(model_name, _params(), lr=0.1)

@@ -219,3 +219,50 @@ def test_every_package_folder_is_packaged() -> None:
             found.add(".".join([name, *init.parent.relative_to(folder).parts]))
     missing = sorted(found - set(setuptools["packages"]))
     assert not missing, f"package folders not in pyproject.toml's packages: {missing}"
+
+
+C = "adamd.client"
+
+
+def test_remote_adam_uses_only_the_clients_public_api() -> None:
+    """RemoteAdam talks to its client through the public calls (ModelClient, and Client's
+    same_host / open_push / finish_push): no private attribute of it, no gRPC, no wire
+    messages."""
+    module = f"{C}._remote_adam"
+    tree = _modules(C)[module]
+    wire = sorted(i for i in _imports(module, tree) if i == "grpc" or _under(i, "adamd.v1"))
+    assert not wire, f"{module} imports {wire}"
+    private = sorted(
+        f"line {node.lineno}: .{node.attr}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+        and (
+            (isinstance(node.value, ast.Name) and node.value.id == "client")
+            or (isinstance(node.value, ast.Attribute) and node.value.attr == "_client")
+        )
+    )
+    assert not private, f"{module} reaches into its client: {private}"
+
+
+def test_sharded_client_composes_clients_and_one_route_picks_the_transport() -> None:
+    """ShardedClient holds one Client per shard rather than being one; the transport fallback
+    (Unreachable, SessionExpired) is handled in client/_transport/route.py alone (and by the
+    overlap stream, which picks its channel once when it opens)."""
+    modules = _modules(C)
+    (sharded,) = [
+        n
+        for n in modules[f"{C}._sharding"].body
+        if isinstance(n, ast.ClassDef) and n.name == "ShardedClient"
+    ]
+    assert not sharded.bases, "ShardedClient subclasses " + ast.unparse(sharded.bases[0])
+    handlers = sorted(
+        module
+        for module, tree in modules.items()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ExceptHandler)
+        and node.type is not None
+        and any(w in ast.unparse(node.type) for w in ("Unreachable", "SessionExpired"))
+    )
+    assert set(handlers) <= {f"{C}._transport.route", f"{C}._overlap"}, handlers
