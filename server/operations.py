@@ -188,7 +188,9 @@ class Operations:
     ) -> dict[str, torch.Tensor]:
         """Check a new param group's header; host tensors its values stream into."""
         model = self.registry.get(name)
-        new_bytes = self.limits.check_specs("the new param group", specs)
+        new_bytes = self.limits.check_specs(
+            "the new param group", model.precision.held_specs(specs)
+        )
         self.limits.check_model_bytes(
             f"model {name!r} with the new group", _param_bytes(model) + new_bytes
         )

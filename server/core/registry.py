@@ -107,8 +107,10 @@ class ModelRegistry:
     def begin_create(self, spec: ModelSpec) -> PendingModel:
         """Validate a create request and allocate its parameters. Nothing is registered yet."""
         check_model_name(spec.name)
-        # Sizes first: nothing below allocates more than the limits allow.
-        self.limits.check_specs(f"model {spec.name!r}", spec.params)
+        check_master(spec.master_dtype)
+        # Sizes first, as held (master weights are wider than the worker's dtype): nothing below
+        # allocates more than the limits allow.
+        self.limits.check_specs(f"model {spec.name!r}", spec.precision.held_specs(spec.params))
         if not spec.params:
             raise InvalidArgument("a model needs at least one parameter")
         names = [n for n, _, _ in spec.params]
@@ -123,7 +125,6 @@ class ModelRegistry:
                 )
             if any(d < 0 for d in shape):
                 raise InvalidArgument(f"parameter {n!r} has a negative dimension {list(shape)}")
-        check_master(spec.master_dtype)
         if spec.mode not in (SYNC, ASYNC):
             raise InvalidArgument(f"mode must be 'sync' or 'async', got {spec.mode!r}")
         if spec.world_size < 1 and not spec.elastic:

@@ -464,3 +464,21 @@ def test_async_pushes_step_the_master_each(daemon: Daemon, model_name: str) -> N
         _server_matches(daemon, model_name, ref)
     finally:
         opt.close()
+
+
+def test_the_model_size_limit_counts_master_weights_as_held() -> None:
+    """--max-model-bytes counts what the server allocates: a 2048-value bf16 model is 4 KiB on
+    the worker but 8 KiB as fp32 masters, so a 6000-byte limit refuses it (and a param group
+    added later is counted the same way)."""
+    from adamd.client import LimitExceeded
+
+    with running_daemon(max_model_bytes=6000) as d, Client(d.grpc_address) as c:
+        w = {"w": torch.zeros(2048, dtype=torch.bfloat16)}
+        with pytest.raises(LimitExceeded, match="bytes"):
+            c.create_model("held", w, master_dtype=torch.float32)
+        c.create_model("plain", w)  # 4 KiB as bf16: within the limit
+        assert "held" not in [m.name for m in c.list_models()]
+        small = {"v": torch.zeros(256, dtype=torch.bfloat16)}
+        c.create_model("grows", small, master_dtype=torch.float32)  # 1 KiB held
+        with pytest.raises(LimitExceeded, match="bytes"):  # 2.5 KiB more as bf16, 5 KiB held
+            c.add_param_group("grows", {"u": torch.zeros(1280, dtype=torch.bfloat16)})
