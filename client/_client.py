@@ -275,7 +275,10 @@ class Client:
             round_timeout_s=round_timeout_s, lease_s=lease_s, exist_ok=exist_ok, layout=layout,
             master_dtype=master_dtype, adam_kwargs=adam_kwargs)  # fmt: skip
         frames = self._upload(cfg.SerializeToString(), tensors)
-        return _model_info(self.call(lambda: self._create(frames(), **self._kw())))
+        info = _model_info(self.call(lambda: self._create(frames(), **self._kw())))
+        if info.created:  # a new model: int8 residuals of an earlier one of this name are void
+            self._forget_residuals(model)
+        return info
 
     def describe(self, model: str) -> ModelInfo:
         return _model_info(
@@ -300,6 +303,11 @@ class Client:
 
     def delete_model(self, model: str) -> None:
         self.call(lambda: self._delete(pb.ModelRef(model=model), **self._kw()))
+        self._forget_residuals(model)
+
+    def _forget_residuals(self, model: str) -> None:
+        for compressor in self._compressors.values():
+            compressor.reset(model)
 
     def snapshot(self, model: str) -> pb.SnapshotInfo:
         """Write a snapshot of `model` now; returns where and how long it took."""

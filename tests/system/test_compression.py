@@ -375,3 +375,22 @@ def test_the_core_refuses_encoded_gradients_in_a_same_host_file() -> None:
     with pytest.raises(ServerInvalid, match="same-host"):
         begin(model, grads, streamed=False, push_id="p1", blocks=(2048, 2048))
     assert push(model, grads, push_id="p1").wait().applied and model.version == 1
+
+
+def test_a_model_made_again_under_its_name_starts_without_the_old_residuals(
+    daemon: Daemon, model_name: str
+) -> None:
+    """Residuals belong to one model: deleting it (or creating a new one under its name)
+    drops them, so the new model's first push carries its own gradient only."""
+    with Client(daemon.grpc_address, transport="grpc", grad_compression="int8") as c:
+        c.create_model(model_name, _params(), lr=0.01)
+        c.push_grad(model_name, _grads(0))
+        comp = c.compressor("int8")
+        assert comp.residual(model_name, 0, "w") is not None
+        c.delete_model(model_name)
+        assert comp.residual(model_name, 0, "w") is None
+        c.create_model(model_name, _params(), lr=0.01)
+        ref = Reference(feedback=True, lr=0.01)
+        c.push_grad(model_name, _grads(1))
+        ref.step({0: _grads(1)})
+        _assert_params(c, model_name, ref)
