@@ -52,7 +52,10 @@ def docker(*args: str, timeout: float = 120, check: bool = True) -> str:
 def _answers() -> bool:
     if shutil.which("docker") is None:
         return False
-    done = subprocess.run(["docker", "info"], capture_output=True, timeout=30, check=False)
+    try:
+        done = subprocess.run(["docker", "info"], capture_output=True, timeout=30, check=False)
+    except subprocess.TimeoutExpired:  # an engine still starting, or stuck: not answering
+        return False
     return done.returncode == 0
 
 

@@ -11,6 +11,7 @@ Adam. Every container and volume is removed at the end, also when the test fails
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -131,10 +132,11 @@ class Shards:
         return done.stdout + done.stderr  # the daemon logs on stderr
 
     def remove(self) -> None:
-        for name in self.containers:
-            docker("rm", "-f", "-v", name, check=False)
-        for volume in self.volumes:
-            docker("volume", "rm", "-f", volume, check=False)
+        for args in [("rm", "-f", "-v", n) for n in self.containers] + [
+            ("volume", "rm", "-f", v) for v in self.volumes
+        ]:
+            with contextlib.suppress(subprocess.TimeoutExpired):  # remove the rest regardless
+                docker(*args, check=False)
 
 
 @pytest.fixture
