@@ -61,7 +61,7 @@ def run_worker(
     """One training process: local forward/backward, Adam on the server."""
     import torch
 
-    from adamd.client import RemoteAdam
+    from adamd.client import RemoteAdam, StalePush
 
     torch.set_num_threads(1)
     torch.manual_seed(0)  # every worker starts from the same init; the server's copy wins anyway
@@ -85,7 +85,14 @@ def run_worker(
             loss = torch.nn.functional.mse_loss(net(x[idx]), y[idx])
             loss.backward()
             opt.report_loss(loss)
-            opt.step()
+            try:
+                opt.step()
+            except StalePush:
+                if mode != "async":
+                    raise
+                # Async: a worker that fell more than max_staleness versions behind (a busy
+                # machine) has its gradient refused; RemoteAdam pulled the current parameters,
+                # so the next step starts from them.
             sched.step()
             out.put((rank, step, float(loss.detach()), opt.version))
     finally:
