@@ -36,10 +36,11 @@ class Access:
         try:
             policy = load_policy(self.path)
         except AuthFileError as exc:
-            logger.error("%s; the previous grants stay in force", exc)
+            # The audit line first: whoever waits for the log line finds the reload audited.
             self.audit.write("(SIGHUP)", None, "reload_auth", "Refused", "reload")
+            logger.error("%s; the previous grants stay in force", exc)
             return False
         self.policy = policy
-        logger.info("auth file %s reloaded: %d principals", self.path, len(policy.principal_names))
         self.audit.write("(SIGHUP)", None, "reload_auth", "OK", "reload")
+        logger.info("auth file %s reloaded: %d principals", self.path, len(policy.principal_names))
         return True
