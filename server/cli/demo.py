@@ -78,6 +78,7 @@ def run_worker(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.1)
     x, y = _teacher_data(rank, 4096)
     g = torch.Generator().manual_seed(100 + rank)
+    dropped = 0  # async: gradients refused as too stale
     try:
         for step in range(steps):
             idx = torch.randint(0, x.shape[0], (batch,), generator=g)
@@ -93,11 +94,12 @@ def run_worker(
                 # Async: a worker that fell more than max_staleness versions behind (a busy
                 # machine) has its gradient refused; RemoteAdam pulled the current parameters,
                 # so the next step starts from them.
+                dropped += 1
             sched.step()
             out.put((rank, step, float(loss.detach()), opt.version))
     finally:
         opt.close()
-        out.put((rank, -1, 0.0, opt.version))
+        out.put((rank, -1, float(dropped), opt.version))  # done: how many were dropped
 
 
 def _free_port(preferred: int) -> int:
@@ -169,7 +171,7 @@ def _run(args: argparse.Namespace, config: Any, console: Any) -> int:
     for p in procs:
         p.start()
     try:
-        first, last = _follow(args, procs, results, console)
+        first, last, dropped = _follow(args, procs, results, console)
         for p in procs:
             p.join(timeout=30)
         failed = [p.exitcode for p in procs if p.exitcode != 0]
@@ -187,20 +189,21 @@ def _run(args: argparse.Namespace, config: Any, console: Any) -> int:
     verdict = (
         "[green]loss fell[/]" if fell else "[red]loss did not fall below half its first value[/]"
     )
-    console.print(
-        f"loss {first:.4f} -> {last:.4f}: {verdict} (final version {daemon.registry.get(model_name).version})"
-    )
+    stale = f"; {dropped} stale gradient(s) dropped" if dropped else ""
+    version = daemon.registry.get(model_name).version
+    console.print(f"loss {first:.4f} -> {last:.4f}: {verdict} (final version {version}{stale})")
     return 0 if fell else 1
 
 
 def _follow(
     args: argparse.Namespace, procs: list[Any], results: Any, console: Any
-) -> tuple[float | None, float | None]:
-    """Show the workers' progress until all are done; returns the first and last mean loss."""
+) -> tuple[float | None, float | None, int]:
+    """Show the workers' progress until all are done; returns the first and last mean loss and
+    how many stale gradients the workers dropped."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     losses: dict[int, list[float]] = {}
-    done = 0
+    done = dropped = 0
     first = last = None
     # Without an interactive terminal (a pipe, a CI log, TERM=dumb) rich draws the bar only once,
     # at the end: print plain progress lines as well, about ten per run.
@@ -222,8 +225,9 @@ def _follow(
                 if not any(p.is_alive() for p in procs):
                     break
                 continue
-            if step < 0:
+            if step < 0:  # a worker is done; `loss` carries its count of dropped gradients
                 done += 1
+                dropped += int(loss)
                 continue
             losses.setdefault(step, []).append(loss)
             if len(losses[step]) == args.workers or args.mode == "async":
@@ -241,7 +245,7 @@ def _follow(
                     progress.console.print(
                         f"step {shown}/{args.steps}  loss {mean:.4f}  v{version}"
                     )
-    return first, last
+    return first, last, dropped
 
 
 def register(sub: Any) -> None:

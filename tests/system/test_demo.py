@@ -31,7 +31,10 @@ ADAMD = Path(sys.executable).with_name("adamd")  # the console script `make demo
 STEPS = 60
 TIMEOUT_S = 180  # generous: two busy cores, three processes importing torch
 
-SUMMARY = re.compile(r"loss (\d+\.\d+) -> (\d+\.\d+): loss fell \(final version (\d+)\)")
+SUMMARY = re.compile(
+    r"loss (\d+\.\d+) -> (\d+\.\d+): loss fell \(final version (\d+)"
+    r"(?:; (\d+) stale gradient\(s\) dropped)?\)"
+)
 STEP_LINE = re.compile(r"^step (\d+)/(\d+)  loss (\d+\.\d+)  v(\d+)$", re.MULTILINE)
 BAR = re.compile(r"(\d+)/(\d+) loss (\d+\.\d+) v(\d+)")
 STYLE = re.compile(r"\x1b\[[0-9;]*m")  # colours and bold: dropped
@@ -137,7 +140,7 @@ def run_in_pty(cmd: list[str]) -> tuple[int, str, str]:
 
 
 def _summary(out: str) -> tuple[float, float, int]:
-    m = SUMMARY.search(out)
+    m = SUMMARY.search(" ".join(out.split()))  # the terminal may wrap the line
     assert m, f"no `loss A -> B: loss fell` line in the demo's output:\n{out}"
     return float(m.group(1)), float(m.group(2)), int(m.group(3))
 
@@ -199,7 +202,11 @@ def test_async_two_workers_in_a_terminal_shows_the_live_bar_and_the_loss_falls(
     assert f"2 worker(s), async mode, {steps} steps" in " ".join(text.split()), text
     first, last, version = _summary(text)
     assert last < first * 0.5, text
-    assert version == 2 * steps, text  # async: every push of either worker is a step
+    # async: every push of either worker is a step, but for a gradient refused as too stale (a
+    # worker starved on a loaded machine), which the summary counts
+    m = SUMMARY.search(" ".join(text.split()))
+    assert m is not None
+    assert version + int(m.group(4) or 0) == 2 * steps, text
 
     # A terminal gets the live bar, redrawn as training goes (no plain lines): it showed
     # intermediate counts, never going back, ending at `steps` with the final loss.
