@@ -24,6 +24,7 @@ import torch
 
 from adamd.client._exceptions import NonFiniteGradient
 from adamd.protocol import quant
+from adamd.protocol.frames import all_finite
 from adamd.v1 import adamd_pb2 as pb
 
 MODES = ("int8", "int8-noef")
@@ -40,11 +41,7 @@ def check_finite(grads: Mapping[str, torch.Tensor]) -> None:
     """Refuse non-finite gradients before anything is quantized (an inf would make its block's
     scale inf and every value of the block nan), as the server refuses them."""
     for name, g in grads.items():
-        # A finite sum proves every value finite (inf and nan propagate) in one read; only a
-        # non-finite sum, which may be an overflow of large finite values, pays the exact check.
-        if not bool(torch.isfinite(g.sum(dtype=torch.float32))) and not bool(
-            torch.isfinite(g).all()
-        ):
+        if not all_finite(g):
             raise NonFiniteGradient(
                 f"gradient {name!r} holds inf or nan; the push was rejected and nothing changed"
                 " (AMP: unscale first, or send found_inf so the step is skipped)"

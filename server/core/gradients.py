@@ -1,6 +1,7 @@
-"""What a round does with the gradients it gathered: the finite check every push passes, and the
-mean over a round's contributors, summed in rank order so the result does not depend on arrival
-order (the same sum in every run, bitwise)."""
+"""What a round does with the gradients it gathered: the mean over a round's contributors, summed
+in rank order so the result does not depend on arrival order (the same sum in every run,
+bitwise). The finite check every push passes is adamd.protocol.frames.all_finite, which the
+client's int8 path runs too."""
 
 from __future__ import annotations
 
@@ -28,14 +29,3 @@ def rank_ordered_mean(tickets: Sequence[PushTicket]) -> dict[str, torch.Tensor]:
         if n > 1:
             summed[name].div_(n)
     return summed
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """True when every element is finite. A finite sum proves it (inf and nan propagate through
-    addition) at the cost of one read; only a non-finite sum, which may be an overflow of large
-    finite values, pays for the exact check. A complex tensor is checked as its real view."""
-    if t.is_complex():
-        t = torch.view_as_real(t)
-    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
-        return True
-    return bool(torch.isfinite(t).all())

@@ -33,8 +33,8 @@ from typing import Protocol
 import torch
 
 from adamd.protocol import ProtocolError
-from adamd.protocol.frames import trainable
-from adamd.server.core.gradients import all_finite, rank_ordered_mean
+from adamd.protocol.frames import all_finite, trainable
+from adamd.server.core.gradients import rank_ordered_mean
 from adamd.server.core.membership import Membership
 from adamd.server.core.pushes import (
     ClosedRound,

@@ -398,3 +398,14 @@ class TensorSink:
             raise ProtocolError(
                 f"stream ended early: {got} of {want} bytes; tensors {missing} incomplete"
             )
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when every element is finite. A finite sum proves it (inf and nan propagate through
+    addition) at the cost of one read; only a non-finite sum, which may be an overflow of large
+    finite values, pays for the exact check. A complex tensor is checked as its real view."""
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
