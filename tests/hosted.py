@@ -109,3 +109,13 @@ def local_adam(model: HostedModel, params: Mapping[str, torch.Tensor]) -> torch.
         for g in model.optimizer.param_groups
     ]
     return torch.optim.Adam(groups)
+
+
+def rank_grads(rank: int) -> dict[str, torch.Tensor]:
+    """Magnitudes far apart, so float sums depend on their order (the test has teeth)."""
+    gen = torch.Generator().manual_seed(rank)
+    scale = (1e8, 1.0, -1e8)[rank]
+    return {
+        "w": torch.rand(4, generator=gen) * scale + rank,
+        "b": torch.rand(2, generator=gen) * scale,
+    }

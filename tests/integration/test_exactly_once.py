@@ -9,11 +9,7 @@ by one step only.
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 import time
-from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -23,89 +19,7 @@ from adamd.server import Daemon
 
 from .. import workers
 from ..conftest import assert_bitwise_equal, snapshot
-
-
-class CuttingProxy:
-    """Forwards loopback TCP to `upstream`; can hold replies back and cut every connection."""
-
-    def __init__(self, upstream: str):
-        host, port = upstream.rsplit(":", 1)
-        self._upstream = (host, int(port))
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        self.hold_replies = threading.Event()
-        self.upstream_bytes = 0  # client -> server bytes forwarded, all connections
-        self.connections = 0
-        self._socks: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                down, _ = self._listener.accept()
-            except OSError:
-                return
-            up = socket.create_connection(self._upstream)
-            with self._lock:
-                self._socks += [down, up]
-                self.connections += 1
-            threading.Thread(target=self._pump, args=(down, up, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(up, down, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
-        try:
-            while True:
-                data = src.recv(1 << 16)
-                if not data:
-                    break
-                if upstream:
-                    with self._lock:
-                        self.upstream_bytes += len(data)
-                elif self.hold_replies.is_set():
-                    continue  # swallowed: the reply never reaches the client
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        """Reset every open connection (new ones are accepted and forwarded as usual)."""
-        with self._lock:
-            socks, self._socks = self._socks, []
-        for s in socks:
-            with contextlib.suppress(OSError):
-                s.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
-                )
-            # shutdown wakes the pump threads blocked in recv(); close alone would wait for them
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-        self.hold_replies.clear()
-
-    def close(self) -> None:
-        self._listener.close()
-        self.cut()
-
-
-@contextlib.contextmanager
-def proxy_to(daemon: Daemon) -> Iterator[CuttingProxy]:
-    proxy = CuttingProxy(daemon.grpc_address)
-    try:
-        yield proxy
-    finally:
-        proxy.close()
-
-
-def _wait_until(cond: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.005)
+from ..proxies import proxy_to, wait_until
 
 
 def test_the_same_push_id_twice_is_applied_once(daemon: Daemon, model_name: str) -> None:
@@ -142,7 +56,7 @@ def test_a_push_whose_reply_was_lost_is_retried_and_applied_once(
         assert c.describe(model_name).version == 0  # connection up
         proxy.hold_replies.set()
         push = pool.submit(c.push_grad, model_name, workers.rank_grads(0, 0), version=0)
-        _wait_until(lambda: model.version == 1)  # the server applied it; the reply is held back
+        wait_until(lambda: model.version == 1)  # the server applied it; the reply is held back
         applied = snapshot(model)
         connections = proxy.connections
         proxy.cut()
@@ -168,7 +82,7 @@ def test_a_push_cut_mid_stream_is_retried_and_applied_once(daemon: Daemon, model
         c.describe(model_name)
         start = proxy.upstream_bytes
         push = pool.submit(c.push_grad, model_name, grads, version=0)
-        _wait_until(lambda: proxy.upstream_bytes - start > 2_000_000)
+        wait_until(lambda: proxy.upstream_bytes - start > 2_000_000)
         proxy.cut()
         # The server saw a broken stream: nothing applied, nothing half-applied.
         time.sleep(0.2)
@@ -196,10 +110,10 @@ def test_a_sync_push_retried_while_its_round_is_open_counts_once(
         ):
             c.describe(model_name)
             push = pool.submit(c.push_grad, model_name, workers.rank_grads(0, 0), version=0, rank=0)
-            _wait_until(lambda: 0 in (model.rounds.open_ranks() or ()))
+            wait_until(lambda: 0 in (model.rounds.open_ranks() or ()))
             connections = proxy.connections
             proxy.cut()  # rank 0's connection dies while it waits for rank 1
-            _wait_until(lambda: proxy.connections > connections)  # the retry is in
+            wait_until(lambda: proxy.connections > connections)  # the retry is in
             time.sleep(0.2)
             assert model.version == 0
             r1 = direct.push_grad(model_name, workers.rank_grads(1, 0), version=0, rank=1)

@@ -17,7 +17,7 @@ import torch
 from adamd.client import RemoteAdam, StalePush
 from adamd.server import Daemon
 
-from .test_exactly_once import proxy_to
+from ..proxies import proxy_to
 
 LR = 1e-2
 STEPS = 6

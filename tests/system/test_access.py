@@ -41,7 +41,7 @@ from adamd.server.cli.main import main as cli_main
 from adamd.v1 import adamd_pb2 as pb
 
 from ..conftest import assert_bitwise_equal, running_daemon, snapshot
-from .test_cli import serve
+from ..processes import serve
 
 RANK = {"read": 1, "train": 2, "admin": 3}
 # principal -> (its token, the team it has a grant on, the role); "stranger" is unknown.

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -18,55 +14,7 @@ import torch
 
 from adamd.client import Client, Unauthenticated
 
-ADAMD = [sys.executable, "-m", "adamd.server.cli"]
-READY = re.compile(r"serving gRPC on (\S+) and HTTP on (\S+)")
-
-
-@contextmanager
-def serve(*args: str, tmp: Path) -> Iterator[tuple[subprocess.Popen[str], str, str, list[str]]]:
-    proc = subprocess.Popen(
-        [
-            *ADAMD,
-            "serve",
-            "--grpc-port",
-            "0",
-            "--http-port",
-            "0",
-            "--data-dir",
-            str(tmp / "data"),
-            *args,
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    lines: list[str] = []
-    assert proc.stderr is not None
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            lines.append(line)
-            m = READY.search(line)
-            if m:
-                yield proc, m.group(1), m.group(2), lines
-                return
-        pytest.fail("adamd serve did not log its addresses:\n" + "".join(lines))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        proc.stderr.close()
-
-
-def stop(proc: subprocess.Popen[str], sig: int, lines: list[str]) -> int:
-    proc.send_signal(sig)
-    assert proc.stderr is not None
-    _, rest = proc.communicate(timeout=30)
-    lines.append(rest)
-    return proc.returncode
+from ..processes import ADAMD, serve, stop
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -21,7 +21,7 @@ from adamd.server import Daemon
 from adamd.v1 import adamd_pb2 as pb
 
 from ..conftest import assert_bitwise_equal, snapshot
-from ..integration.test_exactly_once import _wait_until, proxy_to
+from ..proxies import proxy_to, wait_until
 
 SHAPES = {"w": (64, 70), "b": (5,), "big": (9000,)}  # block edges: 4480 = 2 blocks + 384
 
@@ -183,7 +183,7 @@ def test_a_retried_int8_push_is_applied_once_and_moves_the_residual_once(
         ref.step({0: _grads(0)})
         proxy.hold_replies.set()
         push = pool.submit(c.push_grad, model_name, _grads(1), version=1)
-        _wait_until(lambda: model.version == 2)  # applied; the reply is held back
+        wait_until(lambda: model.version == 2)  # applied; the reply is held back
         applied = snapshot(model)
         # Not acknowledged yet: the residual is still the first push's.
         assert torch.equal(

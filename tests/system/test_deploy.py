@@ -28,7 +28,7 @@ from adamd.client._addresses import parse_servers
 from adamd.server.cli.main import build_parser
 from adamd.server.config import ServerConfig
 
-from .test_cli import serve
+from ..processes import serve
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 BASE = DEPLOY / "k8s" / "base"

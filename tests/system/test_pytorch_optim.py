@@ -35,7 +35,7 @@ import torch
 from adamd.client import Client
 from adamd.client import RemoteAdam as _RemoteAdam
 
-from .test_cli import serve as _serve
+from ..processes import serve as _serve
 
 pytestmark = [
     pytest.mark.slow,

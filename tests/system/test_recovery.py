@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,15 +27,10 @@ from adamd.client._exceptions import (
 )
 from adamd.server.storage import format as fmt
 
-ADAMD = str(Path(sys.executable).with_name("adamd"))
+from ..processes import Server
+
 SHAPES = {"w": (64, 32), "b": (32,)}
 LR = 0.01
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _grads(k: int) -> dict[str, torch.Tensor]:
@@ -60,52 +51,6 @@ def _reference(steps: int) -> dict[str, torch.Tensor]:
             p.grad = _grads(k)[n]
         opt.step()
     return params
-
-
-class Server:
-    """`adamd serve` as a child process on a fixed port, restartable over one data dir."""
-
-    def __init__(self, data_dir: Path, *flags: str):
-        self.data_dir = data_dir
-        self.port = _free_port()
-        self.flags = flags
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.logs: list[Path] = []
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        log = self.data_dir.parent / f"server-{len(self.logs)}.log"
-        self.logs.append(log)
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [
-                    *(ADAMD, "serve", "--grpc-port", str(self.port), "--http-port", "-1"),
-                    *("--data-dir", str(self.data_dir), "--device", "cpu", *self.flags),
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def kill(self, sig: int = signal.SIGKILL) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=60)
-
-    def restored_version(self, index: int = -1) -> int | None:
-        """The version the index-th start restored (from its log), None if it restored nothing."""
-        deadline = time.monotonic() + 120  # a loaded 2-core machine can take long to import torch
-        while time.monotonic() < deadline:
-            text = self.logs[index].read_text()
-            m = re.search(r"model m: restored version (\d+)", text)
-            if m:
-                return int(m[1])
-            if "adamd serving gRPC" in text:
-                return None
-            time.sleep(0.02)
-        raise AssertionError(f"server did not start: {self.logs[index].read_text()}")
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from adamd.v1 import adamd_pb2 as pb
 
 from .. import workers
 from ..conftest import assert_bitwise_equal, running_daemon
-from .test_cli import serve
+from ..processes import serve
 
 SHM = Path("/dev/shm")
 

@@ -32,6 +32,7 @@ from adamd.client._sharding import ShardedClient
 from adamd.protocol.layout import Layout
 
 from ..conftest import running_daemon
+from ..processes import Server
 
 if TYPE_CHECKING:
     from adamd.server import Daemon
@@ -556,8 +557,6 @@ def test_a_shard_restarted_behind_the_others_stops_training_naming_it(tmp_path: 
     """Periodic snapshots, no --durable: a shard killed with SIGKILL comes back at its last
     snapshot, behind the others. The next push and pull stop with an error naming that shard and
     the versions side by side, rather than train or serve a model mixed from two versions."""
-    from .test_recovery import Server
-
     shards = []
     for k in range(3):
         (tmp_path / f"s{k}").mkdir()

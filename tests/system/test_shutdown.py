@@ -24,7 +24,7 @@ from adamd.client import AdamdError, Client, Unavailable
 from adamd.protocol.frames import iter_frames, spec_of
 from adamd.v1 import adamd_pb2 as pb
 
-from .test_cli import serve, stop
+from ..processes import serve, stop
 
 N = 1 << 20  # 4 MiB of gradients per push: a push is many frames, so SIGTERM lands mid-stream
 WORKERS = 4

@@ -30,6 +30,7 @@ PACKAGES = {
     "adamd.client": ROOT / "client",
     "adamd.server": ROOT / "server",
     "adamd.protocol": ROOT / "protos/adamd/protocol",
+    "tests": ROOT / "tests",
 }
 MAX_FUNCTION_LINES = 80
 # Cohesion: a concept that grows leaves for a module of its own (stepping.py, reads.py, the bulk/
@@ -185,7 +186,7 @@ def test_server_modules_import_no_cycle() -> None:
 
 def test_no_function_is_too_long_to_read() -> None:
     long = []
-    for package in PACKAGES:
+    for package in ("adamd.client", "adamd.server", "adamd.protocol"):
         for module, tree in _modules(package).items():
             for node in ast.walk(tree):
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -266,3 +267,18 @@ def test_sharded_client_composes_clients_and_one_route_picks_the_transport() -> 
         and any(w in ast.unparse(node.type) for w in ("Unreachable", "SessionExpired"))
     )
     assert set(handlers) <= {f"{C}._transport.route", f"{C}._overlap"}, handlers
+
+
+def test_test_modules_import_helpers_not_other_test_modules() -> None:
+    """Shared test set-up lives in helper modules (tests/processes.py, proxies.py, hosted.py,
+    workers.py, conftest.py), so a test file can move between layers or go without breaking
+    another one."""
+    found = _all_imports("tests")
+    assert "tests.system.test_cli" in found  # the walk sees the layer folders
+    bad = {
+        module: sorted(i for i in imports if i.rpartition(".")[2].startswith("test_"))
+        for module, imports in found.items()
+        if not module.startswith("tests.third_party")
+    }
+    bad = {m: i for m, i in bad.items() if i}
+    assert not bad, f"test modules importing other test modules: {bad}"

@@ -15,8 +15,7 @@ import torch
 from adamd.server.core.model import HostedModel, PushResult
 from adamd.server.errors import InvalidArgument, StalePush
 
-from ..hosted import local_adam, make_model, push, state_of
-from .test_rounds import rank_grads
+from ..hosted import local_adam, make_model, push, rank_grads, state_of
 
 
 def elastic(lease_s: float = 5.0, round_timeout_s: float = 30.0) -> HostedModel:

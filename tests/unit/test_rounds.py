@@ -21,17 +21,16 @@ from adamd.server.core.model import HostedModel, PushResult
 from adamd.server.core.staging import layout
 from adamd.server.errors import Aborted, DuplicatePush, InvalidArgument, NotFound, StalePush
 
-from ..hosted import assert_same, begin, local_adam, make_model, push, state_of, write
-
-
-def rank_grads(rank: int) -> dict[str, torch.Tensor]:
-    """Magnitudes far apart, so float sums depend on their order (the test has teeth)."""
-    gen = torch.Generator().manual_seed(rank)
-    scale = (1e8, 1.0, -1e8)[rank]
-    return {
-        "w": torch.rand(4, generator=gen) * scale + rank,
-        "b": torch.rand(2, generator=gen) * scale,
-    }
+from ..hosted import (
+    assert_same,
+    begin,
+    local_adam,
+    make_model,
+    push,
+    rank_grads,
+    state_of,
+    write,
+)
 
 
 def test_sync_mean_is_rank_ordered_whatever_the_arrival_order() -> None:
