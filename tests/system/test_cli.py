@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from adamd.client import Client, Unauthenticated
+from adamd.server.auth import token_sha256
 
 from ..processes import ADAMD, serve, stop
 
@@ -202,3 +205,62 @@ def test_daemon_docs_show_every_serve_flag() -> None:
     flags = [s for a in serve._actions for s in a.option_strings if s.startswith("--")]
     assert len(flags) > 10
     assert [f for f in flags if f not in readme] == []
+
+
+def test_version_prints_the_installed_version() -> None:
+    from importlib.metadata import version
+
+    out = subprocess.run(
+        [sys.executable, "-m", "adamd.server.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert out.strip() == f"adamd {version('adamd')}"
+
+
+def _admin_of_everything(name: str, token: str) -> str:
+    """An --auth-file with one principal, admin over every model."""
+    return (
+        f'[[principal]]\nname = "{name}"\ntoken_sha256 = "{token_sha256(token)}"\n'
+        'grants = { "*" = "admin" }\n'
+    )
+
+
+def test_sighup_reloads_the_file_and_reopens_the_audit_log(tmp_path: Path) -> None:
+    """The real process: SIGHUP swaps the grants and reopens the audit log (logrotate's move)."""
+    auth, audit = tmp_path / "auth.toml", tmp_path / "audit.log"
+    auth.write_text(_admin_of_everything("ops", "tok-one"))
+    args = ("--auth-file", str(auth), "--audit-log", str(audit), "--bulk-port", "-1")
+    with serve(*args, tmp=tmp_path) as (proc, grpc_address, _, lines):
+        with Client(grpc_address, token="tok-one", transport="grpc") as c:
+            c.create_model("m1", {"w": torch.zeros(2)})
+        audit.rename(tmp_path / "audit.log.1")
+        auth.write_text(_admin_of_everything("ops2", "tok-two"))
+        proc.send_signal(signal.SIGHUP)
+        assert proc.stderr is not None
+        while "reloaded" not in (line := proc.stderr.readline()):
+            assert line, "".join(lines)
+        revoked = Client(grpc_address, token="tok-one", transport="grpc", retry_timeout=1)
+        with revoked, pytest.raises(Unauthenticated):
+            revoked.delete_model("m1")
+        with Client(grpc_address, token="tok-two", transport="grpc") as c:
+            c.delete_model("m1")
+        auth.write_text("[[principal]]\nname = 'x'\ncert = 'c'\ngrants = 3\n")
+        proc.send_signal(signal.SIGHUP)
+        while "previous grants stay" not in (line := proc.stderr.readline()):
+            assert line
+        assert "line 4" in line and "grants is a table" in line
+        with Client(grpc_address, token="tok-two", transport="grpc") as c:
+            c.create_model("m2", {"w": torch.zeros(2)})
+    old = [json.loads(x)["operation"] for x in (tmp_path / "audit.log.1").read_text().splitlines()]
+    new = [json.loads(x) for x in audit.read_text().splitlines()]
+    assert old == ["create"]
+    assert [(e["principal"], e["operation"], e["outcome"]) for e in new] == [
+        ("(SIGHUP)", "reload_auth", "OK"),
+        ("(unauthenticated)", "delete", "Unauthenticated"),
+        ("ops2", "delete", "OK"),
+        ("(SIGHUP)", "reload_auth", "Refused"),
+        ("ops2", "create", "OK"),
+    ]

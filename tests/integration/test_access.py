@@ -1,7 +1,8 @@
 """Access control (server/auth, docs/security.md): principal x operation x model over gRPC, the
 bulk-data channel and HTTP, each cell allowed or refused as granted and every refusal leaving the
 model bitwise unchanged; listings that show only readable models; client certificates as
-principals; SIGHUP reload and revoke under load; the audit log.
+principals; reload and revoke under load; the audit log. (SIGHUP to the real process:
+tests/system/test_cli.py.)
 
 One daemon serves the matrix (module scope): principals read, train and admin over `team-a-*`,
 admin over `team-b-*`, and an unknown token. Each cell is one call against a real server.
@@ -12,7 +13,6 @@ from __future__ import annotations
 import io
 import json
 import secrets
-import signal
 import socket
 import sys
 import threading
@@ -41,7 +41,6 @@ from adamd.server.cli.main import main as cli_main
 from adamd.v1 import adamd_pb2 as pb
 
 from ..conftest import assert_bitwise_equal, running_daemon, snapshot
-from ..processes import serve
 
 RANK = {"read": 1, "train": 2, "admin": 3}
 # principal -> (its token, the team it has a grant on, the role); "stranger" is unknown.
@@ -524,46 +523,6 @@ def test_reload_revokes_without_stopping_the_granted(tmp_path: Path) -> None:
             thread.join(30)
         assert "error" not in out, out.get("error")
         assert d.registry.get("team-b-run").version == 1
-
-
-def test_sighup_reloads_the_file_and_reopens_the_audit_log(tmp_path: Path) -> None:
-    """The real process: SIGHUP swaps the grants and reopens the audit log (logrotate's move)."""
-    one = {"ops": ("tok-one", "x", "admin")}
-    two = {"ops2": ("tok-two", "x", "admin")}
-    auth, audit = tmp_path / "auth.toml", tmp_path / "audit.log"
-    auth.write_text(auth_toml(one).replace('"x-*"', '"*"'))
-    args = ("--auth-file", str(auth), "--audit-log", str(audit), "--bulk-port", "-1")
-    with serve(*args, tmp=tmp_path) as (proc, grpc_address, _, lines):
-        with Client(grpc_address, token="tok-one", transport="grpc") as c:
-            c.create_model("m1", {"w": torch.zeros(2)})
-        audit.rename(tmp_path / "audit.log.1")
-        auth.write_text(auth_toml(two).replace('"x-*"', '"*"'))
-        proc.send_signal(signal.SIGHUP)
-        assert proc.stderr is not None
-        while "reloaded" not in (line := proc.stderr.readline()):
-            assert line, "".join(lines)
-        revoked = Client(grpc_address, token="tok-one", transport="grpc", retry_timeout=1)
-        with revoked, pytest.raises(Unauthenticated):
-            revoked.delete_model("m1")
-        with Client(grpc_address, token="tok-two", transport="grpc") as c:
-            c.delete_model("m1")
-        auth.write_text("[[principal]]\nname = 'x'\ncert = 'c'\ngrants = 3\n")
-        proc.send_signal(signal.SIGHUP)
-        while "previous grants stay" not in (line := proc.stderr.readline()):
-            assert line
-        assert "line 4" in line and "grants is a table" in line
-        with Client(grpc_address, token="tok-two", transport="grpc") as c:
-            c.create_model("m2", {"w": torch.zeros(2)})
-    old = [json.loads(x)["operation"] for x in (tmp_path / "audit.log.1").read_text().splitlines()]
-    new = [json.loads(x) for x in audit.read_text().splitlines()]
-    assert old == ["create"]
-    assert [(e["principal"], e["operation"], e["outcome"]) for e in new] == [
-        ("(SIGHUP)", "reload_auth", "OK"),
-        ("(unauthenticated)", "delete", "Unauthenticated"),
-        ("ops2", "delete", "OK"),
-        ("(SIGHUP)", "reload_auth", "Refused"),
-        ("ops2", "create", "OK"),
-    ]
 
 
 def test_same_host_sessions_are_checked_like_any_push(tmp_path: Path) -> None:

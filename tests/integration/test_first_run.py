@@ -1,11 +1,9 @@
-"""What a new user meets first: the rank error, `adamd --version`, and the errors
+"""What a new user meets first: the rank error and the errors
 docs/troubleshooting.md explains, each produced for real against a server on loopback."""
 
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -65,19 +63,6 @@ def test_a_rank_from_RANK_or_the_argument_is_taken_and_checked_against_world_siz
         assert (alone.rank, alone.world_size) == (0, 1)  # one worker needs no rank
     finally:
         alone.close()
-
-
-def test_version_prints_the_installed_version() -> None:
-    from importlib.metadata import version
-
-    out = subprocess.run(
-        [sys.executable, "-m", "adamd.server.cli", "--version"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    assert out.strip() == f"adamd {version('adamd')}"
 
 
 # --- the README's Troubleshooting section, claim by claim --------------------------------------
