@@ -30,10 +30,11 @@ lint: setup
 # sockets, daemons or subprocesses), tests/integration (real daemons in this process, on loopback),
 # tests/system (real processes: `adamd serve`, workers, examples; namespaces, containers, browser).
 # `make test` runs all three on two pytest workers, each taking whole test files (tests in a file
-# share servers and fixtures); `make test-fast` the unit layer alone (under 2 minutes).
+# share servers and fixtures), and lists the 30 slowest; `make test-fast` the unit layer alone (under
+# 2 minutes).
 PYTEST_WORKERS ?= 2
 test: setup browser lint
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile --durations=30 tests
 
 test-fast: setup
 	$(PY) -m pytest -x tests/unit
