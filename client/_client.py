@@ -21,6 +21,7 @@ from adamd.client._addresses import parse_servers
 from adamd.client._compression import Compressor, Encoded
 from adamd.client._compression import check_mode as check_compression
 from adamd.client._exceptions import Unavailable, from_rpc_error, invalid_input
+from adamd.client._failed_call import FAILED_CALLS
 from adamd.client._overlap import BulkStreamingPush, StreamingPush
 from adamd.client._overlap import finish as finish_streamed
 from adamd.client._tls import TLSConfig, channel_credentials
@@ -189,7 +190,7 @@ class Client:
         while True:
             try:
                 return fn()
-            except grpc.RpcError as err:
+            except FAILED_CALLS as err:  # gRPC's, or a FailedCall (the bulk channel's BulkError)
                 code = _transient(err)
                 if code in _RETRYABLE and time.monotonic() + delay < deadline:
                     time.sleep(delay * (0.5 + random.random()))

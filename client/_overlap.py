@@ -34,6 +34,7 @@ import grpc
 import torch
 
 from adamd.client._exceptions import from_rpc_error
+from adamd.client._failed_call import FAILED_CALLS, code_of
 from adamd.client._transport.bulk import BulkChannel, BulkError, Unreachable, answer
 from adamd.protocol.bulk import DONE, END, PUSH, FrameSocket
 from adamd.protocol.frames import encode_frame, wire_chunks
@@ -204,9 +205,9 @@ def finish(
     client's exceptions."""
     try:
         return stream.finish(closing, timeout)
-    except grpc.RpcError as exc:
+    except FAILED_CALLS as exc:  # gRPC's, or the bulk channel's BulkError
         stream.cancel()
-        if exc.code() in _DEFINITIVE:  # the server's answer: pushing again would repeat it
+        if code_of(exc) in _DEFINITIVE:  # the server's answer: pushing again would repeat it
             raise from_rpc_error(exc) from None
         logger.debug("a streamed push failed (%s)", exc)
         return None

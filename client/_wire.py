@@ -10,6 +10,7 @@ import grpc
 import torch
 
 from adamd.client._exceptions import InvalidArgument
+from adamd.client._failed_call import AnyFailedCall, code_of, details_of
 from adamd.client._types import ModelInfo, PushResult
 from adamd.protocol.frames import (
     TensorSink,
@@ -64,16 +65,16 @@ def group_pb(names: Sequence[str], options: Mapping[str, Any]) -> pb.ParamGroup:
     return pb.ParamGroup(params=list(names), options=options_to_pb(options))
 
 
-def transient(err: grpc.RpcError) -> grpc.StatusCode | None:
+def transient(err: AnyFailedCall) -> grpc.StatusCode | None:
     """The call's status code, with a cancel by the server counted as UNAVAILABLE: a server that
     stops past its grace period cancels the calls still in flight (adamd answers UNAVAILABLE
     itself first, but work running on its threads at that moment cannot be cut short). Every
     call is safe to repeat (pushes by their id), so a training loop never sees a restart."""
-    code = err.code() if hasattr(err, "code") else None
-    if code == grpc.StatusCode.CANCELLED:
-        details = (err.details() if hasattr(err, "details") else None) or ""
-        if not any(mark in details for mark in _LOCAL_CANCEL):
-            return grpc.StatusCode.UNAVAILABLE
+    code = code_of(err)
+    if code == grpc.StatusCode.CANCELLED and not any(
+        mark in details_of(err) for mark in _LOCAL_CANCEL
+    ):
+        return grpc.StatusCode.UNAVAILABLE
     return code
 
 
