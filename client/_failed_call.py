@@ -2,8 +2,8 @@
 
 gRPC reports a failure as grpc.RpcError (status code, details, the `adamd-error` kind in its
 trailing metadata); the bulk-data channel as its own BulkError (client/_transport/bulk.py), a
-`FailedCall` carrying the same three. The code that retries failed calls (Client.call, with
-_wire.transient) and the one that maps them to the client's exceptions
+`FailedCall` carrying the same three. The code that retries failed calls (client/_retry.py,
+for Client.call) and the one that maps them to the client's exceptions
 (_exceptions.from_rpc_error) take either, through `FAILED_CALLS` and the readers below.
 """
 

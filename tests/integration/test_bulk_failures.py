@@ -17,8 +17,9 @@ import torch
 from adamd.client import Client, InvalidArgument, NonFiniteGradient, NotFound, Unavailable
 from adamd.client._exceptions import from_rpc_error
 from adamd.client._failed_call import FailedCall
+from adamd.client._retry import transient
 from adamd.client._transport.bulk import BulkError
-from adamd.client._wire import push_header, transient
+from adamd.client._wire import push_header
 from adamd.protocol.frames import spec_of
 
 from ..conftest import assert_bitwise_equal, running_daemon, snapshot
