@@ -8,43 +8,39 @@ so the server applies them exactly once. Every failure surfaces as an adamd.clie
 
 from __future__ import annotations
 
-import random
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
-import grpc
 import torch
 
 from adamd.client._addresses import parse_servers
-from adamd.client._compression import Compressor, Encoded
-from adamd.client._compression import check_mode as check_compression
-from adamd.client._exceptions import Unavailable, from_rpc_error, invalid_input
+from adamd.client._compression import Compressor, Encoded, Residuals
+from adamd.client._exceptions import invalid_input
 from adamd.client._overlap import BulkStreamingPush, StreamingPush
 from adamd.client._overlap import finish as finish_streamed
-from adamd.client._tls import TLSConfig, channel_credentials
+from adamd.client._retry import with_retries
+from adamd.client._service import CHANNEL_OPTIONS, ServiceCalls, open_channel
+from adamd.client._tls import TLSConfig
 from adamd.client._transport.bulk import BulkChannel
 from adamd.client._transport.route import Route
 from adamd.client._transport.shm import SameHostSession
-from adamd.client._transport.streams import SERVICE as _SERVICE
 from adamd.client._types import ModelInfo, PullResult, PushResult
-from adamd.client._wire import group_pb as _group_pb
 from adamd.client._wire import (
+    closing_header,
     model_config,
+    pull_request,
     push_header,
     push_result,
     read_state,
     state_header,
 )
+from adamd.client._wire import group_pb as _group_pb
 from adamd.client._wire import model_info as _model_info
-from adamd.client._wire import transient as _transient
 from adamd.protocol.frames import (
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNK_BYTES,
     MAX_MESSAGE_BYTES,
-    dtype_to_pb,
-    identity,
     iter_frames,
     spec_of,
     to_wire,
@@ -55,14 +51,6 @@ from adamd.v1 import adamd_pb2 as pb
 
 __all__ = ["CHANNEL_OPTIONS", "Client", "push_result"]
 T = TypeVar("T")
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-]
 
 
 class Client:
@@ -135,32 +123,12 @@ class Client:
         self.retry_timeout = retry_timeout
         self.chunk_bytes = chunk_bytes
         self.wire_dtype = wire_dtype
-        self.grad_compression = check_compression(grad_compression)
-        self._compressors: dict[str, Compressor] = {}
+        self._residuals = Residuals(grad_compression)  # int8: error feedback, per mode
+        self.grad_compression = self._residuals.default
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.tls = bool(tls)
-        self._channel = (
-            grpc.secure_channel(target, channel_credentials(tls), options=CHANNEL_OPTIONS)
-            if tls
-            else grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
-        )
-        ser = lambda m: m.SerializeToString()
-        ch = self._channel
-        self._create = ch.stream_unary(_SERVICE + "CreateModel", identity, pb.ModelInfo.FromString)
-        self._get_state = ch.unary_stream(_SERVICE + "GetState", ser, identity)
-        self._load_state = ch.stream_unary(
-            _SERVICE + "LoadState", identity, pb.ModelInfo.FromString
-        )
-        self._add_group = ch.stream_unary(
-            _SERVICE + "AddParamGroup", identity, pb.ModelInfo.FromString
-        )
-        self._set_hyper = ch.unary_unary(_SERVICE + "SetHyperparams", ser, pb.ModelInfo.FromString)
-        self._describe = ch.unary_unary(_SERVICE + "DescribeModel", ser, pb.ModelInfo.FromString)
-        self._list = ch.unary_unary(_SERVICE + "ListModels", ser, pb.ListModelsReply.FromString)
-        self._delete = ch.unary_unary(_SERVICE + "DeleteModel", ser, pb.DeleteReply.FromString)
-        self._snapshot = ch.unary_unary(_SERVICE + "Snapshot", ser, pb.SnapshotInfo.FromString)
-        self._join = ch.unary_unary(_SERVICE + "Join", ser, pb.JoinReply.FromString)
-        self._leave = ch.unary_unary(_SERVICE + "Leave", ser, pb.LeaveReply.FromString)
+        self._channel = open_channel(target, tls)
+        self._calls = ServiceCalls(self._channel)
         self._route = self._routes(target, tls)
 
     # --- plumbing -------------------------------------------------------------------------------
@@ -184,21 +152,7 @@ class Client:
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run one call, retrying transient failures with backoff; map errors to ours."""
-        deadline = time.monotonic() + self.retry_timeout
-        delay = 0.05
-        while True:
-            try:
-                return fn()
-            except grpc.RpcError as err:
-                code = _transient(err)
-                if code in _RETRYABLE and time.monotonic() + delay < deadline:
-                    time.sleep(delay * (0.5 + random.random()))
-                    delay = min(delay * 2, 2.0)
-                    continue
-                exc = from_rpc_error(err)
-                if code in _RETRYABLE:  # a server gone for longer than the retry deadline
-                    raise Unavailable(f"{self.address}: {exc}") from None
-                raise exc from None
+        return with_retries(fn, self.retry_timeout, self.address)
 
     # --- transports ---------------------------------------------------------------------------
 
@@ -275,43 +229,39 @@ class Client:
             round_timeout_s=round_timeout_s, lease_s=lease_s, exist_ok=exist_ok, layout=layout,
             master_dtype=master_dtype, adam_kwargs=adam_kwargs)  # fmt: skip
         frames = self._upload(cfg.SerializeToString(), tensors)
-        info = _model_info(self.call(lambda: self._create(frames(), **self._kw())))
+        info = _model_info(self.call(lambda: self._calls.create(frames(), **self._kw())))
         if info.created:  # a new model: int8 residuals of an earlier one of this name are void
-            self._forget_residuals(model)
+            self._residuals.forget(model)
         return info
 
     def describe(self, model: str) -> ModelInfo:
         return _model_info(
-            self.call(lambda: self._describe(pb.ModelRef(model=model), **self._kw()))
+            self.call(lambda: self._calls.describe(pb.ModelRef(model=model), **self._kw()))
         )
 
     def list_models(self) -> list[ModelInfo]:
-        reply = self.call(lambda: self._list(pb.ListModelsRequest(), **self._kw()))
+        reply = self.call(lambda: self._calls.list_models(pb.ListModelsRequest(), **self._kw()))
         return [_model_info(m) for m in reply.models]
 
     def join(self, model: str, rank: int | None = None) -> int:
         """Elastic model: register as a worker; returns the rank to push with (the server's
         lowest free rank when `rank` is None). Every push renews the registration."""
         req = pb.JoinRequest(model=model, rank=rank)
-        return int(self.call(lambda: self._join(req, **self._kw())).rank)
+        return int(self.call(lambda: self._calls.join(req, **self._kw())).rank)
 
     def leave(self, model: str, rank: int) -> bool:
         """Elastic model: deregister `rank` now, so rounds stop waiting for it. False when it
         was not registered (its lease had lapsed)."""
         req = pb.LeaveRequest(model=model, rank=rank)
-        return bool(self.call(lambda: self._leave(req, **self._kw())).left)
+        return bool(self.call(lambda: self._calls.leave(req, **self._kw())).left)
 
     def delete_model(self, model: str) -> None:
-        self.call(lambda: self._delete(pb.ModelRef(model=model), **self._kw()))
-        self._forget_residuals(model)
-
-    def _forget_residuals(self, model: str) -> None:
-        for compressor in self._compressors.values():
-            compressor.reset(model)
+        self.call(lambda: self._calls.delete(pb.ModelRef(model=model), **self._kw()))
+        self._residuals.forget(model)
 
     def snapshot(self, model: str) -> pb.SnapshotInfo:
         """Write a snapshot of `model` now; returns where and how long it took."""
-        return self.call(lambda: self._snapshot(pb.ModelRef(model=model), **self._kw()))
+        return self.call(lambda: self._calls.snapshot(pb.ModelRef(model=model), **self._kw()))
 
     @invalid_input()
     def set_hyperparams(self, model: str, group: int = 0, **options: Any) -> ModelInfo:
@@ -326,7 +276,7 @@ class Client:
             model=model,
             updates=[pb.GroupUpdate(group=i, options=options_to_pb(o)) for i, o in updates],
         )
-        return _model_info(self.call(lambda: self._set_hyper(req, **self._kw())))
+        return _model_info(self.call(lambda: self._calls.set_hyper(req, **self._kw())))
 
     @invalid_input()
     def add_param_group(
@@ -350,7 +300,7 @@ class Client:
             layout=layout,
         )
         frames = self._upload(header.SerializeToString(), tensors)
-        info = _model_info(self.call(lambda: self._add_group(frames(), **self._kw())))
+        info = _model_info(self.call(lambda: self._calls.add_group(frames(), **self._kw())))
         self._drop_session(model)  # the shared layout changed: attach again on next use
         return info
 
@@ -382,7 +332,7 @@ class Client:
         header_kw: dict[str, Any] = dict(rank=rank, push_id=push_id or uuid.uuid4().hex,
             found_inf=found_inf, scalars=scalars, hyper_updates=hyper_updates, version=version,
             loss=loss)  # fmt: skip
-        encoded = self._encode(model, rank, grads, grad_compression, found_inf)
+        encoded = self._residuals.encode(model, rank, grads, grad_compression, found_inf)
         if encoded is not None:
             return self._push_encoded(model, encoded, **header_kw)
         wire = wire_dtype or self.wire_dtype
@@ -399,24 +349,7 @@ class Client:
 
     def compressor(self, mode: str) -> Compressor:
         """The error-feedback residuals this client keeps for `mode` ("int8", "int8-noef")."""
-        if mode not in self._compressors:
-            self._compressors[mode] = Compressor(mode)
-        return self._compressors[mode]
-
-    def _encode(
-        self,
-        model: str,
-        rank: int,
-        grads: Mapping[str, torch.Tensor],
-        grad_compression: str | None,
-        found_inf: bool,
-    ) -> Encoded | None:
-        """The push's int8 encoding, or None where it travels raw: no compression, or a push
-        with found_inf (skipped by the server whatever its values; the residuals stay)."""
-        mode = check_compression(grad_compression or self.grad_compression)
-        if mode is None or found_inf:
-            return None
-        return self.compressor(mode).encode(model, rank, grads)
+        return self._residuals.compressor(mode)
 
     @invalid_input()
     def step(
@@ -449,7 +382,7 @@ class Client:
                 model, grads, wire_dtype=wire_dtype, grad_compression=grad_compression, **push_kw
             )
             return pushed, self.pull(model, names, out=out, wire_dtype=wire_dtype)
-        encoded = self._encode(model, rank, grads, grad_compression, found_inf)
+        encoded = self._residuals.encode(model, rank, grads, grad_compression, found_inf)
         if encoded is not None:
             tensors, specs = encoded.payloads, encoded.specs
         else:
@@ -457,9 +390,7 @@ class Client:
             specs = [spec_of(n, t, wire) for n, t in grads.items()]
         push_kw["push_id"] = push_id or uuid.uuid4().hex
         header = push_header(model, specs, **push_kw)
-        request = pb.PullRequest(model=model, names=names, chunk_bytes=self._pull_chunk)
-        if wire is not None:
-            request.wire_dtype = dtype_to_pb(wire)
+        request = pull_request(model, names, self._pull_chunk, wire)
         reply, pulled = self._route.step(header, tensors, request, out)
         if encoded is not None:
             encoded.commit()
@@ -503,12 +434,7 @@ class Client:
         closing headers): push again under the same push id. Answers that a push again would
         only repeat (FailedPrecondition, NotFound, LimitExceeded, Unauthenticated,
         PermissionDenied) are raised."""
-        closing = None
-        if amend:
-            updates = [pb.GroupUpdate(group=i, options=options_to_pb(o)) for i, o in hyper_updates]
-            closing = pb.PushHeader(hyper_updates=updates)
-            if loss is not None:
-                closing.loss = float(loss)
+        closing = closing_header(loss, hyper_updates) if amend else None
         reply = finish_streamed(stream, closing, self.timeout)
         return push_result(reply) if reply is not None else None
 
@@ -542,19 +468,9 @@ class Client:
         not newer. `wait_for_version`: block until the model reaches it (DeadlineExceeded after
         `wait_timeout`). The result is always one consistent version.
         """
-        req = pb.PullRequest(
-            model=model,
-            names=list(names or ()),
-            wait_timeout_s=wait_timeout,
-            chunk_bytes=self._pull_chunk,
-        )
-        if if_newer_than is not None:
-            req.if_newer_than = if_newer_than
-        if wait_for_version is not None:
-            req.wait_for_version = wait_for_version
-        wire = wire_dtype or self.wire_dtype
-        if wire is not None:
-            req.wire_dtype = dtype_to_pb(wire)
+        req = pull_request(model, list(names or ()), self._pull_chunk, wire_dtype or self.wire_dtype,
+            wait_timeout_s=wait_timeout, if_newer_than=if_newer_than,
+            wait_for_version=wait_for_version)  # fmt: skip
         return self._route.pull(req, out)
 
     # --- optimizer state ------------------------------------------------------------------------
@@ -566,7 +482,9 @@ class Client:
         return self.call(lambda: self._get_state_once(model))
 
     def _get_state_once(self, model: str) -> dict[str, Any]:
-        return read_state(iter(self._get_state(pb.GetStateRequest(model=model), **self._kw())))
+        return read_state(
+            iter(self._calls.get_state(pb.GetStateRequest(model=model), **self._kw()))
+        )
 
     @invalid_input()
     def load_state(
@@ -579,4 +497,4 @@ class Client:
         `param_groups` (optional) also sets each group's hyperparameters."""
         header, tensors = state_header(model, state, param_groups)
         frames = self._upload(header.SerializeToString(), tensors)
-        return _model_info(self.call(lambda: self._load_state(frames(), **self._kw())))
+        return _model_info(self.call(lambda: self._calls.load_state(frames(), **self._kw())))

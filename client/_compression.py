@@ -219,3 +219,38 @@ class _Pending(Sequence[torch.Tensor]):
     def wait(self) -> None:
         for f in self._done:
             f.result()
+
+
+class Residuals:
+    """A Client's int8 state: one Compressor per mode ("int8", "int8-noef"), made on first use,
+    and the choice of whether a push is encoded at all."""
+
+    def __init__(self, default: str | None):
+        self.default = check_mode(default)
+        self._by_mode: dict[str, Compressor] = {}
+
+    def compressor(self, mode: str) -> Compressor:
+        if mode not in self._by_mode:
+            self._by_mode[mode] = Compressor(mode)
+        return self._by_mode[mode]
+
+    def encode(
+        self,
+        model: str,
+        rank: int,
+        grads: Mapping[str, torch.Tensor],
+        mode: str | None,
+        found_inf: bool,
+    ) -> Encoded | None:
+        """The push's int8 encoding (`mode`, else the Client's), or None where it travels raw:
+        no compression, or a push with found_inf (skipped by the server whatever its values;
+        the residuals stay)."""
+        mode = check_mode(mode or self.default)
+        if mode is None or found_inf:
+            return None
+        return self.compressor(mode).encode(model, rank, grads)
+
+    def forget(self, model: str) -> None:
+        """Drop `model`'s residuals (deleted, or created anew under its name)."""
+        for compressor in self._by_mode.values():
+            compressor.reset(model)

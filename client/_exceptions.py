@@ -27,6 +27,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from adamd.client._failed_call import AnyFailedCall, code_of, details_of, kind_of
 from adamd.protocol import ProtocolError
 
 
@@ -118,16 +119,12 @@ KINDS: dict[str, type[AdamdError]] = {
 _BY_CODE = {cls.code: cls for cls in reversed(KINDS.values())}
 
 
-def from_rpc_error(err: grpc.RpcError) -> AdamdError:
-    """Translate a failed call into the client's exception (the one place this happens)."""
-    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-    details = err.details() if hasattr(err, "details") else str(err)
-    kind = None
-    trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
-    for key, value in trailing or ():
-        if key == "adamd-error":
-            kind = value
-    cls = KINDS.get(kind or "") or _BY_CODE.get(code, AdamdError)
+def from_rpc_error(err: AnyFailedCall) -> AdamdError:
+    """Translate a failed call (gRPC's, or the bulk channel's FailedCall) into the client's
+    exception (the one place this happens)."""
+    code = code_of(err) or grpc.StatusCode.UNKNOWN
+    details = details_of(err) if hasattr(err, "details") else str(err)
+    cls = KINDS.get(kind_of(err)) or _BY_CODE.get(code, AdamdError)
     exc = cls(details or code.name)
     exc.code = code
     return exc

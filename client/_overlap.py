@@ -24,7 +24,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -34,9 +34,12 @@ import grpc
 import torch
 
 from adamd.client._exceptions import from_rpc_error
+from adamd.client._failed_call import FAILED_CALLS, code_of
 from adamd.client._transport.bulk import BulkChannel, BulkError, Unreachable, answer
+from adamd.client._types import PushResult
 from adamd.protocol.bulk import DONE, END, PUSH, FrameSocket
 from adamd.protocol.frames import encode_frame, wire_chunks
+from adamd.protocol.hyper import same_value
 from adamd.v1 import adamd_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -204,9 +207,9 @@ def finish(
     client's exceptions."""
     try:
         return stream.finish(closing, timeout)
-    except grpc.RpcError as exc:
+    except FAILED_CALLS as exc:  # gRPC's, or the bulk channel's BulkError
         stream.cancel()
-        if exc.code() in _DEFINITIVE:  # the server's answer: pushing again would repeat it
+        if code_of(exc) in _DEFINITIVE:  # the server's answer: pushing again would repeat it
             raise from_rpc_error(exc) from None
         logger.debug("a streamed push failed (%s)", exc)
         return None
@@ -315,6 +318,35 @@ class GradStreamer:
                 return "a gradient changed after backward (clipping, unscale_, accumulation)"
         return None
 
+    def finish_step(
+        self,
+        grads: Mapping[str, torch.Tensor],
+        found_inf: torch.Tensor | None,
+        skipped: bool,
+        finish: Callable[[OpenPush], PushResult | None],
+    ) -> tuple[PushResult | None, str | None]:
+        """End this step's streamed push with `finish` where it can carry `grads` (else cancel
+        it): (its result, None where the step must push as usual; the push id that push
+        reuses, None where no stream was opened). `found_inf`: GradScaler's, when it steps."""
+        op = self.take()
+        if op is None:
+            return None, None
+        why = GradStreamer.usable(op, grads)
+        if why is None and found_inf is not None:
+            # GradScaler unscales here, or unscale_() did in place, which torch does not
+            # count as a change of the gradient (nor do edits through .data)
+            why = "GradScaler unscales the gradients after backward"
+        if why is None and not skipped:
+            result = finish(op)
+            # A stream that keeps failing (a server without closing headers, an idle
+            # deadline shorter than backward) stops overlap like any other fallback.
+            self.note(None if result is not None else "the streamed push failed")
+            return result, op.stream.header.push_id
+        op.stream.cancel()
+        if not skipped:  # an overflow now and then is no reason to stop overlapping
+            self.note(why)
+        return None, op.stream.header.push_id
+
     def note(self, fallback: str | None) -> None:
         """Record one step's outcome; turn overlap off after MAX_FALLBACKS in a row."""
         if fallback is None:
@@ -344,3 +376,24 @@ def same_updates(
         if set(x) != set(y) or not all(same_value(x[k], y[k]) for k in x):
             return False
     return True
+
+
+def finish_open(
+    op: OpenPush,
+    grads: Mapping[str, torch.Tensor],
+    loss: float | None,
+    updates: list[tuple[int, dict[str, Any]]],
+    finish_push: Callable[..., PushResult | None],
+) -> PushResult | None:
+    """Send the gradients backward did not hand over, end the stream (with a closing header
+    when the loss or the hyperparameter edits are not what the opening one said: Client's
+    `finish_push`), and wait for the reply. None when the stream failed (the caller pushes again
+    under the same id)."""
+    for index, name in enumerate(op.names):
+        if index not in op.queued:
+            op.stream.send(Queued.of(index, grads[name]))
+    amend = loss != op.loss or not same_updates(updates, op.updates, same_value)
+    result = finish_push(op.stream, amend=amend, loss=loss, hyper_updates=updates)
+    if result is None:
+        logger.debug("model %s: the streamed push failed; pushing again", op.stream.header.model)
+    return result

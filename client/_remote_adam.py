@@ -10,14 +10,10 @@ state-dict hooks exactly as torch.optim.Optimizer does. `state` mirrors the serv
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
-import warnings
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from copy import deepcopy
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,178 +21,30 @@ import torch
 from adamd.client._client import Client
 from adamd.client._compression import check_mode as check_compression
 from adamd.client._exceptions import AdamdError, NotFound, StalePush
-from adamd.client._overlap import GradStreamer, OpenPush, Queued, same_updates
+from adamd.client._overlap import GradStreamer, OpenPush, finish_open
+from adamd.client._param_groups import (
+    adopt_options,
+    changed_options,
+    check_joinable,
+    check_same_model,
+    checked_like_torch,
+    clone,
+    gradients,
+    group_for_server,
+    name_new_params,
+    options_of,
+    world,
+)
 from adamd.client._protocol import ModelClient
+from adamd.client._remote_state import ServerState, by_param, for_server
 from adamd.client._tls import TLSConfig
 from adamd.client._types import ModelInfo, PullResult, PushResult
 from adamd.protocol.frames import spec_of
 from adamd.protocol.hyper import (
     ADAM_DEFAULTS,
-    IMPLEMENTATION_KEYS,
-    fused_refusal,
-    same_value,
 )
 
-_STATE_ORDER = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 logger = logging.getLogger(__name__)
-_SYNCED_KEYS = tuple(k for k in ADAM_DEFAULTS if k not in IMPLEMENTATION_KEYS)
-# The group keys torch.optim.Adam.__setstate__ fills in when a loaded state dict lacks them.
-_SETSTATE_DEFAULTS = (
-    "amsgrad",
-    "maximize",
-    "foreach",
-    "capturable",
-    "differentiable",
-    "decoupled_weight_decay",
-    "fused",
-)
-
-
-def _copy_for_probe(params: Any) -> Any:
-    """A copy of the params argument torch.optim.Adam can consume without touching ours."""
-    if isinstance(params, (torch.Tensor, set)) or not isinstance(params, Iterable):
-        return params  # torch raises the right error
-    out = []
-    for p in params:
-        out.append(dict(p) if isinstance(p, dict) else p)
-    return out
-
-
-def _as_list(params: Any) -> Any:
-    return params if isinstance(params, (torch.Tensor, set)) else list(params)
-
-
-def _clone(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, tuple):
-        return tuple(_clone(v) for v in value)
-    return value
-
-
-class _ServerState(defaultdict):  # type: ignore[type-arg]
-    """`RemoteAdam.state`: torch's per-parameter state, mirroring the server's.
-
-    Entries keyed by a parameter hold the server's Adam state (step, exp_avg, exp_avg_sq,
-    max_exp_avg_sq), fetched when the mapping is first read after the model changed; they are
-    copies, so writing into them changes nothing on the server (load_state_dict does). Other keys
-    stay local, as torch keeps them (state-dict hooks use such keys).
-    """
-
-    def __init__(self, fetch: Callable[[], dict[torch.Tensor, dict[str, Any]] | None]):
-        super().__init__(dict)
-        self._fetch = fetch
-
-    def _sync(self) -> None:
-        fresh = self._fetch()  # None: nothing changed since the last fetch
-        if fresh is None:
-            return
-        for key in [k for k in dict.keys(self) if isinstance(k, torch.Tensor)]:
-            dict.__delitem__(self, key)
-        dict.update(self, fresh)
-
-    def __getitem__(self, key: Any) -> Any:
-        self._sync()
-        return super().__getitem__(key)
-
-    def __contains__(self, key: object) -> bool:
-        self._sync()
-        return super().__contains__(key)
-
-    def __iter__(self) -> Iterator[Any]:
-        self._sync()
-        return super().__iter__()
-
-    def __len__(self) -> int:
-        self._sync()
-        return super().__len__()
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        self._sync()
-        return super().get(key, default)
-
-    def keys(self) -> Any:
-        self._sync()
-        return super().keys()
-
-    def values(self) -> Any:
-        self._sync()
-        return super().values()
-
-    def items(self) -> Any:
-        self._sync()
-        return super().items()
-
-    def __repr__(self) -> str:
-        self._sync()
-        return super().__repr__()
-
-    def __eq__(self, other: object) -> bool:
-        self._sync()
-        return super().__eq__(other)
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def copy(self) -> defaultdict[Any, Any]:  # type: ignore[override]
-        self._sync()
-        return defaultdict(dict, dict.items(self))
-
-    def __reduce__(self) -> Any:
-        # Copies and pickles hold what was read, as a plain defaultdict (no server attached).
-        self._sync()
-        return (defaultdict, (dict,), None, None, iter(dict.items(self)))
-
-
-def _checked_like_torch(params: Any, options: Mapping[str, Any]) -> Any:
-    """torch's own checks, with torch's own messages (ValueError, TypeError, RuntimeError), on
-    `params` made lists all the way down: a group's params may be a generator, which the probe
-    would use up (torch takes those). Its warnings (a group listing a parameter twice) come once,
-    from Optimizer.__init__ later."""
-    if isinstance(params, Iterable) and not isinstance(params, (torch.Tensor, set)):
-        params = [
-            {**p, "params": _as_list(p["params"])} if isinstance(p, dict) and "params" in p else p
-            for p in params
-        ]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.optim.Adam(_copy_for_probe(params), **options)
-    if options.get("differentiable"):
-        raise ValueError(
-            "differentiable=True is not supported by RemoteAdam: no autograd graph crosses the wire"
-        )
-    return params
-
-
-def _env_rank() -> int | None:
-    return int(os.environ["RANK"]) if "RANK" in os.environ else None
-
-
-def _world(
-    world_size: int | str | None, rank: int | None, mode: str
-) -> tuple[bool, int, int | None]:
-    """(elastic, world size, rank): a fixed world from the arguments or torchrun's variables;
-    an elastic one has size 0 and a rank the server assigns at construction (None)."""
-    if world_size == "elastic":
-        return True, 0, rank if rank is not None else _env_rank()
-    size = int(world_size if world_size is not None else os.environ.get("WORLD_SIZE", 1))
-    return False, size, _rank(rank, size, mode)
-
-
-def _rank(rank: int | None, world_size: int, mode: str) -> int:  # a fixed world_size
-    """This worker's rank: `rank`, else $RANK; required once there are several workers, since
-    every worker silently taking rank 0 only shows up later, as DuplicatePush in a sync round."""
-    if rank is None and "RANK" in os.environ:
-        rank = int(os.environ["RANK"])
-    if rank is None:
-        if world_size > 1:
-            raise ValueError(
-                f"world_size={world_size} needs this worker's rank: pass rank= (0..{world_size - 1})"
-                " or set the RANK environment variable (torchrun sets RANK and WORLD_SIZE)"
-            )
-        return 0
-    if mode == "sync" and not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside 0..{world_size - 1} for world_size={world_size}")
-    return int(rank)
 
 
 class RemoteAdam(torch.optim.Optimizer):
@@ -292,10 +140,10 @@ class RemoteAdam(torch.optim.Optimizer):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        params = _checked_like_torch(params, options)
+        params = checked_like_torch(params, options)
         self.model = model
         self.master_dtype = master_dtype
-        self.elastic, self.world_size, self.rank = _world(world_size, rank, mode)
+        self.elastic, self.world_size, self.rank = world(world_size, rank, mode)
         self.mode = mode
         self.version = 0
         self.last_result: PushResult | None = None
@@ -306,7 +154,7 @@ class RemoteAdam(torch.optim.Optimizer):
         self._pending_loss: float | None = None
         self._state_version: int | None = None  # version `state` was fetched at
         super().__init__(params, options)
-        self.state: defaultdict[Any, Any] = _ServerState(self._fetch_state)
+        self.state: defaultdict[Any, Any] = ServerState(self._fetch_state)
         sizes = (("chunk_bytes", chunk_bytes), ("slice_bytes", slice_bytes))
         extra: dict[str, Any] = {key: value for key, value in sizes if value is not None}
         self.grad_compression = check_compression(grad_compression)
@@ -318,7 +166,7 @@ class RemoteAdam(torch.optim.Optimizer):
             raise ValueError("grad_compression is not offered for a sharded model yet")
         self._owns_client = client is None
         self._connect(max_staleness, round_timeout_s, lease_s)
-        self._synced = [self._options_of(g) for g in self.param_groups]
+        self._synced = [options_of(g) for g in self.param_groups]
         # Overlap streams into one server; a sharded model pushes whole at step() (not yet).
         streams = overlap and not self._client.sharded and not grad_compression  # int8: at step()
         self._streamer: GradStreamer | None = GradStreamer() if streams else None
@@ -336,7 +184,10 @@ class RemoteAdam(torch.optim.Optimizer):
             info = self._client.create_model(
                 self.model,
                 local,
-                param_groups=[self._group_for_server(g) for g in self.param_groups],
+                param_groups=[
+                    group_for_server(g, [self._name_of(p) for p in g["params"]])
+                    for g in self.param_groups
+                ],
                 world_size="elastic" if self.elastic else self.world_size,
                 mode=self.mode,
                 max_staleness=max_staleness,
@@ -345,22 +196,8 @@ class RemoteAdam(torch.optim.Optimizer):
                 exist_ok=True,
                 master_dtype=self.master_dtype,
             )
-        if info.layout and not self._client.sharded:
-            raise ValueError(
-                f"model {self.model!r} on {self._client.address} is one shard of a model sharded"
-                " over several servers: pass server= all of them, in their order"
-            )
-        if info.elastic != self.elastic:
-            raise ValueError(
-                f"model {self.model!r} on the server is "
-                f"{'elastic' if info.elastic else f'world_size={info.world_size}'}; pass"
-                f" world_size={'elastic' if info.elastic else info.world_size!r} to join it"
-            )
-        if self.master_dtype is not None and info.master_dtype != self.master_dtype:
-            raise ValueError(
-                f"model {self.model!r} on the server has master_dtype {info.master_dtype}, here"
-                f" it is {self.master_dtype}: not the same model"
-            )
+        where = None if self._client.sharded else self._client.address
+        check_joinable(self.model, info, where, self.elastic, self.master_dtype)
         if self.elastic:
             self.rank = self._client.join(self.model, self.rank)
             self._registered = True
@@ -377,10 +214,6 @@ class RemoteAdam(torch.optim.Optimizer):
     def _named_params(self) -> dict[str, torch.Tensor]:
         return {self._names[id(p)]: p for g in self.param_groups for p in g["params"]}
 
-    @staticmethod
-    def _options_of(group: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: _clone(group[k]) for k in _SYNCED_KEYS}
-
     def _unique_params(self) -> list[torch.Tensor]:
         seen: dict[int, torch.Tensor] = {}
         for g in self.param_groups:
@@ -388,26 +221,12 @@ class RemoteAdam(torch.optim.Optimizer):
                 seen.setdefault(id(p), p)
         return list(seen.values())
 
-    def _group_for_server(self, group: Mapping[str, Any]) -> dict[str, Any]:
-        opts = {k: group[k] for k in ADAM_DEFAULTS}
-        return {**opts, "params": [self._name_of(p) for p in group["params"]]}
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's add_param_group; after construction the new group is created on the server too
         (the local values initialize it, unless the server has it already)."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        names = group.get("param_names")
-        start = len(self._names)
-        taken = set(self._names.values())
-        for i, p in enumerate(group["params"]):
-            if id(p) in self._names:  # listed twice in this group: torch warned and keeps both
-                continue
-            name = str(names[i]) if names is not None else str(start + i)
-            if name in taken:  # two modules' named_parameters() both have "weight": torch takes it
-                name = next(f"{name}.{k}" for k in itertools.count(1) if f"{name}.{k}" not in taken)
-            taken.add(name)
-            self._names[id(p)] = name
+        name_new_params(group, self._names)
         if not self._ready:
             return
         new = {self._name_of(p): p for p in group["params"]}
@@ -432,35 +251,15 @@ class RemoteAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 self._names.pop(id(p), None)
             raise
-        self._synced.append(self._options_of(group))
+        self._synced.append(options_of(group))
         self._state_version = None
         self._hook_params(group["params"])
 
     def _join(self, info: ModelInfo, local: dict[str, torch.Tensor]) -> None:
         """The model exists: the server's parameters and hyperparameters win."""
-        for name, p in local.items():
-            have = info.params.get(name)
-            if have is None or tuple(p.shape) != have[0]:
-                raise ValueError(
-                    f"model {self.model!r} on the server has {name!r} as {have}, here it is"
-                    f" {tuple(p.shape)}: not the same model"
-                )
         here = [[self._name_of(p) for p in g["params"]] for g in self.param_groups]
-        there = [g["params"] for g in info.param_groups]
-        if here != there[: len(here)]:  # fewer groups is fine: add_param_group rejoins later ones
-            raise ValueError(
-                f"model {self.model!r} on the server has param groups {there}, here they are"
-                f" {here}: not the same model"
-            )
-        for group, remote in zip(self.param_groups, info.param_groups):
-            for key in _SYNCED_KEYS:
-                value = remote.get(key)
-                if value is None:
-                    continue
-                if isinstance(group[key], torch.Tensor) and isinstance(value, torch.Tensor):
-                    group[key].fill_(value.item())
-                elif not same_value(group[key], value):
-                    group[key] = value
+        check_same_model(self.model, info, local, here)
+        adopt_options(self.param_groups, info.param_groups)
         self._pull_into(local)
 
     def _pull_into(self, params: Mapping[str, torch.Tensor]) -> None:
@@ -474,12 +273,7 @@ class RemoteAdam(torch.optim.Optimizer):
         self._pending_loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
 
     def _updates(self) -> list[tuple[int, dict[str, Any]]]:
-        out = []
-        for i, (group, synced) in enumerate(zip(self.param_groups, self._synced)):
-            changed = {k: group[k] for k in _SYNCED_KEYS if not same_value(group[k], synced[k])}
-            if changed:
-                out.append((i, changed))
-        return out
+        return changed_options(self.param_groups, self._synced)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -491,19 +285,7 @@ class RemoteAdam(torch.optim.Optimizer):
             self._pending_loss = (
                 float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
             )
-        grads: dict[str, torch.Tensor] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    if p.grad.is_sparse:
-                        raise RuntimeError(
-                            "Adam does not support sparse gradients, please consider SparseAdam instead"
-                        )
-                    if p.is_complex():
-                        refusal = fused_refusal(group, p)
-                        if refusal is not None:
-                            raise RuntimeError(refusal)
-                    grads[self._name_of(p)] = p.grad
+        grads = gradients(self.param_groups, self._name_of)
         try:
             result, pulled = self._push(grads)
         except StalePush:
@@ -519,7 +301,7 @@ class RemoteAdam(torch.optim.Optimizer):
             return loss
         self._pending_loss = None
         for i, changed in self._updates():
-            self._synced[i].update({k: _clone(v) for k, v in changed.items()})
+            self._synced[i].update({k: clone(v) for k, v in changed.items()})
         self.last_result = result
         if pulled is None:
             self._pull_into(self._named_params())
@@ -535,27 +317,16 @@ class RemoteAdam(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         skipped = found_inf is not None and bool(found_inf.item())
         updates = self._updates()
-        streamer = self._streamer
-        op = streamer.take() if streamer is not None else None
         push_id = None
-        if streamer is not None and op is not None:
-            push_id = op.stream.header.push_id
-            why = GradStreamer.usable(op, grads)
-            if why is None and found_inf is not None:
-                # GradScaler unscales here, or unscale_() did in place, which torch does not
-                # count as a change of the gradient (nor do edits through .data)
-                why = "GradScaler unscales the gradients after backward"
-            if why is None and not skipped:
-                result = self._finish_streamed(op, grads, updates)
-                # A stream that keeps failing (a server without closing headers, an idle
-                # deadline shorter than backward) stops overlap like any other fallback.
-                streamer.note(None if result is not None else "the streamed push failed")
-                if result is not None:
-                    return result, None
-            else:
-                op.stream.cancel()
-                if not skipped:  # an overflow now and then is no reason to stop overlapping
-                    streamer.note(why)
+        if self._streamer is not None:
+
+            def finish(op: OpenPush) -> PushResult | None:
+                finish_push = self._single().finish_push
+                return finish_open(op, grads, self._pending_loss, updates, finish_push)
+
+            result, push_id = self._streamer.finish_step(grads, found_inf, skipped, finish)
+            if result is not None:
+                return result, None
         if skipped:
             grads = {}
         elif grad_scale is not None:
@@ -574,26 +345,6 @@ class RemoteAdam(torch.optim.Optimizer):
             hyper_updates=updates,
             **compression,
         )
-
-    def _finish_streamed(
-        self,
-        op: OpenPush,
-        grads: Mapping[str, torch.Tensor],
-        updates: list[tuple[int, dict[str, Any]]],
-    ) -> PushResult | None:
-        """Send the gradients backward did not hand over, end the stream (with a closing header
-        when the loss or the hyperparameter edits are not what the opening one said), and wait
-        for the reply. None when the stream failed (the caller pushes again under the same id)."""
-        for index, name in enumerate(op.names):
-            if index not in op.queued:
-                op.stream.send(Queued.of(index, grads[name]))
-        loss = self._pending_loss
-        amend = loss != op.loss or not same_updates(updates, op.updates, same_value)
-        client = self._single()
-        result = client.finish_push(op.stream, amend=amend, loss=loss, hyper_updates=updates)
-        if result is None:
-            logger.debug("model %s: the streamed push failed; pushing again", self.model)
-        return result
 
     def _single(self) -> Client:
         """The client of a model on one server (overlap streams into one; not sharded)."""
@@ -657,16 +408,7 @@ class RemoteAdam(torch.optim.Optimizer):
             return None
         version = self.version
         remote = self._client.get_state(self.model)["state"]
-        out: dict[torch.Tensor, dict[str, Any]] = {}
-        for p in self._unique_params():
-            entry = remote.get(self._name_of(p))
-            if entry is None:
-                continue  # no step yet: torch creates state lazily too
-            out[p] = {
-                k: entry[k] if k == "step" and p.device.type == "cpu" else entry[k].to(p.device)
-                for k in _STATE_ORDER
-                if k in entry
-            }
+        out = by_param(remote, self._unique_params(), self._name_of)
         self._state_version = version
         return out
 
@@ -689,42 +431,15 @@ class RemoteAdam(torch.optim.Optimizer):
             if hook_result is not None:
                 state_dict = hook_result
         groups = self.param_groups
-        saved = deepcopy(state_dict["param_groups"])
-        if len(groups) != len(saved):
-            raise ValueError("loaded state dict has a different number of parameter groups")
-        if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved)):
-            raise ValueError(
-                "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
-            )
-        id_to_name = {}
-        for g, s in zip(groups, saved):
-            for p, i in zip(g["params"], s["params"]):
-                id_to_name[i] = self._name_of(p)
-        state: dict[str, dict[str, torch.Tensor]] = {}
-        local: dict[Any, Any] = {}
-        for i, entry in state_dict["state"].items():
-            if i not in id_to_name:
-                local[i] = entry  # torch keeps such entries as they are
-                continue
-            state[id_to_name[i]] = {
-                k: v if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-                for k, v in entry.items()
-            }
-        for s in saved:  # what torch.optim.Adam.__setstate__ fills into an older state dict
-            for k in _SETSTATE_DEFAULTS:
-                s.setdefault(k, ADAM_DEFAULTS[k])
-        server_groups = []
-        for g, s in zip(groups, saved):
-            opts = {k: s[k] for k in _SYNCED_KEYS if k in s}
-            server_groups.append({**opts, "params": [self._name_of(p) for p in g["params"]]})
+        saved, state, local, server_groups = for_server(groups, state_dict, self._name_of)
         self._client.load_state(self.model, state, server_groups)
         for g, s in zip(groups, saved):
             s["params"] = g["params"]
             if "param_names" in g and "param_names" not in s:
                 s["param_names"] = g["param_names"]
         self.param_groups = saved
-        self._synced = [self._options_of(g) for g in saved]
-        self.state = _ServerState(self._fetch_state)
+        self._synced = [options_of(g) for g in saved]
+        self.state = ServerState(self._fetch_state)
         dict.update(self.state, local)
         self._state_version = None
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
@@ -750,7 +465,7 @@ class RemoteAdam(torch.optim.Optimizer):
             return
         self._names = {id(p): n for p, n in zip(self._unique_params(), names)}
         local = {k: v for k, v in dict.items(self.state) if not isinstance(k, torch.Tensor)}
-        self.state = _ServerState(self._fetch_state)
+        self.state = ServerState(self._fetch_state)
         dict.update(self.state, local)
         self._state_version = None
 

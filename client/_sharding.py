@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn, TypeVar
 
 import torch
@@ -28,52 +28,32 @@ from adamd.client._exceptions import (
     AdamdError,
     DeadlineExceeded,
     FailedPrecondition,
-    InvalidArgument,
-    NonFiniteGradient,
     NotFound,
     StalePush,
 )
+from adamd.client._shard_layout import (
+    assemble,
+    check_grads,
+    check_layouts,
+    check_out,
+    check_state,
+    gather,
+    groups_on,
+    merged_info,
+    merged_push,
+    merged_snapshot,
+    merged_state,
+    on_shard,
+    plan,
+    state_part,
+    with_group,
+)
 from adamd.client._types import ModelInfo, PullResult, PushResult
-from adamd.protocol.frames import wire_dtype_of
 from adamd.protocol.layout import DEFAULT_SLICE_BYTES, Layout
 from adamd.v1 import adamd_pb2 as pb
 
 T = TypeVar("T")
 _WAIT_ROUNDS = 4  # pulls re-asked of shards behind, before giving up on one version
-
-
-def _on_shard(k: int, address: str, exc: AdamdError) -> AdamdError:
-    """`exc`, naming the shard it came from (same class, same code)."""
-    text = str(exc)
-    where = f"shard {k} ({address})"
-    out = type(exc)(f"{where}: {text.removeprefix(address + ': ')}")
-    out.code = exc.code
-    return out
-
-
-def _gather(
-    futures: Mapping[int, Future[T]],
-) -> tuple[dict[int, T], tuple[int, BaseException] | None]:
-    """Every future's result, and the first failure by shard order (after all finished)."""
-    out: dict[int, T] = {}
-    failure: tuple[int, BaseException] | None = None
-    for k, f in futures.items():
-        try:
-            out[k] = f.result()
-        except BaseException as exc:
-            failure = failure or (k, exc)
-    return out, failure
-
-
-def _finite_on_the_wire(g: torch.Tensor, wire_dtype: torch.dtype | None) -> bool:
-    """Whether `g` stays finite as it travels: a float16 wire turns values past 65504 into inf,
-    which the shard holding them would refuse while the others applied the push."""
-    if not (g.is_floating_point() or g.is_complex()):
-        return True
-    wire = wire_dtype_of(g.dtype, wire_dtype)
-    if wire != g.dtype and wire.is_floating_point:
-        g = g.to(wire)
-    return bool(torch.isfinite(g).all())
 
 
 class ShardedClient:
@@ -150,7 +130,7 @@ class ShardedClient:
         """fn(k, shard k's client) on every shard (or `shards`) concurrently; waits for all,
         then raises the first failure (by shard order), naming its shard."""
         ks = range(len(self.shards)) if shards is None else shards
-        out, failure = _gather({k: self._pool.submit(fn, k, self.shards[k]) for k in ks})
+        out, failure = gather({k: self._pool.submit(fn, k, self.shards[k]) for k in ks})
         if failure is not None:
             self._raise(failure)
         return out
@@ -158,7 +138,7 @@ class ShardedClient:
     def _raise(self, failure: tuple[int, BaseException]) -> NoReturn:
         k, err = failure
         if isinstance(err, AdamdError):
-            raise _on_shard(k, self.servers[k], err) from err
+            raise on_shard(k, self.servers[k], err) from err
         raise err
 
     # --- layout ---------------------------------------------------------------------------------
@@ -170,56 +150,13 @@ class ShardedClient:
         return self._layouts[model]
 
     def _check_layouts(self, model: str, infos: Mapping[int, ModelInfo]) -> Layout:
-        layouts = {}
-        for k, info in infos.items():
-            if not info.layout:
-                raise FailedPrecondition(
-                    f"model {model!r} on shard {k} ({self.servers[k]}) is not sharded: it was"
-                    " created on that server alone; address it with that server only"
-                )
-            layout, index = Layout.from_record(info.layout)
-            if list(layout.servers) != self.servers or index != k:
-                raise FailedPrecondition(
-                    f"model {model!r} was created over servers {list(layout.servers)}"
-                    f" ({self.servers[k]} as shard {index}); this client lists {self.servers}:"
-                    " pass the same servers in the same order"
-                )
-            layouts[k] = layout
-        ids = {layout.id for layout in layouts.values()}
-        if len(ids) > 1:
-            raise FailedPrecondition(
-                f"model {model!r}: the shards disagree on the layout"
-                f" ({ {k: v.id for k, v in layouts.items()} }); a create or add_param_group was"
-                " interrupted: delete the model and create it again"
-            )
-        return layouts[0]
+        return check_layouts(model, self.servers, infos)
 
     def _merge(self, model: str, infos: Mapping[int, ModelInfo], layout: Layout) -> ModelInfo:
-        first = infos[0]
-        groups = [
-            {**{k: v for k, v in g.items() if k != "params"}, "params": list(names)}
-            for g, names in zip(first.param_groups, layout.groups)
-        ]
+        """The shards' infos as one, their layout and mode remembered."""
         self._layouts[model] = layout
-        self._modes[model] = first.mode
-        return ModelInfo(
-            name=first.name,
-            version=min(i.version for i in infos.values()),
-            mode=first.mode,
-            world_size=first.world_size,
-            device=first.device,
-            params={n: (p.shape, p.dtype) for n, p in layout.params.items()},
-            param_groups=groups,
-            max_staleness=first.max_staleness,
-            round_timeout_s=first.round_timeout_s,
-            created=all(i.created for i in infos.values()),
-            skipped_steps=max(i.skipped_steps for i in infos.values()),
-            elastic=first.elastic,
-            lease_s=first.lease_s,
-            layout=layout.record(0),
-            shard_versions=tuple(infos[k].version for k in sorted(infos)),
-            master_dtype=first.master_dtype,
-        )
+        self._modes[model] = infos[0].mode
+        return merged_info(infos, layout)
 
     # --- models ---------------------------------------------------------------------------------
 
@@ -236,38 +173,21 @@ class ShardedClient:
         with the layout recorded. If a shard refuses, the parts this call created are deleted."""
         names = list(params)
         groups = list(param_groups or [{"params": names}])
-        for g in groups:
-            unknown = [n for n in g["params"] if n not in params]
-            if unknown:
-                raise InvalidArgument(f"param group names unknown parameters {unknown}")
-        spec = {n: (tuple(t.shape), t.dtype) for n, t in params.items()}
-        try:
-            layout = Layout.plan(
-                self.servers, spec, [g["params"] for g in groups], self.slice_bytes
-            )
-        except ValueError as exc:
-            raise InvalidArgument(str(exc)) from None
+        layout = plan(self.servers, params, groups, self.slice_bytes)
 
         def create(k: int, c: Client) -> ModelInfo:
             on = set(layout.names_on(k))
-            shard_groups = [
-                {
-                    **{o: v for o, v in g.items() if o != "params"},
-                    "params": [n for n in g["params"] if n in on],
-                }
-                for g in groups
-            ]
             return c.create_model(
                 model,
                 layout.shard_params(k, {n: params[n] for n in names if n in on}),
-                param_groups=shard_groups,
+                param_groups=groups_on(groups, on),
                 exist_ok=exist_ok,
                 layout=layout.record(k),
                 **kwargs,
             )
 
         futures = {k: self._pool.submit(create, k, c) for k, c in enumerate(self.shards)}
-        infos, failure = _gather(futures)
+        infos, failure = gather(futures)
         if failure is not None:
             for k, info in infos.items():
                 if info.created:
@@ -315,15 +235,7 @@ class ShardedClient:
 
     def snapshot(self, model: str) -> pb.SnapshotInfo:
         """A snapshot on every shard; paths joined with ';'."""
-        infos = self._each(lambda k, c: c.snapshot(model))
-        ordered = [infos[k] for k in sorted(infos)]
-        return pb.SnapshotInfo(
-            model=model,
-            version=min(i.version for i in ordered),
-            path=";".join(i.path for i in ordered),
-            bytes=sum(i.bytes for i in ordered),
-            seconds=max(i.seconds for i in ordered),
-        )
+        return merged_snapshot(model, self._each(lambda k, c: c.snapshot(model)))
 
     def set_hyperparams(self, model: str, group: int = 0, **options: Any) -> ModelInfo:
         return self.set_group_options(model, [(group, options)])
@@ -348,12 +260,7 @@ class ShardedClient:
         layout = self.layout(model)
         names = list(params)
         listed = list(listed) if listed is not None else names
-        clash = [n for n in names if n in layout.params]
-        if clash:
-            raise InvalidArgument(f"parameters {clash} exist already")
-        if sorted(set(listed)) != sorted(names):
-            raise InvalidArgument("the new group's params must be exactly the parameters sent")
-        new = layout.with_group({n: (tuple(t.shape), t.dtype) for n, t in params.items()}, listed)
+        new = with_group(layout, params, listed)
 
         def add(k: int, c: Client) -> ModelInfo:
             on = set(new.names_on(k))
@@ -395,7 +302,7 @@ class ShardedClient:
             )
             for k, c in enumerate(self.shards)
         }
-        return self._pushed(model, *_gather(futures))
+        return self._pushed(model, *gather(futures))
 
     def _check_grads(
         self, model: str, grads: Mapping[str, torch.Tensor], found_inf: bool
@@ -403,19 +310,7 @@ class ShardedClient:
         """The model's layout, with `grads` checked against it whole (before any shard sees
         them): known names, the parameters' shapes, finite as they travel."""
         layout = self.layout(model)
-        for name, g in grads.items():
-            place = layout.params.get(name)
-            if place is None:
-                raise NotFound(f"model {model!r} has no parameter {name!r}")
-            if tuple(g.shape) != place.shape:
-                raise InvalidArgument(
-                    f"gradient {name!r} has shape {list(g.shape)}, the parameter {list(place.shape)}"
-                )
-            if not found_inf and not _finite_on_the_wire(g, self.wire_dtype):
-                raise NonFiniteGradient(
-                    f"gradient {name!r} holds inf or nan (as it travels: {self.wire_dtype});"
-                    " nothing was applied (AMP: pass found_inf to skip the step)"
-                )
+        check_grads(model, layout, grads, found_inf, self.wire_dtype)
         return layout
 
     def _pushed(
@@ -431,17 +326,9 @@ class ShardedClient:
             if sync and results and isinstance(failure[1], StalePush):
                 self._diverged(model, f"shard {failure[0]} refused the push ({failure[1]})")
             self._raise(failure)
-        rs = [results[k] for k in sorted(results)]
-        if sync and len({r.version for r in rs}) > 1:
+        if sync and len({r.version for r in results.values()}) > 1:
             self._diverged(model, "the shards stepped to different versions")
-        return PushResult(
-            version=min(r.version for r in rs),
-            applied=all(r.applied for r in rs),
-            found_inf=any(r.found_inf for r in rs),
-            contributors=min(r.contributors for r in rs),
-            duplicate=all(r.duplicate for r in rs),
-            partial=any(r.partial for r in rs),
-        )
+        return merged_push(results)
 
     def _diverged(self, model: str, what: str) -> NoReturn:
         """Sync mode, a shard is not at the version the others are (it restarted from an older
@@ -486,7 +373,7 @@ class ShardedClient:
                 wire_dtype=wire_dtype, **push)  # fmt: skip
             return pushed, self.pull(model, names, out=out, wire_dtype=wire_dtype)
         layout = self._check_grads(model, grads, found_inf)
-        self._check_out(model, layout, names, out)
+        check_out(model, layout, names, out)
         per_shard = {k: [n for n in names if layout.part(n, k)] for k in range(len(self.shards))}
         views = {k: layout.shard_params(k, {n: out[n] for n in ns}) for k, ns in per_shard.items()}
         kw = dict(push_id=push_id or uuid.uuid4().hex, found_inf=found_inf, wire_dtype=wire_dtype)
@@ -497,7 +384,7 @@ class ShardedClient:
                 return c.push_grad(model, part, **kw, **push), None
             return c.step(model, part, views[k], **kw, **push)
 
-        done, failure = _gather(
+        done, failure = gather(
             {k: self._pool.submit(one_step, k, c) for k, c in enumerate(self.shards)}
         )
         pushed = self._pushed(model, {k: r[0] for k, r in done.items()}, failure)
@@ -508,24 +395,7 @@ class ShardedClient:
 
         results = self._one_version(model, results, one)
         version = min(r.version for r in results.values())
-        return pushed, PullResult(version, self._assemble(layout, names, results, out))
-
-    def _check_out(
-        self,
-        model: str,
-        layout: Layout,
-        wanted: Sequence[str],
-        out: Mapping[str, torch.Tensor] | None,
-    ) -> None:
-        """Every wanted name a parameter of the model, `out`'s tensors of its shapes."""
-        for n in wanted:
-            place = layout.params.get(n)
-            if place is None:
-                raise NotFound(f"model {model!r} has no parameter {n!r}")
-            if out is not None and n in out and tuple(out[n].shape) != place.shape:
-                raise InvalidArgument(
-                    f"out[{n!r}] has shape {list(out[n].shape)}, the parameter {list(place.shape)}"
-                )
+        return pushed, PullResult(version, assemble(layout, names, results, out))
 
     def pull_params(
         self, model: str, names: Sequence[str] | None = None, **kwargs: Any
@@ -547,7 +417,7 @@ class ShardedClient:
         behind is waited for); async: the lowest version is returned."""
         layout = self.layout(model)
         wanted = list(names) if names else list(layout.params)
-        self._check_out(model, layout, wanted, out)
+        check_out(model, layout, wanted, out)
         per_shard = {k: [n for n in wanted if layout.part(n, k)] for k in range(len(self.shards))}
         asked = [k for k, ns in per_shard.items() if ns]
         views = (
@@ -573,7 +443,7 @@ class ShardedClient:
             results.update(self._each(lambda k, c: one(k, c), stale))
         results = self._one_version(model, results, one)
         return PullResult(
-            min(r.version for r in results.values()), self._assemble(layout, wanted, results, out)
+            min(r.version for r in results.values()), assemble(layout, wanted, results, out)
         )
 
     def _one_version(
@@ -589,7 +459,7 @@ class ShardedClient:
             behind = [k for k, v in versions.items() if v != target]
             if not behind:
                 return results
-            waited, failure = _gather(
+            waited, failure = gather(
                 {
                     k: self._pool.submit(one, k, self.shards[k], wait_for_version=target)
                     for k in behind
@@ -602,57 +472,13 @@ class ShardedClient:
             results.update(waited)
         self._diverged(model, "the shards kept answering different versions")
 
-    @staticmethod
-    def _assemble(
-        layout: Layout,
-        wanted: Sequence[str],
-        results: Mapping[int, PullResult],
-        out: Mapping[str, torch.Tensor] | None,
-    ) -> dict[str, torch.Tensor]:
-        params = {}
-        for n in wanted:
-            place = layout.params[n]
-            if out is not None and n in out:
-                params[n] = out[n]  # the shards wrote their rows into it
-            elif not place.sliced:
-                params[n] = results[place.parts[0].shard].params[n]
-            else:
-                params[n] = torch.cat([results[q.shard].params[n] for q in place.parts])
-        return params
-
     # --- optimizer state ------------------------------------------------------------------------
 
     def get_state(self, model: str) -> dict[str, Any]:
         """Client.get_state of the whole model: sliced parameters' state put back together."""
         layout = self.layout(model)
         states = self._each(lambda k, c: c.get_state(model))
-        versions = {k: s["version"] for k, s in states.items()}
-        if self._modes.get(model) != "async" and len(set(versions.values())) > 1:
-            raise AdamdError(f"model {model!r}: shards at different versions {versions}")
-        merged: dict[str, dict[str, torch.Tensor]] = {}
-        for name, place in layout.params.items():
-            entries = [states[q.shard]["state"].get(name) for q in place.parts]
-            if all(e is None for e in entries):
-                continue
-            if any(e is None for e in entries):
-                raise AdamdError(f"model {model!r}: {name!r} has state on some shards only")
-            parts = [e for e in entries if e is not None]
-            merged[name] = {
-                key: parts[0][key]
-                if key == "step" or not place.sliced
-                else torch.cat([e[key] for e in parts])
-                for key in parts[0]
-            }
-        first = states[0]["param_groups"]
-        groups = [
-            {**{k: v for k, v in g.items() if k != "params"}, "params": list(names)}
-            for g, names in zip(first, layout.groups)
-        ]
-        return {
-            "state": merged,
-            "param_groups": groups,
-            "version": min(versions.values()),
-        }
+        return merged_state(model, layout, states, sync=self._modes.get(model) != "async")
 
     def load_state(
         self,
@@ -663,38 +489,11 @@ class ShardedClient:
         """Client.load_state of the whole model: each shard gets its parameters' state (rows of
         sliced ones). Checked whole first, so state every shard would refuse reaches none."""
         layout = self.layout(model)
-        for name, entry in state.items():
-            place = layout.params.get(name)
-            if place is None:
-                raise InvalidArgument(f"state names unknown parameter {name!r}")
-            for key, value in entry.items():
-                t = value if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-                if key != "step" and tuple(t.shape) != place.shape:
-                    raise InvalidArgument(
-                        f"state {key} of {name!r} has shape {list(t.shape)}, its parameter"
-                        f" {list(place.shape)}"
-                    )
-                if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
-                    raise InvalidArgument(f"state {key} of {name!r} holds inf or nan")
+        check_state(layout, state)
 
         def load(k: int, c: Client) -> ModelInfo:
-            part_state = {}
-            for name, entry in state.items():
-                part = layout.part(name, k)
-                if part is None:
-                    continue
-                place = layout.params[name]
-                part_state[name] = {
-                    key: v
-                    if key == "step" or not isinstance(v, torch.Tensor)
-                    else place.piece(v, part)
-                    for key, v in entry.items()
-                }
-            on = set(layout.names_on(k))
-            groups = [
-                {**g, "params": [n for n in g["params"] if n in on]} for g in (param_groups or ())
-            ]
-            return c.load_state(model, part_state, groups or None)
+            groups = groups_on(param_groups or (), set(layout.names_on(k)))
+            return c.load_state(model, state_part(layout, state, k), groups or None)
 
         infos = self._each(load)
         return self._merge(model, infos, layout)

@@ -6,7 +6,6 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import grpc
 import torch
 
 from adamd.client._exceptions import InvalidArgument
@@ -24,9 +23,6 @@ from adamd.protocol.hyper import options_from_pb, options_to_pb
 from adamd.v1 import adamd_pb2 as pb
 
 _MODES = {"sync": pb.SYNC, "async": pb.ASYNC}
-# grpc's details for a call cancelled on this side (by the application, or because the request
-# iterator raised): not transient.
-_LOCAL_CANCEL = ("Locally cancelled", "Exception iterating requests", "Exception serializing")
 
 
 def host_of(address: str) -> str:
@@ -64,17 +60,39 @@ def group_pb(names: Sequence[str], options: Mapping[str, Any]) -> pb.ParamGroup:
     return pb.ParamGroup(params=list(names), options=options_to_pb(options))
 
 
-def transient(err: grpc.RpcError) -> grpc.StatusCode | None:
-    """The call's status code, with a cancel by the server counted as UNAVAILABLE: a server that
-    stops past its grace period cancels the calls still in flight (adamd answers UNAVAILABLE
-    itself first, but work running on its threads at that moment cannot be cut short). Every
-    call is safe to repeat (pushes by their id), so a training loop never sees a restart."""
-    code = err.code() if hasattr(err, "code") else None
-    if code == grpc.StatusCode.CANCELLED:
-        details = (err.details() if hasattr(err, "details") else None) or ""
-        if not any(mark in details for mark in _LOCAL_CANCEL):
-            return grpc.StatusCode.UNAVAILABLE
-    return code
+def pull_request(
+    model: str,
+    names: Sequence[str],
+    chunk_bytes: int,
+    wire: torch.dtype | None,
+    *,
+    wait_timeout_s: float = 0.0,
+    if_newer_than: int | None = None,
+    wait_for_version: int | None = None,
+) -> pb.PullRequest:
+    """A pull of `names` (none: every parameter), in `wire` dtype where one is given."""
+    req = pb.PullRequest(
+        model=model, names=list(names), wait_timeout_s=wait_timeout_s, chunk_bytes=chunk_bytes
+    )
+    if if_newer_than is not None:
+        req.if_newer_than = if_newer_than
+    if wait_for_version is not None:
+        req.wait_for_version = wait_for_version
+    if wire is not None:
+        req.wire_dtype = dtype_to_pb(wire)
+    return req
+
+
+def closing_header(
+    loss: float | None, hyper_updates: Sequence[tuple[int, Mapping[str, Any]]]
+) -> pb.PushHeader:
+    """A streamed push's closing header: its loss and hyperparameter edits replace the opening
+    header's."""
+    updates = [pb.GroupUpdate(group=i, options=options_to_pb(o)) for i, o in hyper_updates]
+    closing = pb.PushHeader(hyper_updates=updates)
+    if loss is not None:
+        closing.loss = float(loss)
+    return closing
 
 
 def push_header(

@@ -5,7 +5,7 @@ GrpcTransport (client/_transport/streams.py) streams frames over gRPC, BulkTrans
 (client/_transport/shm.py) the same-host shared-memory files. Which one a call uses, and what it
 falls back to, is chosen in one place: client/_transport/route.py. A transport that cannot be
 used for this call raises Unreachable (the route tries the next); every other failure is the
-call's (grpc.RpcError, or BulkError shaped like it, which Client.call retries or maps).
+call's (grpc.RpcError, or a FailedCall such as BulkError, which Client.call retries or maps).
 """
 
 from __future__ import annotations

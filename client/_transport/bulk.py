@@ -11,8 +11,9 @@ gRPC stays the fallback: a server that offers no channel, a port that cannot be 
 firewall, a proxy in between) or a first request that breaks turns the channel off for a minute
 and the call goes over gRPC at once; so does a request whose bytes stop moving for STALL_S while
 the Client's own deadline is not spent (Stalled: a pull is asked again over gRPC, a push resent
-under the same push id, and the channel stays off for STALLED_OFF_S). Failures the server answers come back as `BulkError`, shaped
-like grpc.RpcError, so Client.call retries them (pushes under the same push id: exactly once) and
+under the same push id, and the channel stays off for STALLED_OFF_S). Failures the server answers
+come back as `BulkError`, a FailedCall (client/_failed_call.py) with gRPC's status code, details
+and error kind, so Client.call retries them (pushes under the same push id: exactly once) and
 raises them as it does gRPC's.
 """
 
@@ -30,6 +31,7 @@ from typing import NoReturn
 import grpc
 import torch
 
+from adamd.client._failed_call import FailedCall
 from adamd.client._transport.base import Tensors
 from adamd.client._transport.landing import Finals, pull_result, pull_targets
 from adamd.client._types import PullResult
@@ -60,21 +62,9 @@ MAX_IDLE = 4  # connections kept for later calls
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
-class BulkError(grpc.RpcError):
-    """A bulk request's failure, with a gRPC call's status code, details and error kind."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, kind: str = ""):
-        super().__init__(details)
-        self._code, self._details, self._kind = code, details, kind
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("adamd-error", self._kind),) if self._kind else ()
+class BulkError(FailedCall):
+    """A bulk request's failure, with a gRPC call's status code, details and error kind (not a
+    grpc.RpcError: Client.call retries and maps it as a FailedCall)."""
 
 
 class Unreachable(Exception):

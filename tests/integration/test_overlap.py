@@ -342,7 +342,7 @@ def test_a_closing_header_must_end_the_stream_and_only_pushes_take_one(
         add.params.append(spec_of("v", g))
         frames = [*iter_frames(add.SerializeToString(), [g]), encode_frame(closing)]
         with pytest.raises(grpc.RpcError) as err:
-            c._add_group(iter(frames))
+            c._calls.add_group(iter(frames))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         # On the last frame: its loss is the push's.
         reply = c._push(iter([*body, encode_frame(closing)]))
