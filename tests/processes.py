@@ -122,3 +122,14 @@ class Server:
                 return None
             time.sleep(0.02)
         raise AssertionError(f"server did not start: {self.logs[index].read_text()}")
+
+    def wait_started(self, timeout: float = 180.0) -> str:
+        """The log of the latest start, once it serves (slow on a loaded machine)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.logs[-1].read_text()
+            if "adamd serving gRPC" in text:
+                return text
+            assert self.proc is not None and self.proc.poll() is None, f"server exited: {text}"
+            time.sleep(0.05)
+        raise AssertionError(f"server did not start in {timeout} s: {self.logs[-1].read_text()}")

@@ -1,5 +1,6 @@
 """Crash recovery against a real `adamd serve` process: kill -9 at random moments during training,
-restart, and check what survived; graceful SIGTERM writes a final snapshot.
+restart, and check what survived; graceful SIGTERM writes a final snapshot; a shard of a sharded
+model that comes back behind the others stops training with an error naming it.
 
 The trainer pushes deterministic gradients (gradient k depends only on k), so the final parameters
 of a run that applied every step exactly once, in order, equal a local fused torch.optim.Adam run
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adamd.client import Client
+from adamd.client import Client, FailedPrecondition
 from adamd.client._exceptions import (
     DeadlineExceeded,
     StalePush,
@@ -198,3 +199,42 @@ def test_sigterm_writes_final_snapshot_and_restart_resumes(
     for n in SHAPES:
         assert torch.equal(final[n], ref[n]), n
     assert server.kill(signal.SIGINT) == 0
+
+
+def test_a_shard_restarted_behind_the_others_stops_training_naming_it(tmp_path: Path) -> None:
+    """Periodic snapshots, no --durable: a shard killed with SIGKILL comes back at its last
+    snapshot, behind the others. The next push and pull stop with an error naming that shard and
+    the versions side by side, rather than train or serve a model mixed from two versions."""
+    shards = []
+    for k in range(3):
+        (tmp_path / f"s{k}").mkdir()
+        shards.append(
+            Server(tmp_path / f"s{k}" / "data", "--snapshot-every-steps=2", "--snapshot-every-s=0")
+        )
+    try:
+        for s in shards:
+            s.start()
+        for s in shards:
+            s.wait_started()
+        with Client([s.address for s in shards], slice_bytes=1024, retry_timeout=30) as c:
+            c.create_model("m", _init(), lr=0.1)
+            for step in range(5):
+                c.push_grad("m", _grads(step), version=step)
+            deadline = time.monotonic() + 60  # snapshots are written in the background
+            while not list(shards[1].data_dir.rglob("snap-*-v4.json")):
+                assert time.monotonic() < deadline, "shard 1 wrote no snapshot of version 4"
+                time.sleep(0.05)
+            shards[1].kill()
+            shards[1].start()
+            log = shards[1].wait_started()
+            assert "model m: restored version 4" in log  # its last snapshot; the others are at 5
+            behind = f"shard 1 \\({shards[1].address}\\) at version 4"
+            with pytest.raises(FailedPrecondition, match=behind):
+                c.push_grad("m", _grads(5), version=5)
+            with pytest.raises(FailedPrecondition, match=r"shard 1 .* at version 4"):
+                c.pull("m", wait_timeout=1.0)
+    finally:
+        for s in shards:
+            if s.proc is not None and s.proc.poll() is None:
+                s.proc.kill()
+                s.proc.wait()

@@ -32,7 +32,6 @@ from adamd.client._sharding import ShardedClient
 from adamd.protocol.layout import Layout
 
 from ..conftest import running_daemon
-from ..processes import Server
 
 if TYPE_CHECKING:
     from adamd.server import Daemon
@@ -539,57 +538,6 @@ def test_a_shard_that_is_down_fails_pushes_clearly_and_the_same_push_completes_l
                 ref.step()
             assert c.describe(model_name).shard_versions == (2, 2, 2)
             _equal(c.pull_params(model_name), local)
-
-
-def _wait_started(server: Any, timeout: float = 180.0) -> str:
-    """The log of the server's latest start, once it serves (slow on a loaded machine)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = str(server.logs[-1].read_text())
-        if "adamd serving gRPC" in text:
-            return text
-        assert server.proc.poll() is None, f"server exited: {text}"
-        time.sleep(0.05)
-    raise AssertionError(f"server did not start in {timeout} s: {server.logs[-1].read_text()}")
-
-
-def test_a_shard_restarted_behind_the_others_stops_training_naming_it(tmp_path: Path) -> None:
-    """Periodic snapshots, no --durable: a shard killed with SIGKILL comes back at its last
-    snapshot, behind the others. The next push and pull stop with an error naming that shard and
-    the versions side by side, rather than train or serve a model mixed from two versions."""
-    shards = []
-    for k in range(3):
-        (tmp_path / f"s{k}").mkdir()
-        shards.append(
-            Server(tmp_path / f"s{k}" / "data", "--snapshot-every-steps=2", "--snapshot-every-s=0")
-        )
-    try:
-        for s in shards:
-            s.start()
-        for s in shards:
-            _wait_started(s)
-        with Client([s.address for s in shards], slice_bytes=SLICE, retry_timeout=30) as c:
-            c.create_model("m", _params(), lr=0.1)
-            for step in range(5):
-                c.push_grad("m", _grads(step), version=step)
-            deadline = time.monotonic() + 60  # snapshots are written in the background
-            while not list(shards[1].data_dir.rglob("snap-*-v4.json")):
-                assert time.monotonic() < deadline, "shard 1 wrote no snapshot of version 4"
-                time.sleep(0.05)
-            shards[1].kill()
-            shards[1].start()
-            log = _wait_started(shards[1])
-            assert "model m: restored version 4" in log  # its last snapshot; the others are at 5
-            behind = f"shard 1 \\({shards[1].address}\\) at version 4"
-            with pytest.raises(FailedPrecondition, match=behind):
-                c.push_grad("m", _grads(5), version=5)
-            with pytest.raises(FailedPrecondition, match=r"shard 1 .* at version 4"):
-                c.pull("m", wait_timeout=1.0)
-    finally:
-        for s in shards:
-            if s.proc is not None and s.proc.poll() is None:
-                s.proc.kill()
-                s.proc.wait()
 
 
 def test_snapshot_export_of_a_sharded_model_is_one_torch_checkpoint(
