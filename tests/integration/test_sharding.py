@@ -387,6 +387,27 @@ def _loss(net: torch.nn.Module, step: int, rank: int) -> torch.Tensor:
     return torch.nn.functional.mse_loss(net(x), y)
 
 
+def _two_rank_reference(
+    steps: int, step_lr: bool = False
+) -> tuple[torch.nn.Module, torch.optim.Adam]:
+    """One local fused Adam fed the mean of the two ranks' gradients (StepLR halving every 2)."""
+    net = _net(0)
+    ref = torch.optim.Adam(net.parameters(), lr=0.02, fused=True)
+    sched = torch.optim.lr_scheduler.StepLR(ref, step_size=2, gamma=0.5) if step_lr else None
+    for step in range(steps):
+        grads = []
+        for rank in range(2):
+            net.zero_grad()
+            _loss(net, step, rank).backward()
+            grads.append([torch.clone(p.grad) for p in net.parameters() if p.grad is not None])
+        for p, g0, g1 in zip(net.parameters(), *grads):
+            p.grad = (g0 + g1) / 2
+        ref.step()
+        if sched is not None:
+            sched.step()
+    return net, ref
+
+
 def _worker(
     net: torch.nn.Module, servers: list[str], model: str, rank: int, steps: int, out: dict[int, Any]
 ) -> None:
@@ -418,20 +439,7 @@ def test_remote_adam_sync_workers_over_three_shards_match_local_adam_on_the_mean
     for t in threads:
         t.join(120)
     assert sorted(out) == [0, 1]
-    # Local reference: one fused Adam fed the mean of the two workers' gradients.
-    net = _net(0)
-    ref = torch.optim.Adam(net.parameters(), lr=0.02, fused=True)
-    sched = torch.optim.lr_scheduler.StepLR(ref, step_size=2, gamma=0.5)
-    for step in range(steps):
-        grads = []
-        for rank in range(2):
-            net.zero_grad()
-            _loss(net, step, rank).backward()
-            grads.append([torch.clone(p.grad) for p in net.parameters() if p.grad is not None])
-        for p, g0, g1 in zip(net.parameters(), *grads):
-            p.grad = (g0 + g1) / 2
-        ref.step()
-        sched.step()
+    net, ref = _two_rank_reference(steps, step_lr=True)
     expected = {n: p.detach() for n, p in net.named_parameters()}
     for rank in range(2):
         _equal(out[rank][0], expected)
@@ -618,17 +626,7 @@ def test_elastic_workers_over_three_shards_get_one_rank_everywhere(
         t.start()
     for t in threads:
         t.join(120)
-    net = _net(0)
-    ref = torch.optim.Adam(net.parameters(), lr=0.02, fused=True)
-    for step in range(3):
-        grads = []
-        for rank in range(2):
-            net.zero_grad()
-            _loss(net, step, rank).backward()
-            grads.append([torch.clone(p.grad) for p in net.parameters() if p.grad is not None])
-        for p, g0, g1 in zip(net.parameters(), *grads):
-            p.grad = (g0 + g1) / 2
-        ref.step()
+    net, _ = _two_rank_reference(3)
     expected = {n: p.detach() for n, p in net.named_parameters()}
     for n_ in nets:
         _equal({n: p.detach() for n, p in n_.named_parameters()}, expected)
