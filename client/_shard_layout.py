@@ -22,7 +22,7 @@ from adamd.client._exceptions import (
 )
 from adamd.client._types import ModelInfo, PullResult, PushResult
 from adamd.protocol.frames import wire_dtype_of
-from adamd.protocol.layout import Layout
+from adamd.protocol.layout import Layout, join_state
 from adamd.v1 import adamd_pb2 as pb
 
 T = TypeVar("T")
@@ -297,12 +297,7 @@ def merged_state(
         if any(e is None for e in entries):
             raise AdamdError(f"model {model!r}: {name!r} has state on some shards only")
         parts = [e for e in entries if e is not None]
-        merged[name] = {
-            key: parts[0][key]
-            if key == "step" or not place.sliced
-            else torch.cat([e[key] for e in parts])
-            for key in parts[0]
-        }
+        merged[name] = join_state(place, parts)
     return {
         "state": merged,
         "param_groups": _whole_groups(states[0]["param_groups"], layout),

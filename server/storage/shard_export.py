@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from adamd.protocol.layout import Layout
+from adamd.protocol.layout import Layout, join_state
 from adamd.server.storage import format as fmt
 
 
@@ -82,12 +82,7 @@ def merge(
         entries = [state_k[k].get(name) for k in ks]
         if all(e is not None for e in entries):
             parts = [e for e in entries if e is not None]
-            state[name] = {
-                key: parts[0][key]
-                if key == "step" or not place.sliced
-                else torch.cat([e[key] for e in parts])
-                for key in parts[0]
-            }
+            state[name] = join_state(place, parts)
     first = fmt.groups_of(by_shard[0])
     groups = [
         {**{k: v for k, v in g.items() if k != "params"}, "params": list(names)}

@@ -259,3 +259,16 @@ def _place(
             loads[k] += row_bytes * (bounds[i + 1] - bounds[i])
         placed[name] = Placement(name, shape, dtype, tuple(parts))
     return placed
+
+
+def join_state(
+    place: Placement, parts: Sequence[Mapping[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """One parameter's Adam state from its shards' entries, in shard order: a sliced parameter's
+    moments joined along dim 0 (its step is the same on every slice), a whole one's as it is."""
+    return {
+        key: parts[0][key]
+        if key == "step" or not place.sliced
+        else torch.cat([e[key] for e in parts])
+        for key in parts[0]
+    }
