@@ -32,12 +32,12 @@ SUITES = (
     Suite("sharded", "Sharding", "sharding", needs_root=True),
     Suite("gpu_check", "GPU", "GPU"),
     Suite("concurrency", "Concurrency", "same host"),
-    Suite("bulk_hostile", "Bulk channel against hostile peers", "same host"),
+    Suite("bulk_hostile", "Bulk channel against slow and silent peers", "same host"),
     Suite("tls", "TLS cost", "same host"),
     Suite("transfer_memory", "Transfer memory", "same host"),
     Suite("worker_memory", "Worker memory", "same host"),
     Suite("cpu_per_byte", "CPU per byte", "same host"),
-    Suite("overlap", "Overlap with backward", "same host"),
+    Suite("overlap", "Overlap", "same host"),
     Suite("compression", "Convergence over each wire format", "same host"),
 )
 

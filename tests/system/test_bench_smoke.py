@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import adamd_runs, compose, raw_grpc, same_host, two_host
+from bench import adamd_runs, compose, gpu_check, raw_grpc, same_host, two_host
 from bench.common import FP32, best_of, parse_size
 from bench.suites import SUITES, Suite, run_suite
 
@@ -71,7 +72,7 @@ def test_cli_quick(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
         cwd=ROOT,
-        timeout=420,
+        timeout=600,
         capture_output=True,
         text=True,
     )
@@ -89,6 +90,27 @@ def test_cli_quick(tmp_path: Path) -> None:
         assert {"two hosts", "sharding"} <= {r[0] for r in computed}, rows
     for suite in SUITES:
         assert f"## {suite.title}" in text or suite.name in ("two_host", "sharded", "gpu_check")
+
+
+def test_gpu_section_from_a_result_file(tmp_path: Path) -> None:
+    """The GPU section comes only from a gpu_check result file, labelled with its machine and
+    date; without one, a headline row says it was not measured here."""
+    missing = gpu_check.section(path=tmp_path / "none.json")
+    assert [r.verdict for r in missing.rows] == [
+        f"not measured: no CUDA device on {platform.node() or 'this machine'}"
+    ]
+    result = tmp_path / "gpu_check.json"
+    figures = {"replay": 0.001, "eager": 0.0012, "local": 0.0011, "with_upload": 0.2}
+    record: dict[str, object] = {"device": "NVIDIA H100", "host": "gpu-host"}
+    record["measured"] = "2026-12-01 10:00 UTC"
+    record |= {"seconds": 30, "torch": "2.13.0", "cuda": "12.8", "python": "3.11.7"}
+    record |= {"params": 100_000_000, "copy_bandwidth": 3.0e12, "nominal_hbm": 3.35e12}
+    result.write_text(json.dumps(record | figures | {"upload_bytes": 400_000_000}))
+    section = gpu_check.section(path=result)
+    (row,) = section.rows
+    assert "NVIDIA H100 on gpu-host, 2026-12-01 10:00 UTC" in row.figure
+    assert (row.ours, row.ratio) == ("1.000 ms", "0.91x")  # replay / local fused, from the file
+    assert "0.93" in section.markdown()  # 28 B/param x 100M at 3 TB/s = 0.933 ms: 0.93 of it
 
 
 def test_a_failing_suite_is_reported_and_the_others_run() -> None:
