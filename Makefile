@@ -39,14 +39,19 @@ test: setup browser lint
 test-fast: setup
 	$(PY) -m pytest -x tests/unit
 
+# Every benchmark suite in one run, BENCHMARKS.md written from scratch (about 25 minutes on 2 cores;
+# the two-host and sharding suites need root, and are reported as not measured without it).
+# `$(PY) -m bench --quick` is a smoke run of every suite; `--only`/`--skip` choose suites.
 bench: setup
 	$(PY) -m bench
 
-# Across two network namespaces (needs root): adamd vs torch RPC over a veth pair, plain and tc-shaped.
+# Across two network namespaces (needs root): adamd vs torch RPC over a veth pair, plain and tc-shaped;
+# prints its section (step and training, MTU 1500 and 10 GbE by default).
 bench-two-host: setup
 	$(PY) -m bench.two_host
 
-# On a CUDA machine: the GPU tests and the GPU benchmark rows (figures into BENCHMARKS.md). No
+# On a CUDA machine: the GPU tests and the GPU benchmark rows (figures into
+# bench/results/gpu_check.json, which `make bench` reports with that machine and date). No
 # venv needed there (the project's .venv holds a CPU-only torch): python3 with torch, grpcio,
 # protobuf and pytest is enough. Without CUDA it stops with a message (exit 2).
 GPU_PY ?= $(if $(wildcard $(VENV)/bin/python),$(PY),python3)

@@ -1,5 +1,5 @@
 """`python -m bench.bulk_hostile`: a normal client on the bulk-data channel while hostile peers hold
-connections open against the same `adamd serve` (issue 25; figures in docs/security.md).
+connections open against the same `adamd serve` (docs/security.md describes the defences).
 
 Held open at once, from this process, on loopback: `--silent` silent connections (half never
 send a byte, half stop after HELO with a valid ticket) and `--slow` connections that send one
@@ -7,7 +7,8 @@ byte per second (half trickling their HELO, half trickling a PUSH frame after HE
 normal `Client(transport="bulk")` makes `--calls` push+pull pairs of a `--size`-parameter
 model; printed: their latency (p50, max), how many went over gRPC instead (the channel turned
 off), and the server's threads, RSS and file descriptors before the peers came and after the
-calls (from /proc).
+calls (from /proc), beside the same client against a server with no peers. It prints its
+report section; `python -m bench` runs it at the defaults.
 
 This is a measurement, not a test: the figures depend on the machine. The server's connection
 and handshake caps apply (server/transport/bulk/connections.py: MAX_HANDSHAKES sheds the oldest handshake,
@@ -24,7 +25,9 @@ import socket
 import statistics
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -51,79 +54,68 @@ def _raise_fd_limit(want: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.bulk_hostile", description=__doc__)
-    p.add_argument("--silent", type=int, default=1000, help="silent connections (default 1000)")
-    p.add_argument("--slow", type=int, default=200, help="1 byte/s connections (default 200)")
-    p.add_argument("--calls", type=int, default=50, help="normal push+pull pairs (default 50)")
-    p.add_argument("--size", type=int, default=1 << 18, help="model parameters (default 262144)")
-    args = p.parse_args(argv)
-    _raise_fd_limit(4 * (args.silent + args.slow) + 1024)  # this process and the server's
+@dataclass
+class _Peers:
+    """The hostile connections held open: silent ones, and slow ones with the frame they trickle."""
 
-    with adamd_server(("--no-shm",)) as server:  # the network path, as from another host
-        host = server.address.rsplit(":", 1)[0]
-        model = "hostile-bench"
-        with Client(server.address, transport="grpc") as admin:
-            admin.create_model(model, {"w": torch.zeros(args.size)}, lr=1e-3)
-        opener = Client(server.address, transport="bulk")
-        assert opener._bulk is not None
-        bulk_port = opener._bulk._open().port
-        time.sleep(0.5)
-        before = _proc(server.pid)
+    held: list[socket.socket] = field(default_factory=list)
+    slow: list[tuple[socket.socket, bytes]] = field(default_factory=list)
+    refused: int = 0  # ticketed ones the server shut before HELO
 
-        refused = 0
+    def all(self) -> list[socket.socket]:
+        return self.held + [s for s, _ in self.slow]
 
-        def ticketed() -> socket.socket:
-            """Past HELO; a server that shut it instead counts in `refused`."""
-            nonlocal refused
-            s = socket.create_connection((host, bulk_port), timeout=10)
-            reply = opener._bulk._open()  # type: ignore[union-attr]
-            try:
-                s.sendall(PREFIX.pack(HELO, len(reply.ticket), 0, 0, 0) + reply.ticket)
-                if s.recv(PREFIX.size)[:4] != HELO:
-                    refused += 1
-            except OSError:
-                refused += 1
-            return s
 
-        # Ticketed peers first (a server that sheds handshakes would shut them otherwise),
-        # then the ones that never get past HELO.
-        held: list[socket.socket] = []
-        half = args.silent // 2
-        ticket = opener._bulk._open().ticket
-        push = pb.PushHeader(
-            model=model, grads=[pb.TensorSpec(name="w", shape=[args.size], dtype=pb.FLOAT32)]
-        ).SerializeToString()
-        slow: list[tuple[socket.socket, bytes]] = []
-        for _ in range(args.silent - half):
-            held.append(ticketed())
-        for _ in range(args.slow // 2):
-            slow.append((ticketed(), PREFIX.pack(PUSH, len(push), 0, 0, 0) + push))
-        for _ in range(half):
-            held.append(socket.create_connection((host, bulk_port), timeout=10))
-        for _ in range(args.slow - args.slow // 2):
-            s = socket.create_connection((host, bulk_port), timeout=10)
-            slow.append((s, PREFIX.pack(HELO, len(ticket), 0, 0, 0) + ticket))
-        stop = threading.Event()
+def _open_peers(opener: Client, host: str, port: int, model: str, args: Any) -> _Peers:
+    """Ticketed peers first (a server that sheds handshakes would shut them otherwise), then the
+    ones that never get past HELO."""
+    bulk = opener._bulk
+    assert bulk is not None
+    peers = _Peers()
 
-        def trickle() -> None:
-            at = 0
-            while not stop.wait(1.0):
-                for s, frame in slow:
-                    if at < len(frame) - 1:  # never the whole frame
-                        try:
-                            s.send(frame[at : at + 1])
-                        except OSError:
-                            pass
-                at += 1
+    def ticketed() -> socket.socket:
+        s = socket.create_connection((host, port), timeout=10)
+        reply = bulk._open()
+        try:
+            s.sendall(PREFIX.pack(HELO, len(reply.ticket), 0, 0, 0) + reply.ticket)
+            if s.recv(PREFIX.size)[:4] != HELO:
+                peers.refused += 1
+        except OSError:
+            peers.refused += 1
+        return s
 
-        t = threading.Thread(target=trickle, daemon=True)
-        t.start()
-        time.sleep(2.0)
-        loaded = _proc(server.pid)
+    half = args.silent // 2
+    ticket = bulk._open().ticket
+    push = pb.PushHeader(
+        model=model, grads=[pb.TensorSpec(name="w", shape=[args.size], dtype=pb.FLOAT32)]
+    ).SerializeToString()
+    for _ in range(args.silent - half):
+        peers.held.append(ticketed())
+    for _ in range(args.slow // 2):
+        peers.slow.append((ticketed(), PREFIX.pack(PUSH, len(push), 0, 0, 0) + push))
+    for _ in range(half):
+        peers.held.append(socket.create_connection((host, port), timeout=10))
+    for _ in range(args.slow - args.slow // 2):
+        s = socket.create_connection((host, port), timeout=10)
+        peers.slow.append((s, PREFIX.pack(HELO, len(ticket), 0, 0, 0) + ticket))
+    return peers
 
-        # A client that comes now: its first call connects (handshake) among the peers.
-        normal = Client(server.address, transport="bulk", timeout=30)
+
+def _trickle(peers: _Peers, stop: threading.Event) -> None:
+    at = 0
+    while not stop.wait(1.0):
+        for s, frame in peers.slow:
+            if at < len(frame) - 1:  # never the whole frame
+                try:
+                    s.send(frame[at : at + 1])
+                except OSError:
+                    pass
+        at += 1
+
+
+def _calls(address: str, model: str, args: Any) -> tuple[list[float], int, str]:
+    """A client that comes now: its first call connects (handshake) among the peers."""
+    with Client(address, transport="bulk", timeout=30) as normal:
         assert normal._bulk is not None
         latencies, fallbacks = [], 0
         grad = {"w": torch.randn(args.size)}
@@ -134,36 +126,121 @@ def main(argv: list[str] | None = None) -> None:
             latencies.append(time.perf_counter() - t0)
             if not normal._bulk.usable():
                 fallbacks += 1
-        after = _proc(server.pid)
-        stop.set()
-        t.join()
-        still = sum(1 for s in held + [s for s, _ in slow] if _open(s))
-        for s in held:
-            s.close()
-        for s, _ in slow:
-            s.close()
-        normal.close()
-        opener.close()
+        return latencies, fallbacks, normal._bulk.off_reason or "the channel stayed on"
 
-    first = latencies[0]  # it connects: OpenBulk, TCP, HELO
-    latencies.sort()
-    print(
-        f"{args.silent} silent + {args.slow} slow (1 B/s) connections, {args.size} params,"
-        f" {args.calls} push+pull pairs"
+
+def measure(args: Any) -> dict[str, Any]:
+    """The normal client's calls with the peers held open; latencies, fallbacks, server figures."""
+    _raise_fd_limit(4 * (args.silent + args.slow) + 1024)  # this process and the server's
+    with adamd_server(("--no-shm",)) as server:  # the network path, as from another host
+        host = server.address.rsplit(":", 1)[0]
+        model = "hostile-bench"
+        with Client(server.address, transport="grpc") as admin:
+            admin.create_model(model, {"w": torch.zeros(args.size)}, lr=1e-3)
+        with Client(server.address, transport="bulk") as opener:
+            assert opener._bulk is not None
+            bulk_port = opener._bulk._open().port
+            time.sleep(0.5)
+            before = _proc(server.pid)
+            peers = _open_peers(opener, host, bulk_port, model, args)
+            stop = threading.Event()
+            t = threading.Thread(target=_trickle, args=(peers, stop), daemon=True)
+            t.start()
+            time.sleep(2.0 if peers.all() else 0.1)
+            loaded = _proc(server.pid)
+            latencies, fallbacks, reason = _calls(server.address, model, args)
+            after = _proc(server.pid)
+            stop.set()
+            t.join()
+            still = sum(1 for s in peers.all() if _open(s))
+            for s in peers.all():
+                s.close()
+    return {
+        "silent": args.silent,
+        "slow": args.slow,
+        "calls": args.calls,
+        "size": args.size,
+        "first_ms": latencies[0] * 1e3,  # it connects: OpenBulk, TCP, HELO
+        "p50_ms": statistics.median(latencies) * 1e3,
+        "max_ms": max(latencies) * 1e3,
+        "fallbacks": fallbacks,
+        "channel": reason,
+        "still_open": still,
+        "refused": peers.refused,
+        "server": {"before": before, "peers held": loaded, "after calls": after},
+    }
+
+
+REPORT_ARGV: list[str] = []  # the defaults: what `python -m bench` runs
+QUICK_ARGV = ["--silent", "20", "--slow", "4", "--calls", "5", "--size", "4096"]
+
+
+def _row(label: str, r: dict[str, Any]) -> tuple[object, ...]:
+    f = r["server"]
+    return (
+        label,
+        r["calls"],
+        f"{r['p50_ms']:.1f}",
+        f"{r['max_ms']:.1f} ({r['first_ms']:.1f})",
+        r["fallbacks"],
+        " / ".join(f"{f[k]['threads']:.0f}" for k in f),
+        " / ".join(f"{f[k]['rss_mib']:.0f}" for k in f),
+        " / ".join(f"{f[k]['fds']:.0f}" for k in f),
+        f"{r['still_open']} of {r['silent'] + r['slow']}",
     )
-    print(
-        f"  latency p50 {statistics.median(latencies) * 1e3:.1f} ms,"
-        f" max {latencies[-1] * 1e3:.1f} ms (the first, which connects: {first * 1e3:.1f} ms);"
-        f" calls over gRPC instead: {fallbacks}"
-        f" ({normal._bulk.off_reason or 'the channel stayed on'})"
+
+
+def to_section(loaded: dict[str, Any], idle: dict[str, Any]) -> Any:
+    from .compose import Section, table
+
+    head = ["peers", "pairs", "p50 ms", "max ms (first call, connects)", "over gRPC instead"]
+    head += ["server threads before / peers held / after", "RSS MiB, the same", "fds, the same"]
+    head += ["peers still held at the end"]
+    peers = f"{loaded['silent']:,} silent + {loaded['slow']} at 1 B/s"
+    body = [
+        *table(head, [_row(peers, loaded), _row("none", idle)]),
+        "",
+        f"- a new client's calls while the peers are held: {loaded['fallbacks']} of"
+        f" {loaded['calls']} went over gRPC instead ({loaded['channel']}); the server shut"
+        f" {loaded['refused']} ticketed peers before HELO.",
+    ]
+    how = [
+        "One `adamd serve --no-shm` on loopback. Held open at once from the measuring process:"
+        " silent connections (half never send a byte, half stop after HELO with a valid ticket)"
+        " and slow ones sending one byte per second (half trickling their HELO, half a PUSH"
+        ' frame after HELO). Then a new `Client(transport="bulk")` makes push + pull pairs;'
+        " the *none* row repeats it against a server with no peers. The server's connection and"
+        " handshake caps shed the oldest handshakes, so not every peer is still held at the end."
+        " Server threads, RSS and descriptors from /proc.",
+    ]
+    run = (
+        f"{peers}; {loaded['calls']} push + pull pairs of a {loaded['size']:,}-parameter"
+        " fp32 model."
     )
-    print(f"  hostile connections still open at the end (the rest shed by the server): {still}")
-    print(f"  ticketed hostile connections the server shut before HELO: {refused}")
-    for name, fig in (("before", before), ("peers held", loaded), ("after calls", after)):
-        print(
-            f"  server {name:>11}: threads {fig['threads']:.0f}, RSS {fig['rss_mib']:.0f} MiB,"
-            f" fds {fig['fds']:.0f}"
-        )
+    return Section("Bulk channel against slow and silent peers", run, body, how)
+
+
+def section(quick: bool = False) -> Any:
+    args = _parser().parse_args(QUICK_ARGV if quick else REPORT_ARGV)
+    loaded = measure(args)
+    args.silent = args.slow = 0
+    return to_section(loaded, measure(args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.bulk_hostile", description=__doc__)
+    p.add_argument("--silent", type=int, default=1000, help="silent connections (default 1000)")
+    p.add_argument("--slow", type=int, default=200, help="1 byte/s connections (default 200)")
+    p.add_argument("--calls", type=int, default=50, help="normal push+pull pairs (default 50)")
+    p.add_argument("--size", type=int, default=1 << 18, help="model parameters (default 262144)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    loaded = measure(args)
+    args.silent = args.slow = 0
+    print(to_section(loaded, measure(args)).markdown())
 
 
 def _open(s: socket.socket) -> bool:

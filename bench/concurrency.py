@@ -8,7 +8,8 @@
    the idle server; then the stalled streams must be ended by the server's idle deadline with
    DEADLINE_EXCEEDED and their staging buffers freed.
 
-Defaults are the targets' sizes; `--quick` is a smoke run. Workers use the raw frame codec
+Defaults are the targets' sizes (what `python -m bench` runs); `--quick` is a smoke run. It
+prints its report section. Workers use the raw frame codec
 (adamd.protocol) over grpc.aio channels, as a light client would.
 """
 
@@ -18,14 +19,11 @@ import argparse
 import asyncio
 import itertools
 import json
-import shlex
 import statistics
 import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -37,8 +35,8 @@ from adamd.client import Client
 from adamd.protocol.frames import encode_frame, iter_frames, spec_of
 from adamd.v1 import adamd_pb2 as pb
 
-from . import report
 from .common import adamd_server, free_port, python_subprocess_env
+from .compose import Section
 
 PUSH = "/adamd.v1.Optimizer/PushGrad"
 
@@ -209,22 +207,14 @@ def measure_stalled(address: str, http: str, streams: int, reps: int, n: int) ->
     }
 
 
-def render(sync: dict, stalled: dict, command: str) -> str:
-    """The BENCHMARKS.md section: what was run, the figures, and the targets."""
-    mach, ver = report.machine_info(), report.versions()
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+def to_section(sync: dict, stalled: dict) -> Section:
+    """The report section: what was run, the figures, and the targets."""
     no_partial = sync["partial_replies"] == 0 and sync["versions_reached"] == sync["rounds"]
     ended = stalled["stalled_ended"].get("DEADLINE_EXCEEDED", 0) == stalled["streams"]
     freed = stalled["staging_bytes_after"] < stalled["staging_bytes_while_stalled"]
-    lines = [
-        "## Concurrency: waits that hold no thread",
-        "",
-        f"Measured by `{command}` on {now}, against one `adamd serve` process with default flags"
-        f" (but `--stream-idle-s {stalled['idle_s']:g}`), on {mach['cores']} cores;"
-        " " + ", ".join(f"{k} {v}" for k, v in ver.items()) + ".",
-        "",
+    body = [
         f"- **{'met' if no_partial else 'NOT met'}**: {sync['world_size']} concurrent sync"
-        f" workers complete {sync['rounds']} rounds with no partial round —"
+        f" workers complete {sync['rounds']} rounds with no partial round:"
         f" {sync['versions_reached']} versions, {sync['partial_replies']} partial replies out of"
         f" {sync['pushes']} pushes; round median {sync['round_ms_median']:.0f} ms, slowest"
         f" {sync['round_ms_max']:.0f} ms; {sync['wall_s']:.1f} s wall with process start-up"
@@ -240,15 +230,49 @@ def render(sync: dict, stalled: dict, command: str) -> str:
         f" stalled, {stalled['staging_bytes_after'] / 2**20:.2f} MiB"
         f" {stalled['trimmed_after_s']:.1f} s after they ended (idle buffer sets are trimmed"
         " within two 10 s windows).",
-        "",
-        "Before (threaded gRPC server, 64 handler threads): every parked sync worker and every open"
-        " stream held a thread, so world sizes over 64 gave partial rounds and 64 stalled streams"
-        " made every other call time out.",
     ]
-    return "\n".join(lines)
+    how = [
+        "One `adamd serve` process with default flags but `--stream-idle-s"
+        f" {stalled['idle_s']:g}`. Sync workers use the raw frame codec (adamd.protocol) over"
+        " grpc.aio channels, as coroutines spread over a few processes; a partial round is one"
+        " that stepped without every rank. Stalled streams send a push header and then nothing;"
+        " the normal client's push + pull latency is measured with them open and on the idle"
+        " server, and the staging bytes come from the model's HTTP status (`/v1/models/NAME`).",
+    ]
+    run = (
+        f"World size {sync['world_size']}, {sync['rounds']} rounds, {sync['procs']} worker"
+        f" processes; {stalled['streams']} stalled streams."
+    )
+    return Section("Concurrency: waits that hold no thread", run, body, how)
 
 
-def main(argv: list[str] | None = None) -> int:
+def measure(args: argparse.Namespace) -> tuple[dict, dict]:
+    http_port = free_port()
+    server_args = ("--http-port", str(http_port), "--stream-idle-s", str(args.idle_s))
+    with adamd_server(server_args) as server:
+        http = f"http://127.0.0.1:{http_port}"
+        sync = measure_sync(server.address, args.world, args.rounds, args.procs)
+        print(json.dumps({"sync": sync}), flush=True)
+        stalled = measure_stalled(server.address, http, args.streams, args.reps, args.params)
+        print(json.dumps({"stalled": stalled}), flush=True)
+    sync["procs"], stalled["idle_s"] = args.procs, args.idle_s
+    return sync, stalled
+
+
+def _quick(args: argparse.Namespace) -> None:
+    args.world, args.rounds, args.procs, args.streams, args.reps = 16, 3, 2, 20, 20
+    args.params, args.idle_s = 4096, 2.0
+
+
+def section(quick: bool = False) -> Section:
+    """Measured at the targets' sizes (the defaults), or a smoke run's."""
+    args = _parser().parse_args(["--quick"] if quick else [])
+    if quick:
+        _quick(args)
+    return to_section(*measure(args))
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.concurrency", description=__doc__)
     p.add_argument("--world", type=int, default=512, help="sync world size (default 512)")
     p.add_argument("--rounds", type=int, default=20, help="sync rounds (default 20)")
@@ -257,16 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=200, help="latency samples (default 200)")
     p.add_argument("--params", type=int, default=1 << 20, help="normal model size (default 1M)")
     p.add_argument("--idle-s", type=float, default=20.0, help="server --stream-idle-s (20)")
-    p.add_argument("--quick", action="store_true", help="smoke run: small numbers, no report")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=Path("BENCHMARKS.md"),
-        help="report file (default BENCHMARKS.md)",
-    )
+    p.add_argument("--quick", action="store_true", help="smoke run: small numbers")
     p.add_argument("--worker", nargs=5, metavar="ARG", help=argparse.SUPPRESS)
     p.add_argument("--stall", nargs=3, metavar="ARG", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.worker:
         address, model, first, count, rounds = args.worker
         out = asyncio.run(_sync_workers(address, model, int(first), int(count), int(rounds)))
@@ -277,22 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(asyncio.run(_stall(address, model, int(streams)))), flush=True)
         return 0
     if args.quick:
-        args.world, args.rounds, args.procs, args.streams, args.reps = 16, 3, 2, 20, 20
-        args.params, args.idle_s = 4096, 3.0
-    http_port = free_port()
-    server_args = ("--http-port", str(http_port), "--stream-idle-s", str(args.idle_s))
-    with adamd_server(server_args) as server:
-        http = f"http://127.0.0.1:{http_port}"
-        sync = measure_sync(server.address, args.world, args.rounds, args.procs)
-        print(json.dumps({"sync": sync}), flush=True)
-        stalled = measure_stalled(server.address, http, args.streams, args.reps, args.params)
-        print(json.dumps({"stalled": stalled}), flush=True)
-    if not args.quick:
-        sync["procs"], stalled["idle_s"] = args.procs, args.idle_s
-        given = shlex.join(sys.argv[1:] if argv is None else argv)
-        command = f"python -m bench.concurrency {given}".rstrip()
-        old = args.out.read_text() if args.out.exists() else ""
-        args.out.write_text(report.put_section(old, "concurrency", render(sync, stalled, command)))
+        _quick(args)
+    print(to_section(*measure(args)).markdown())
     return 0
 
 

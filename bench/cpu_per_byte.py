@@ -6,7 +6,8 @@ pushes a model's gradients (world_size 1: each push also steps) and pulls its pa
 preallocated tensors (RemoteAdam's pull), fp32 and bf16 on the wire, at several chunk sizes,
 interleaved so every variant sees the same machine. Per operation: wall time, client CPU
 (user+system, all threads), server CPU, and minor page faults on either side (ru_minflt and
-/proc/PID/stat). Medians over the reps; the settings alternate `--rounds` times.
+/proc/PID/stat). Medians over the reps; the settings alternate `--rounds` times. It prints
+its report section (`python -m bench` runs it at REPORT_ARGV).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import argparse
 import json
 import os
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from . import report
 from .common import adamd_server, python_subprocess_env
+from .compose import Section
 
 CHUNKS = (256 << 10, 1 << 20, (4 << 20) - (64 << 10))
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -108,14 +108,8 @@ def _run_setting(tuned: bool, args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def render(rows: dict[str, dict[str, dict[str, float]]], command: str, numel: int) -> str:
+def _body(rows: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     lines = [
-        "## CPU per byte: chunk size and the allocator (loopback gRPC, `--no-shm`)",
-        "",
-        f"`{command}` ({numel / 1e6:g}M params in 4 tensors; push = push_grad with world_size 1,",
-        "so it includes the server's step; pull = pull(out=...) into preallocated tensors;",
-        "medians; faults are minor page faults per operation; CPU is user+system of all threads).",
-        "",
         "| op | chunk | wire | malloc | ms | client CPU ms | server CPU ms | client faults"
         " | server faults |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -148,7 +142,47 @@ def render(rows: dict[str, dict[str, dict[str, float]]], command: str, numel: in
         lines.append(
             f"- {op} {wire} {int(chunk) >> 10} KiB: {rows['tuned'][key]['ms'] / base:.2f}x"
         )
-    return "\n".join(lines)
+    return lines
+
+
+REPORT_ARGV = ["--reps", "3", "--warmup", "1", "--rounds", "1"]  # what `python -m bench` runs
+QUICK_ARGV = ["--quick"]
+TITLE = "CPU per byte: chunk size and the allocator (loopback gRPC, `--no-shm`)"
+HOW = [
+    "One `adamd serve --no-shm` process per allocator setting (glibc thresholds raised"
+    " in-process, the default, or left alone with `ADAMD_MALLOC_TUNE=0`, client and server"
+    " alike); a client process pushes the gradients (world_size 1: each push also steps) and"
+    " pulls the parameters into preallocated tensors, fp32 and bf16 on the wire, at each chunk"
+    " size, interleaved. Per operation: wall time, client CPU (user+system, all threads), server"
+    " CPU and minor page faults on either side (`ru_minflt`, /proc/PID/stat); medians over the"
+    " reps, and over the rounds the settings alternate.",
+]
+
+
+def to_section(rows: dict[str, dict[str, dict[str, float]]], args: argparse.Namespace) -> Section:
+    run = (
+        f"{args.numel / 1e6:g}M params in 4 tensors, {args.reps} reps after {args.warmup}"
+        f" warm-up per variant, {args.rounds} round(s) of the two settings."
+    )
+    return Section(TITLE, run, _body(rows), HOW)
+
+
+def measure(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
+    if args.quick:
+        args.numel, args.reps, args.warmup, args.rounds = 1_000_000, 2, 1, 1
+    runs: dict[str, list[dict[str, dict[str, float]]]] = {"default": [], "tuned": []}
+    for _ in range(args.rounds):
+        for setting in ("default", "tuned"):
+            got = _run_setting(setting == "tuned", args)
+            assert got["tuned"] == (setting == "tuned"), got["tuned"]
+            runs[setting].append(got["results"])
+            print(json.dumps({setting: got["results"]}), file=sys.stderr, flush=True)
+    return {k: _merge(v) for k, v in runs.items()}
+
+
+def section(quick: bool = False) -> Section:
+    args = _parser().parse_args(QUICK_ARGV if quick else REPORT_ARGV)
+    return to_section(measure(args), args)
 
 
 def _cpu(r: dict[str, float]) -> float:
@@ -167,37 +201,25 @@ def _merge(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.cpu_per_byte", description=__doc__)
     p.add_argument("--numel", type=int, default=25_000_000, help="parameters (default 25M)")
     p.add_argument("--reps", type=int, default=5, help="measured reps per variant (default 5)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up reps (default 2)")
     p.add_argument("--rounds", type=int, default=2, help="alternations of the settings (2)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1M params, no report")
-    p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report file")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1M params")
     p.add_argument("--worker", nargs=5, metavar="ARG", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.worker:
         address, pid, numel, reps, warmup = args.worker
         out = worker(address, int(pid), int(numel), int(reps), int(warmup))
         print(json.dumps(out), flush=True)
         return 0
-    if args.quick:
-        args.numel, args.reps, args.warmup, args.rounds = 1_000_000, 2, 1, 1
-    runs: dict[str, list[dict[str, dict[str, float]]]] = {"default": [], "tuned": []}
-    for _ in range(args.rounds):
-        for setting in ("default", "tuned"):
-            got = _run_setting(setting == "tuned", args)
-            assert got["tuned"] == (setting == "tuned"), got["tuned"]
-            runs[setting].append(got["results"])
-            print(json.dumps({setting: got["results"]}), flush=True)
-    rows = {k: _merge(v) for k, v in runs.items()}
-    given = shlex.join(sys.argv[1:] if argv is None else argv)
-    text = render(rows, f"python -m bench.cpu_per_byte {given}".rstrip(), args.numel)
-    print(text)
-    if not args.quick:
-        old = args.out.read_text() if args.out.exists() else ""
-        args.out.write_text(report.put_section(old, "cpu-per-byte", text))
+    print(to_section(measure(args), args).markdown())
     return 0
 
 

@@ -1,5 +1,6 @@
 """`make gpu-check` (`python -m bench.gpu_check`): the CUDA tests and the GPU benchmark rows, with
-the figures written into BENCHMARKS.md.
+the figures written to bench/results/gpu_check.json, which `python -m bench` reports (labelled
+with the machine and date they were measured on).
 
 1. The GPU tests: tests/system/test_gpu_path.py (the core under load: captures, streams, staging,
    deletion, snapshots, a broken capture; needs only torch, grpcio, protobuf, pytest) and
@@ -21,6 +22,7 @@ import argparse
 import datetime
 import importlib
 import importlib.util
+import json
 import os
 import platform
 import subprocess
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-BEGIN, END = "<!-- begin gpu -->", "<!-- end gpu -->"  # as bench/report.py put_section writes them
+RESULT = ROOT / "bench" / "results" / "gpu_check.json"  # the report's GPU section reads it
 BYTES_PER_PARAM = 28  # fp32 Adam in place: read p, g, m, v; write p, m, v
 NOMINAL_HBM = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "B200": 8.0e12}  # bytes/s
 TESTS = [
@@ -178,59 +180,90 @@ def _bench(n_params: int) -> dict[str, Any]:
     }
 
 
-def _report(n_params: int, r: dict[str, Any], copy_bw: float, started: str, secs: float) -> str:
+def result_record(
+    n_params: int, r: dict[str, Any], copy_bw: float, started: str, secs: float
+) -> dict[str, Any]:
+    """What the report needs of a GPU run: the machine, the date and the figures (JSON)."""
     import torch
 
     name = torch.cuda.get_device_name()
-    nominal = next((v for k, v in NOMINAL_HBM.items() if k in name), None)
-    need = BYTES_PER_PARAM * n_params
+    return {
+        "device": name,
+        "host": platform.node(),
+        "measured": started,
+        "seconds": secs,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "params": n_params,
+        "copy_bandwidth": copy_bw,
+        "nominal_hbm": next((v for k, v in NOMINAL_HBM.items() if k in name), None),
+        **r,
+    }
+
+
+def section(quick: bool = False, path: Path = RESULT) -> Any:
+    """The report's GPU section from the result file of a CUDA run (`make gpu-check` writes it);
+    without one, a headline row saying the GPU path was not measured here. Measures nothing."""
+    from .compose import DASH, Section, judged, skipped_row, table
+
+    if not path.exists():
+        where = platform.node() or "this machine"
+        reason = f"no CUDA device on {where}"
+        run = (
+            f"Not measured: {reason}. `make gpu-check` on a CUDA machine writes"
+            f" {path.name}, which this report then shows with that machine and date."
+        )
+        return Section("GPU", run, rows=[skipped_row("GPU", "GPU path", reason)])
+    r = json.loads(path.read_text())
+    n, need = r["params"], BYTES_PER_PARAM * r["params"]
+    bound = need / r["copy_bandwidth"]
+    nominal = r.get("nominal_hbm")
+    label = f"{r['device']} on {r['host']}, {r['measured']}"
 
     def frac(t: float, bw: float | None) -> str:
-        return f"{need / bw / t:.2f}" if bw else "n/a"
+        return f"{need / bw / t:.2f}" if bw else DASH
 
-    rows = [
+    steps = [
         ("server step, CUDA graph replay", r["replay"]),
         ("server step, eager (same kernels)", r["eager"]),
         ("local torch fused Adam (eager)", r["local"]),
     ]
-    lines = [
-        BEGIN,
-        "## GPU (make gpu-check)",
-        "",
-        f"Measured by `make gpu-check` on {started} ({secs:.0f} s): {name}, torch "
-        f"{torch.__version__} (CUDA {torch.version.cuda}), python {platform.python_version()}. "
-        f"{n_params / 1e6:.0f}M fp32 params in 4 tensors; a step moves {BYTES_PER_PARAM} B/param "
-        f"({need / 1e9:.1f} GB). Bound: that traffic at the device-to-device copy bandwidth "
-        f"measured here ({copy_bw / 1e12:.2f} TB/s)"
-        + (f" and at the nominal {nominal / 1e12:.2f} TB/s." if nominal else "."),
-        "",
-        "| step | ms | G params/s | fraction of bound (measured copy BW) | of nominal HBM |",
-        "| --- | ---: | ---: | ---: | ---: |",
+    head = ("step", "ms", "G params/s", "fraction of bound (measured copy BW)", "of nominal HBM")
+    cells = [
+        (k, f"{t * 1e3:.3f}", f"{n / t / 1e9:.1f}", frac(t, r["copy_bandwidth"]), frac(t, nominal))
+        for k, t in steps
     ]
-    for label, t in rows:
-        lines.append(
-            f"| {label} | {t * 1e3:.3f} | {n_params / t / 1e9:.1f} | {frac(t, copy_bw)} "
-            f"| {frac(t, nominal)} |"
-        )
-    lines += [
+    body = [
+        *table(head, cells),
         "",
         f"- graph vs eager: {r['eager'] / r['replay']:.2f}x (eager time / replay time).",
-        f"- the server's whole step with the gradient's upload from pinned host memory "
-        f"({r['upload_bytes'] / 1e9:.1f} GB): {r['with_upload'] * 1e3:.1f} ms "
-        f"({r['upload_bytes'] / r['with_upload'] / 1e9:.1f} GB/s including the step).",
-        END,
+        f"- the server's whole step with the gradient's upload from pinned host memory"
+        f" ({r['upload_bytes'] / 1e9:.1f} GB): {r['with_upload'] * 1e3:.1f} ms"
+        f" ({r['upload_bytes'] / r['with_upload'] / 1e9:.1f} GB/s including the step).",
     ]
-    return "\n".join(lines) + "\n"
-
-
-def _write(section: str, path: Path) -> None:
-    text = path.read_text() if path.exists() else "# adamd benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    rows = [
+        judged(
+            "GPU",
+            f"server Adam step, graph replay ({n / 1e6:.0f}M params; {label})",
+            f"{r['replay'] * 1e3:.3f} ms",
+            f"{r['local'] * 1e3:.3f} ms (local fused Adam)",
+            f"{bound * 1e3:.3f} ms ({BYTES_PER_PARAM} B/param at the measured copy bandwidth)",
+            r["replay"] / r["local"],
+            DASH,
+            None,
+        ),
+    ]
+    how = [
+        f"Not measured by this run: read from `{path.name}`, which `make gpu-check`"
+        f" wrote on {label} (torch {r['torch']}, CUDA {r['cuda']}, python {r['python']}). The"
+        f" server's Adam step at {n / 1e6:.0f}M fp32 params in 4 tensors, replayed from its CUDA"
+        f" graph and eager, against a local fused Adam; a step moves {BYTES_PER_PARAM} B/param"
+        f" ({need / 1e9:.1f} GB): the bound is that traffic at the device-to-device copy"
+        f" bandwidth measured there ({r['copy_bandwidth'] / 1e12:.2f} TB/s)"
+        + (f" and at the nominal {nominal / 1e12:.2f} TB/s." if nominal else "."),
+    ]
+    return Section("GPU", f"From a `make gpu-check` run on {label}.", body, how, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", type=float, default=100e6, help="benchmark size (default 100M)")
     p.add_argument("--no-tests", action="store_true")
     p.add_argument("--no-bench", action="store_true")
-    p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument(
+        "--result", type=Path, default=RESULT, help="result file (bench/results/gpu_check.json)"
+    )
     p.add_argument("pytest_args", nargs="*", help="passed on to pytest")
     args = p.parse_args(argv)
     try:
@@ -274,10 +309,11 @@ def main(argv: list[str] | None = None) -> int:
         n = int(args.params)
         copy_bw = _copy_bandwidth()
         result = _bench(n)
-        section = _report(n, result, copy_bw, started, time.perf_counter() - t0)
-        print(section)
-        _write(section, args.out)
-        print(f"gpu-check: figures written to {args.out}")
+        record = result_record(n, result, copy_bw, started, time.perf_counter() - t0)
+        args.result.parent.mkdir(parents=True, exist_ok=True)
+        args.result.write_text(json.dumps(record, indent=2) + "\n")
+        print(section(path=args.result).markdown())
+        print(f"gpu-check: figures written to {args.result} (`python -m bench` reports them)")
     if status:
         print(f"gpu-check: the GPU tests FAILED (pytest exit {status})", file=sys.stderr)
         return 1

@@ -6,24 +6,23 @@ push over loopback here), each on its own model on the server, one with `overlap
 with `overlap=False`, both `transport="grpc"`, alternating step by step so both see the same
 machine. Per step: the time from the end of backward to the end of `step()` (what overlap
 shortens), and the whole step (zero_grad + forward + backward + step). Medians after warm-up.
+It prints its report section (`python -m bench` runs it at REPORT_ARGV).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import report
 from .common import adamd_server, python_subprocess_env
+from .compose import Section, table
 
 
 def _mlp(width: int, layers: int) -> torch.nn.Sequential:
@@ -75,37 +74,61 @@ def worker(address: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def render(results: list[dict[str, Any]], command: str, args: argparse.Namespace) -> str:
+REPORT_ARGV = ["--steps", "6", "--warmup", "2", "--runs", "1"]  # what `python -m bench` runs
+QUICK_ARGV = ["--quick"]
+
+
+def to_section(results: list[dict[str, Any]], args: argparse.Namespace) -> Section:
     params = args.layers * (args.width * args.width + args.width)
-    lines = [
-        f"## Overlap: gradients streamed during backward ({'bf16' if args.bf16 else 'fp32'},"
-        " loopback gRPC, `--no-shm`)",
-        "",
-        f"`{command}` (MLP of {args.layers} x {args.width}x{args.width} Linear, {params / 1e6:.1f}M"
-        f" params, batch {args.batch}, {'bf16' if args.bf16 else 'fp32'} on the wire; both"
-        " variants in one client process, alternating steps; medians; `tail` is from the end of"
-        " backward to the end of `step()`).",
-        "",
-        "| run | overlap | tail ms | step ms | steps streamed | tail on/off | step on/off |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    wire = "bf16" if args.bf16 else "fp32"
+    cells = []
     for i, r in enumerate(results):
         on, off = r["on"], r["off"]
         for key in ("on", "off"):
             v = r[key]
             ratios = (
-                f"{on['tail_ms'] / off['tail_ms']:.2f}x | {on['step_ms'] / off['step_ms']:.2f}x"
+                [f"{on['tail_ms'] / off['tail_ms']:.2f}x", f"{on['step_ms'] / off['step_ms']:.2f}x"]
                 if key == "on"
-                else " | "
+                else ["", ""]
             )
-            lines.append(
-                f"| {i + 1} | {key} | {v['tail_ms']:.0f} | {v['step_ms']:.0f} | {v['streamed']}"
-                f" | {ratios} |"
+            cells.append(
+                (i + 1, key, f"{v['tail_ms']:.0f}", f"{v['step_ms']:.0f}", v["streamed"], *ratios)
             )
-    return "\n".join(lines)
+    head = ("run", "overlap", "tail ms", "step ms", "steps streamed", "tail on/off", "step on/off")
+    how = [
+        "One `adamd serve --no-shm` process; one client process trains two copies of the MLP,"
+        " each on its own model on the server, one with `overlap=True` and one without, both"
+        ' `transport="grpc"`, alternating step by step so both see the same machine. *tail*:'
+        " from the end of backward to the end of `step()` (what overlap shortens); *step*: zero"
+        " grad + forward + backward + step; medians after the warm-up steps.",
+    ]
+    run = (
+        f"MLP of {args.layers} x {args.width}x{args.width} Linear, {params / 1e6:.1f}M params,"
+        f" batch {args.batch}, {wire} on the wire; {args.steps} steps after {args.warmup} warm-up,"
+        f" {args.runs} client process(es)."
+    )
+    return Section(
+        f"Overlap: gradients streamed during backward ({wire}, loopback gRPC, `--no-shm`)",
+        run,
+        table(head, cells),
+        how,
+    )
 
 
-def main(argv: list[str] | None = None) -> int:
+def measure(args: argparse.Namespace, given: list[str]) -> list[dict[str, Any]]:
+    results = []
+    with adamd_server(("--no-shm",)) as server:
+        for _ in range(args.runs):
+            cmd = [sys.executable, "-m", "bench.overlap", *given, "--worker", server.address]
+            done = subprocess.run(
+                cmd, env=python_subprocess_env(), capture_output=True, text=True, check=True
+            )
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    return results
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.overlap", description=__doc__)
     p.add_argument("--width", type=int, default=2500)
     p.add_argument("--layers", type=int, default=4)
@@ -115,31 +138,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--runs", type=int, default=2, help="client processes, one after another")
     p.add_argument("--bf16", action="store_true", help="bf16 on the wire")
-    p.add_argument("--quick", action="store_true", help="smoke run: small model, no report")
-    p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report file")
+    p.add_argument("--quick", action="store_true", help="smoke run: small model")
     p.add_argument("--worker", metavar="ADDRESS", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    args = _parser().parse_args(argv)
     if args.quick:
         args.width, args.steps, args.warmup, args.runs = 256, 3, 1, 1
+    return args
+
+
+def section(quick: bool = False) -> Section:
+    given = QUICK_ARGV if quick else REPORT_ARGV
+    args = _parse(given)
+    return to_section(measure(args, given), args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    given = sys.argv[1:] if argv is None else argv
+    args = _parse(given)
     if args.worker:
         print(json.dumps(worker(args.worker, args)), flush=True)
         return 0
-    given = sys.argv[1:] if argv is None else argv
-    results = []
-    with adamd_server(("--no-shm",)) as server:
-        for _ in range(args.runs):
-            cmd = [sys.executable, "-m", "bench.overlap", *given, "--worker", server.address]
-            done = subprocess.run(
-                cmd, env=python_subprocess_env(), capture_output=True, text=True, check=True
-            )
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(json.dumps(results[-1]), flush=True)
-    text = render(results, f"python -m bench.overlap {shlex.join(given)}".rstrip(), args)
-    print(text)
-    if not args.quick:
-        old = args.out.read_text() if args.out.exists() else ""
-        name = "overlap-bf16" if args.bf16 else "overlap"
-        args.out.write_text(report.put_section(old, name, text))
+    print(to_section(measure(args, given), args).markdown())
     return 0
 
 

@@ -10,7 +10,8 @@ the workers in another, joined by a bridge in a switch namespace; every server's
 shaped with a token bucket (`tc qdisc ... tbf`) both ways. Everything is removed at the end.
 A worker is `python -m bench.sharded worker SERVERS MODEL RANK W PARAMS STEPS SLICE_BYTES`: it creates or
 joins a sync model (world_size W) over SERVERS, then times STEPS rounds of push_grad + pull(out=)
-after one warm-up round, and prints one JSON line.
+after one warm-up round, and prints one JSON line. The command prints its report section;
+`python -m bench` runs it at the defaults.
 """
 
 from __future__ import annotations
@@ -29,26 +30,10 @@ import torch
 from adamd.protocol.layout import DEFAULT_SLICE_BYTES, Layout
 
 from .common import parse_size
+from .compose import DASH, Row, Section, at_least, judged, table
 from .netns import Switch
 
 ROOT = Path(__file__).resolve().parent.parent
-ANALYSIS = """
-What the figures say (hand-written from the run above; rerun with `--out BENCHMARKS.md`):
-
-- **Throttled** (each server's link is the bottleneck, as on a cluster): S=4 moves 3.7x the
-  bytes of S=1 (target 0.8 x S = 3.2x, met); S=2 2.1x. The links run at 100 Mbit/s rather than
-  1 Gbit/s because this machine's 2 cores move about 200 MB/s through Python gRPC in all (the
-  unthrottled rows): at 1 Gbit/s four servers' links would outrun the CPU and the rows would
-  measure the cores again. Two timed rounds per row on a shared machine: read +-10%. A round
-  overlaps one worker's next push with another's pull, so a link carries both directions at once.
-- **Unthrottled** (loopback veths, no link limit): about 1.1x at S=4. Here all 4 servers and 4
-  workers share this machine's 2 cores, so the CPU (Python gRPC framing and copies), not any
-  link, is the limit; spreading it over more processes on the same 2 cores cannot help. On real
-  hosts each server brings its own cores and NIC, which is what the throttled rows model.
-- **Balance**: a GPT-2 small sized model (a 154 MB token embedding and 12 layers) is within 2%
-  (S=4) and 4% (S=8) max/min bytes per shard at the default 4 MiB slice threshold. Without
-  slicing, the embedding (31% of the model) pins one shard: max/min 1.36 at S=4, 3.25 at S=8.
-"""
 ADAMD = str(Path(sys.executable).with_name("adamd"))
 PORT = 50051
 
@@ -225,7 +210,15 @@ def balance(shards: Sequence[int], slice_bytes: int = DEFAULT_SLICE_BYTES) -> li
     return rows
 
 
-def run(rate: str, n: int, steps: int, world: int, counts: Sequence[int], slice_bytes: int) -> dict:
+def run(
+    rate: str,
+    n: int,
+    steps: int,
+    world: int,
+    counts: Sequence[int],
+    slice_bytes: int,
+    unthrottled: bool = True,
+) -> dict:
     import tempfile
 
     net = Switch.create(f"adsh{os.getpid() % 100000}", 1 + (os.getpid() + 7) % 250)
@@ -235,7 +228,8 @@ def run(rate: str, n: int, steps: int, world: int, counts: Sequence[int], slice_
             procs, addresses = _start_servers(net, max(counts), Path(tmp))
             worker_ns = net.host("w", 100)
             results: dict[str, list] = {}
-            for label, limit in ((f"throttled {rate}", rate), ("unthrottled", None)):
+            links = [(f"throttled {rate}", rate)] + ([("unthrottled", None)] if unthrottled else [])
+            for label, limit in links:
                 for k in range(max(counts)):
                     net.shape(f"s{k}", limit)
                 rows = []
@@ -254,52 +248,143 @@ def run(rate: str, n: int, steps: int, world: int, counts: Sequence[int], slice_
         net.close()
 
 
-def report(results: dict, balance_rows: list[dict], args: argparse.Namespace) -> str:
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    lines = [f"## Sharding: W={args.workers} workers, S servers on separate network hosts", ""]
-    lines.append(f"Measured {when} by `python -m bench.sharded` (as root: network namespaces, tc).")
-    lines.append("")
-    lines.append(
-        f"Model: {args.params} fp32 params (half in one embedding, sliced); "
-        f"slice_bytes {args.slice_bytes}; each server's link limited to --rate both ways with tc"
-        f" tbf; {args.steps} timed sync rounds after one warm-up; a round is push_grad + "
-        "pull(out=) by every worker; throughput counts both directions."
-    )
-    lines.append("")
+REPORT_ARGV: list[str] = []  # the defaults: what `python -m bench` runs
+QUICK_ARGV = [
+    "--params", "200k", "--steps", "1", "--servers", "1,2", "--workers", "2", "--no-unthrottled"
+]  # fmt: skip
+UNSLICED = 1 << 62  # a slice threshold no tensor reaches: every tensor whole on one shard
+
+
+def _rate_bytes(rate: str) -> float:
+    """tc's rate ("100mbit", "1gbit") in bytes per second."""
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
+    unit = next(u for u in units if rate.endswith(u))
+    return float(rate[: -len(unit)]) * units[unit] / 8
+
+
+def headline_rows(results: dict, args: argparse.Namespace) -> list[Row]:
+    rows = results.get(f"throttled {args.rate}") or []
+    if not rows:
+        return [Row("sharding", "throughput, S servers on throttled links", verdict="not measured")]
+    base, link = rows[0]["mb_per_s"], 2 * _rate_bytes(args.rate) / 1e6  # both ways
+    out = []
+    for r in rows:
+        s = r["servers"]
+        out.append(
+            judged(
+                "sharding",
+                f"throughput, S={s} server(s), W={args.workers} workers, links {args.rate}"
+                " each way",
+                f"{r['mb_per_s']:.1f} MB/s",
+                f"{base:.1f} MB/s (S=1)",
+                f"{s * link:.1f} MB/s (S links, both ways)",
+                r["mb_per_s"] / base,
+                DASH if s == 1 else f">= {0.8 * s:.1f}x (0.8 x S)",
+                None if s == 1 else at_least(0.8 * s),
+            )
+        )
+    return out
+
+
+def _tables(results: dict) -> list[str]:
+    lines: list[str] = []
     for label, rows in results.items():
         base = rows[0]["mb_per_s"]
+        cells = [
+            (
+                r["servers"],
+                f"{r['round_s']:.3f}",
+                f"{r['mb_per_s']:.1f}",
+                f"{r['mb_per_s'] / base:.2f}",
+            )
+            for r in rows
+        ]
         lines += [
             f"### {label}",
             "",
-            "| servers | round (s) | MB/s moved | x S=1 |",
-            "|---|---|---|---|",
+            *table(("servers", "round (s)", "MB/s moved", "x S=1"), cells),
+            "",
         ]
-        lines += [
-            f"| {r['servers']} | {r['round_s']:.3f} | {r['mb_per_s']:.1f} | "
-            f"{r['mb_per_s'] / base:.2f} |"
-            for r in rows
-        ]
-        lines.append("")
-    lines += [
+    sliced, whole = balance([2, 4, 8]), balance([2, 4, 8], UNSLICED)
+    balance_cells = [
+        (
+            a["servers"],
+            f"{a['max_mb']:.1f}",
+            f"{a['min_mb']:.1f}",
+            f"{a['max_over_min']:.3f}",
+            a["sliced_tensors"],
+            f"{b['max_over_min']:.2f}",
+        )
+        for a, b in zip(sliced, whole)
+    ]
+    head = ("servers", "max MB", "min MB", "max/min", "sliced tensors", "max/min unsliced")
+    return [
+        *lines,
         "### Load balance (GPT-2 small shapes, default 4 MiB slices)",
         "",
-        "| servers | max MB | min MB | max/min | sliced tensors |",
-        "|---|---|---|---|---|",
+        *table(head, balance_cells),
     ]
-    lines += [
-        f"| {r['servers']} | {r['max_mb']:.1f} | {r['min_mb']:.1f} | {r['max_over_min']:.3f}"
-        f" | {r['sliced_tensors']} |"
-        for r in balance_rows
-    ]
-    return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["worker"]:
-        s, m, r, w, n, k, b = argv[1:8]
-        _worker(s, m, int(r), int(w), int(n), int(k), int(b))
-        return 0
+def _why(results: dict, args: argparse.Namespace) -> list[str]:
+    """Mechanisms, with the figures of this run."""
+    free = results.get("unthrottled") or []
+    cpu = f": {free[0]['mb_per_s']:.0f} MB/s at S=1 in this run" if free else ""
+    return [
+        f"- **Throttled** links ({args.rate} each way) make each server's link the bottleneck,"
+        " as on a cluster; they are slower than a real NIC because this machine's cores move"
+        f" only so much through Python gRPC in all (the unthrottled rows{cpu}): with faster links"
+        " the servers' links would outrun the CPU and the rows would measure the cores again. A"
+        " round overlaps one worker's next push with another's pull, so a link carries both"
+        " directions at once.",
+        "- **Unthrottled** (veths with no link limit): all servers and workers share this"
+        " machine's cores, so the CPU (Python gRPC framing and copies), not any link, is the"
+        " limit, and more server processes on the same cores cannot raise it. On real hosts each"
+        " server brings its own cores and NIC, which is what the throttled rows model.",
+        "- **Balance**: tensors above the slice threshold are split over the shards, so one large"
+        " embedding does not pin a shard (the unsliced column: every tensor whole on one shard).",
+    ]
+
+
+HOW = [
+    "Each server runs in its own Linux network namespace, the workers in another, joined by a"
+    " bridge in a switch namespace; every server's veth pair is shaped with a token bucket"
+    " (`tc qdisc ... tbf`) both ways. A round is push_grad + pull(out=) by every worker of a"
+    " sync model (world_size W) sharded over the S servers; the figure is the mean round of the"
+    " fastest rank over the timed rounds after one warm-up round, and throughput counts both"
+    " directions (W pushes and W pulls of the model per round).",
+]
+
+
+def to_section(results: dict, args: argparse.Namespace) -> Section:
+    run = (
+        f"Model: {args.params} fp32 params (half in one embedding, sliced); slice_bytes"
+        f" {args.slice_bytes}; W={args.workers} workers; S = {args.servers}; {args.steps} timed"
+        " sync rounds after one warm-up."
+    )
+    body = [*_tables(results), "", *_why(results, args)]
+    return Section(
+        f"Sharding: W={args.workers} workers, S servers on separate network hosts",
+        run,
+        body,
+        HOW,
+        headline_rows(results, args),
+    )
+
+
+def measure(args: argparse.Namespace) -> dict:
+    return run(
+        args.rate,
+        parse_size(args.params),
+        args.steps,
+        args.workers,
+        [int(x) for x in args.servers.split(",")],
+        parse_size(args.slice_bytes),
+        unthrottled=not args.no_unthrottled,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.sharded")
     p.add_argument("--rate", default="100mbit", help="tc rate of each server's link, each way")
     p.add_argument("--params", default="2M")
@@ -308,28 +393,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--servers", default="1,2,4")
     p.add_argument("--slice-bytes", default="1M", help="tensors above it are split over shards")
     p.add_argument("--balance-only", action="store_true")
-    p.add_argument("--out", type=Path, help="also write the section into this file (BENCHMARKS.md)")
-    args = p.parse_args(argv)
-    rows = balance([2, 4, 8])
-    results = (
-        {}
-        if args.balance_only
-        else run(
-            args.rate,
-            parse_size(args.params),
-            args.steps,
-            args.workers,
-            [int(x) for x in args.servers.split(",")],
-            parse_size(args.slice_bytes),
-        )
-    )
-    text = report(results, rows, args)
-    print(text)
-    if args.out is not None and results:
-        from .report import put_section
+    p.add_argument("--no-unthrottled", action="store_true", help="only the throttled rows")
+    return p
 
-        old = args.out.read_text() if args.out.exists() else ""
-        args.out.write_text(put_section(old, "sharding", text + ANALYSIS))
+
+def section(quick: bool = False) -> Section:
+    from .two_host import namespace_problem
+
+    if problem := namespace_problem():
+        raise SystemExit(f"bench.sharded needs network namespaces: {problem} (run as root)")
+    args = _parser().parse_args(QUICK_ARGV if quick else REPORT_ARGV)
+    return to_section(measure(args), args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:
+        s, m, r, w, n, k, b = argv[1:8]
+        _worker(s, m, int(r), int(w), int(n), int(k), int(b))
+        return 0
+    args = _parser().parse_args(argv)
+    results = {} if args.balance_only else measure(args)
+    print(to_section(results, args).markdown())
     return 0
 
 

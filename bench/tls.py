@@ -9,15 +9,13 @@ the tensors through /dev/shm and bypass the socket, TLS or not). Figures:
   the wire part of a push.
 - push (full): the same push, checked and stepped: what a worker waits for.
 - pull: `pull(model, out=...)` into preallocated tensors.
-The load average (`os.getloadavg()`, what `uptime` prints) is recorded beside the figures.
+It prints its report section (`python -m bench` runs it at REPORT_ARGV).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import shlex
 import sys
 import tempfile
 import time
@@ -30,8 +28,8 @@ import trustme
 
 from adamd.client import Client, TLSConfig
 
-from . import report
 from .common import adamd_server, make_tensors, parse_size, size_label
+from .compose import Section, table
 
 OPS = ("push (transport)", "push (full)", "pull")
 
@@ -91,50 +89,61 @@ def _trusting(ca: Path) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
 
 
-def render(n: int, reps: int, best: dict[str, dict[str, float]], load: str, cmd: str) -> str:
+REPORT_ARGV = ["--size", "25M", "--reps", "3"]  # what `python -m bench` runs
+QUICK_ARGV = ["--size", "100k", "--reps", "1"]
+
+
+def to_section(n: int, reps: int, best: dict[str, dict[str, float]]) -> Section:
     gb = 4 * n / 1e9
     rows = [
-        f"| {op} | {gb / best['plain'][op]:.3g} | {gb / best['tls'][op]:.3g} "
-        f"| {best['tls'][op] / best['plain'][op]:.2f}x |"
+        (
+            op,
+            f"{gb / best['plain'][op]:.3g}",
+            f"{gb / best['tls'][op]:.3g}",
+            f"{best['tls'][op] / best['plain'][op]:.2f}x",
+        )
         for op in OPS
     ]
-    return "\n".join(
-        [
-            "## TLS cost (gRPC, loopback)",
-            "",
-            f"`{cmd}`: {size_label(n)} fp32 params ({gb * 1000:.0f} MB per transfer) in 8 tensors,"
-            f' `transport="grpc"`, best of {reps}, plaintext and TLS servers alternating rep by'
-            " rep in one run on one machine (see bench/tls.py for what each figure is).",
-            f"Load average (1, 5, 15 min) at the end of the run: {load} (a shared, noisy machine).",
-            "",
-            "| operation | plaintext GB/s | TLS GB/s | TLS time / plaintext time |",
-            "| --- | --- | --- | --- |",
-            *rows,
-            "",
-            "TLS encrypts and authenticates every byte (BoringSSL, inside gRPC) on both"
-            " sides, on the same threads that copy the chunks; workers on the server's host can"
-            ' use the same-host path (`transport="auto"`), which moves tensors through /dev/shm'
-            " and pays nothing for TLS (docs/security.md).",
-        ]
+    body = [
+        *table(("operation", "plaintext GB/s", "TLS GB/s", "TLS time / plaintext time"), rows),
+        "",
+        "TLS encrypts and authenticates every byte (BoringSSL, inside gRPC) on both sides, on"
+        " the same threads that copy the chunks; workers on the server's host can use the"
+        ' same-host path (`transport="auto"`), which moves tensors through /dev/shm and pays'
+        " nothing for TLS (docs/security.md).",
+    ]
+    how = [
+        "Two `adamd serve` processes on loopback, one plaintext and one with `--tls-cert/"
+        "--tls-key` (a certificate made for the run with trustme), each holding the same model;"
+        " repetitions alternate between them, the best is kept for each. **push (transport)**:"
+        " `push_grad(..., found_inf=True)`, streamed in full and not stepped; **push (full)**:"
+        " checked and stepped; **pull**: `pull(model, out=...)` into preallocated tensors. All"
+        ' over `transport="grpc"`.',
+    ]
+    run = (
+        f"{size_label(n)} fp32 params ({gb * 1000:.0f} MB per transfer) in 8 tensors, best of"
+        f" {reps}."
     )
+    return Section("TLS cost (gRPC, loopback)", run, body, how)
 
 
-def main(argv: list[str] | None = None) -> int:
+def section(quick: bool = False) -> Section:
+    args = _parser().parse_args(QUICK_ARGV if quick else REPORT_ARGV)
+    n = parse_size(args.size)
+    return to_section(n, args.reps, measure(n, args.reps))
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.tls", description=__doc__.splitlines()[0])
     p.add_argument("--size", default="25M", help="fp32 params (default 25M)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions, best kept (default 5)")
-    p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report file")
-    p.add_argument("--no-report", action="store_true", help="print the section, write nothing")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     n = parse_size(args.size)
-    best = measure(n, args.reps)
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    cmd = "python -m bench.tls " + shlex.join(sys.argv[1:] if argv is None else argv)
-    body = render(n, args.reps, best, load, cmd.strip())
-    print(body)
-    if not args.no_report:
-        old = args.out.read_text() if args.out.exists() else ""
-        args.out.write_text(report.put_section(old, "tls", body))
+    print(to_section(n, args.reps, measure(n, args.reps)).markdown())
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -29,8 +28,8 @@ import httpx
 from adamd.client import Client
 from adamd.v1 import adamd_pb2 as pb
 
-from . import report
 from .common import adamd_server, free_port, make_tensors, parse_size, proc_status_kib, size_label
+from .compose import Section, table
 
 MiB = 1 << 20
 PULL = "/adamd.v1.Optimizer/PullParams"
@@ -117,43 +116,72 @@ def _budget_label(budget: str) -> str:
     return f"{int(budget) / MiB:.0f} MiB"
 
 
-def render(n: int, count: int, rows: list[dict[str, Any]], cmd: str, load: str) -> str:
-    lines = [
-        "## Transfer memory: concurrent pulls with and without a budget",
-        "",
-        f"`{cmd}`: one `adamd serve` (CPU) per row holding {size_label(n)} fp32 params"
-        f" ({n * 4 / MiB:.0f} MiB) in 8 tensors; {count} concurrent pulls of the whole model, each"
-        " on its own channel, read and discarded. *Added* is the server's peak RSS during the"
-        " pulls minus its RSS before them (VmHWM reset after the model was created); *reserved"
-        " peak* is the most the budget had granted at once (`adamd_transfer_reserved_peak_bytes`).",
-        f"Load average (1, 5, 15 min) at the end of the run: {load}.",
-        "",
-        "| --max-transfer-bytes | wire | MALLOC_MMAP_THRESHOLD_ | server RSS before, MiB |"
-        f" added, MiB | reserved peak, MiB | {count} pulls took, s | failed |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        mmap = "-" if r["mmap_threshold"] is None else f"{r['mmap_threshold'] / MiB:g} MiB"
-        lines.append(
-            f"| {_budget_label(r['budget'])} | {r['wire']} | {mmap} | {r['before_mib']:.0f} |"
-            f" {r['added_mib']:+.0f} | {r['reserved_peak_mib']:.0f} | {r['seconds']:.1f} |"
-            f" {r['failed']} |"
+REPORT_ARGV = ["--size", "25M", "--pulls", "50"]  # what `python -m bench` runs
+QUICK_ARGV = ["--size", "100k", "--pulls", "4", "--budgets", "134217728", "--no-mmap-rows"]
+
+
+def to_section(n: int, count: int, rows: list[dict[str, Any]]) -> Section:
+    cells = [
+        (
+            _budget_label(r["budget"]),
+            r["wire"],
+            "-" if r["mmap_threshold"] is None else f"{r['mmap_threshold'] / MiB:g} MiB",
+            f"{r['before_mib']:.0f}",
+            f"{r['added_mib']:+.0f}",
+            f"{r['reserved_peak_mib']:.0f}",
+            f"{r['seconds']:.1f}",
+            r["failed"],
         )
-    lines += [
+        for r in rows
+    ]
+    head = ["--max-transfer-bytes", "wire", "MALLOC_MMAP_THRESHOLD_", "server RSS before, MiB"]
+    head += ["added, MiB", "reserved peak, MiB", f"{count} pulls took, s", "failed"]
+    body = [
+        *table(head, cells),
         "",
         "Without a budget every pull holds its frames at once (on the CPU the parameters are"
         " sent as they are; a bf16 pull converts one chunk at a time into a buffer of its own),"
         " so the memory grows with the number of clients. With one, pulls that do not fit wait"
         " their turn (FIFO) and the added memory stays near the budget. RSS also counts what"
         " the C allocator keeps after a free (the server raises glibc's mmap and trim"
-        " thresholds at start, so freed buffers stay with the process for reuse); setting"
-        " `MALLOC_MMAP_THRESHOLD_` in its environment changes little since. Wall times are"
-        " those of a 2-core machine.",
+        " thresholds at start, so freed buffers stay with the process for reuse).",
     ]
-    return "\n".join(lines)
+    how = [
+        "A fresh `adamd serve --no-shm` (CPU) per row holds one model; once it is created the"
+        " process's peak RSS is reset (`/proc/PID/clear_refs`), then the concurrent pulls (each"
+        " on a channel of its own, as separate clients would) read the whole model and discard"
+        " it. *Added* is the server's peak RSS during the pulls minus its RSS before them;"
+        " *reserved peak* is the most the budget had granted at once"
+        " (`adamd_transfer_reserved_peak_bytes` from /metrics).",
+    ]
+    run = (
+        f"{size_label(n)} fp32 params ({n * 4 / MiB:.0f} MiB) in 8 tensors; {count} concurrent"
+        " pulls of the whole model per row."
+    )
+    return Section("Transfer memory: concurrent pulls with and without a budget", run, body, how)
 
 
-def main(argv: list[str] | None = None) -> int:
+def measure_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    n = parse_size(args.size)
+    rows = []
+    budgets = [b.strip() for b in args.budgets.split(",")]
+    for wire in (0, pb.BFLOAT16):
+        runs: list[tuple[str, int | None]] = [(b, None) for b in budgets]
+        if not args.no_mmap_rows:
+            runs += [(b, MiB) for b in budgets if b != "-1"]
+        for budget, mmap in runs:
+            row = measure(n, args.pulls, budget, wire, mmap)
+            print(row, file=sys.stderr, flush=True)
+            rows.append(row)
+    return rows
+
+
+def section(quick: bool = False) -> Section:
+    args = _parser().parse_args(QUICK_ARGV if quick else REPORT_ARGV)
+    return to_section(parse_size(args.size), args.pulls, measure_all(args))
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.transfer_memory", description=__doc__.splitlines()[0]
     )
@@ -164,25 +192,17 @@ def main(argv: list[str] | None = None) -> int:
         default="-1,134217728",
         help="--max-transfer-bytes values to compare, comma-separated (default -1,134217728)",
     )
-    p.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"), help="report file")
-    p.add_argument("--no-report", action="store_true", help="print the section, write nothing")
-    args = p.parse_args(argv)
-    n = parse_size(args.size)
-    rows = []
-    budgets = [b.strip() for b in args.budgets.split(",")]
-    for wire in (0, pb.BFLOAT16):
-        runs = [(b, None) for b in budgets] + [(b, MiB) for b in budgets if b != "-1"]
-        for budget, mmap in runs:
-            row = measure(n, args.pulls, budget, wire, mmap)
-            print(row, flush=True)
-            rows.append(row)
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    cmd = "python -m bench.transfer_memory " + shlex.join(sys.argv[1:] if argv is None else argv)
-    body = render(n, args.pulls, rows, cmd.strip(), load)
-    print(body)
-    if not args.no_report:
-        old = args.out.read_text() if args.out.exists() else ""
-        args.out.write_text(report.put_section(old, "transfer-memory", body))
+    p.add_argument(
+        "--no-mmap-rows",
+        action="store_true",
+        help="leave out the rows with MALLOC_MMAP_THRESHOLD_ set in the server's environment",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    print(to_section(parse_size(args.size), args.pulls, measure_all(args)).markdown())
     return 0
 
 

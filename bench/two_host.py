@@ -35,8 +35,9 @@ Measurements (`--what`):
 Namespaces, veth and qdiscs are named `adxh<pid>*` (this run's process id, so runs never clash)
 on 10.72.0.0/24, created per variant and removed afterwards (also on Ctrl-C, SIGTERM and errors;
 those of a run killed with SIGKILL are removed by the next run, once their process is gone). Needs root (`ip netns add`); without it the script
-exits with a message. `--quick` is a smoke run (small sizes, 2 reps, no report unless `--out`).
-Figures go into their own section of BENCHMARKS.md ("two-host"), which `python -m bench` keeps.
+exits with a message. `--quick` is a smoke run (small sizes, 2 reps). It prints its report
+section; `python -m bench` runs `section()` (REPORT_ARGV: the step part, at veth speed and at
+1 Gbit/s) and puts it into BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ import fcntl
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import statistics
@@ -57,8 +57,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -67,8 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import report
-from .common import parse_size, python_subprocess_env, shapes_for, size_label, stop_process
+from .common import parse_size, python_subprocess_env, shapes_for, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT / "examples" / "data" / "sonnets.txt"
@@ -85,6 +83,7 @@ LOCK = Path(tempfile.gettempdir()) / "adxh-two-host.lock"
 SECTION = "two-host"
 TBF_10GBE = "rate 10gbit burst 5mb latency 10ms"  # burst >= rate / HZ (5 MB at HZ=250)
 TBF_1GBE = "rate 1gbit burst 1mb latency 50ms"
+TBF_RATES = {"10gbe": 10e9, "1gbe": 1e9}  # bit/s of the tc-limited variants
 
 
 @dataclass(frozen=True)
@@ -535,194 +534,6 @@ def _worker_main(cfg: dict[str, Any]) -> int:
 # --- report ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Run:
-    variants: list[Variant]
-    results: dict[str, dict[str, Any]]
-    cfg: dict[str, Any]
-    command: str
-    wall_s: float
-    load: str
-    load_start: str = ""
-    errors: list[str] = field(default_factory=list)
-
-
-def _ms(s: float | None) -> str:
-    return "—" if s is None else f"{s * 1e3:.0f}"
-
-
-def _step_table(run: Run) -> list[str]:
-    """One row per variant and contender: best (median) ms, bytes per param per step on the
-    wire, and the best time's ratio to adamd fp32's and to torch RPC's (< 1: faster)."""
-    lines = [
-        "| variant | contender | step ms, best (median) | bytes/param/step | vs adamd fp32 |"
-        " vs torch RPC |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for v in run.variants:
-        st = run.results.get(v.name, {}).get("step")
-        if not st:
-            continue
-        t, n = st["times"], st["n"]
-        fp32 = t.get("adamd fp32", {}).get("best")
-        rpc = t["torch RPC"]["best"]
-        for k, x in t.items():
-            per = x.get("bytes", 0) / n
-            vs = f"{x['best'] / fp32:.2f}x" if fp32 else "—"
-            cells = [v.name, k, f"{_ms(x['best'])} ({_ms(x['median'])})", f"{per:.2f}", vs]
-            lines.append("| " + " | ".join([*cells, f"{x['best'] / rpc:.2f}x"]) + " |")
-    return lines
-
-
-def _train_table(run: Run) -> list[str]:
-    """One row per variant and contender: mean, median and best step time, the overhead of the
-    mean and of the best over the local fused Adam's, and the end-of-backward-to-end-of-step time."""
-    head = (
-        "| variant | contender | mean step ms | median ms | best ms | overhead (mean) |"
-        " overhead (best) | end of backward to end of step, mean ms (best) |"
-    )
-    lines = [head, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for v in run.variants:
-        tr = run.results.get(v.name, {}).get("train")
-        if not tr:
-            continue
-        c = tr["contenders"]
-        mean = {k: statistics.fmean(c[k]["step"]) for k in CONTENDERS_TRAIN}
-        best = {k: min(c[k]["step"]) for k in CONTENDERS_TRAIN}
-        local = "local fused Adam"
-        for k in CONTENDERS_TRAIN:
-            after = c[k]["after_backward"]
-            over = (
-                ["—", "—"]
-                if k == local
-                else [f"{mean[k] / mean[local] - 1:+.0%}", f"{best[k] / best[local] - 1:+.0%}"]
-            )
-            cells = [v.name, k, _ms(mean[k]), _ms(statistics.median(c[k]["step"])), _ms(best[k])]
-            cells += [*over, f"{_ms(statistics.fmean(after))} ({_ms(min(after))})"]
-            lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def _train_desc(run: Run) -> str:
-    tr = next((r["train"] for r in run.results.values() if "train" in r), None)
-    if not tr:
-        return ""
-    losses = {
-        f"{v.name} {k}": r["train"]["contenders"][k]["loss"][-1]
-        for v in run.variants
-        if (r := run.results.get(v.name)) and "train" in r
-        for k in CONTENDERS_TRAIN
-    }
-    spread = max(losses.values()) - min(losses.values())
-    return (
-        f"Training: a {tr['params'] / 1e6:.1f}M-param char-level transformer LM ({tr['layers']}"
-        f" pre-norm TransformerEncoder layers, dim {tr['dim']}, {tr['heads']} heads), batch"
-        f" {tr['batch']}x{tr['context']} on examples/data/sonnets.txt; {run.cfg['warmup']} warm-up"
-        f" steps per contender, then {tr['steps']} measured steps each, contenders taking turns in"
-        f" blocks of {tr['block']}; mean step time (zero grad + forward + backward + step), its"
-        f" overhead over the local fused Adam's mean; median and best (minimum) step times, and the"
-        f" overhead of the best, are less disturbed by other work on the machine. Last losses of all contenders agree within"
-        f" {spread:.3f} (same data, same initial model)."
-    )
-
-
-# Targets, as ratios of best step times in one run: (contender, baseline) -> {variant: at most}.
-# fp32 and bf16 against torch RPC; int8 + bf16 pull on 1 Gbit/s against fp32 and torch RPC.
-STEP_TARGETS = {
-    ("adamd fp32", "torch RPC"): {"mtu1500": 1.0, "10gbe": 1.0},
-    ("adamd bf16", "torch RPC"): {"mtu1500": 0.7, "10gbe": 0.6},
-    ("adamd int8 + bf16 pull", "adamd fp32"): {"1gbe": 0.4},
-    ("adamd int8 + bf16 pull", "torch RPC"): {"1gbe": 0.25},
-}
-TRAIN_TARGETS = {
-    "adamd same host": 0.03,
-    "adamd fp32": 0.15,
-    "adamd bf16": 0.10,
-    "adamd fp32 overlap": 0.15,
-    "adamd bf16 overlap": 0.10,
-}  # overhead over local fused Adam, at most
-
-
-def _verdict(ok: bool) -> str:
-    return "met" if ok else "**NOT met**"
-
-
-def target_lines(run: Run) -> list[str]:
-    """Each cross-host target this run measured, met or not, with the figure."""
-    lines = []
-    for v in run.variants:
-        r = run.results.get(v.name, {})
-        if "step" in r:
-            best = {k: t["best"] for k, t in r["step"]["times"].items()}
-            for (k, base), limits in STEP_TARGETS.items():
-                if v.name in limits and k in best and base in best:
-                    x = best[k] / best[base]
-                    lines.append(
-                        f"- {_verdict(x <= limits[v.name])}: {v.name} RemoteAdam.step() {k[6:]}"
-                        f" <= {limits[v.name]:.2f}x {base}: {x:.2f}x"
-                    )
-        if "train" in r:
-            c = r["train"]["contenders"]
-            mean = {k: statistics.fmean(c[k]["step"]) for k in CONTENDERS_TRAIN}
-            over = {k: mean[k] / mean["local fused Adam"] - 1 for k in mean}
-            best = {k: min(c[k]["step"]) for k in CONTENDERS_TRAIN}
-            over_best = {k: best[k] / best["local fused Adam"] - 1 for k in best}
-            for k, limit in TRAIN_TARGETS.items():
-                # judged on the best steps: the means swing with the other work on the machine
-                x, rpc_x = over_best[k], over_best["torch RPC"]
-                ok = x <= limit and ("bf16" not in k or x < rpc_x)
-                also = f", and below torch RPC's ({rpc_x:+.0%})" if "bf16" in k else ""
-                lines.append(
-                    f"- {_verdict(ok)}: {v.name} training overhead {k[6:]} <= +{limit:.0%}{also}:"
-                    f" {x:+.0%} on the best steps ({over[k]:+.0%} on the means, torch RPC"
-                    f" {over['torch RPC']:+.0%})"
-                )
-    return lines
-
-
-def render(run: Run) -> str:
-    mach, ver = report.machine_info(), report.versions()
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    step = next((r["step"] for r in run.results.values() if "step" in r), None)
-    md = [
-        "## Two hosts (network namespaces)",
-        "",
-        f"`{run.command}` on {now} ({run.wall_s:.0f} s). Two network namespaces joined by a veth"
-        " pair: `adamd serve --no-shm` and the torch RPC parameter server (TensorPipe, TCP only:"
-        ' `_transports=["uv"], _channels=["basic"]`) in one, the measuring worker in the other.'
-        ' adamd contenders use the bulk-data channel (the default across hosts), "gRPC" ones'
-        ' `transport="grpc"`. Variants: '
-        + "; ".join(f"**{v.name}**: {v.label}" for v in run.variants)
-        + ". All contenders in one run, interleaved, on a 2-core machine shared with other"
-        " work: the figures are noisy, compare them side by side within a row.",
-        "",
-        f"- machine: {mach['cpu']}, {mach['cores']} cores, {mach['ram']}, {mach['os']};"
-        f" load average (1, 5, 15 min) at the start: {run.load_start}, at the end: {run.load}",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in ver.items()),
-    ]
-    if step:
-        md += [
-            "",
-            f"RemoteAdam.step() round trip (push + server Adam + pull into the local parameters),"
-            f" {size_label(step['n'])} params in {step['tensors']} tensors; torch RPC: one"
-            f" `rpc_sync` sending the gradients, fused Adam, parameters back. Best of"
-            f" {run.cfg['reps']} after {run.cfg['warmup']} warm-up calls of each (median in"
-            " brackets); ratios of the best times (< 1: faster). bytes/param/step: what crossed"
-            " the worker's veth end, both ways, per call (payload and TCP/IP framing; fp32 push"
-            " and pull carry 8 B of payload, bf16 4, int8 + bf16 pull 1.002 + 2).",
-            "",
-            *_step_table(run),
-        ]
-    if any("train" in r for r in run.results.values()):
-        md += ["", _train_desc(run), "", *_train_table(run)]
-    if targets := target_lines(run):
-        md += ["", "Cross-host targets in this run (ratios of one noisy run; see above):", ""]
-        md += targets
-    if run.errors:
-        md += ["", "Errors during the run:", "", *[f"- {e}" for e in run.errors]]
-    return "\n".join(md)
-
-
 # --- command line ---------------------------------------------------------------------------
 
 
@@ -780,30 +591,31 @@ def _parser() -> argparse.ArgumentParser:
         "--train-block", type=int, default=2, help="steps per turn, contenders alternating (2)"
     )
     p.add_argument("--timeout", type=float, default=1500, help="seconds per variant (1500)")
-    p.add_argument("--out", type=Path, help="report file (default BENCHMARKS.md; --quick: none)")
-    p.add_argument("--no-report", action="store_true", help="print the section, write nothing")
     p.add_argument("--role", help=argparse.SUPPRESS)
     p.add_argument("role_arg", nargs="?", help=argparse.SUPPRESS)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.role == "rpc-ps":
-        return _rpc_ps_main()
-    if args.role == "worker":
-        return _worker_main(json.loads(args.role_arg))
-    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
-    if set(args.what.split(",")) - {"step", "train"}:
-        raise SystemExit("--what takes step, train or step,train")
+# What `python -m bench` runs: the step round trip at veth speed and at 1 Gbit/s, the wire formats
+# the headline compares (fp32, bf16, int8 push with a bf16 pull, master weights) and torch RPC.
+REPORT_ARGV = ["--what", "step", "--variants", "mtu1500,1gbe", "--reps", "3", "--warmup", "2"]
+QUICK_ARGV = ["--quick", "--what", "step", "--variants", "1gbe"]
+REPORT_CONTENDERS = [
+    "adamd fp32",
+    "adamd bf16",
+    "adamd int8 + bf16 pull",
+    "adamd master, bf16 params",
+]
+
+
+def measure(args: argparse.Namespace, cfg: dict[str, Any]) -> Any:
+    """Every variant of `args`, each in its namespace pair; a two_host_report.Run."""
+    from .two_host_report import Run
+
     problem = namespace_problem()
     if problem:
         raise SystemExit(f"bench.two_host needs two network namespaces: {problem} (run as root)")
-    cfg = _config(args)
     variants = [VARIANTS[v] for v in args.variants.split(",")]
-    cmd = "python -m bench.two_host " + shlex.join(sys.argv[1:] if argv is None else argv)
     t0 = time.perf_counter()
     load_start = _load()
     results: dict[str, dict[str, Any]] = {}
@@ -816,16 +628,43 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as e:
                 errors.append(str(e).splitlines()[0])
                 print(e, file=sys.stderr)
-    run = Run(variants, results, cfg, cmd.strip(), time.perf_counter() - t0, _load(), load_start)
+    cmd = "python -m bench.two_host"
+    run = Run(variants, results, cfg, cmd, time.perf_counter() - t0, _load(), load_start)
     run.errors = errors
-    body = render(run)
-    print(body)
-    print(json.dumps({"results": results}))
-    out = args.out or (None if args.quick else Path("BENCHMARKS.md"))
-    if out is not None and not args.no_report:
-        old = out.read_text() if out.exists() else ""
-        out.write_text(report.put_section(old, SECTION, body))
-    return 1 if errors else 0
+    return run
+
+
+def section(quick: bool = False) -> Any:
+    """The report's two-host section (compose.Section), measured at REPORT_ARGV (or QUICK_ARGV)."""
+    from .two_host_report import to_section
+
+    args = _parser().parse_args(QUICK_ARGV if quick else REPORT_ARGV)
+    cfg = _config(args)
+    cfg["step_contenders"] = REPORT_CONTENDERS
+    run = measure(args, cfg)
+    sec = to_section(run)
+    if run.errors and not run.results:
+        raise RuntimeError("; ".join(run.errors))
+    return sec
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .two_host_report import to_section
+
+    args = _parser().parse_args(argv)
+    if args.role == "rpc-ps":
+        return _rpc_ps_main()
+    if args.role == "worker":
+        return _worker_main(json.loads(args.role_arg))
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    if set(args.what.split(",")) - {"step", "train"}:
+        raise SystemExit("--what takes step, train or step,train")
+    run = measure(args, _config(args))
+    print(to_section(run).markdown())
+    print(json.dumps({"results": run.results}))
+    return 1 if run.errors else 0
 
 
 if __name__ == "__main__":

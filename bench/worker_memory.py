@@ -15,7 +15,8 @@ on a batch of one (activations are negligible beside the parameters), then an op
 
 Reported per case: the tensor bytes the worker holds (parameters, gradients, optimizer state and
 master copies) per parameter, and its peak RSS growth (VmHWM after the steps minus VmRSS before
-the model was built, /proc/self/status) per parameter.
+the model was built, /proc/self/status) per parameter. It prints its report section;
+`python -m bench` runs it at the defaults.
 """
 
 from __future__ import annotations
@@ -127,27 +128,81 @@ def _run_case(case: str, args: argparse.Namespace, address: str = "") -> dict[st
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+REPORT_ARGV: list[str] = []  # the defaults (100M params): what `python -m bench` runs
+QUICK_ARGV = ["--layers", "2", "--width", "256", "--steps", "1"]
+TARGET_B_PER_PARAM = 4.5  # what RemoteAdam with master weights may hold on the worker
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--width", type=int, default=3162)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--address", default="", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.worker:
-        print(json.dumps(_worker(args.worker, args.layers, args.width, args.steps, args.address)))
-        return
+    return ap
+
+
+def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = [_run_case("local", args)]
     with adamd_server() as server:
         results.append(_run_case("remote", args, server.address))
-    print(f"{'case':<8} {'params':>12} {'tensor B/param':>15} {'peak RSS B/param':>17}")
-    for r in results:
-        print(
-            f"{r['case']:<8} {r['params']:>12,} {r['tracked_b_per_param']:>15.2f}"
-            f" {r['peak_rss_growth_b_per_param']:>17.2f}"
+    return results
+
+
+def to_section(results: list[dict[str, Any]], args: argparse.Namespace) -> Any:
+    from .compose import Section, table
+
+    local, remote = results
+    labels = {
+        "local": "local fp32-master Adam (fp32 copies, widened grads, fused Adam, cast back)",
+        "remote": 'RemoteAdam(master_dtype=torch.float32, transport="bulk"), server on loopback',
+    }
+    cells = [
+        (
+            labels[r["case"]],
+            f"{r['tracked_b_per_param']:.2f}",
+            f"{r['peak_rss_growth_b_per_param']:.2f}",
         )
-    print(json.dumps(results))
+        for r in results
+    ]
+    x = remote["tracked_b_per_param"]
+    verdict = "met" if x <= TARGET_B_PER_PARAM else "**NOT met**"
+    body = [
+        *table(("worker", "tensors, B/param", "peak RSS growth, B/param"), cells),
+        "",
+        f"- {verdict}: RemoteAdam with master weights holds at most {TARGET_B_PER_PARAM} B/param"
+        f" on the worker: {x:.2f} B/param of tensors (bf16 weights and gradients),"
+        f" {remote['peak_rss_growth_b_per_param']:.2f} of peak RSS growth; the local recipe"
+        f" {local['tracked_b_per_param']:.2f} and {local['peak_rss_growth_b_per_param']:.2f}."
+        " The local recipe keeps the widened fp32 gradients as the master copies' `.grad` too;"
+        " with RemoteAdam the fp32 masters and Adam state (16 B/param) are on the server.",
+    ]
+    how = [
+        "Each case in a fresh Python process (its own RSS). *Tensors*: the bytes the worker"
+        " holds in parameters, gradients, fp32 master copies (with their widened gradients) and"
+        " Adam state, per parameter; *peak RSS growth*: the process's VmHWM after the steps"
+        " minus its VmRSS before the model was built (/proc/self/status), per parameter.",
+    ]
+    run = (
+        f"A stack of {args.layers} bf16 `Linear({args.width}, {args.width})`"
+        f" ({remote['params']:,} params, made in bf16), {args.steps} steps of forward +"
+        " backward on a batch of one and an optimizer step."
+    )
+    return Section("Worker memory: master weights (bf16 model)", run, body, how)
+
+
+def section(quick: bool = False) -> Any:
+    args = _parser().parse_args(QUICK_ARGV if quick else REPORT_ARGV)
+    return to_section(measure(args), args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.worker:
+        print(json.dumps(_worker(args.worker, args.layers, args.width, args.steps, args.address)))
+        return
+    print(to_section(measure(args), args).markdown())
 
 
 if __name__ == "__main__":
