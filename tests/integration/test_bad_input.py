@@ -464,7 +464,7 @@ def test_token_required_except_health(model_name: str) -> None:
             assert c.push_grad(model_name, {"w": torch.ones(2)}).version == 1
 
 
-# --- hardening (issue 11): each of these answered INTERNAL, hung or was accepted before --------
+# --- hardening: each of these answered INTERNAL, hung or was accepted before --------
 
 METHOD = "/adamd.v1.Optimizer/"
 

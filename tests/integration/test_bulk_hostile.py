@@ -1,4 +1,4 @@
-"""The bulk-data channel against slow and hostile peers (issue 25): raw sockets on loopback that
+"""The bulk-data channel against slow and hostile peers: raw sockets on loopback that
 go silent mid-handshake, trickle a frame, stay silent after a FAIL, never read a reply or flood
 the server with connections and tickets, beside a normal Client that must still be served over
 the channel, fast; and a pull naming a parameter twice, refused the same way everywhere.

@@ -523,7 +523,7 @@ def test_params_as_a_set_behaves_like_torch(daemon: Any, model_name: str) -> Non
         assert model_name in daemon.registry.names()
 
 
-# --- complex parameters, duplicates, state-dict hooks (issue 16) --------------------------------
+# --- complex parameters, duplicates, state-dict hooks ---------------------------------------
 
 
 def complex_twins(dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

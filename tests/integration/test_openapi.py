@@ -68,7 +68,7 @@ def test_schema_declares_real_statuses_and_media_types(fuzzed: Any) -> None:
 
 
 def test_per_parameter_statistics_need_the_token(fuzzed: Any) -> None:
-    """A one-element parameter's norm is |w|: with a token, /params is not open (issue 11.12)."""
+    """A one-element parameter's norm is |w|: with a token, /params is not open."""
     url = f"{fuzzed.http_url}/v1/models/m"
     assert httpx.get(f"{url}/params").status_code == 401
     auth = {"authorization": f"Bearer {TOKEN}"}
