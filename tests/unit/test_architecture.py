@@ -40,6 +40,7 @@ MAX_SERVER_MODULE_LINES = 520
 # The client's too: Client, ShardedClient and RemoteAdam keep their calls; what they work out
 # (layouts and merges, param groups, state dicts, retries, the service's stubs) has its module.
 MAX_CLIENT_MODULE_LINES = 500
+MAX_BENCH_MODULE_LINES = 500
 S = "adamd.server"
 
 # Layer -> the server modules it must not import (by prefix). Everything else is allowed.
@@ -222,6 +223,17 @@ def test_client_modules_stay_readable() -> None:
         if (n := len(f.read_text().splitlines())) > MAX_CLIENT_MODULE_LINES
     ]
     assert not long, f"client modules over {MAX_CLIENT_MODULE_LINES} lines: {long}"
+
+
+def test_bench_modules_stay_readable() -> None:
+    files = sorted((ROOT / "bench").rglob("*.py"))
+    assert ROOT / "bench" / "two_host.py" in files
+    long = [
+        f"{f.relative_to(ROOT)}: {n} lines"
+        for f in files
+        if (n := len(f.read_text().splitlines())) > MAX_BENCH_MODULE_LINES
+    ]
+    assert not long, f"bench modules over {MAX_BENCH_MODULE_LINES} lines: {long}"
 
 
 def test_every_package_folder_is_packaged() -> None:
