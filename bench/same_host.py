@@ -226,9 +226,12 @@ TARGETS = {
             "RemoteAdam.step() (default transport) vs torch RPC PS (time)",
             "<= 0.50x",
             lambda v: v <= 0.5,
-            "on one host the default transport moves tensors through shared memory, so a step's"
-            " fixed costs (the STEP request over gRPC, the server's finite check of the whole"
-            " gradient before it steps) weigh most where the model is small.",
+            "on one host both move tensors through shared memory; adamd's step copies the"
+            " gradient into the session's shared-memory file, checks the whole gradient for"
+            " inf/nan before it steps (a push is all or nothing), steps, and copies the new"
+            " parameters out (the default-transport push and pull columns of the figures), and"
+            " the worker's copies and the server's work share the same cores; the RPC"
+            " parameter server makes no finite check.",
         ),
         Target(
             "round_trip_grpc_bf16_tcp",
