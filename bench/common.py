@@ -165,10 +165,7 @@ def adamd_server(
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
         server = ServerProcess(proc, f"127.0.0.1:{port}", log)
         try:
-            try:
-                wait_for_channel(server.address, credentials=credentials)
-            except grpc.FutureTimeoutError:
-                raise RuntimeError(f"adamd serve did not start:\n{log.read_text()}") from None
+            _wait_started(server, credentials)
             yield server
         finally:
             stop_process(proc)
@@ -178,6 +175,27 @@ def adamd_server(
             server.leftover_shm = len(leftovers)
             for f in leftovers:
                 f.unlink(missing_ok=True)
+
+
+def _wait_started(
+    server: ServerProcess, credentials: grpc.ChannelCredentials | None, timeout: float = 180.0
+) -> None:
+    """Until the server accepts connections: up to `timeout` s (importing torch on a loaded
+    2-core machine can take a minute), failing at once with its log if it exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            wait_for_channel(server.address, timeout=1.0, credentials=credentials)
+            return
+        except grpc.FutureTimeoutError:
+            code = server.proc.poll()
+            if code is not None or time.monotonic() > deadline:
+                why = (
+                    f"exited with {code}" if code is not None else f"not serving in {timeout:.0f} s"
+                )
+                raise RuntimeError(
+                    f"adamd serve did not start ({why}):\n{server.log.read_text()}"
+                ) from None
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 15) -> None:
