@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import torch
 
 from adamd.client._addresses import parse_servers
-from adamd.client._compression import Compressor, Encoded, Residuals
+from adamd.client._compression import Compressor, Encoded, Residuals, check_mode
 from adamd.client._exceptions import invalid_input
 from adamd.client._overlap import BulkStreamingPush, StreamingPush
 from adamd.client._overlap import finish as finish_streamed
@@ -123,8 +123,8 @@ class Client:
         self.retry_timeout = retry_timeout
         self.chunk_bytes = chunk_bytes
         self.wire_dtype = wire_dtype
-        self._residuals = Residuals(grad_compression)  # int8: error feedback, per mode
-        self.grad_compression = self._residuals.default
+        self.grad_compression = check_mode(grad_compression)  # read at every push
+        self._residuals = Residuals(lambda: self.grad_compression)  # int8 error feedback, per mode
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.tls = bool(tls)
         self._channel = open_channel(target, tls)

@@ -16,7 +16,7 @@ in a sync round each rank carries its own.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -225,8 +225,8 @@ class Residuals:
     """A Client's int8 state: one Compressor per mode ("int8", "int8-noef"), made on first use,
     and the choice of whether a push is encoded at all."""
 
-    def __init__(self, default: str | None):
-        self.default = check_mode(default)
+    def __init__(self, default: Callable[[], str | None]):
+        self.default = default  # the Client's grad_compression, as it is at each push
         self._by_mode: dict[str, Compressor] = {}
 
     def compressor(self, mode: str) -> Compressor:
@@ -245,7 +245,7 @@ class Residuals:
         """The push's int8 encoding (`mode`, else the Client's), or None where it travels raw:
         no compression, or a push with found_inf (skipped by the server whatever its values;
         the residuals stay)."""
-        mode = check_mode(mode or self.default)
+        mode = check_mode(mode or self.default())
         if mode is None or found_inf:
             return None
         return self.compressor(mode).encode(model, rank, grads)

@@ -107,6 +107,29 @@ def test_int8_pushes_step_bitwise_like_adam_fed_the_dequantized_gradients(
                 assert torch.equal(state["exp_avg_sq"], local["exp_avg_sq"])
 
 
+def test_the_clients_grad_compression_is_read_at_every_push(
+    daemon: Daemon, model_name: str
+) -> None:
+    """`Client.grad_compression` is the default of each push: set after construction, the next
+    push travels int8 (the residual moves); set back to None, raw again (it stays)."""
+    ref = Reference(lr=0.01)
+    with Client(daemon.grpc_address, transport="grpc") as c:
+        c.create_model(model_name, _params(), lr=0.01)
+        c.grad_compression = "int8"
+        c.push_grad(model_name, _grads(0), version=0)
+        ref.step({0: _grads(0)})
+        _assert_params(c, model_name, ref)
+        residual = c.compressor("int8").residual(model_name, 0, "w")
+        assert residual is not None and torch.equal(residual, ref.residual[(0, "w")])
+        c.grad_compression = None
+        c.push_grad(model_name, _grads(1), version=1)
+        for n, g in _grads(1).items():
+            ref.params[n].grad = g
+        ref.opt.step()
+        _assert_params(c, model_name, ref)
+        assert torch.equal(c.compressor("int8").residual(model_name, 0, "w"), residual)
+
+
 def test_error_feedback_carries_what_rounding_dropped(daemon: Daemon, model_name: str) -> None:
     """Every value below its block's half step: without feedback nothing ever arrives; with it
     the residual grows until it is sent, and the sum sent tracks the sum of the gradients."""
