@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import parse_size, python_subprocess_env, stop_process
+from .compose import load_average
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT / "examples" / "data" / "sonnets.txt"
@@ -284,10 +285,6 @@ def run_variant(variant: Variant, cfg: dict[str, Any], timeout: float) -> dict[s
 # --- command line ---------------------------------------------------------------------------
 
 
-def _load() -> str:
-    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def _config(args: argparse.Namespace) -> dict[str, Any]:
     quick = args.quick
     return {
@@ -364,7 +361,7 @@ def measure(args: argparse.Namespace, cfg: dict[str, Any]) -> Any:
         raise SystemExit(f"bench.two_host needs two network namespaces: {problem} (run as root)")
     variants = [VARIANTS[v] for v in args.variants.split(",")]
     t0 = time.perf_counter()
-    load_start = _load()
+    load_start = load_average()
     results: dict[str, dict[str, Any]] = {}
     errors: list[str] = []
     with _sigterm_raises(), _run_lock():
@@ -376,7 +373,7 @@ def measure(args: argparse.Namespace, cfg: dict[str, Any]) -> Any:
                 errors.append(str(e).splitlines()[0])
                 print(e, file=sys.stderr)
     cmd = "python -m bench.two_host"
-    run = Run(variants, results, cfg, cmd, time.perf_counter() - t0, _load(), load_start)
+    run = Run(variants, results, cfg, cmd, time.perf_counter() - t0, load_average(), load_start)
     run.errors = errors
     return run
 
@@ -417,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run through the imported module, so the RPC functions pickle as bench.two_host.* on both ends.
+    # Run through the imported module, as the namespaces' processes import it (the RPC
+    # functions they call live in bench.two_host_worker).
     from bench.two_host import main as _main
 
     sys.exit(_main())

@@ -220,13 +220,12 @@ WHY = {
 
 
 def target_lines(run: Run) -> list[str]:
-    """Each cross-host step target this run measured, met or not, with the mechanism of a miss."""
+    """Each cross-host target this run measured (step and training), met or not, with the
+    mechanism of a miss."""
     lines = []
     for v in run.variants:
         got = _best(run, v.name)
-        if got is None:
-            continue
-        best = got[0]
+        best = got[0] if got is not None else {}
         for (k, base), limits in STEP_TARGETS.items():
             if v.name in limits and k in best and base in best:
                 x = best[k] / best[base]
