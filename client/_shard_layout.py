@@ -217,14 +217,6 @@ def check_layouts(model: str, servers: Sequence[str], infos: Mapping[int, ModelI
     return layouts[0]
 
 
-def _whole_groups(groups: Sequence[Mapping[str, Any]], layout: Layout) -> list[dict[str, Any]]:
-    """Shard 0's param groups with each group's parameters as the whole model has them."""
-    return [
-        {**{k: v for k, v in g.items() if k != "params"}, "params": list(names)}
-        for g, names in zip(groups, layout.groups)
-    ]
-
-
 def merged_info(infos: Mapping[int, ModelInfo], layout: Layout) -> ModelInfo:
     """The shards' ModelInfos as the whole model's."""
     first = infos[0]
@@ -235,7 +227,7 @@ def merged_info(infos: Mapping[int, ModelInfo], layout: Layout) -> ModelInfo:
         world_size=first.world_size,
         device=first.device,
         params={n: (p.shape, p.dtype) for n, p in layout.params.items()},
-        param_groups=_whole_groups(first.param_groups, layout),
+        param_groups=layout.whole_groups(first.param_groups),
         max_staleness=first.max_staleness,
         round_timeout_s=first.round_timeout_s,
         created=all(i.created for i in infos.values()),
@@ -300,7 +292,7 @@ def merged_state(
         merged[name] = join_state(place, parts)
     return {
         "state": merged,
-        "param_groups": _whole_groups(states[0]["param_groups"], layout),
+        "param_groups": layout.whole_groups(states[0]["param_groups"]),
         "version": min(versions.values()),
     }
 

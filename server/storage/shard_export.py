@@ -83,9 +83,5 @@ def merge(
         if all(e is not None for e in entries):
             parts = [e for e in entries if e is not None]
             state[name] = join_state(place, parts)
-    first = fmt.groups_of(by_shard[0])
-    groups = [
-        {**{k: v for k, v in g.items() if k != "params"}, "params": list(names)}
-        for g, names in zip(first, layout.groups)
-    ]
+    groups = layout.whole_groups(fmt.groups_of(by_shard[0]))
     return params, groups, state, int(by_shard[0].manifest["version"])

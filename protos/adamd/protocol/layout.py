@@ -176,6 +176,14 @@ class Layout:
         on = set(self.names_on(shard))
         return [[n for n in g if n in on] for g in self.groups]
 
+    def whole_groups(self, groups: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """A shard's param groups (their options) with each group's parameters as the whole
+        model has them."""
+        return [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": list(names)}
+            for g, names in zip(groups, self.groups)
+        ]
+
     # --- the record -----------------------------------------------------------------------------
 
     def _body(self) -> dict[str, Any]:
