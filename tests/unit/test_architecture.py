@@ -213,27 +213,23 @@ def test_hosted_model_and_server_modules_stay_readable() -> None:
     assert not long, f"server modules over {MAX_SERVER_MODULE_LINES} lines: {long}"
 
 
-def test_client_modules_stay_readable() -> None:
-    files = sorted((ROOT / "client").rglob("*.py"))
-    # the walk reaches the subpackages (client/_transport/), not the top folder alone
-    assert ROOT / "client" / "_transport" / "bulk.py" in files
+@pytest.mark.parametrize(
+    ("folder", "limit", "inside"),
+    [
+        # the walk reaches the subpackages (client/_transport/), not the top folder alone
+        ("client", MAX_CLIENT_MODULE_LINES, "_transport/bulk.py"),
+        ("bench", MAX_BENCH_MODULE_LINES, "two_host.py"),
+    ],
+)
+def test_client_and_bench_modules_stay_readable(folder: str, limit: int, inside: str) -> None:
+    files = sorted((ROOT / folder).rglob("*.py"))
+    assert ROOT / folder / inside in files
     long = [
         f"{f.relative_to(ROOT)}: {n} lines"
         for f in files
-        if (n := len(f.read_text().splitlines())) > MAX_CLIENT_MODULE_LINES
+        if (n := len(f.read_text().splitlines())) > limit
     ]
-    assert not long, f"client modules over {MAX_CLIENT_MODULE_LINES} lines: {long}"
-
-
-def test_bench_modules_stay_readable() -> None:
-    files = sorted((ROOT / "bench").rglob("*.py"))
-    assert ROOT / "bench" / "two_host.py" in files
-    long = [
-        f"{f.relative_to(ROOT)}: {n} lines"
-        for f in files
-        if (n := len(f.read_text().splitlines())) > MAX_BENCH_MODULE_LINES
-    ]
-    assert not long, f"bench modules over {MAX_BENCH_MODULE_LINES} lines: {long}"
+    assert not long, f"{folder} modules over {limit} lines: {long}"
 
 
 def test_every_package_folder_is_packaged() -> None:
